@@ -1,0 +1,8 @@
+"""
+The built-in filters, registered exactly the way a user's package registers its own: a module in
+C{twisted/plugins/} holding instances that provide L{twisted.plugin.IPlugin} and a factory interface.
+"""
+
+from twistedmesh.listener.tcp_proxy import TCPProxyFactory
+
+tcpProxy = TCPProxyFactory()

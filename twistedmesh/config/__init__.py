@@ -1,0 +1,13 @@
+"""
+The configuration: an INI file (see docs/configuration.md) loaded into frozen, validated objects.
+"""
+
+from .errors import ConfigError, ConfigErrors, suggest
+from .loader import loadFile, loadString
+from .model import ClusterConfig, Config, EchoConfig, FilterConfig, HostConfig, ListenerConfig, MeshConfig
+from .options import REQUIRED, Options
+
+__all__ = [
+    "ConfigError", "ConfigErrors", "suggest", "loadFile", "loadString", "Options", "REQUIRED",
+    "Config", "MeshConfig", "ListenerConfig", "ClusterConfig", "HostConfig", "FilterConfig", "EchoConfig",
+]

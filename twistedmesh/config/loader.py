@@ -1,0 +1,206 @@
+"""
+INI text to a validated L{Config}: stdlib configparser with interpolation off, every error collected.
+"""
+
+from __future__ import annotations
+
+import configparser
+import re
+from types import MappingProxyType
+from typing import Dict, List, Optional, Tuple
+
+from .errors import ConfigError, ConfigErrors, suggest
+from .model import (
+    DEFAULT_ADMIN,
+    ClusterConfig,
+    Config,
+    EchoConfig,
+    FilterConfig,
+    HostConfig,
+    ListenerConfig,
+    MeshConfig,
+)
+from .options import Options, checkClientEndpoint
+
+SECTION_KINDS = ("mesh", "listener", "cluster", "filter", "echo")
+_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+_DEFAULT_FILTERS = {"tcp": ("tcp_proxy",), "http": ("router",)}
+
+
+def loadFile(path: str) -> Config:
+    """
+    Read and validate the configuration file at C{path}.
+
+    @raise ConfigErrors: with every error found.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigErrors([ConfigError(path, None, None, f"cannot read the file: {e.strerror}")]) from None
+    return loadString(text, path)
+
+
+def loadString(text: str, file: str = "<string>") -> Config:
+    """
+    Validate configuration C{text}; C{file} names it in errors.
+
+    @raise ConfigErrors: with every error found.
+    """
+    errors: List[ConfigError] = []
+    parser = configparser.ConfigParser(
+        interpolation=None, strict=True, inline_comment_prefixes=(";", "#"), default_section="\x00"
+    )
+    parser.optionxform = str  # keep keys as written, so a wrong case is reported, not silently accepted
+    try:
+        parser.read_string(text, source=file)
+    except configparser.DuplicateSectionError as e:
+        raise ConfigErrors([ConfigError(file, e.section, None, f"duplicate section (line {e.lineno})")])
+    except configparser.DuplicateOptionError as e:
+        raise ConfigErrors([ConfigError(file, e.section, e.option, f"duplicate key (line {e.lineno})")])
+    except configparser.Error as e:
+        raise ConfigErrors([ConfigError(file, None, None, f"not a valid INI file: {e.message}")])
+
+    sections: Dict[str, Dict[str, Options]] = {kind: {} for kind in SECTION_KINDS}
+    for title in parser.sections():
+        kind, _, name = title.partition(":")
+        kind, name = kind.strip(), name.strip()
+        if kind not in SECTION_KINDS:
+            errors.append(ConfigError(file, title, None, f"unknown section kind `{kind}`{suggest(kind, SECTION_KINDS)}"))
+            continue
+        if kind == "mesh":
+            if name:
+                errors.append(ConfigError(file, title, None, "the mesh section takes no name: write [mesh]"))
+                continue
+        elif not _NAME.match(name):
+            errors.append(
+                ConfigError(file, title, None, f"a {kind} needs a name of letters, digits, _ and -: [{kind}:NAME]")
+            )
+            continue
+        sections[kind][name] = Options(file, title, dict(parser.items(title)), errors)
+
+    meshOptions = sections["mesh"].get("") or Options(file, "mesh", {}, errors)
+    mesh = _mesh(meshOptions)
+    clusters = {name: _cluster(name, o) for name, o in sections["cluster"].items()}
+    filters = {name: _filter(name, o) for name, o in sections["filter"].items()}
+    echoes = {name: _echo(name, o) for name, o in sections["echo"].items()}
+    listeners = {name: _listener(name, o, clusters) for name, o in sections["listener"].items()}
+    for group in sections.values():
+        for o in group.values():
+            o.finish()
+    _checkEndpointsUnique(file, sections, listeners, echoes, mesh, errors)
+    if errors:
+        raise ConfigErrors(errors)
+    return Config(
+        file=file,
+        mesh=mesh,
+        listeners=MappingProxyType(listeners),
+        clusters=MappingProxyType(clusters),
+        filters=MappingProxyType(filters),
+        echoes=MappingProxyType(echoes),
+    )
+
+
+def _mesh(o: Options) -> MeshConfig:
+    admin = o.serverEndpoint("admin", DEFAULT_ADMIN)
+    if "admin" in o and o._items["admin"].strip().lower() == "off":
+        admin = None
+        o.errors[:] = [e for e in o.errors if not (e.section == o.section and e.key == "admin")]
+    return MeshConfig(
+        admin=admin,
+        drain_timeout=o.duration("drain_timeout", 10.0),
+        workers=o.integer("workers", 1, minimum=1),
+    )
+
+
+def _cluster(name: str, o: Options) -> ClusterConfig:
+    hosts: List[HostConfig] = []
+    raw = o.string("endpoints")
+    for line in (raw or "").replace(",", "\n").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        endpoint, *params = line.split()
+        weight = 1
+        for param in params:
+            key, _, value = param.partition("=")
+            if key != "weight":
+                o.error("endpoints", f"unknown endpoint parameter {key!r} in {line!r}{suggest(key, ['weight'])}")
+                continue
+            try:
+                weight = int(value)
+                if not 1 <= weight <= 1000:
+                    raise ValueError
+            except ValueError:
+                o.error("endpoints", f"weight must be a whole number from 1 to 1000, not {value!r}")
+        try:
+            checkClientEndpoint(endpoint)
+        except ValueError as e:
+            o.error("endpoints", str(e))
+            continue
+        hosts.append(HostConfig(endpoint, weight))
+    if raw is not None and not hosts and not any(e.key == "endpoints" and e.section == o.section for e in o.errors):
+        o.error("endpoints", "names no endpoint")
+    return ClusterConfig(
+        name=name,
+        endpoints=tuple(hosts),
+        lb_policy=o.string("lb_policy", "round_robin", choices=("round_robin",)),
+        protocol=o.string("protocol", "http1", choices=("http1", "tcp")),
+        connect_timeout=o.duration("connect_timeout", 5.0),
+    )
+
+
+def _filter(name: str, o: Options) -> FilterConfig:
+    ftype = o.string("type", name)
+    items = {k: v for k, v in o._items.items() if k != "type"}
+    # The plugin reads (and so marks known) its own keys when the service is built.
+    o._known.update(items)
+    return FilterConfig(name=name, type=ftype, items=MappingProxyType(items), section=o.section)
+
+
+def _echo(name: str, o: Options) -> EchoConfig:
+    return EchoConfig(
+        name=name,
+        endpoint=o.serverEndpoint("endpoint"),
+        protocol=o.string("protocol", "http", choices=("http", "tcp")),
+    )
+
+
+def _listener(name: str, o: Options, clusters: Dict[str, ClusterConfig]) -> ListenerConfig:
+    protocol = o.string("protocol", "tcp", choices=("tcp", "http"))
+    filters = o.list("filters", _DEFAULT_FILTERS.get(protocol or "tcp"))
+    cluster = o.string("cluster", None)
+    if cluster is not None and cluster not in clusters:
+        o.error("cluster", f"names no [cluster:{cluster}] section{suggest(cluster, clusters)}")
+    if protocol == "tcp" and "tcp_proxy" in filters and cluster is None and "cluster" not in o._items:
+        o.error("cluster", "is required: tcp_proxy needs a cluster to send the bytes to")
+    if filters and len(set(filters)) != len(filters):
+        o.error("filters", "names a filter more than once")
+    return ListenerConfig(
+        name=name,
+        endpoint=o.serverEndpoint("endpoint"),
+        protocol=protocol or "tcp",
+        filters=filters,
+        cluster=cluster,
+        idle_timeout=o.duration("idle_timeout", 3600.0),
+        connect_timeout=o.duration("connect_timeout", None),
+        max_connect_attempts=o.integer("max_connect_attempts", 1, minimum=1),
+    )
+
+
+def _checkEndpointsUnique(file, sections, listeners, echoes, mesh, errors) -> None:
+    """
+    Two sections listening on the same endpoint string cannot both start: say so now.
+    """
+    seen: Dict[str, Tuple[str, str]] = {}
+    candidates: List[Tuple[str, Optional[str]]] = [("mesh", mesh.admin)]
+    candidates += [(sections["listener"][n].section, l.endpoint) for n, l in listeners.items()]
+    candidates += [(sections["echo"][n].section, e.endpoint) for n, e in echoes.items()]
+    for section, endpoint in candidates:
+        if endpoint is None:
+            continue
+        if endpoint in seen:
+            errors.append(ConfigError(file, section, "endpoint" if section != "mesh" else "admin",
+                                      f"{endpoint!r} is already used by [{seen[endpoint]}]"))
+        else:
+            seen[endpoint] = section

@@ -1,0 +1,101 @@
+"""
+The frozen configuration objects the loader produces. Everything downstream of the loader reads these;
+nothing reads the INI text again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping, Optional, Tuple
+
+DEFAULT_ADMIN = "tcp:9901:interface=127.0.0.1"
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """
+    The C{[mesh]} section: process-wide settings.
+    """
+
+    admin: Optional[str] = DEFAULT_ADMIN
+    drain_timeout: float = 10.0
+    workers: int = 1
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """
+    One static endpoint of a cluster: a Twisted client endpoint string and its weight.
+    """
+
+    endpoint: str
+    weight: int = 1
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """
+    A C{[cluster:NAME]} section.
+    """
+
+    name: str
+    endpoints: Tuple[HostConfig, ...]
+    lb_policy: str = "round_robin"
+    protocol: str = "http1"
+    connect_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    """
+    A C{[filter:NAME]} section, or a filter named in a chain without a section of its own (then C{items}
+    is empty). C{items} holds the raw keys; the plugin validates them when the service is built.
+    """
+
+    name: str
+    type: str
+    items: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    section: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    """
+    A C{[listener:NAME]} section.
+    """
+
+    name: str
+    endpoint: str
+    protocol: str
+    filters: Tuple[str, ...]
+    cluster: Optional[str] = None
+    idle_timeout: float = 3600.0
+    connect_timeout: Optional[float] = None
+    max_connect_attempts: int = 1
+
+
+@dataclass(frozen=True)
+class EchoConfig:
+    """
+    An C{[echo:NAME]} section: the built-in demo upstream. C{protocol = tcp} echoes bytes back;
+    C{protocol = http} answers every request with 200 and a description of the request.
+    """
+
+    name: str
+    endpoint: str
+    protocol: str = "http"
+
+
+@dataclass(frozen=True)
+class Config:
+    """
+    A whole, validated configuration file.
+    """
+
+    file: str
+    mesh: MeshConfig
+    listeners: Mapping[str, ListenerConfig]
+    clusters: Mapping[str, ClusterConfig]
+    filters: Mapping[str, FilterConfig]
+    echoes: Mapping[str, EchoConfig]

@@ -1,0 +1,131 @@
+"""
+Every contract between twistedmesh's rooms, as zope interfaces.
+
+The docstrings here are the specification: an implementation that disagrees with them is wrong. Plugins
+(filters, load balancers, ...) are found with L{twisted.plugin.getPlugins} on the factory interfaces, so a
+user's package extends the proxy by shipping a module in its own C{twisted/plugins/} directory.
+"""
+
+from zope.interface import Attribute, Interface
+
+
+class INetworkConnection(Interface):
+    """
+    One downstream connection on a C{protocol = tcp} listener, as the network filters see it.
+    """
+
+    listener = Attribute("The listener's name (C{str}).")
+    transport = Attribute("The downstream L{twisted.internet.interfaces.ITCPTransport}.")
+    clock = Attribute("The L{twisted.internet.interfaces.IReactorTime} the proxy runs on.")
+    state = Attribute(
+        "A C{dict} private to this connection where filters may keep per-connection state; "
+        "keys should be the filter's name."
+    )
+
+    def write(data: bytes) -> None:
+        """
+        Send C{data} towards the downstream peer, through the C{dataWritten} hooks of the filters that come
+        before the caller in the chain (last to first).
+        """
+
+    def close(reason: str = "") -> object:
+        """
+        Close the downstream connection (and so the upstream one, if any).
+
+        @param reason: a short cause for logs, such as C{"rbac_access_denied"}.
+        @return: L{twistedmesh.listener.chain.STOP}: a filter hook returns it to end the chain.
+        """
+
+
+class INetworkFilter(Interface):
+    """
+    An L4 filter: sees the bytes of one downstream connection.
+
+    Each hook returns C{None} to continue with the next filter (passing data on unchanged), C{bytes} (data
+    hooks only) to pass a replacement on, a L{twisted.internet.defer.Deferred} to pause the chain (and the
+    connection's reading) until it fires with one of these, or L{twistedmesh.listener.chain.STOP} (what
+    L{INetworkConnection.close} returns) to end the chain.
+    """
+
+    def connectionMade(conn: INetworkConnection) -> object:
+        """
+        A downstream connection was accepted. Called first to last.
+        """
+
+    def dataReceived(conn: INetworkConnection, data: bytes) -> object:
+        """
+        C{data} arrived from the downstream peer. Called first to last.
+        """
+
+    def dataWritten(conn: INetworkConnection, data: bytes) -> object:
+        """
+        C{data} is about to be written to the downstream peer. Called last to first. A C{Deferred} is not
+        allowed here (the upstream is paused by backpressure instead); return C{None} or C{bytes}.
+        """
+
+    def connectionLost(conn: INetworkConnection, reason: object) -> None:
+        """
+        The downstream connection is gone (C{reason} is a L{twisted.python.failure.Failure}). Called once
+        per filter whatever happened, for stats and cleanup; the return value is ignored.
+        """
+
+
+class IFilterContext(Interface):
+    """
+    What a filter factory may use while it configures itself: narrow handles, never the whole service.
+    """
+
+    reactor = Attribute("The reactor: L{IReactorTime} and friends. Tests pass a L{Clock}-based one.")
+    stats = Attribute("The L{twistedmesh.observability.stats.StatsStore}.")
+    random = Attribute("A L{random.Random}, seeded in tests.")
+    clusters = Attribute("A mapping from cluster name to L{twistedmesh.upstream.cluster.Cluster}.")
+    listener = Attribute("The listener config the filter is built for.")
+
+
+class INetworkFilterFactory(Interface):
+    """
+    A plugin that makes network filters. Provide L{twisted.plugin.IPlugin} too so that
+    L{twisted.plugin.getPlugins} finds it.
+    """
+
+    name = Attribute("The plugin's name (C{str}), which C{type =} in a C{[filter:NAME]} section names.")
+
+    def configure(options, context: IFilterContext):
+        """
+        Validate C{options} (a L{twistedmesh.config.Options}: the keys of the filter's config section) once,
+        at config load.
+
+        @return: a callable taking an L{INetworkConnection} and returning an L{INetworkFilter} for it.
+        @raise twistedmesh.config.ConfigError: when an option is missing or invalid.
+        """
+
+
+class IHTTPFilterFactory(Interface):
+    """
+    A plugin that makes HTTP filters (see DESIGN.md section 3). Provide L{twisted.plugin.IPlugin} too.
+    """
+
+    name = Attribute("The plugin's name (C{str}), which C{type =} in a C{[filter:NAME]} section names.")
+
+    def configure(options, context: IFilterContext):
+        """
+        Validate C{options} once, at config load.
+
+        @return: a callable taking a stream and returning an HTTP filter for it.
+        @raise twistedmesh.config.ConfigError: when an option is missing or invalid.
+        """
+
+
+class ILoadBalancer(Interface):
+    """
+    Picks a host of a cluster for each new upstream connection or request.
+    """
+
+    def pick(exclude=None):
+        """
+        Choose a host.
+
+        @param exclude: a host not to pick when another is available (the one that just failed, for a
+            retry), or C{None}.
+        @return: a L{twistedmesh.upstream.cluster.Host}, or C{None} when the cluster has no host to offer.
+        """
