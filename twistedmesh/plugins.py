@@ -31,6 +31,7 @@ class FilterContext:
     clusters: Mapping[str, object]
     listener: ListenerConfig
     random: _random.Random = field(default_factory=_random.Random)
+    routes: Optional[object] = None  # the listener's compiled route table (HTTP listeners)
 
 
 def findFactories(interface, errors: List[ConfigError], file: str) -> Dict[str, object]:

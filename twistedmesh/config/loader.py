@@ -22,8 +22,10 @@ from .model import (
 )
 from .options import Options, checkClientEndpoint
 
-SECTION_KINDS = ("mesh", "listener", "cluster", "filter", "echo")
+SECTION_KINDS = ("mesh", "listener", "route", "cluster", "filter", "echo")
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+_ROUTE_NAME = re.compile(r"^[A-Za-z0-9_-]+/[A-Za-z0-9_-]+$")
+_EPHEMERAL = re.compile(r"^tcp6?:0(:|$)")  # port 0: the system picks a free port each time
 _DEFAULT_FILTERS = {"tcp": ("tcp_proxy",), "http": ("router",)}
 
 
@@ -72,6 +74,12 @@ def loadString(text: str, file: str = "<string>") -> Config:
             if name:
                 errors.append(ConfigError(file, title, None, "the mesh section takes no name: write [mesh]"))
                 continue
+        elif kind == "route":
+            if not _ROUTE_NAME.match(name):
+                errors.append(ConfigError(
+                    file, title, None, "a route is named TABLE/NAME, each of letters, digits, _ and -: [route:main/api]"
+                ))
+                continue
         elif not _NAME.match(name):
             errors.append(
                 ConfigError(file, title, None, f"a {kind} needs a name of letters, digits, _ and -: [{kind}:NAME]")
@@ -84,12 +92,16 @@ def loadString(text: str, file: str = "<string>") -> Config:
     clusters = {name: _cluster(name, o) for name, o in sections["cluster"].items()}
     filters = {name: _filter(name, o) for name, o in sections["filter"].items()}
     echoes = {name: _echo(name, o) for name, o in sections["echo"].items()}
-    listeners = {name: _listener(name, o, clusters) for name, o in sections["listener"].items()}
+    routes = _routes(sections["route"], clusters)
+    listeners = {name: _listener(name, o, clusters, routes) for name, o in sections["listener"].items()}
     for group in sections.values():
         for o in group.values():
             o.finish()
     _checkEndpointsUnique(file, sections, listeners, echoes, mesh, errors)
     if errors:
+        # Report in file order, the order a user fixes them in.
+        order = {title: i for i, title in enumerate(parser.sections())}
+        errors.sort(key=lambda e: order.get(e.section, -1))
         raise ConfigErrors(errors)
     return Config(
         file=file,
@@ -98,6 +110,7 @@ def loadString(text: str, file: str = "<string>") -> Config:
         clusters=MappingProxyType(clusters),
         filters=MappingProxyType(filters),
         echoes=MappingProxyType(echoes),
+        routes=MappingProxyType(routes),
     )
 
 
@@ -166,7 +179,20 @@ def _echo(name: str, o: Options) -> EchoConfig:
     )
 
 
-def _listener(name: str, o: Options, clusters: Dict[str, ClusterConfig]) -> ListenerConfig:
+def _routes(sections: Dict[str, Options], clusters: Dict[str, ClusterConfig]) -> Dict[str, tuple]:
+    """
+    The route tables: each table's routes in file order.
+    """
+    from .routes import parseRoute
+
+    tables: Dict[str, list] = {}
+    for full, o in sections.items():
+        table, _, name = full.partition("/")
+        tables.setdefault(table, []).append(parseRoute(table, name, o, clusters))
+    return {table: tuple(routes) for table, routes in tables.items()}
+
+
+def _listener(name: str, o: Options, clusters: Dict[str, ClusterConfig], routes: Dict[str, tuple]) -> ListenerConfig:
     protocol = o.string("protocol", "tcp", choices=("tcp", "http"))
     filters = o.list("filters", _DEFAULT_FILTERS.get(protocol or "tcp"))
     cluster = o.string("cluster", None)
@@ -176,6 +202,17 @@ def _listener(name: str, o: Options, clusters: Dict[str, ClusterConfig]) -> List
         o.error("cluster", "is required: tcp_proxy needs a cluster to send the bytes to")
     if filters and len(set(filters)) != len(filters):
         o.error("filters", "names a filter more than once")
+    table = None
+    if protocol == "http":
+        table = o.string("routes", None)
+        if table is None and "router" in filters:
+            o.error("routes", "is required: the router needs a route table ([route:TABLE/NAME] sections)")
+        elif table is not None and table not in routes:
+            o.error("routes", f"names no route table: no [route:{table}/...] section{suggest(table, routes)}")
+        if filters and filters[-1] != "router" and "router" in filters:
+            o.error("filters", "router must be the last filter: it answers every request")
+    elif "routes" in o._items:
+        o.error("routes", "only HTTP listeners have routes (protocol = http)")
     return ListenerConfig(
         name=name,
         endpoint=o.serverEndpoint("endpoint"),
@@ -185,6 +222,11 @@ def _listener(name: str, o: Options, clusters: Dict[str, ClusterConfig]) -> List
         idle_timeout=o.duration("idle_timeout", 3600.0),
         connect_timeout=o.duration("connect_timeout", None),
         max_connect_attempts=o.integer("max_connect_attempts", 1, minimum=1),
+        routes=table,
+        max_request_headers_size=o.size("max_request_headers_size", 60 * 1024),
+        max_request_headers_count=o.integer("max_request_headers_count", 100, minimum=1),
+        request_headers_timeout=o.duration("request_headers_timeout", 0.0),
+        max_requests_per_connection=o.integer("max_requests_per_connection", 0),
     )
 
 
@@ -197,7 +239,7 @@ def _checkEndpointsUnique(file, sections, listeners, echoes, mesh, errors) -> No
     candidates += [(sections["listener"][n].section, l.endpoint) for n, l in listeners.items()]
     candidates += [(sections["echo"][n].section, e.endpoint) for n, e in echoes.items()]
     for section, endpoint in candidates:
-        if endpoint is None:
+        if endpoint is None or _EPHEMERAL.match(endpoint):
             continue
         if endpoint in seen:
             errors.append(ConfigError(file, section, "endpoint" if section != "mesh" else "admin",

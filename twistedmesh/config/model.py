@@ -73,6 +73,11 @@ class ListenerConfig:
     idle_timeout: float = 3600.0
     connect_timeout: Optional[float] = None
     max_connect_attempts: int = 1
+    routes: Optional[str] = None
+    max_request_headers_size: int = 60 * 1024
+    max_request_headers_count: int = 100
+    request_headers_timeout: float = 0.0
+    max_requests_per_connection: int = 0
 
 
 @dataclass(frozen=True)
@@ -99,3 +104,4 @@ class Config:
     clusters: Mapping[str, ClusterConfig]
     filters: Mapping[str, FilterConfig]
     echoes: Mapping[str, EchoConfig]
+    routes: Mapping[str, Tuple[object, ...]] = field(default_factory=lambda: MappingProxyType({}))

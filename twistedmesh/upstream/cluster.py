@@ -11,6 +11,7 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 
 from ..config import ClusterConfig
 from ..observability.stats import StatsStore
+from .http1 import ClusterPools
 from .lb import POLICIES
 
 
@@ -68,6 +69,15 @@ class Cluster:
         self.upstream_cx_rx_bytes_total = scope.counter("upstream_cx_rx_bytes_total")
         self.upstream_cx_tx_bytes_total = scope.counter("upstream_cx_tx_bytes_total")
         self.upstream_cx_none_healthy = scope.counter("upstream_cx_none_healthy")
+        self.upstream_cx_http1_total = scope.counter("upstream_cx_http1_total")
+        self.upstream_rq_total = scope.counter("upstream_rq_total")
+        self.upstream_rq_active = scope.gauge("upstream_rq_active")
+        self.upstream_rq_retry = scope.counter("upstream_rq_retry")
+        self.upstream_rq_timeout = scope.counter("upstream_rq_timeout")
+        self.upstream_rq_per_try_timeout = scope.counter("upstream_rq_per_try_timeout")
+        self.byClass = (None,) + tuple(scope.counter(f"upstream_rq_{n}xx") for n in range(1, 6))
+        # HTTP/1.1 keep-alive pools, one per host, made on first use.
+        self.pools = ClusterPools(self, reactor)
         self.membership_total = scope.gauge("membership_total")
         self.membership_healthy = scope.gauge("membership_healthy")
         self.membership_total.value = len(self.hosts)

@@ -1,0 +1,701 @@
+"""
+Tests for the admin web interface (L{twistedmesh.admin}) and the Prometheus exposition
+(L{twistedmesh.observability.prometheus}).
+"""
+
+from __future__ import annotations
+
+import json
+from types import MappingProxyType
+from typing import Dict, List, Optional
+
+import treq
+from prometheus_client import REGISTRY, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import reactor as globalReactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.protocols.policies import WrappingFactory
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.test.requesthelper import DummyRequest
+
+from twistedmesh.admin import makeAdminSite, redact, redactEndpoint
+from twistedmesh.admin.resource import AdminResource
+from twistedmesh.config import ClusterConfig, Config, FilterConfig, HostConfig, ListenerConfig, MeshConfig
+from twistedmesh.observability.prometheus import PrometheusExporter, StatsCollector, metricName
+from twistedmesh.observability.stats import StatsStore
+from twistedmesh.upstream.cluster import Cluster, Host
+
+PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+TLS_ENDPOINT = r"tls:host=db.internal:port=5432:certificate=client.pem:privateKey=/etc/pki/client.key:trustRoots=ca"
+
+
+def makeConfig() -> Config:
+    """
+    A configuration with secrets in the places C{/config_dump} must hide them.
+    """
+    api = ClusterConfig("api", (HostConfig("tcp:127.0.0.1:9001"), HostConfig("tcp:127.0.0.1:9002", 3)))
+    db = ClusterConfig("db", (HostConfig(TLS_ENDPOINT),), protocol="tcp")
+    return Config(
+        file="etc/mesh.ini",
+        mesh=MeshConfig(admin="tcp:9901:interface=127.0.0.1"),
+        listeners=MappingProxyType({
+            "edge": ListenerConfig("edge", "tcp:10000", "tcp", ("tcp_proxy",), cluster="api"),
+        }),
+        clusters=MappingProxyType({"api": api, "db": db}),
+        filters=MappingProxyType({
+            "ext_authz": FilterConfig("ext_authz", "ext_authz", MappingProxyType({
+                "api_token": "t0k3n",
+                "client_secret": "s3cr3t",
+                "Upstream-Password": "hunter2",
+                "tls.private_key": "/etc/pki/authz.key",
+                "timeout": "250ms",
+            }), "filter:ext_authz"),
+            "local_ratelimit": FilterConfig("local_ratelimit", "local_ratelimit", MappingProxyType({
+                "max_tokens": "100", "tokens_per_fill": "10",
+            }), "filter:local_ratelimit"),
+        }),
+        echoes=MappingProxyType({}),
+    )
+
+
+class FakeServer:
+    """
+    What the admin interface shows: a real L{StatsStore} and a real L{Cluster}, the rest plain attributes.
+    """
+
+    def __init__(self, reactor) -> None:
+        self.stats = StatsStore()
+        self.config: Optional[Config] = makeConfig()
+        api = Cluster(self.config.clusters["api"], reactor, self.stats)
+        self.clusters: Dict[str, Cluster] = {"api": api}
+        self.state = "LIVE"
+        self.healthCheckFailed = False
+        self.shutdowns = 0
+        api.upstream_cx_total.value = 3
+        api.upstream_cx_active.value = 2
+        self.stats.scope("cluster", "web").counter("upstream_cx_total").value = 5
+        self.stats.counter("server.total_connections").value = 0
+        first = api.hosts[0]
+        first.cx_total, first.cx_active, first.rq_total, first.rq_error = 7, 1, 9, 2
+
+    def shutdown(self) -> None:
+        """
+        Count the calls instead of stopping anything.
+        """
+        self.shutdowns += 1
+
+
+def render(resource: AdminResource, path: str, method: bytes = b"GET",
+           args: Optional[Dict[str, str]] = None) -> DummyRequest:
+    """
+    Render C{path} (with query C{args}) on C{resource}; the body is left in C{request.body}.
+    """
+    segments = [s.encode() for s in path.lstrip("/").split("/")] if path != "/" else []
+    request = DummyRequest(segments)
+    request.method = method
+    for name, value in (args or {}).items():
+        request.addArg(name.encode(), value.encode())
+    request.body = resource.render(request)
+    return request
+
+
+def header(request: DummyRequest, name: str) -> Optional[str]:
+    """
+    The single value of response header C{name}, or C{None}.
+    """
+    values = request.responseHeaders.getRawHeaders(name)
+    return values[0] if values else None
+
+
+class AdminTestCase(TestCase):
+    """
+    Shared set-up: a fake server on a L{Clock} and its admin resource.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.server = FakeServer(self.clock)
+        self.resource = AdminResource(self.server, self.clock)
+
+    def get(self, path: str, **args: str) -> DummyRequest:
+        """
+        C{GET path?args}.
+        """
+        return render(self.resource, path, b"GET", args)
+
+    def post(self, path: str) -> DummyRequest:
+        """
+        C{POST path}.
+        """
+        return render(self.resource, path, b"POST")
+
+
+class ReadyTests(AdminTestCase):
+    """
+    C{/ready}.
+    """
+
+    def test_live(self) -> None:
+        """A live server answers 200 C{LIVE}."""
+        request = self.get("/ready")
+        self.assertEqual((request.responseCode, request.body), (200, b"LIVE\n"))
+
+    def test_starting(self) -> None:
+        """A starting server answers 503 C{STARTING}, so a load balancer does not send it traffic yet."""
+        self.server.state = "STARTING"
+        request = self.get("/ready")
+        self.assertEqual((request.responseCode, request.body), (503, b"STARTING\n"))
+
+    def test_draining(self) -> None:
+        """A draining server answers 503 C{DRAINING}."""
+        self.server.state = "DRAINING"
+        request = self.get("/ready")
+        self.assertEqual((request.responseCode, request.body), (503, b"DRAINING\n"))
+
+
+class StatsTests(AdminTestCase):
+    """
+    C{/stats}.
+    """
+
+    def test_text(self) -> None:
+        """Every stat is a C{name: value} line, sorted by name."""
+        request = self.get("/stats")
+        self.assertEqual(request.responseCode, 200)
+        self.assertEqual(header(request, "content-type"), "text/plain; charset=utf-8")
+        lines = request.body.decode().splitlines()
+        self.assertEqual(lines, sorted(lines))
+        self.assertIn("cluster.api.upstream_cx_total: 3", lines)
+        self.assertIn("cluster.api.upstream_cx_active: 2", lines)
+        self.assertIn("cluster.web.upstream_cx_total: 5", lines)
+        self.assertIn("server.total_connections: 0", lines)
+        self.assertEqual(len(lines), len(list(self.server.stats)))
+
+    def test_filter(self) -> None:
+        """C{?filter=REGEX} keeps only the stats whose names the regex matches anywhere."""
+        request = self.get("/stats", filter=r"upstream_cx_(total|active)$")
+        self.assertEqual(request.body.decode().splitlines(), [
+            "cluster.api.upstream_cx_active: 2",
+            "cluster.api.upstream_cx_total: 3",
+            "cluster.web.upstream_cx_total: 5",
+        ])
+
+    def test_badFilter(self) -> None:
+        """An invalid regex is a 400 naming the regex, not a server error."""
+        request = self.get("/stats", filter="upstream_(")
+        self.assertEqual(request.responseCode, 400)
+        self.assertIn(b"invalid filter regex 'upstream_('", request.body)
+        self.assertEqual(header(request, "content-type"), "text/plain; charset=utf-8")
+
+    def test_usedOnly(self) -> None:
+        """C{?usedonly} leaves out every stat still at zero."""
+        request = self.get("/stats", usedonly="")
+        lines = request.body.decode().splitlines()
+        self.assertIn("cluster.api.upstream_cx_total: 3", lines)
+        self.assertNotIn("server.total_connections: 0", lines)
+        self.assertTrue(all(not line.endswith(": 0") for line in lines))
+
+    def test_json(self) -> None:
+        """C{?format=json} gives C{{"stats": [{"name", "value"}, ...]}}, filtered like the text."""
+        request = self.get("/stats", format="json", filter="^cluster\\.api\\.upstream_cx_(total|active)$")
+        self.assertEqual(request.responseCode, 200)
+        self.assertEqual(header(request, "content-type"), "application/json")
+        self.assertEqual(json.loads(request.body), {"stats": [
+            {"name": "cluster.api.upstream_cx_active", "value": 2},
+            {"name": "cluster.api.upstream_cx_total", "value": 3},
+        ]})
+
+    def test_formatPrometheus(self) -> None:
+        """C{?format=prometheus} is the same exposition as C{/stats/prometheus}."""
+        request = self.get("/stats", format="prometheus")
+        self.assertEqual(header(request, "content-type"), PROMETHEUS_TYPE)
+        self.assertEqual(request.body, self.get("/stats/prometheus").body)
+
+    def test_unknownFormat(self) -> None:
+        """An unknown C{?format} is a 400."""
+        request = self.get("/stats", format="yaml")
+        self.assertEqual(request.responseCode, 400)
+
+
+class PrometheusEndpointTests(AdminTestCase):
+    """
+    C{/stats/prometheus}.
+    """
+
+    def test_exposition(self) -> None:
+        """The exposition has Envoy's metric names with the cluster as a label, and parses."""
+        request = self.get("/stats/prometheus")
+        self.assertEqual(request.responseCode, 200)
+        self.assertEqual(header(request, "content-type"), PROMETHEUS_TYPE)
+        text = request.body.decode()
+        self.assertIn('envoy_cluster_upstream_cx_total{envoy_cluster_name="api"} 3.0\n', text)
+        self.assertIn("# TYPE envoy_cluster_upstream_cx_total counter\n", text)
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        family = families["envoy_cluster_upstream_cx"]
+        self.assertEqual(family.type, "counter")
+        self.assertEqual(
+            sorted((s.name, s.labels["envoy_cluster_name"], s.value) for s in family.samples),
+            [("envoy_cluster_upstream_cx_total", "api", 3.0), ("envoy_cluster_upstream_cx_total", "web", 5.0)],
+        )
+        active = families["envoy_cluster_upstream_cx_active"]
+        self.assertEqual(active.type, "gauge")
+        self.assertEqual([(s.labels, s.value) for s in active.samples], [({"envoy_cluster_name": "api"}, 2.0)])
+
+    def test_filtered(self) -> None:
+        """C{?filter} and C{?usedonly} narrow the exposition as they narrow C{/stats}."""
+        request = self.get("/stats/prometheus", filter="^cluster\\.", usedonly="")
+        names = {f.name for f in text_string_to_metric_families(request.body.decode())}
+        self.assertEqual(names, {"envoy_cluster_upstream_cx", "envoy_cluster_upstream_cx_active",
+                                 "envoy_cluster_membership_total", "envoy_cluster_membership_healthy"})
+
+    def test_badFilter(self) -> None:
+        """An invalid regex is a 400 here too."""
+        self.assertEqual(self.get("/stats/prometheus", filter="[").responseCode, 400)
+
+
+class PrometheusCollectorTests(TestCase):
+    """
+    L{StatsCollector} and L{PrometheusExporter}.
+    """
+
+    def families(self, stats: StatsStore, prefix: str = "envoy_"):
+        """
+        The parsed exposition of C{stats}, by family name.
+        """
+        text = PrometheusExporter(stats, prefix).generate().decode()
+        return {f.name: f for f in text_string_to_metric_families(text)}
+
+    def test_groupsLabelSets(self) -> None:
+        """The same stat of several clusters is one family, declared once, with a sample per cluster."""
+        stats = StatsStore()
+        for name, value in (("a", 1), ("b", 2), ("c", 3)):
+            stats.scope("cluster", name).gauge("upstream_cx_active").value = value
+        text = PrometheusExporter(stats).generate().decode()
+        self.assertEqual(text.count("# TYPE envoy_cluster_upstream_cx_active gauge"), 1)
+        family = self.families(stats)["envoy_cluster_upstream_cx_active"]
+        self.assertEqual([(s.labels["envoy_cluster_name"], s.value) for s in family.samples],
+                         [("a", 1.0), ("b", 2.0), ("c", 3.0)])
+
+    def test_counterTotalNotDoubled(self) -> None:
+        """A counter already ending in C{_total} keeps its name exactly, as in Envoy's exposition."""
+        stats = StatsStore()
+        stats.scope("cluster", "api").counter("upstream_rq_total").value = 4
+        text = PrometheusExporter(stats).generate().decode()
+        self.assertIn('envoy_cluster_upstream_rq_total{envoy_cluster_name="api"} 4.0\n', text)
+        self.assertNotIn("_total_total", text)
+
+    def test_counterGetsTotal(self) -> None:
+        """A counter without C{_total} is exposed with it, typed counter (Prometheus requires the suffix)."""
+        stats = StatsStore()
+        counter = stats.scope("cluster", "api").counter("upstream_cx_connect_fail")
+        counter.value = 1
+        self.assertEqual(metricName(counter), "envoy_cluster_upstream_cx_connect_fail_total")
+        family = self.families(stats)["envoy_cluster_upstream_cx_connect_fail"]
+        self.assertEqual(family.type, "counter")
+        self.assertEqual(family.samples[0].name, "envoy_cluster_upstream_cx_connect_fail_total")
+
+    def test_gaugeKeepsName(self) -> None:
+        """A gauge is typed gauge and keeps its name, even one ending in C{_total}."""
+        stats = StatsStore()
+        stats.scope("cluster", "api").gauge("membership_total").value = 2
+        family = self.families(stats)["envoy_cluster_membership_total"]
+        self.assertEqual((family.type, family.samples[0].value), ("gauge", 2.0))
+
+    def test_prefix(self) -> None:
+        """The prefix is a constructor argument."""
+        stats = StatsStore()
+        stats.counter("server.restarts").value = 1
+        self.assertIn("mesh_server_restarts", self.families(stats, prefix="mesh_"))
+        self.assertEqual(StatsCollector(stats, "x_").prefix, "x_")
+
+    def test_sanitises(self) -> None:
+        """Characters a metric name cannot hold (dots, dashes) become underscores."""
+        stats = StatsStore()
+        stats.root.scope("my-thing").gauge("queue.depth").value = 1
+        self.assertIn("envoy_my_thing_queue_depth", self.families(stats))
+
+    def test_duplicateSeriesDropped(self) -> None:
+        """Two stats that sanitise to the same name and labels give one sample, not a duplicate series."""
+        stats = StatsStore()
+        stats.counter("a.b_total").value = 1
+        stats.counter("a_b_total").value = 2
+        samples = self.families(stats)["envoy_a_b"].samples
+        self.assertEqual(len(samples), 1)
+
+    def test_mixedKindsDropped(self) -> None:
+        """A gauge whose name collides with a counter's is left out rather than making the scrape unparsable."""
+        stats = StatsStore()
+        stats.scope("cluster", "api").gauge("upstream_x_total").value = 2
+        stats.counter("cluster.upstream_x_total").value = 1
+        family = self.families(stats)["envoy_cluster_upstream_x_total"]
+        self.assertEqual([(family.type, s.labels, s.value) for s in family.samples],
+                         [("gauge", {"envoy_cluster_name": "api"}, 2.0)])
+
+    def test_ownRegistry(self) -> None:
+        """Each exporter has its own registry; nothing reaches prometheus_client's global one."""
+        one, two = StatsStore(), StatsStore()
+        one.counter("only_in_one_total").value = 1
+        first, second = PrometheusExporter(one), PrometheusExporter(two)
+        self.assertIsNot(first.registry, REGISTRY)
+        self.assertIn(b"envoy_only_in_one_total", first.generate())
+        self.assertNotIn(b"only_in_one", second.generate())
+        self.assertNotIn(b"only_in_one", generate_latest(REGISTRY))
+
+    def test_liveValues(self) -> None:
+        """Every scrape reads the stats' current values."""
+        stats = StatsStore()
+        counter = stats.counter("hits_total")
+        exporter = PrometheusExporter(stats)
+        counter.value = 41
+        self.assertIn(b"envoy_hits_total 41.0", exporter.generate())
+        counter.value += 1
+        self.assertIn(b"envoy_hits_total 42.0", exporter.generate())
+
+
+class ClustersTests(AdminTestCase):
+    """
+    C{/clusters}.
+    """
+
+    def test_text(self) -> None:
+        """Each host has Envoy's C{cluster::host::stat::value} lines: figures, weight, health and its reason."""
+        request = self.get("/clusters")
+        self.assertEqual(request.responseCode, 200)
+        self.assertEqual(header(request, "content-type"), "text/plain; charset=utf-8")
+        lines = request.body.decode().splitlines()
+        first = "api::tcp:127.0.0.1:9001::"
+        for line in ["cx_total::7", "cx_active::1", "cx_connect_fail::0", "rq_total::9", "rq_active::0",
+                     "rq_error::2", "weight::1", "health_flags::healthy",
+                     "health_reason::no health checking configured"]:
+            self.assertIn(first + line, lines)
+        self.assertIn("api::tcp:127.0.0.1:9002::weight::3", lines)
+        self.assertEqual(len(lines), 2 * 9)
+
+    def test_unhealthy(self) -> None:
+        """An unhealthy host shows C{unhealthy} and why."""
+        host = self.server.clusters["api"].hosts[1]
+        host.healthy = False
+        host.healthReason = "3 consecutive 5xx"
+        lines = self.get("/clusters").body.decode().splitlines()
+        self.assertIn("api::tcp:127.0.0.1:9002::health_flags::unhealthy", lines)
+        self.assertIn("api::tcp:127.0.0.1:9002::health_reason::3 consecutive 5xx", lines)
+
+    def test_json(self) -> None:
+        """C{?format=json} gives C{cluster_statuses} with every host's address, weight, health and stats."""
+        self.server.clusters["api"].hosts[1].healthy = False
+        request = self.get("/clusters", format="json")
+        self.assertEqual(header(request, "content-type"), "application/json")
+        body = json.loads(request.body)
+        [cluster] = body["cluster_statuses"]
+        self.assertEqual(cluster["name"], "api")
+        first, second = cluster["host_statuses"]
+        self.assertEqual(first, {
+            "address": "tcp:127.0.0.1:9001", "weight": 1, "health": "healthy",
+            "health_reason": "no health checking configured",
+            "stats": {"cx_total": 7, "cx_active": 1, "cx_connect_fail": 0, "rq_total": 9, "rq_active": 0,
+                      "rq_error": 2},
+        })
+        self.assertEqual((second["address"], second["weight"], second["health"]),
+                         ("tcp:127.0.0.1:9002", 3, "unhealthy"))
+
+    def test_redactsEndpoint(self) -> None:
+        """A host's endpoint string shows no C{privateKey} value, in text or JSON."""
+        cluster = self.server.clusters["api"]
+        cluster.hosts = cluster.hosts + (Host(TLS_ENDPOINT, None, 1),)
+        for request in (self.get("/clusters"), self.get("/clusters", format="json")):
+            self.assertNotIn(b"client.key", request.body)
+            self.assertIn(b"privateKey=[redacted]:trustRoots=ca", request.body)
+
+    def test_badFormat(self) -> None:
+        """An unknown C{?format} is a 400."""
+        self.assertEqual(self.get("/clusters", format="xml").responseCode, 400)
+
+
+class ConfigDumpTests(AdminTestCase):
+    """
+    C{/config_dump}.
+    """
+
+    def dump(self) -> dict:
+        """
+        The parsed C{/config_dump}.
+        """
+        request = self.get("/config_dump")
+        self.assertEqual(request.responseCode, 200)
+        self.assertEqual(header(request, "content-type"), "application/json")
+        return json.loads(request.body)
+
+    def test_dump(self) -> None:
+        """The whole effective configuration, with its file name, as plain JSON."""
+        dump = self.dump()
+        self.assertEqual(dump["file"], "etc/mesh.ini")
+        self.assertEqual(dump["mesh"], {"admin": "tcp:9901:interface=127.0.0.1", "drain_timeout": 10.0,
+                                        "workers": 1})
+        self.assertEqual(dump["clusters"]["api"]["endpoints"], [
+            {"endpoint": "tcp:127.0.0.1:9001", "weight": 1}, {"endpoint": "tcp:127.0.0.1:9002", "weight": 3},
+        ])
+        self.assertEqual(dump["listeners"]["edge"]["filters"], ["tcp_proxy"])
+        self.assertEqual(dump["filters"]["ext_authz"]["items"]["timeout"], "250ms")
+        self.assertEqual(dump["echoes"], {})
+
+    def test_redactsSecretKeys(self) -> None:
+        """Keys naming a private key, password, secret or token have their values replaced, at any depth."""
+        dump = self.dump()
+        items = dump["filters"]["ext_authz"]["items"]
+        for key in ("api_token", "client_secret", "Upstream-Password", "tls.private_key"):
+            self.assertEqual(items[key], "[redacted]")
+        text = json.dumps(dump)
+        for secret in ("t0k3n", "s3cr3t", "hunter2", "authz.key"):
+            self.assertNotIn(secret, text)
+
+    def test_keepsTokenBucket(self) -> None:
+        """The rate limiter's token-bucket counts are not secrets and stay visible."""
+        self.assertEqual(self.dump()["filters"]["local_ratelimit"]["items"],
+                         {"max_tokens": "100", "tokens_per_fill": "10"})
+
+    def test_redactsEndpointPrivateKey(self) -> None:
+        """An endpoint string's C{privateKey=} value is redacted, the rest of the string kept."""
+        [host] = self.dump()["clusters"]["db"]["endpoints"]
+        self.assertEqual(host["endpoint"], TLS_ENDPOINT.replace("/etc/pki/client.key", "[redacted]"))
+
+    def test_noConfig(self) -> None:
+        """Without a configuration the dump is an empty object."""
+        self.server.config = None
+        self.assertEqual(self.dump(), {})
+
+    def test_redactEndpointEscapedColon(self) -> None:
+        """An escaped colon inside a C{privateKey} value does not end the redaction early."""
+        self.assertEqual(redactEndpoint(r"tls:privateKey=C\:\\keys\\k.pem:port=1"),
+                         "tls:privateKey=[redacted]:port=1")
+        self.assertEqual(redactEndpoint("tcp:privatekeyfile=1"), "tcp:privatekeyfile=1")
+
+    def test_redactNested(self) -> None:
+        """L{redact} descends into lists and mappings inside mappings."""
+        self.assertEqual(redact({"a": [{"password": "x", "b": MappingProxyType({"Token": 1})}]}),
+                         {"a": [{"password": "[redacted]", "b": {"Token": "[redacted]"}}]})
+
+
+class MutatingTests(AdminTestCase):
+    """
+    C{/healthcheck/fail}, C{/healthcheck/ok} and C{/quitquitquit}.
+    """
+
+    def test_healthCheckFail(self) -> None:
+        """C{POST /healthcheck/fail} sets C{healthCheckFailed}."""
+        request = self.post("/healthcheck/fail")
+        self.assertEqual((request.responseCode, request.body), (200, b"OK\n"))
+        self.assertTrue(self.server.healthCheckFailed)
+
+    def test_healthCheckOk(self) -> None:
+        """C{POST /healthcheck/ok} clears C{healthCheckFailed}."""
+        self.server.healthCheckFailed = True
+        request = self.post("/healthcheck/ok")
+        self.assertEqual((request.responseCode, request.body), (200, b"OK\n"))
+        self.assertFalse(self.server.healthCheckFailed)
+
+    def test_quit(self) -> None:
+        """C{POST /quitquitquit} answers first and shuts the server down on the next reactor turn."""
+        request = self.post("/quitquitquit")
+        self.assertEqual((request.responseCode, request.body), (200, b"OK\n"))
+        self.assertEqual(self.server.shutdowns, 0)
+        self.clock.advance(0)
+        self.assertEqual(self.server.shutdowns, 1)
+
+    def test_getIsNotAllowed(self) -> None:
+        """A C{GET} of a mutating endpoint is a 405 with C{Allow: POST} and changes nothing."""
+        self.server.healthCheckFailed = True
+        for path in ("/healthcheck/fail", "/healthcheck/ok", "/quitquitquit"):
+            for method in (b"GET", b"HEAD", b"PUT"):
+                request = render(self.resource, path, method)
+                self.assertEqual(request.responseCode, 405, (path, method))
+                self.assertEqual(header(request, "allow"), "POST")
+        self.clock.advance(0)
+        self.assertEqual(self.server.shutdowns, 0)
+        self.assertTrue(self.server.healthCheckFailed)
+
+    def test_postToReadOnlyIsNotAllowed(self) -> None:
+        """A C{POST} to a read-only endpoint is a 405 naming C{GET} and C{HEAD}."""
+        request = self.post("/stats")
+        self.assertEqual(request.responseCode, 405)
+        self.assertEqual(header(request, "allow"), "GET, HEAD")
+
+
+class IndexTests(AdminTestCase):
+    """
+    C{/}, unknown paths, and the headers of every response.
+    """
+
+    PATHS = ["/clusters", "/config_dump", "/healthcheck/fail", "/healthcheck/ok", "/quitquitquit", "/ready",
+             "/stats", "/stats/prometheus"]
+
+    def test_home(self) -> None:
+        """C{GET /} lists every endpoint."""
+        request = self.get("/")
+        self.assertEqual(request.responseCode, 200)
+        body = request.body.decode()
+        for path in self.PATHS:
+            self.assertIn(f"  {path}", body)
+        self.assertIn("/quitquitquit (POST)", body)
+
+    def test_unknownPath(self) -> None:
+        """An unknown path is a 404 that lists the endpoints."""
+        request = self.get("/nope/x")
+        self.assertEqual(request.responseCode, 404)
+        self.assertTrue(request.body.startswith(b"unknown path /nope/x\n"))
+        for path in self.PATHS:
+            self.assertIn(path.encode(), request.body)
+
+    def test_commonHeaders(self) -> None:
+        """Every response, errors included, sets a content type, no caching and nosniff."""
+        requests = [self.get(p) for p in ["/", "/ready", "/stats", "/stats/prometheus", "/clusters",
+                                          "/config_dump", "/nope", "/quitquitquit"]]
+        requests += [self.get("/stats", filter="("), self.post("/healthcheck/ok")]
+        self.server.state = "DRAINING"
+        requests.append(self.get("/ready"))
+        for request in requests:
+            self.assertIsNotNone(header(request, "content-type"))
+            self.assertEqual(header(request, "cache-control"), "no-cache, max-age=0")
+            self.assertEqual(header(request, "x-content-type-options"), "nosniff")
+
+
+class SiteTests(TestCase):
+    """
+    L{makeAdminSite}, driven over a memory transport.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.server = FakeServer(self.clock)
+        self.site = makeAdminSite(self.server, self.clock)
+
+    def exchange(self, raw: bytes) -> bytes:
+        """
+        Send C{raw} to a new connection to the site and return what it wrote back.
+        """
+        protocol = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 12345))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(raw)
+        response = transport.value()
+        protocol.connectionLost(None)
+        return response
+
+    def test_servesHTTP(self) -> None:
+        """A raw HTTP/1.1 request gets the admin's response."""
+        response = self.exchange(b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(response.startswith(b"HTTP/1.1 200 OK\r\n"))
+        self.assertTrue(response.endswith(b"\r\n\r\nLIVE\n"))
+        self.assertIn(b"X-Content-Type-Options: nosniff\r\n", response)
+
+    def test_head(self) -> None:
+        """C{HEAD} gets the headers of C{GET}, with its length, and no body (nor twisted.web's warning about one)."""
+        events: List[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        response = self.exchange(b"HEAD /ready HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(response.startswith(b"HTTP/1.1 200 OK\r\n"))
+        self.assertIn(b"Content-Length: 5\r\n", response)
+        self.assertTrue(response.endswith(b"\r\n\r\n"))
+        self.assertEqual(events, [])
+
+    def test_bareUsedOnly(self) -> None:
+        """A bare C{?usedonly} (no C{=}), which twisted.web leaves out of C{request.args}, still applies."""
+        response = self.exchange(b"GET /stats?usedonly HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertIn(b"cluster.api.upstream_cx_total: 3\n", response)
+        self.assertNotIn(b"server.total_connections", response)
+
+    def test_idleTimeoutOnInjectedReactor(self) -> None:
+        """Connections time out on the reactor given to L{makeAdminSite}, not on the global one."""
+        protocol = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 12345))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.clock.advance(self.site.timeOut + 1)
+        self.assertTrue(transport.disconnecting)
+
+    def test_noAccessLog(self) -> None:
+        """Requests leave no access-log line and no factory chatter in the log."""
+        events: List[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.site.doStart()
+        self.addCleanup(self.site.doStop)
+        self.exchange(b"GET /stats HTTP/1.1\r\nHost: x\r\nUser-Agent: probe\r\n\r\n")
+        self.assertEqual(events, [])
+
+
+class LoopbackTests(TestCase):
+    """
+    The admin site listening on loopback with the real reactor, queried with treq over real HTTP.
+    """
+
+    async def test_endpoints(self) -> None:
+        """Every endpoint answers over real HTTP as it does in memory, and C{/quitquitquit} stops the server."""
+        server = FakeServer(globalReactor)
+        server.state = "STARTING"
+        wrapper = WrappingFactory(makeAdminSite(server, globalReactor))
+        port = await serverFromString(globalReactor, "tcp:0:interface=127.0.0.1").listen(wrapper)
+        pool = HTTPConnectionPool(globalReactor)
+        client = treq.client.HTTPClient(Agent(globalReactor, pool=pool))
+
+        async def closeAll() -> None:
+            await pool.closeCachedConnections()
+            await port.stopListening()
+            for _ in range(200):  # the server's side of each connection closes a moment after the client's
+                if not wrapper.protocols:
+                    return
+                await deferLater(globalReactor, 0.01, lambda: None)
+
+        self.addCleanup(lambda: Deferred.fromCoroutine(closeAll()))
+        base = f"http://127.0.0.1:{port.getHost().port}"
+
+        async def fetch(method: str, path: str):
+            response = await client.request(method, base + path)
+            return response.code, await response.content(), response.headers
+
+        self.assertEqual((await fetch("GET", "/ready"))[:2], (503, b"STARTING\n"))
+        server.state = "LIVE"
+        self.assertEqual((await fetch("GET", "/ready"))[:2], (200, b"LIVE\n"))
+
+        code, body, headers = await fetch("GET", "/stats?filter=cluster%5C.api&usedonly")
+        self.assertEqual((code, body), (200, b"cluster.api.membership_healthy: 2\ncluster.api.membership_total: 2\n"
+                                             b"cluster.api.upstream_cx_active: 2\ncluster.api.upstream_cx_total: 3\n"))
+        self.assertEqual(headers.getRawHeaders("cache-control"), ["no-cache, max-age=0"])
+        code, body, _ = await fetch("GET", "/stats?format=json&filter=web")
+        self.assertEqual(json.loads(body), {"stats": [{"name": "cluster.web.upstream_cx_total", "value": 5}]})
+        self.assertEqual((await fetch("GET", "/stats?filter=%28"))[0], 400)
+
+        code, body, headers = await fetch("GET", "/stats/prometheus")
+        self.assertEqual(code, 200)
+        self.assertEqual(headers.getRawHeaders("content-type"), [PROMETHEUS_TYPE])
+        samples = {(s.name, tuple(s.labels.items())): s.value
+                   for f in text_string_to_metric_families(body.decode()) for s in f.samples}
+        self.assertEqual(samples[("envoy_cluster_upstream_cx_total", (("envoy_cluster_name", "api"),))], 3.0)
+
+        code, body, _ = await fetch("GET", "/clusters")
+        self.assertIn(b"api::tcp:127.0.0.1:9001::cx_total::7\n", body)
+        code, body, _ = await fetch("GET", "/clusters?format=json")
+        self.assertEqual(json.loads(body)["cluster_statuses"][0]["host_statuses"][1]["weight"], 3)
+
+        code, body, _ = await fetch("GET", "/config_dump")
+        self.assertEqual(json.loads(body)["filters"]["ext_authz"]["items"]["client_secret"], "[redacted]")
+
+        code, _, headers = await fetch("GET", "/healthcheck/fail")
+        self.assertEqual((code, headers.getRawHeaders("allow")), (405, ["POST"]))
+        self.assertFalse(server.healthCheckFailed)
+        self.assertEqual((await fetch("POST", "/healthcheck/fail"))[:2], (200, b"OK\n"))
+        self.assertTrue(server.healthCheckFailed)
+        self.assertEqual((await fetch("POST", "/healthcheck/ok"))[:2], (200, b"OK\n"))
+        self.assertFalse(server.healthCheckFailed)
+
+        self.assertEqual((await fetch("GET", "/nope"))[0], 404)
+        self.assertEqual((await fetch("GET", "/quitquitquit"))[0], 405)
+        self.assertEqual(server.shutdowns, 0)
+        self.assertEqual((await fetch("POST", "/quitquitquit"))[:2], (200, b"OK\n"))
+        await deferLater(globalReactor, 0, lambda: None)
+        self.assertEqual(server.shutdowns, 1)

@@ -1,0 +1,359 @@
+"""
+The admin web interface: Envoy's admin paths (C{/ready}, C{/stats}, C{/stats/prometheus}, C{/clusters},
+C{/config_dump}, C{/healthcheck/fail}, C{/healthcheck/ok}, C{/quitquitquit}) on plain C{twisted.web}.
+
+Nothing here is on the proxy's hot path: every response is computed whole, per request, from the server's
+live objects. Endpoints that change the proxy accept only C{POST}, so that a page elsewhere cannot stop
+the proxy with an C{<img src=".../quitquitquit">}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Mapping
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Protocol, Tuple
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from ..config import Config
+from ..observability.prometheus import CONTENT_TYPE as PROMETHEUS_CONTENT_TYPE
+from ..observability.prometheus import PrometheusExporter
+from ..observability.stats import Stat, StatsStore
+from ..upstream.cluster import Cluster, Host
+
+TEXT = b"text/plain; charset=utf-8"
+JSON = b"application/json"
+REDACTED = "[redacted]"
+
+# A key is a secret if its name, lowercased and without "_" or "-", contains one of these.
+_SECRET_WORDS = ("privatekey", "password", "secret", "token")
+# ...except the token-bucket settings of local_ratelimit, which are counts, not credentials, and which an
+# operator reading the dump needs to see.
+_NOT_SECRET = frozenset({"max_tokens", "tokens_per_fill"})
+# A secret parameter inside a Twisted endpoint string, as in
+# "tls:host=a:port=443:certificate=c.pem:privateKey=k.pem"; "\:" escapes a colon inside a value.
+_SECRET_PARAMETER = re.compile(r"((?:^|:)privateKey=)((?:\\.|[^:\\])*)", re.IGNORECASE)
+
+
+class AdminServer(Protocol):
+    """
+    What the admin interface needs of the server it shows (L{twistedmesh.service.MeshService} is one).
+
+    @ivar stats: every stat of the server.
+    @ivar clusters: the clusters by name.
+    @ivar config: the configuration in effect, if any.
+    @ivar state: C{"STARTING"}, C{"LIVE"} or C{"DRAINING"}.
+    @ivar healthCheckFailed: set by C{/healthcheck/fail}, cleared by C{/healthcheck/ok}.
+    """
+
+    stats: StatsStore
+    clusters: Mapping[str, Cluster]
+    config: Optional[Config]
+    state: str
+    healthCheckFailed: bool
+
+    def shutdown(self) -> None:
+        """
+        Ask the process to stop (it drains first).
+        """
+
+
+class _Endpoint(NamedTuple):
+    method: bytes
+    render: Callable[[Request], bytes]
+    help: str
+
+
+class AdminResource(Resource):
+    """
+    The whole admin interface, as one leaf resource that dispatches on the path below it (so it also works
+    mounted under another resource).
+    """
+
+    isLeaf = True
+
+    def __init__(self, server: AdminServer, reactor: IReactorTime) -> None:
+        super().__init__()
+        self.server = server
+        self.reactor = reactor
+        self.prometheus = PrometheusExporter(server.stats)
+        self.endpoints: Dict[bytes, _Endpoint] = {
+            b"/": _Endpoint(b"GET", self.renderHome, "this list of admin commands"),
+            b"/clusters": _Endpoint(b"GET", self.renderClusters,
+                                    "upstream cluster status (?format=json)"),
+            b"/config_dump": _Endpoint(b"GET", self.renderConfigDump,
+                                       "the configuration in effect, as JSON, secrets redacted"),
+            b"/healthcheck/fail": _Endpoint(b"POST", self.renderHealthCheckFail,
+                                            "make this proxy's health checks fail"),
+            b"/healthcheck/ok": _Endpoint(b"POST", self.renderHealthCheckOk,
+                                          "make this proxy's health checks pass again"),
+            b"/quitquitquit": _Endpoint(b"POST", self.renderQuit, "drain and exit the server"),
+            b"/ready": _Endpoint(b"GET", self.renderReady, "LIVE if the server is ready, 503 otherwise"),
+            b"/stats": _Endpoint(b"GET", self.renderStats,
+                                 "the stats (?filter=REGEX, ?usedonly, ?format=json|prometheus)"),
+            b"/stats/prometheus": _Endpoint(b"GET", self.renderPrometheus,
+                                            "the stats in Prometheus format (?filter=REGEX, ?usedonly)"),
+        }
+
+    def render(self, request: Request) -> bytes:
+        """
+        Dispatch on path and method. C{HEAD} is answered as C{GET} without the body; a method an endpoint
+        does not take gets 405 with an C{Allow} header; an unknown path gets 404 with the list of paths.
+        """
+        path = b"/" + b"/".join(request.postpath)
+        endpoint = self.endpoints.get(path)
+        if endpoint is None:
+            return _respond(request, 404, TEXT, b"unknown path " + _printable(path) + b"\n" + self._help())
+        method = request.method
+        allowed = (b"GET", b"HEAD") if endpoint.method == b"GET" else (b"POST",)
+        if method not in allowed:
+            request.setHeader(b"Allow", b", ".join(allowed))
+            return _respond(request, 405, TEXT,
+                            b"method not allowed: use " + b" or ".join(allowed) + b"\n")
+        body = endpoint.render(request)
+        if method == b"HEAD":
+            request.setHeader(b"Content-Length", b"%d" % (len(body),))
+            return b""
+        return body
+
+    def _help(self) -> bytes:
+        lines = ["admin commands are:"]
+        for path, endpoint in sorted(self.endpoints.items()):
+            method = " (POST)" if endpoint.method == b"POST" else ""
+            lines.append(f"  {path.decode()}{method}: {endpoint.help}")
+        return ("\n".join(lines) + "\n").encode()
+
+    def renderHome(self, request: Request) -> bytes:
+        """
+        C{GET /}: the list of admin commands.
+        """
+        return _respond(request, 200, TEXT, self._help())
+
+    def renderReady(self, request: Request) -> bytes:
+        """
+        C{GET /ready}: 200 C{LIVE} once the server is live, else 503 with its state.
+        """
+        state = self.server.state
+        return _respond(request, 200 if state == "LIVE" else 503, TEXT, f"{state}\n".encode())
+
+    def renderStats(self, request: Request) -> bytes:
+        """
+        C{GET /stats}: C{name: value} lines sorted by name, or C{?format=json} or C{?format=prometheus}.
+        """
+        include, error = _statsFilter(request)
+        if error is not None:
+            return _respond(request, 400, TEXT, error)
+        fmt = _arg(request, b"format")
+        if fmt == "prometheus":
+            return self.renderPrometheus(request)
+        stats = [s for s in self.server.stats if include is None or include(s)]
+        if fmt == "json":
+            body = {"stats": [{"name": s.name, "value": s.value} for s in stats]}
+            return _respond(request, 200, JSON, _json(body))
+        if fmt not in (None, "text"):
+            return _respond(request, 400, TEXT, b"format must be text, json or prometheus\n")
+        return _respond(request, 200, TEXT, "".join(f"{s.name}: {s.value}\n" for s in stats).encode())
+
+    def renderPrometheus(self, request: Request) -> bytes:
+        """
+        C{GET /stats/prometheus}: the Prometheus text exposition.
+        """
+        include, error = _statsFilter(request)
+        if error is not None:
+            return _respond(request, 400, TEXT, error)
+        return _respond(request, 200, PROMETHEUS_CONTENT_TYPE.encode(), self.prometheus.generate(include))
+
+    def renderClusters(self, request: Request) -> bytes:
+        """
+        C{GET /clusters}: every host of every cluster with its figures and health, in Envoy's
+        C{cluster::host::stat::value} text format or, with C{?format=json}, as JSON.
+        """
+        clusters = sorted(self.server.clusters.values(), key=lambda c: c.name)
+        fmt = _arg(request, b"format")
+        if fmt == "json":
+            body = {"cluster_statuses": [
+                {"name": c.name, "host_statuses": [_hostStatus(h) for h in c.hosts]} for c in clusters
+            ]}
+            return _respond(request, 200, JSON, _json(body))
+        if fmt not in (None, "text"):
+            return _respond(request, 400, TEXT, b"format must be text or json\n")
+        lines = []
+        for cluster in clusters:
+            for host in cluster.hosts:
+                prefix = f"{cluster.name}::{redactEndpoint(host.endpoint)}::"
+                lines.extend(f"{prefix}{name}::{getattr(host, name)}" for name in Host.STATS)
+                lines.append(f"{prefix}weight::{host.weight}")
+                lines.append(f"{prefix}health_flags::{_health(host)}")
+                lines.append(f"{prefix}health_reason::{host.healthReason}")
+        return _respond(request, 200, TEXT, "".join(line + "\n" for line in lines).encode())
+
+    def renderConfigDump(self, request: Request) -> bytes:
+        """
+        C{GET /config_dump}: the configuration in effect as JSON (C{{}} if there is none), with secrets
+        redacted (see L{redact}).
+        """
+        config = self.server.config
+        return _respond(request, 200, JSON, _json(redact(config) if config is not None else {}))
+
+    def renderHealthCheckFail(self, request: Request) -> bytes:
+        """
+        C{POST /healthcheck/fail}: make health checks of this proxy fail (to take it out of rotation).
+        """
+        self.server.healthCheckFailed = True
+        return _respond(request, 200, TEXT, b"OK\n")
+
+    def renderHealthCheckOk(self, request: Request) -> bytes:
+        """
+        C{POST /healthcheck/ok}: undo C{/healthcheck/fail}.
+        """
+        self.server.healthCheckFailed = False
+        return _respond(request, 200, TEXT, b"OK\n")
+
+    def renderQuit(self, request: Request) -> bytes:
+        """
+        C{POST /quitquitquit}: answer, then ask the server to shut down on the next reactor turn so that the
+        answer is written first.
+        """
+        self.reactor.callLater(0, self.server.shutdown)
+        return _respond(request, 200, TEXT, b"OK\n")
+
+
+class AdminSite(Site):
+    """
+    A L{Site} without the per-request access log and the factory start/stop messages: the admin interface
+    is polled (readiness probes, scrapes), and a line per poll would drown the proxy's own log.
+    """
+
+    noisy = False
+    displayTracebacks = False
+
+    def log(self, request: Request) -> None:
+        """
+        Log nothing for each request.
+        """
+
+
+def makeAdminSite(server: AdminServer, reactor: IReactorTime) -> Site:
+    """
+    The admin interface of C{server} as a L{Site} to listen with. C{reactor} schedules the shutdown that
+    C{/quitquitquit} asks for and the connections' idle timeouts.
+    """
+    return AdminSite(AdminResource(server, reactor), logPath=None, reactor=reactor)
+
+
+def redactEndpoint(endpoint: str) -> str:
+    """
+    C{endpoint}, a Twisted endpoint string, with the value of any C{privateKey=} parameter replaced by
+    C{[redacted]}.
+    """
+    return _SECRET_PARAMETER.sub(lambda m: m.group(1) + REDACTED, endpoint)
+
+
+def isSecretKey(key: str) -> bool:
+    """
+    Whether a configuration key names a secret: its name holds C{private_key}, C{password}, C{secret} or
+    C{token} (in any case, with or without C{_} or C{-}), the token-bucket counts excepted.
+    """
+    if key in _NOT_SECRET:
+        return False
+    folded = key.lower().replace("_", "").replace("-", "")
+    return any(word in folded for word in _SECRET_WORDS)
+
+
+def redact(value: Any) -> Any:
+    """
+    C{value} (a config dataclass, mapping, sequence or scalar) as plain JSON-able data: dataclasses and
+    mappings (C{MappingProxyType} included) become dicts, tuples become lists; the value of every key
+    L{isSecretKey} accepts becomes C{[redacted]}, at any depth, and so does every endpoint string's
+    C{privateKey} (see L{redactEndpoint}).
+    """
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _redactItems((f.name, getattr(value, f.name)) for f in dataclasses.fields(value))
+    if isinstance(value, Mapping):
+        return _redactItems((str(k), v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return [redact(v) for v in value]
+    if isinstance(value, str):
+        return redactEndpoint(value)
+    return value
+
+
+def _redactItems(items) -> Dict[str, Any]:
+    return {key: REDACTED if isSecretKey(key) else redact(v) for key, v in items}
+
+
+def _hostStatus(host: Host) -> Dict[str, Any]:
+    return {
+        "address": redactEndpoint(host.endpoint),
+        "weight": host.weight,
+        "health": _health(host),
+        "health_reason": host.healthReason,
+        "stats": {name: getattr(host, name) for name in Host.STATS},
+    }
+
+
+def _health(host: Host) -> str:
+    return "healthy" if host.healthy else "unhealthy"
+
+
+def _statsFilter(request: Request) -> Tuple[Optional[Callable[[Stat], bool]], Optional[bytes]]:
+    """
+    The predicate that C{?filter=REGEX} and C{?usedonly} ask for (C{None} for all stats), or an error
+    message for a bad request.
+    """
+    tests: List[Callable[[Stat], bool]] = []
+    pattern = _arg(request, b"filter")
+    if pattern is not None:
+        try:
+            regex = re.compile(pattern)
+        except re.error as e:
+            return None, f"invalid filter regex {pattern!r}: {e}\n".encode()
+        tests.append(lambda s: regex.search(s.name) is not None)
+    if _flag(request, b"usedonly"):
+        tests.append(lambda s: s.value != 0)
+    if not tests:
+        return None, None
+    return (lambda s: all(test(s) for test in tests)), None
+
+
+def _arg(request: Request, name: bytes) -> Optional[str]:
+    """
+    The first value of query argument C{name}, decoded (bytes that are not UTF-8 as U+FFFD), or C{None}.
+    """
+    values = request.args.get(name)
+    return values[0].decode("utf-8", "replace") if values else None
+
+
+def _flag(request: Request, name: bytes) -> bool:
+    """
+    Whether the query has C{name}, with a value or bare (Envoy's C{?usedonly}): C{twisted.web} leaves bare
+    names out of C{request.args}, so look at the query string too.
+    """
+    if name in request.args:
+        return True
+    query = request.uri.partition(b"?")[2]
+    return any(item.partition(b"=")[0] == name for item in query.replace(b";", b"&").split(b"&"))
+
+
+def _printable(path: bytes) -> bytes:
+    # The path is echoed in a text/plain body; keep it to one line of visible ASCII.
+    return bytes(c if 0x20 < c < 0x7F else 0x3F for c in path[:200])
+
+
+def _json(value: Any) -> bytes:
+    return (json.dumps(value, indent=2, default=str) + "\n").encode()
+
+
+def _respond(request: Request, code: int, contentType: bytes, body: bytes) -> bytes:
+    """
+    Set the status and the headers every admin response carries, and return C{body}.
+    """
+    request.setResponseCode(code)
+    request.setHeader(b"Content-Type", contentType)
+    request.setHeader(b"Cache-Control", b"no-cache, max-age=0")
+    request.setHeader(b"X-Content-Type-Options", b"nosniff")
+    return body

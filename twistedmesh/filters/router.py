@@ -1,0 +1,418 @@
+"""
+The router: the terminal HTTP filter. It matches the request against the listener's route table, then
+redirects, answers directly, or proxies to a host of the route's cluster over a pooled upstream
+connection, with the route's timeout and retry policy.
+
+One L{RouterFilter} per stream carries one upstream attempt at a time; it is also the pool's waiter and the
+upstream connection's exchange, so a proxied request costs one object here, not a Deferred chain.
+
+Response flags and details follow Envoy's: C{NR} C{route_not_found}, C{UH} C{no_healthy_upstream},
+C{UF} C{upstream_reset_before_response_started{connection_failure}}, C{UT} C{upstream_response_timeout},
+C{UC}/C{UR} for upstream resets, C{URX} when retries ran out.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import List, Optional
+
+from twisted.logger import Logger
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from ..http import h1
+from ..http.stream import LOCAL_REPLY, HTTPFilter, Stream
+from ..interfaces import IHTTPFilterFactory
+
+_BACKOFF_BASE = 0.025  # Envoy's: fully jittered exponential back-off from 25 ms, capped at 10x
+
+
+def _allows(on, codes, why: str, status: int) -> bool:
+    """
+    Whether a route's C{retry.on} list allows a retry for C{why} (C{"connect-failure"}, C{"reset"},
+    C{"per-try-timeout"}, or C{"status"} with the upstream's C{status}).
+    """
+    if why == "status":
+        return (("5xx" in on and status >= 500)
+                or ("gateway-error" in on and status in (502, 503, 504))
+                or ("retriable-4xx" in on and status == 409)
+                or ("retriable-status-codes" in on and status in codes))
+    if why == "connect-failure":
+        return "connect-failure" in on or "5xx" in on or "gateway-error" in on or "reset" in on
+    if why == "reset":
+        return "reset" in on or "5xx" in on or "gateway-error" in on
+    if why == "per-try-timeout":
+        return "5xx" in on or "gateway-error" in on
+    return False
+
+
+class _Shared:
+    """
+    What every stream's router of one listener shares: resolved once at config load.
+    """
+
+    __slots__ = ("table", "clusters", "clock", "random", "log")
+
+    def __init__(self, table, clusters, clock, random) -> None:
+        self.table = table
+        self.clusters = clusters
+        self.clock = clock
+        self.random = random
+
+
+class RouterFilter(HTTPFilter):
+    """
+    Routes one stream (see the module docstring). Also implements the pool's waiter
+    (C{poolReady}/C{poolFailed}) and the upstream connection's exchange (C{upstream*}).
+    """
+
+    log = Logger()
+
+    __slots__ = ("shared", "stream", "route", "cluster", "host", "conn", "head", "chunked", "hasBody",
+                 "buffered", "bufferedBytes", "replayable", "requestDone", "trailers", "timer", "tryTimer",
+                 "retriesLeft", "attempts", "responseStarted", "finished", "retryTimer", "pausedForConnect")
+
+    def __init__(self, shared: _Shared) -> None:
+        self.shared = shared
+        self.stream: Optional[Stream] = None
+        self.route = None
+        self.cluster = None
+        self.host = None
+        self.conn = None
+        self.head = b""
+        self.chunked = False
+        self.hasBody = False
+        self.buffered: List[bytes] = []
+        self.bufferedBytes = 0
+        self.replayable = True
+        self.requestDone = False
+        self.trailers = None
+        self.timer = None
+        self.tryTimer = None
+        self.retryTimer = None
+        self.retriesLeft = 0
+        self.attempts = 0
+        self.responseStarted = False
+        self.finished = False
+        self.pausedForConnect = False
+
+    # -- request hooks ------------------------------------------------------------------------------------
+
+    def requestHeaders(self, stream: Stream) -> object:
+        self.stream = stream
+        shared = self.shared
+        route = shared.table.match(stream) if shared.table is not None else None
+        if route is None:
+            return stream.respond(404, b"", flag="NR", details="route_not_found")
+        self.route = route
+        stream.route = route
+        if not route.forwards:
+            direct = route.directResponse
+            if direct is not None:
+                return stream.respond(direct.status, direct.body, details="direct_response")
+            return stream.respond(route.redirectStatus, b"", [(b"location", route.redirectLocation(stream))],
+                                  details="redirect")
+        clusterName = route.pickCluster(shared.random)
+        cluster = shared.clusters[clusterName]
+        self.cluster = cluster
+        stream.upstreamCluster = cluster
+        route.rewrite(stream)
+        self.head, self.chunked, self.hasBody = self._encodeHead(stream)
+        self.requestDone = not self.hasBody
+        retry = route.retry
+        self.retriesLeft = retry.num if retry.on else 0
+        if route.timeout:
+            self.timer = shared.clock.callLater(route.timeout, self._timedOut)
+        cluster.upstream_rq_total.value += 1
+        cluster.upstream_rq_active.value += 1
+        self._attempt()
+        return None
+
+    def _encodeHead(self, stream: Stream):
+        peer = stream.downstreamAddress
+        peerHost = getattr(peer, "host", "").encode("ascii") if peer is not None else b""
+        headers = [(b"host", stream.authority)]
+        hasLength = False
+        xff = False
+        requestId = False
+        for name, value in stream.requestHeaders:
+            if name == b"x-forwarded-for":
+                if not xff and peerHost:
+                    value = value + b", " + peerHost
+                    xff = True
+            elif name == b"content-length":
+                hasLength = True
+            elif name == b"x-request-id":
+                requestId = True
+            elif name == b"x-forwarded-proto":
+                continue  # ours replaces whatever the client claimed
+            headers.append((name, value))
+        if not xff and peerHost:
+            headers.append((b"x-forwarded-for", peerHost))
+        headers.append((b"x-forwarded-proto", stream.scheme))
+        if not requestId:
+            rid = str(uuid.UUID(int=self.shared.random.getrandbits(128), version=4)).encode("ascii")
+            headers.append((b"x-request-id", rid))
+            stream.requestHeaders.append((b"x-request-id", rid))
+        hasBody = not stream.requestEnded
+        chunked = hasBody and not hasLength
+        return h1.encodeRequestHead(stream.method, stream.path, headers, chunked), chunked, hasBody
+
+    def requestData(self, stream: Stream, data: bytes, end: bool) -> object:
+        conn = self.conn
+        if data:
+            if self.replayable:
+                self.bufferedBytes += len(data)
+                if not self.retriesLeft or self.bufferedBytes > self.route.retry.replay_buffer:
+                    self.replayable = False  # too big to replay: no retry once any of it is sent
+            if conn is None or self.replayable:
+                # Not connected yet (reading is paused meanwhile, so this stays small), or kept for a retry.
+                self.buffered.append(data)
+            if conn is not None:
+                conn.writeBody(data, self.chunked)
+        if end:
+            self.requestDone = True
+            if conn is not None:
+                self._unregisterBody()
+                conn.endBody(self.chunked)
+        return None
+
+    def requestTrailers(self, stream: Stream, trailers) -> object:
+        self.trailers = trailers
+        self.requestDone = True
+        conn = self.conn
+        if conn is not None:
+            self._unregisterBody()
+            conn.endBody(self.chunked, trailers)
+        return None
+
+    # -- attempts -----------------------------------------------------------------------------------------
+
+    def _attempt(self) -> None:
+        self.attempts += 1
+        if not self.requestDone and not self.pausedForConnect:
+            # Until a connection is ready there is nowhere to put the body: stop reading it.
+            self.pausedForConnect = True
+            self.stream.codec.pauseRequest(self.stream)
+        host = self.cluster.pick(exclude=self.host)
+        if host is None:
+            self.cluster.upstream_cx_none_healthy.value += 1
+            self._fail(503, "UH", "no_healthy_upstream", b"no healthy upstream")
+            return
+        self.host = host
+        self.stream.upstreamHost = host
+        retry = self.route.retry
+        if retry.per_try_timeout:
+            self.tryTimer = self.shared.clock.callLater(retry.per_try_timeout, self._tryTimedOut)
+        self.cluster.pools.forHost(host).acquire(self)
+
+    def poolReady(self, conn) -> None:
+        if self.finished:
+            self.cluster.pools.forHost(self.host).release(conn)
+            return
+        self.conn = conn
+        stream = self.stream
+        conn.begin(self, stream.method, self.head, self.hasBody)
+        stream.codec.registerResponseProducer(conn.transport)
+        for data in self.buffered:
+            conn.writeBody(data, self.chunked)
+        if not self.replayable:
+            self.buffered = []
+        if self.requestDone:
+            if self.hasBody:
+                conn.endBody(self.chunked, self.trailers)
+        else:
+            conn.transport.registerProducer(stream.codec.bodyProducer, True)
+        if self.pausedForConnect:
+            self.pausedForConnect = False
+            stream.codec.resumeRequest(stream)
+
+    def poolFailed(self, reason: str, timedOut: bool) -> None:
+        if self.finished:
+            return
+        self._cancelTryTimer()
+        self.host.rq_error += 1
+        if self._retry("connect-failure"):
+            return
+        self._fail(503, "UF", "upstream_reset_before_response_started{connection_failure}",
+                   b"upstream connect error or disconnect/reset before headers. reset reason: connection failure")
+
+    def _retry(self, why: str, status: int = 0) -> bool:
+        """
+        Start another attempt if the route's policy allows it for C{why}; return whether it did.
+        """
+        retry = self.route.retry
+        if (self.retriesLeft <= 0 or not self.replayable or self.responseStarted
+                or not _allows(retry.on, retry.retriable_status_codes, why, status)):
+            return False
+        self.retriesLeft -= 1
+        self.cluster.upstream_rq_retry.value += 1
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            self._unregister(conn)
+            conn.abandon()
+        n = self.attempts
+        cap = _BACKOFF_BASE * 10
+        delay = self.shared.random.uniform(0, min(_BACKOFF_BASE * (2 ** (n - 1)), cap))
+        self.retryTimer = self.shared.clock.callLater(delay, self._retryNow)
+        return True
+
+    def _retryNow(self) -> None:
+        self.retryTimer = None
+        if not self.finished:
+            self._attempt()
+
+    # -- upstream exchange --------------------------------------------------------------------------------
+
+    def upstreamHead(self, status: int, headers: list, hasBody: bool) -> None:
+        if self.finished:
+            return
+        if self.retriesLeft and self._retry("status", status):
+            self._cancelTryTimer()
+            self.host.rq_error += 1
+            return
+        self._cancelTryTimer()
+        self.responseStarted = True
+        stream = self.stream
+        stream.status = status
+        stream.responseHeaders = h1.stripHopByHop(headers)
+        self.cluster.byClass[status // 100].value += 1
+        if status >= 500:
+            self.host.rq_error += 1
+        stream.sendResponseHeaders(not hasBody)
+
+    def upstreamData(self, data: bytes) -> None:
+        if not self.finished:
+            self.stream.sendResponseData(data, False)
+
+    def upstreamEnd(self, trailers) -> None:
+        conn, self.conn = self.conn, None
+        if self.finished or not self.responseStarted:
+            return
+        self._done()
+        if conn is not None:
+            self._unregister(conn)
+        stream = self.stream
+        if trailers:
+            stream.sendResponseTrailers(trailers)
+        elif not stream.responseEnded:
+            stream.sendResponseData(b"", True)
+
+    def upstreamFailed(self, reason: str, headersReceived: bool) -> None:
+        conn, self.conn = self.conn, None
+        if self.finished:
+            return
+        if conn is not None:
+            self._unregister(conn)
+        self._cancelTryTimer()
+        self.host.rq_error += 1
+        if self.responseStarted:
+            self._done()
+            self.stream.responseFlags.append("UR")
+            self.stream.reset("upstream_reset_after_response_started{" + reason + "}")
+            return
+        if self._retry("reset"):
+            return
+        self._fail(503, "UC", "upstream_reset_before_response_started{" + reason + "}",
+                   b"upstream connect error or disconnect/reset before headers. reset reason: " +
+                   reason.encode("utf-8", "replace"))
+
+    # -- timeouts, failure, completion --------------------------------------------------------------------
+
+    def _timedOut(self) -> None:
+        self.timer = None
+        self.cluster.upstream_rq_timeout.value += 1
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            self._unregister(conn)
+            conn.abandon()
+        if self.responseStarted:
+            self._done()
+            self.stream.responseFlags.append("UT")
+            self.stream.reset("upstream_response_timeout")
+        else:
+            self._fail(504, "UT", "upstream_response_timeout", b"upstream request timeout")
+
+    def _tryTimedOut(self) -> None:
+        self.tryTimer = None
+        self.cluster.upstream_rq_per_try_timeout.value += 1
+        if self._retry("per-try-timeout"):
+            return
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            self._unregister(conn)
+            conn.abandon()
+        self._fail(504, "UT", "upstream_per_try_timeout", b"upstream request timeout")
+
+    def _fail(self, status: int, flag: str, details: str, body: bytes) -> None:
+        if self.attempts > 1 and flag != "UT":
+            flag = flag + ",URX" if self.retriesLeft == 0 else flag
+        self._done()
+        self.cluster.byClass[status // 100].value += 1
+        self.stream.respond(status, body + b"\n", flag=flag, details=details)
+
+    def _done(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.pausedForConnect:
+            self.pausedForConnect = False
+            self.stream.codec.resumeRequest(self.stream)
+        self.cluster.upstream_rq_active.value -= 1
+        self._cancelTryTimer()
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        if self.retryTimer is not None and self.retryTimer.active():
+            self.retryTimer.cancel()
+        self.retryTimer = None
+
+    def _cancelTryTimer(self) -> None:
+        if self.tryTimer is not None and self.tryTimer.active():
+            self.tryTimer.cancel()
+        self.tryTimer = None
+
+    def _unregisterBody(self) -> None:
+        conn = self.conn
+        if conn is not None and conn.transport.producer is not None:
+            conn.transport.unregisterProducer()
+
+    def _unregister(self, conn) -> None:
+        if conn.transport.producer is not None:
+            conn.transport.unregisterProducer()
+        self.stream.codec.unregisterResponseProducer()
+
+    def streamComplete(self, stream: Stream) -> None:
+        if self.stream is None:
+            return
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            # The downstream went away (or was reset) mid-exchange: that connection's state is unknown.
+            self._unregister(conn)
+            conn.abandon()
+        if not self.finished and self.cluster is not None:
+            self._done()
+
+
+@implementer(IPlugin, IHTTPFilterFactory)
+class RouterFactory:
+    """
+    The C{router} plugin: the terminal filter of an HTTP listener's chain. It has no options of its own;
+    its routes come from the listener's C{routes =} table (C{[route:TABLE/NAME]} sections).
+    """
+
+    name = "router"
+
+    def configure(self, options, context):
+        """
+        Resolve the listener's route table once; every stream gets a L{RouterFilter} sharing it.
+        """
+        table = getattr(context, "routes", None)
+        if table is None:
+            options.error(None, "the router needs the listener to name a route table: routes = TABLE")
+        shared = _Shared(table, context.clusters, context.reactor, context.random)
+
+        def make(stream) -> RouterFilter:
+            return RouterFilter(shared)
+
+        return make

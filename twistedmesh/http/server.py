@@ -1,0 +1,455 @@
+"""
+The HTTP/1.1 connection manager: one downstream connection on a C{protocol = http} listener.
+
+Bytes go to the sans-IO parser (L{twistedmesh.http.h1.RequestParser}); each request becomes a L{Stream}
+that runs the listener's HTTP filter chain. Responses are written in request order: HTTP/1.1 has no other
+way to tell them apart. While one stream is being answered, later pipelined requests wait (parsed, with
+their bodies queued) and the socket is not read, so the queue is bounded by one read's worth of bytes.
+
+Backpressure: reading is paused for as many reasons as are in force (a filter holding the request, a slow
+upstream, a pipelined request waiting) and resumes when none is; a slow downstream reader pauses the
+producer the router registers for the response (the upstream connection).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable, Deque, List, Optional, Sequence
+
+from twisted.internet import protocol
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from . import h1
+from .stream import Stream
+
+_NO_BODY_STATUSES = frozenset((204, 304))
+
+
+class HTTPSettings:
+    """
+    A listener's HTTP settings, resolved once at config load.
+    """
+
+    __slots__ = ("name", "makers", "maxHeaderBytes", "maxHeaders", "idleTimeout", "requestHeadersTimeout",
+                 "maxRequestsPerConnection", "stats", "clock", "requestIdGenerator")
+
+    def __init__(self, name: str, makers: Sequence[Callable], stats, clock, maxHeaderBytes: int = 60 * 1024,
+                 maxHeaders: int = 100, idleTimeout: float = 3600.0, requestHeadersTimeout: float = 0.0,
+                 maxRequestsPerConnection: int = 0) -> None:
+        self.name = name
+        self.makers = makers
+        self.stats = stats
+        self.clock = clock
+        self.maxHeaderBytes = maxHeaderBytes
+        self.maxHeaders = maxHeaders
+        self.idleTimeout = idleTimeout
+        self.requestHeadersTimeout = requestHeadersTimeout
+        self.maxRequestsPerConnection = maxRequestsPerConnection
+
+
+class HTTPStats:
+    """
+    The listener's Envoy stats (C{http.<listener>.*}), resolved once.
+    """
+
+    def __init__(self, scope) -> None:
+        self.downstream_rq_total = scope.counter("downstream_rq_total")
+        self.downstream_rq_active = scope.gauge("downstream_rq_active")
+        self.downstream_rq_1xx = scope.counter("downstream_rq_1xx")
+        self.downstream_rq_2xx = scope.counter("downstream_rq_2xx")
+        self.downstream_rq_3xx = scope.counter("downstream_rq_3xx")
+        self.downstream_rq_4xx = scope.counter("downstream_rq_4xx")
+        self.downstream_rq_5xx = scope.counter("downstream_rq_5xx")
+        self.downstream_rq_http1_total = scope.counter("downstream_rq_http1_total")
+        self.downstream_rq_rx_reset = scope.counter("downstream_rq_rx_reset")
+        self.downstream_rq_tx_reset = scope.counter("downstream_rq_tx_reset")
+        self.downstream_rq_timeout = scope.counter("downstream_rq_timeout")
+        self.downstream_cx_protocol_error = scope.counter("downstream_cx_protocol_error")
+        self.downstream_cx_idle_timeout = scope.counter("downstream_cx_idle_timeout")
+        self.byClass = (None, self.downstream_rq_1xx, self.downstream_rq_2xx, self.downstream_rq_3xx,
+                        self.downstream_rq_4xx, self.downstream_rq_5xx)
+
+
+@implementer(IPushProducer)
+class _RequestBodyProducer:
+    """
+    What the router registers with the upstream transport as the producer of the request body: pausing it
+    pauses reading the downstream socket (one of several reasons the manager counts).
+    """
+
+    __slots__ = ("conn", "paused")
+
+    def __init__(self, conn: "HTTPConnection") -> None:
+        self.conn = conn
+        self.paused = False
+
+    def pauseProducing(self) -> None:
+        if not self.paused:
+            self.paused = True
+            self.conn._pause()
+
+    def resumeProducing(self) -> None:
+        if self.paused:
+            self.paused = False
+            self.conn._resume()
+
+    def stopProducing(self) -> None:
+        self.resumeProducing()
+
+
+class _Pending:
+    """
+    A pipelined request parsed while an earlier one is still being answered.
+    """
+
+    __slots__ = ("stream", "events")
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+        self.events: List[tuple] = []
+
+
+class HTTPConnection(protocol.Protocol):
+    """
+    One downstream HTTP/1.1 connection (see the module docstring).
+    """
+
+    log = Logger()
+
+    def __init__(self, settings: HTTPSettings, httpStats: HTTPStats) -> None:
+        self.settings = settings
+        self.httpStats = httpStats
+        self.parser: Optional[h1.RequestParser] = None
+        self.active: Optional[Stream] = None  # the stream whose response is being written
+        self.receiving: Optional[object] = None  # where request events go: a Stream or a _Pending
+        self.pending: Deque[_Pending] = deque()
+        self.pauses = 0
+        self.requests = 0
+        self.closing = False  # close after the active response
+        self.disconnected = False
+        self.idleTimer = None
+        self.headersTimer = None
+        self.bodyProducer = _RequestBodyProducer(self)
+        self._keepAlive = True
+        self._head = False
+        self._chunked = False
+        self._responseBodyAllowed = True
+
+    # -- connection lifecycle ---------------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.parser = h1.RequestParser(self, self.settings.maxHeaderBytes, self.settings.maxHeaders)
+        self.transport.setTcpNoDelay(True) if hasattr(self.transport, "setTcpNoDelay") else None
+        self.peer = self.transport.getPeer()
+        self._armIdle()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.idleTimer is not None:
+            self.idleTimer.reset(self.settings.idleTimeout)
+        self.parser.feed(data)
+
+    def connectionLost(self, reason) -> None:
+        self.disconnected = True
+        self._cancelTimers()
+        for stream in [self.active] + [p.stream for p in self.pending]:
+            if stream is not None and not stream.completed:
+                if not stream.responseEnded:
+                    self.httpStats.downstream_rq_rx_reset.value += 1
+                    stream.responseFlags.append("DC")
+                    stream.responseCodeDetails = stream.responseCodeDetails or "downstream_remote_disconnect"
+                self._finishStream(stream)
+        self.pending.clear()
+        self.active = None
+
+    # -- parser callbacks -----------------------------------------------------------------------------------
+
+    def requestHead(self, method: bytes, target: bytes, version: bytes, headers, keepAlive: bool, hasBody: bool,
+                    chunked: bool, upgrade: bool, expectContinue: bool) -> None:
+        settings = self.settings
+        self.requests += 1
+        stats = self.httpStats
+        stats.downstream_rq_total.value += 1
+        stats.downstream_rq_http1_total.value += 1
+        stats.downstream_rq_active.value += 1
+        filters = [make(None) for make in settings.makers]
+        stream = Stream(self, filters, settings.name, self.peer, settings.clock.seconds())
+        stream.method = method
+        stream.path = target
+        stream.version = version
+        stream.state["keepAlive"] = keepAlive
+        authority = b""
+        kept = []
+        for name, value in h1.stripHopByHop(headers):
+            if name == b"host":
+                authority = value
+            else:
+                kept.append((name, value))
+        stream.authority = authority
+        stream.requestHeaders = kept
+        if not hasBody:
+            stream.requestEnded = True
+        elif expectContinue and version == b"1.1":
+            # As Envoy does by default: the proxy itself invites the body, and the upstream never sees
+            # the expectation (it would answer 100 to a client that already sent the body).
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if settings.maxRequestsPerConnection and self.requests >= settings.maxRequestsPerConnection:
+            stream.state["keepAlive"] = False
+        if self.active is None:
+            self.active = stream
+            self.receiving = stream
+            self._startResponseState(stream)
+            stream.receiveRequestHeaders()
+        else:
+            pending = _Pending(stream)
+            self.pending.append(pending)
+            self.receiving = pending
+            if len(self.pending) == 1:
+                self._pause()
+
+    def requestData(self, data: bytes) -> None:
+        target = self.receiving
+        if target.__class__ is _Pending:
+            target.events.append((1, data))
+        elif target is not None and not target.completed:
+            target.receiveRequestData(data, False)
+
+    def requestEnd(self, trailers) -> None:
+        target = self.receiving
+        self.receiving = None
+        if target.__class__ is _Pending:
+            target.events.append((2, trailers))
+        elif target is not None and not target.completed:
+            self._endRequest(target, trailers)
+
+    def _endRequest(self, stream: Stream, trailers) -> None:
+        if trailers:
+            stream.receiveRequestTrailers(trailers)
+        else:
+            stream.receiveRequestData(b"", True)
+
+    def protocolError(self, status: int, reason: str) -> None:
+        """
+        The request bytes are malformed or over a limit: answer C{status} (when no response is under way)
+        and close; earlier pipelined requests that were answered are unaffected.
+        """
+        self.httpStats.downstream_cx_protocol_error.value += 1
+        self.closing = True
+        body = (reason + "\n").encode("utf-8", "replace")
+        if self.active is None:
+            stream = Stream(self, [], self.settings.name, self.peer, self.settings.clock.seconds())
+            stream.state["keepAlive"] = False
+            self.httpStats.downstream_rq_total.value += 1
+            self.httpStats.downstream_rq_active.value += 1
+            self.active = stream
+            self._startResponseState(stream)
+            stream.respond(status, body, flag="DPE", details="http1.codec_error")
+        else:
+            # Answer the good requests before it, then close; the bad one is never forwarded.
+            self._pause()
+            self.pending.clear()
+
+    # -- what the Stream asks of its codec --------------------------------------------------------------------
+
+    def pauseRequest(self, stream: Stream) -> None:
+        self._pause()
+
+    def resumeRequest(self, stream: Stream) -> None:
+        self._resume()
+
+    def localReplyStarted(self, stream: Stream, body: bytes) -> None:
+        if not stream.requestEnded:
+            # The rest of the request body would be read as the next request: close after this reply.
+            stream.state["keepAlive"] = False
+
+    def _startResponseState(self, stream: Stream) -> None:
+        self._head = stream.method == b"HEAD"
+
+    def writeHeaders(self, stream: Stream, end: bool) -> None:
+        status = stream.status
+        keepAlive = stream.state.get("keepAlive", True) and not self.closing
+        headers = stream.responseHeaders
+        bodyAllowed = status not in _NO_BODY_STATUSES and status >= 200 and not self._head
+        chunked = False
+        if status >= 200 and status not in _NO_BODY_STATUSES:
+            for name, _ in headers:
+                if name == b"content-length":
+                    break
+            else:
+                if end:
+                    if not self._head:
+                        headers = headers + [(b"content-length", b"0")]
+                elif stream.version == b"1.1":
+                    chunked = True
+                else:
+                    keepAlive = False  # an HTTP/1.0 body without a length ends at close
+        if not keepAlive:
+            stream.state["keepAlive"] = False
+        self._chunked = chunked and not self._head
+        self._responseBodyAllowed = bodyAllowed
+        self.transport.write(h1.encodeResponseHead(status, None, headers, chunked, keepAlive, stream.version))
+        if end:
+            self._responseDone(stream)
+
+    def writeData(self, stream: Stream, data: bytes, end: bool) -> None:
+        if data and self._responseBodyAllowed:
+            if self._chunked:
+                self.transport.writeSequence(h1.encodeChunk(data))
+            else:
+                self.transport.write(data)
+        if end:
+            if self._chunked:
+                self.transport.write(h1.encodeLastChunk())
+            self._responseDone(stream)
+
+    def writeTrailers(self, stream: Stream, trailers) -> None:
+        if self._chunked:
+            self.transport.write(h1.encodeLastChunk(trailers))
+        self._responseDone(stream)
+
+    def resetStream(self, stream: Stream, reason: str) -> None:
+        self.httpStats.downstream_rq_tx_reset.value += 1
+        self.closing = True
+        if not self.disconnected:
+            # A half-sent response must not look complete: abort, don't close gracefully.
+            self.transport.abortConnection()
+
+    def registerResponseProducer(self, producer) -> None:
+        """
+        The router's upstream connection produces the active response: a slow downstream pauses it.
+        """
+        if not self.disconnected:
+            self.transport.registerProducer(producer, True)
+
+    def unregisterResponseProducer(self) -> None:
+        if not self.disconnected and self.transport.producer is not None:
+            self.transport.unregisterProducer()
+
+    # -- completion and the next pipelined request ------------------------------------------------------------
+
+    def _responseDone(self, stream: Stream) -> None:
+        keepAlive = stream.state.get("keepAlive", True) and not self.closing
+        self._finishStream(stream)
+        if self.active is stream:
+            self.active = None
+        if not keepAlive:
+            self.closing = True
+            self.pending.clear()
+            self.transport.loseConnection()
+            return
+        if self.pending:
+            self._next()
+
+    def _finishStream(self, stream: Stream) -> None:
+        if stream.completed:
+            return
+        stats = self.httpStats
+        stats.downstream_rq_active.value -= 1
+        status = stream.status
+        if 100 <= status < 600:
+            stats.byClass[status // 100].value += 1
+        stream.complete()
+
+    def _next(self) -> None:
+        pending = self.pending.popleft()
+        stream = pending.stream
+        self.active = stream
+        if self.receiving is pending:
+            self.receiving = stream
+        self._startResponseState(stream)
+        if not self.pending:
+            self._resume()
+        stream.receiveRequestHeaders()
+        for kind, payload in pending.events:
+            if stream.completed:
+                break
+            if kind == 1:
+                stream.receiveRequestData(payload, False)
+            else:
+                self._endRequest(stream, payload)
+
+    # -- pausing, timers -----------------------------------------------------------------------------------
+
+    def _pause(self) -> None:
+        self.pauses += 1
+        if self.pauses == 1 and not self.disconnected:
+            self.transport.pauseProducing()
+
+    def _resume(self) -> None:
+        if self.pauses > 0:
+            self.pauses -= 1
+            if self.pauses == 0 and not self.disconnected:
+                self.transport.resumeProducing()
+
+    def _armIdle(self) -> None:
+        timeout = self.settings.idleTimeout
+        if timeout:
+            self.idleTimer = self.settings.clock.callLater(timeout, self._idle)
+
+    def _idle(self) -> None:
+        self.idleTimer = None
+        if self.active is None:
+            self.httpStats.downstream_cx_idle_timeout.value += 1
+            self.transport.loseConnection()
+        else:
+            self._armIdle()
+
+    def _cancelTimers(self) -> None:
+        if self.idleTimer is not None and self.idleTimer.active():
+            self.idleTimer.cancel()
+        self.idleTimer = None
+
+
+class HTTPListenerFactory(protocol.Factory):
+    """
+    Makes an L{HTTPConnection} per accepted connection and keeps count, like the TCP listener factory.
+    """
+
+    noisy = False
+
+    def __init__(self, settings: HTTPSettings, stats) -> None:
+        self.settings = settings
+        self.httpStats = HTTPStats(stats.scope("http", settings.name))
+        scope = stats.scope("listener", settings.name)
+        self.downstream_cx_total = scope.counter("downstream_cx_total")
+        self.downstream_cx_active = scope.gauge("downstream_cx_active")
+        self.connections = set()
+        self._drained = []
+
+    def buildProtocol(self, addr) -> HTTPConnection:
+        conn = _TrackedHTTPConnection(self.settings, self.httpStats)
+        conn.factory = self
+        return conn
+
+    def whenDrained(self):
+        from twisted.internet.defer import Deferred, succeed
+
+        if not self.connections:
+            return succeed(None)
+        d = Deferred()
+        self._drained.append(d)
+        return d
+
+    def abortAll(self) -> None:
+        for conn in list(self.connections):
+            conn.transport.abortConnection()
+
+
+class _TrackedHTTPConnection(HTTPConnection):
+    def connectionMade(self) -> None:
+        f = self.factory
+        f.connections.add(self)
+        f.downstream_cx_total.value += 1
+        f.downstream_cx_active.value += 1
+        super().connectionMade()
+
+    def connectionLost(self, reason) -> None:
+        super().connectionLost(reason)
+        f = self.factory
+        f.connections.discard(self)
+        f.downstream_cx_active.value -= 1
+        if not f.connections:
+            waiting, f._drained = f._drained, []
+            for d in waiting:
+                d.callback(None)

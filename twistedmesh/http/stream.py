@@ -1,0 +1,417 @@
+"""
+L{Stream}: one HTTP request/response exchange, and the HTTP filter chain that runs over it.
+
+The codec (HTTP/1.1 today) turns wire events into calls on the stream (L{Stream.receiveRequestHeaders},
+L{Stream.receiveRequestData}, ...). The stream runs request hooks first to last; the last filter (the
+router) sends the request upstream and, when the answer comes, calls L{Stream.sendResponseHeaders} and
+friends, which run response hooks last to first and then hand the result to the codec. A filter can stop
+either direction with a local reply (L{Stream.respond}) or pause it by returning a Deferred.
+
+Pausing: while a hook's Deferred is pending, later events of that direction wait in a queue, in order,
+and the codec is asked to stop reading (so the queue stays small); when the Deferred fires, iteration goes
+on from the next filter and the queue drains.
+
+The hot path (a chain whose hooks all return None) is a loop over a list per event: no allocation, no
+Deferred.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence, Tuple
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+Headers = List[Tuple[bytes, bytes]]
+
+_REQUEST_HEADERS, _REQUEST_DATA, _REQUEST_TRAILERS = 0, 1, 2
+_RESPONSE_HEADERS, _RESPONSE_DATA, _RESPONSE_TRAILERS = 0, 1, 2
+
+
+class LocalReply:
+    """
+    What L{Stream.respond} returns: a hook returns it to say "stop here, the reply is on its way".
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "LOCAL_REPLY"
+
+
+LOCAL_REPLY = LocalReply()
+
+
+class HTTPFilter:
+    """
+    A filter that passes everything through. Subclass it and override only the hooks you need; see
+    L{twistedmesh.interfaces.IHTTPFilter} for the contract of each hook.
+    """
+
+    def requestHeaders(self, stream: "Stream") -> object:
+        return None
+
+    def requestData(self, stream: "Stream", data: bytes, end: bool) -> object:
+        return None
+
+    def requestTrailers(self, stream: "Stream", trailers: Headers) -> object:
+        return None
+
+    def responseHeaders(self, stream: "Stream") -> object:
+        return None
+
+    def responseData(self, stream: "Stream", data: bytes, end: bool) -> object:
+        return None
+
+    def responseTrailers(self, stream: "Stream", trailers: Headers) -> object:
+        return None
+
+    def streamComplete(self, stream: "Stream") -> None:
+        return None
+
+
+class Stream:
+    """
+    One request and its response.
+
+    Request side, set by the codec and changed by filters: C{method}, C{path} (the request target),
+    C{authority} (the Host header's value), C{scheme}, C{requestHeaders} (ordered C{(name, value)} pairs,
+    lowercase names, without Host or hop-by-hop headers).
+
+    Response side, set by whoever answers (router or local reply): C{status}, C{responseHeaders}.
+
+    Facts for filters, logs and stats: C{listener} (name), C{downstreamAddress} (an L{IAddress}),
+    C{startTime}, C{responseFlags} (Envoy's short codes, such as C{"NR"}, C{"UF"}), C{responseCodeDetails},
+    C{upstreamHost}, C{upstreamCluster}, C{route}, C{bytesReceived}, C{bytesSent}, C{state} (a dict for
+    filters, per stream).
+    """
+
+    log = Logger()
+
+    __slots__ = (
+        "method", "path", "authority", "scheme", "version", "requestHeaders", "requestEnded",
+        "status", "responseHeaders", "responseStarted", "responseEnded",
+        "listener", "downstreamAddress", "startTime", "responseFlags", "responseCodeDetails",
+        "upstreamHost", "upstreamCluster", "route", "bytesReceived", "bytesSent", "state",
+        "codec", "filters", "_reqQueue", "_reqPaused", "_respQueue", "_respPaused", "_respLimit",
+        "_completed", "_replying", "_reqIndex",
+    )
+
+    def __init__(self, codec, filters: Sequence[HTTPFilter], listener: str, downstreamAddress, startTime: float) -> None:
+        self.codec = codec
+        self.filters = filters
+        self.listener = listener
+        self.downstreamAddress = downstreamAddress
+        self.startTime = startTime
+        self.method = b""
+        self.path = b""
+        self.authority = b""
+        self.scheme = b"http"
+        self.version = b"1.1"
+        self.requestHeaders: Headers = []
+        self.requestEnded = False
+        self.status = 0
+        self.responseHeaders: Headers = []
+        self.responseStarted = False
+        self.responseEnded = False
+        self.responseFlags: List[str] = []
+        self.responseCodeDetails = ""
+        self.upstreamHost = None
+        self.upstreamCluster = None
+        self.route = None
+        self.bytesReceived = 0
+        self.bytesSent = 0
+        self.state: dict = {}
+        self._reqQueue: list = []
+        self._reqPaused = False
+        self._respQueue: list = []
+        self._respPaused = False
+        # Response hooks run over filters[:_respLimit], last to first: the filters before the one that
+        # produced the response (the router, last, or whichever filter replied locally). _reqIndex is the
+        # filter whose request hook ran last, so a local reply knows where it came from.
+        self._respLimit = self._reqIndex = len(filters) - 1
+        self._completed = False
+        self._replying = False
+
+    # -- header helpers for filters ---------------------------------------------------------------------
+
+    def getRequestHeader(self, name: bytes) -> Optional[bytes]:
+        """
+        The first value of request header C{name} (lowercase), or C{None}.
+        """
+        for k, v in self.requestHeaders:
+            if k == name:
+                return v
+        return None
+
+    def getResponseHeader(self, name: bytes) -> Optional[bytes]:
+        """
+        The first value of response header C{name} (lowercase), or C{None}.
+        """
+        for k, v in self.responseHeaders:
+            if k == name:
+                return v
+        return None
+
+    # -- request direction: codec → filters ----------------------------------------------------------------
+
+    def receiveRequestHeaders(self) -> None:
+        """
+        The codec filled in the request line and headers: run C{requestHeaders} hooks.
+        """
+        self._request(_REQUEST_HEADERS, 0, None, False)
+
+    def receiveRequestData(self, data: bytes, end: bool) -> None:
+        """
+        A chunk of request body arrived (C{end}: it is the last).
+        """
+        self.bytesReceived += len(data)
+        if end:
+            self.requestEnded = True
+        if self._reqPaused or self._reqQueue:
+            self._reqQueue.append((_REQUEST_DATA, 0, data, end))
+            return
+        self._request(_REQUEST_DATA, 0, data, end)
+
+    def receiveRequestTrailers(self, trailers: Headers) -> None:
+        """
+        The request ended with trailers.
+        """
+        self.requestEnded = True
+        if self._reqPaused or self._reqQueue:
+            self._reqQueue.append((_REQUEST_TRAILERS, 0, trailers, True))
+            return
+        self._request(_REQUEST_TRAILERS, 0, trailers, True)
+
+    def _request(self, kind: int, start: int, payload, end: bool) -> None:
+        filters = self.filters
+        n = len(filters)
+        i = start
+        while i < n:
+            if self._replying or self._completed:
+                return
+            f = filters[i]
+            self._reqIndex = i
+            if kind == _REQUEST_DATA:
+                result = f.requestData(self, payload, end)
+                if result.__class__ is bytes:
+                    payload = result
+                    i += 1
+                    continue
+            elif kind == _REQUEST_HEADERS:
+                result = f.requestHeaders(self)
+            else:
+                result = f.requestTrailers(self, payload)
+            if result is None:
+                i += 1
+                continue
+            if result is LOCAL_REPLY:
+                return
+            if isinstance(result, Deferred):
+                self._pauseRequest(kind, i, payload, end, result)
+                return
+            self._filterMisbehaved(f, result)
+            return
+
+    def _pauseRequest(self, kind, index, payload, end, d: Deferred) -> None:
+        self._reqPaused = True
+        self.codec.pauseRequest(self)
+
+        def resumed(result):
+            self._reqPaused = False
+            if self._replying or self._completed:
+                return
+            nextPayload = payload
+            if result is LOCAL_REPLY:
+                return
+            if kind == _REQUEST_DATA and result.__class__ is bytes:
+                nextPayload = result
+            elif result is not None:
+                self._filterMisbehaved(self.filters[index], result)
+                return
+            self._request(kind, index + 1, nextPayload, end)
+            self._drainRequestQueue()
+
+        d.addCallbacks(resumed, self._filterFailed, errbackArgs=(self.filters[index],))
+
+    def _drainRequestQueue(self) -> None:
+        queue = self._reqQueue
+        while queue and not self._reqPaused and not self._replying and not self._completed:
+            kind, start, payload, end = queue.pop(0)
+            self._request(kind, start, payload, end)
+        if not self._reqPaused and not queue:
+            self.codec.resumeRequest(self)
+
+    # -- response direction: router / local reply → filters → codec ------------------------------------------
+
+    def sendResponseHeaders(self, end: bool = False) -> None:
+        """
+        C{status} and C{responseHeaders} are set (by the terminal filter): run C{responseHeaders} hooks,
+        last to first over the filters before it, and send the head downstream.
+        """
+        if self.responseStarted:
+            raise RuntimeError("response headers sent twice")
+        self.responseStarted = True
+        self._response(_RESPONSE_HEADERS, self._respLimit - 1, None, end)
+
+    def sendResponseData(self, data: bytes, end: bool) -> None:
+        """
+        A chunk of response body for the downstream (C{end}: it is the last).
+        """
+        if self._respPaused or self._respQueue:
+            self._respQueue.append((_RESPONSE_DATA, self._respLimit - 1, data, end))
+            return
+        self._response(_RESPONSE_DATA, self._respLimit - 1, data, end)
+
+    def sendResponseTrailers(self, trailers: Headers) -> None:
+        """
+        The response ends with trailers.
+        """
+        if self._respPaused or self._respQueue:
+            self._respQueue.append((_RESPONSE_TRAILERS, self._respLimit - 1, trailers, True))
+            return
+        self._response(_RESPONSE_TRAILERS, self._respLimit - 1, trailers, True)
+
+    def _response(self, kind: int, start: int, payload, end: bool) -> None:
+        filters = self.filters
+        i = start
+        while i >= 0:
+            if self._completed:
+                return
+            f = filters[i]
+            if kind == _RESPONSE_DATA:
+                result = f.responseData(self, payload, end)
+                if result.__class__ is bytes:
+                    payload = result
+                    i -= 1
+                    continue
+            elif kind == _RESPONSE_HEADERS:
+                result = f.responseHeaders(self)
+            else:
+                result = f.responseTrailers(self, payload)
+            if result is None:
+                i -= 1
+                continue
+            if isinstance(result, Deferred):
+                self._pauseResponse(kind, i, payload, end, result)
+                return
+            self._filterMisbehaved(f, result)
+            return
+        codec = self.codec
+        if kind == _RESPONSE_DATA:
+            self.bytesSent += len(payload)
+            if end:
+                self.responseEnded = True
+            codec.writeData(self, payload, end)
+        elif kind == _RESPONSE_HEADERS:
+            if end:
+                self.responseEnded = True
+            codec.writeHeaders(self, end)
+        else:
+            self.responseEnded = True
+            codec.writeTrailers(self, payload)
+
+    def _pauseResponse(self, kind, index, payload, end, d: Deferred) -> None:
+        self._respPaused = True
+
+        def resumed(result):
+            self._respPaused = False
+            if self._completed:
+                return
+            nextPayload = payload
+            if kind == _RESPONSE_DATA and result.__class__ is bytes:
+                nextPayload = result
+            elif result is not None:
+                self._filterMisbehaved(self.filters[index], result)
+                return
+            self._response(kind, index - 1, nextPayload, end)
+            queue = self._respQueue
+            while queue and not self._respPaused and not self._completed:
+                k, s, p, e = queue.pop(0)
+                self._response(k, s, p, e)
+
+        d.addCallbacks(resumed, self._filterFailed, errbackArgs=(self.filters[index],))
+
+    # -- local replies, resets, completion -------------------------------------------------------------------
+
+    def respond(self, status: int, body: bytes = b"", headers: Sequence[Tuple[bytes, bytes]] = (),
+                flag: Optional[str] = None, details: str = "") -> LocalReply:
+        """
+        Answer the request from the proxy itself (a "local reply"): C{status}, C{body} and C{headers}
+        (C{content-type} defaults to text/plain). Request processing stops; the reply runs through the
+        response hooks of the filters before the one replying, last to first. C{flag} is an Envoy response flag
+        (C{"NR"}, C{"UF"}, ...) and C{details} the C{%RESPONSE_CODE_DETAILS%} string.
+
+        If the response has already started, the stream is reset instead (a half-sent response must not
+        look complete).
+
+        @return: L{LOCAL_REPLY}, which a hook returns to end the chain.
+        """
+        if flag is not None:
+            self.responseFlags.append(flag)
+        if details:
+            self.responseCodeDetails = details
+        if self._completed:
+            return LOCAL_REPLY
+        if self.responseStarted:
+            self.reset(details or "local_reply_after_response_started")
+            return LOCAL_REPLY
+        self._replying = True
+        self._reqQueue.clear()
+        self.status = status
+        hdrs: Headers = list(headers)
+        if body or status not in (204, 304):
+            if not any(k == b"content-type" for k, _ in hdrs):
+                hdrs.append((b"content-type", b"text/plain"))
+        self.responseHeaders = hdrs
+        self.codec.localReplyStarted(self, body)
+        self._respLimit = self._reqIndex
+        self.responseStarted = True
+        self._response(_RESPONSE_HEADERS, self._respLimit - 1, None, not body)
+        if body:
+            self.sendResponseData(body, True)
+        return LOCAL_REPLY
+
+    def reset(self, reason: str) -> None:
+        """
+        Abort the exchange (an upstream reset after the response started, say): the codec closes what it
+        must (for HTTP/1.1, the connection) and the stream completes.
+        """
+        if self._completed:
+            return
+        if not self.responseCodeDetails:
+            self.responseCodeDetails = reason
+        self.codec.resetStream(self, reason)
+        self.complete()
+
+    def complete(self) -> None:
+        """
+        The exchange is over (response fully sent, or reset, or the connection went away): call every
+        filter's C{streamComplete} exactly once.
+        """
+        if self._completed:
+            return
+        self._completed = True
+        for f in self.filters:
+            try:
+                f.streamComplete(self)
+            except Exception:
+                self.log.failure("streamComplete of {filter} failed", filter=f)
+
+    @property
+    def completed(self) -> bool:
+        """
+        Whether L{complete} has run.
+        """
+        return self._completed
+
+    def _filterMisbehaved(self, f, result) -> None:
+        self.log.error("HTTP filter {filter} returned {result!r}; expected None, bytes, a Deferred or "
+                       "stream.respond(...)", filter=f, result=result)
+        self.respond(500, b"internal error in a filter\n", flag="DI", details="filter_returned_invalid_value")
+
+    def _filterFailed(self, failure: Failure, f) -> None:
+        self.log.failure("HTTP filter {filter} failed", failure, filter=f)
+        if not self._completed:
+            self.respond(500, b"internal error in a filter\n", details="filter_failed")

@@ -1,0 +1,92 @@
+"""
+The twistd entry point: C{twistd -n twistedmesh --config etc/mesh.ini [--validate]}.
+
+The configuration is loaded and fully checked in L{Options.postOptions}, before the reactor starts, so a
+bad file is a list of errors and exit status 1, never a half-started proxy.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+from twisted.internet.testing import MemoryReactorClock
+from twisted.application import service
+from twisted.python import usage
+
+from .config import Config, ConfigErrors, loadFile
+
+
+def check(path: str) -> Config:
+    """
+    Load the file at C{path} and build a service from it against a memory reactor (nothing listens or
+    connects), which finds every error the loader and the plugins can see.
+
+    @raise ConfigErrors: with every error found.
+    """
+    from .service import MeshService
+
+    config = loadFile(path)
+    MeshService(config, MemoryReactorClock())
+    return config
+
+
+class Options(usage.Options):
+    """
+    Command-line options of the twistedmesh twistd plugin.
+    """
+
+    synopsis = "[--config FILE] [--validate]"
+    optParameters = [["config", "c", "etc/mesh.ini", "The configuration file (INI)."]]
+    optFlags = [["validate", None, "Check the configuration, print OK or every error, and exit."]]
+
+    def postOptions(self) -> None:
+        try:
+            self.meshConfig = check(self["config"])
+        except ConfigErrors as e:
+            if self["validate"]:
+                sys.stderr.write(f"{e}\n{len(e.errors)} error(s)\n")
+                raise SystemExit(1)
+            raise usage.UsageError(f"invalid configuration:\n{e}")
+        if self["validate"]:
+            sys.stdout.write("OK\n")
+            raise SystemExit(0)
+
+
+class _GracefulSignals(service.MultiService):
+    """
+    Makes SIGTERM and SIGINT a drain-and-exit-0, as operators of Envoy and nginx expect.
+
+    The reactor's own handlers stop it too, but twistd then re-raises the signal on its way out so the exit
+    status says "killed by SIGTERM"; a proxy that drained cleanly should say 0. So once the reactor runs
+    (it installs its handlers as it starts), ours replace them.
+    """
+
+    def startService(self) -> None:
+        super().startService()
+        from twisted.internet import reactor
+
+        def install() -> None:
+            def stop(signum, frame) -> None:
+                reactor.callFromThread(_stop, reactor)
+
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, stop)
+
+        reactor.callWhenRunning(install)
+
+
+def _stop(reactor) -> None:
+    if reactor.running:
+        reactor.stop()
+
+
+def makeService(options: Options) -> service.IService:
+    """
+    The L{twistedmesh.service.MeshService} for the validated configuration.
+    """
+    from .service import MeshService
+
+    top = _GracefulSignals()
+    MeshService(options.meshConfig).setServiceParent(top)
+    return top
