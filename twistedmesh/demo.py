@@ -6,11 +6,14 @@ to with nothing else running. Not on the hot path of anything but demos and test
 from __future__ import annotations
 
 from twisted.internet import protocol
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from zope.interface import implementer
 from twisted.web import resource, server
 
 from .config import EchoConfig
 
 
+@implementer(IHalfCloseableProtocol)
 class Echo(protocol.Protocol):
     """
     Writes back every byte it receives; a half-closed peer gets the rest of its echo and then a close.
@@ -18,6 +21,12 @@ class Echo(protocol.Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.transport.write(data)
+
+    def readConnectionLost(self) -> None:
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        self.transport.loseConnection()
 
 
 class EchoFactory(protocol.Factory):

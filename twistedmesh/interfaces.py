@@ -11,7 +11,9 @@ from zope.interface import Attribute, Interface
 
 class INetworkConnection(Interface):
     """
-    One downstream connection on a C{protocol = tcp} listener, as the network filters see it.
+    One downstream connection on a C{protocol = tcp} listener, as a network filter sees it. Each filter
+    gets its own handle (so that C{write} knows where in the chain it comes from); the handle is also an
+    L{twisted.internet.interfaces.IPushProducer} for the downstream's reading.
     """
 
     listener = Attribute("The listener's name (C{str}).")
@@ -61,6 +63,13 @@ class INetworkFilter(Interface):
         """
         C{data} is about to be written to the downstream peer. Called last to first. A C{Deferred} is not
         allowed here (the upstream is paused by backpressure instead); return C{None} or C{bytes}.
+        """
+
+    def readConnectionLost(conn: INetworkConnection) -> None:
+        """
+        Optional (L{twistedmesh.listener.chain.NetworkFilter} provides a default): the downstream peer
+        half-closed its side (sent FIN) and will send no more data. If no filter in the chain defines it,
+        a FIN closes the connection.
         """
 
     def connectionLost(conn: INetworkConnection, reason: object) -> None:
