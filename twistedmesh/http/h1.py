@@ -203,6 +203,19 @@ _DEAD = 7  # after protocolError (or a handler exception)
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 
 
+def _version(parser, connection: bool) -> Optional[bytes]:
+    """
+    The message's version, C{b"1.1"}, C{b"1.0"}, or C{None} for any other.
+
+    httptools formats the version as a str (over 200 ns); llhttp's keep-alive flag is a cheap tell for
+    the common case: in a message without a Connection field it is set only for HTTP/1.1 (llhttp's
+    strict mode accepts 0.9, 1.0, 1.1 and 2.0, and treats all but 1.1 as 1.0).
+    """
+    if not connection and parser.should_keep_alive():
+        return b"1.1"
+    return _VERSIONS.get(parser.get_http_version())
+
+
 class _Reject(Exception):
     """
     Raised in a parser callback to stop llhttp and reply an error: httptools turns it into an
@@ -287,6 +300,7 @@ class RequestParser:
         "_transferEncoding",
         "_chunked",
         "_hosts",
+        "_connection",
         "_close",
         "_keepAlive",
         "_expectContinue",
@@ -402,6 +416,7 @@ class RequestParser:
         self._transferEncoding = None
         self._chunked = False
         self._hosts = 0
+        self._connection = False
         self._close = False
         self._keepAlive = False
         self._expectContinue = False
@@ -414,16 +429,18 @@ class RequestParser:
         self._target = target
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # The hottest function of the codec (once per field): keep it lean.
         name = name.lower()
         value = value.rstrip(b" \t")
         if self._state != _HEAD:
             self._trailer(name, value)
             return
         headers = self._headers
-        self._headerBytes += len(name) + len(value)
-        if self._headerBytes > self._maxHeaderBytes:
-            raise _Reject(431, "request header fields too large")
-        if len(headers) >= self._maxHeaders:
+        size = self._headerBytes + len(name) + len(value)
+        self._headerBytes = size
+        if size > self._maxHeaderBytes or len(headers) >= self._maxHeaders:
+            if size > self._maxHeaderBytes:
+                raise _Reject(431, "request header fields too large")
             raise _Reject(431, "too many request header fields")
         if name in _SPECIAL:
             self._specialHeader(name, value)
@@ -431,7 +448,7 @@ class RequestParser:
 
     def on_headers_complete(self) -> None:
         parser = self._parser
-        version = _VERSIONS.get(parser.get_http_version())
+        version = _version(parser, self._connection)
         if version is None:
             raise _Reject(505, "unsupported HTTP version")
         chunked = self._chunked
@@ -508,6 +525,7 @@ class RequestParser:
             if self._hosts > 1:
                 raise _Reject(400, "repeated Host header")
         elif name == b"connection":
+            self._connection = True
             close, keepAlive = _connectionTokens(value)
             self._close = self._close or close
             self._keepAlive = self._keepAlive or keepAlive
@@ -617,6 +635,7 @@ class ResponseParser:
         "_trailers",
         "_contentLength",
         "_transferEncoding",
+        "_connection",
         "_close",
         "_keepAlive",
         "upgradeData",
@@ -714,6 +733,7 @@ class ResponseParser:
         self._trailers = None
         self._contentLength = None
         self._transferEncoding = None
+        self._connection = False
         self._close = False
         self._keepAlive = False
 
@@ -743,6 +763,7 @@ class ResponseParser:
                     raise _Reject(0, "repeated Transfer-Encoding")
                 self._transferEncoding = value
             elif name == b"connection":
+                self._connection = True
                 close, keepAlive = _connectionTokens(value)
                 self._close = self._close or close
                 self._keepAlive = self._keepAlive or keepAlive
@@ -757,7 +778,7 @@ class ResponseParser:
             self._state = _BODY
             self._onInformational(status, self._headers)
             return
-        version = _VERSIONS.get(parser.get_http_version())
+        version = _version(parser, self._connection)
         if version is None:
             raise _Reject(0, "unsupported HTTP version")
         self._scan = False

@@ -4,8 +4,9 @@ route says what to do with it (pick a cluster, rewrite, redirect, answer directl
 
 Everything is resolved when the table is built: regexes compiled, strings encoded to bytes, hosts grouped
 into virtual hosts, weights made cumulative. A match costs one host lookup (cached per authority), one
-split of the path from its query, and a loop over the routes of one virtual host doing C{startswith} /
-C{==} / C{fullmatch}; the query is parsed only when a route of that virtual host has query matchers.
+split of the path from its query, one dict lookup on the path's first segment (which skips the routes
+that cannot match it), and a loop over the remaining routes doing C{startswith} / C{==} / C{fullmatch};
+the query is parsed only when a route tried has query matchers.
 
 Virtual hosts follow Envoy: the table picks the most specific host pattern that matches the authority
 (exact, then the longest C{*.suffix}, then the longest C{prefix.*}, then C{*}); only the routes listing
@@ -215,6 +216,50 @@ def _compileValue(kind: str, value: Optional[str]) -> object:
     return re.compile(value.encode()) if kind == "regex" else value.encode()
 
 
+class _VirtualHost:
+    """
+    The routes of one host pattern, in file order, indexed by the first segment of the path they can
+    match, so that a big table is not scanned route by route.
+
+    A route whose prefix has a second C{/} (C{/api/}, C{/api/v1}) or whose exact path is C{/api/...} can
+    only match paths whose first segment is C{api}; every other route (C{prefix = /}, C{prefix = /ap},
+    a regex) is a candidate for any path. C{buckets} maps a first segment to its candidates, in file
+    order; C{fallback} holds the routes a path with any other first segment can match.
+    """
+
+    __slots__ = ("entries", "buckets", "fallback")
+
+    def __init__(self, entries: Sequence[tuple]) -> None:
+        self.entries = tuple(entries)
+        keyed: Dict[bytes, List[int]] = {}
+        anywhere: List[int] = []
+        for index, entry in enumerate(self.entries):
+            segment = _segmentKey(entry[1], entry[2])
+            if segment is None:
+                anywhere.append(index)
+            else:
+                keyed.setdefault(segment, []).append(index)
+        self.fallback = tuple(self.entries[i] for i in anywhere)
+        # Merge each bucket with the routes that match anywhere, keeping file order.
+        self.buckets = {
+            segment: tuple(self.entries[i] for i in sorted(indexes + anywhere))
+            for segment, indexes in keyed.items()
+        }
+
+
+def _segmentKey(kind: int, value: object) -> Optional[bytes]:
+    """
+    The first path segment every path a matcher accepts has, or C{None} if it accepts several.
+    """
+    if kind == _EXACT:
+        end = value.find(b"/", 1)  # type: ignore[union-attr]
+        return value[1:end] if end > 0 else value[1:]  # type: ignore[index]
+    if kind == _PREFIX:
+        end = value.find(b"/", 1)  # type: ignore[union-attr]
+        return value[1:end] if end > 0 else None  # type: ignore[index]
+    return None
+
+
 class RouteTable:
     """
     The routes of one table (C{[route:TABLE/...]} sections, in file order), compiled for matching.
@@ -229,42 +274,54 @@ class RouteTable:
             entry = (route, route._pathKind, route._pathValue, route._methods, route._headers, route._query)
             for host in route.config.hosts:
                 groups.setdefault(host, []).append(entry)
-        frozen = {host: tuple(entries) for host, entries in groups.items()}
-        self._exact: Dict[bytes, tuple] = {}
-        suffixes: List[Tuple[bytes, tuple]] = []
-        prefixes: List[Tuple[bytes, tuple]] = []
-        self._any: tuple = frozen.get("*", ())
-        for host, entries in frozen.items():
+        vhosts = {host: _VirtualHost(entries) for host, entries in groups.items()}
+        self._exact: Dict[bytes, _VirtualHost] = {}
+        suffixes: List[Tuple[bytes, _VirtualHost]] = []
+        prefixes: List[Tuple[bytes, _VirtualHost]] = []
+        self._any = vhosts.get("*", _VirtualHost(()))
+        for host, vhost in vhosts.items():
             if host == "*":
                 continue
             if host.startswith("*"):
-                suffixes.append((host[1:].encode(), entries))
+                suffixes.append((host[1:].encode(), vhost))
             elif host.endswith("*"):
-                prefixes.append((host[:-1].encode(), entries))
+                prefixes.append((host[:-1].encode(), vhost))
             else:
-                self._exact[host.encode()] = entries
+                self._exact[host.encode()] = vhost
         # Longest first: the most specific wildcard wins.
         self._suffixes = tuple(sorted(suffixes, key=lambda s: -len(s[0])))
         self._prefixes = tuple(sorted(prefixes, key=lambda p: -len(p[0])))
-        self._cache: Dict[bytes, tuple] = {}
+        self._cache: Dict[bytes, _VirtualHost] = {}
 
     def virtualHost(self, authority: bytes) -> Tuple[Route, ...]:
         """
         The routes of the virtual host C{authority} (a Host value, any case, maybe with a port) selects,
         in file order; C{()} when no host pattern matches.
         """
-        return tuple(entry[0] for entry in self._group(authority))
+        return tuple(entry[0] for entry in self._group(authority).entries)
 
-    def _group(self, authority: bytes) -> tuple:
-        group = self._cache.get(authority)
-        if group is None:
-            group = self._resolve(authority)
+    def candidates(self, authority: bytes, path: bytes) -> Tuple[Route, ...]:
+        """
+        The routes L{match} tries, in order, for a request to C{authority} and C{path} (without query):
+        those of the chosen virtual host that can match the path's first segment.
+        """
+        vhost = self._group(authority)
+        entries = vhost.fallback
+        if vhost.buckets:
+            end = path.find(b"/", 1)
+            entries = vhost.buckets.get(path[1:end] if end > 0 else path[1:], entries)
+        return tuple(entry[0] for entry in entries)
+
+    def _group(self, authority: bytes) -> _VirtualHost:
+        vhost = self._cache.get(authority)
+        if vhost is None:
+            vhost = self._resolve(authority)
             if len(self._cache) >= _HOST_CACHE_SIZE:
                 self._cache.clear()
-            self._cache[authority] = group
-        return group
+            self._cache[authority] = vhost
+        return vhost
 
-    def _resolve(self, authority: bytes) -> tuple:
+    def _resolve(self, authority: bytes) -> _VirtualHost:
         host = authority.lower()
         if host.startswith(b"["):
             end = host.find(b"]")
@@ -274,17 +331,17 @@ class RouteTable:
             colon = host.find(b":")
             if colon >= 0:
                 host = host[:colon]
-        group = self._exact.get(host)
-        if group is not None:
-            return group
+        vhost = self._exact.get(host)
+        if vhost is not None:
+            return vhost
         n = len(host)
-        for suffix, group in self._suffixes:
-            # The wildcard matches at least one character: *.example.com does not match example.com.
+        for suffix, vhost in self._suffixes:
+            # The wildcard matches at least one character: *.example.com does not match .example.com.
             if n > len(suffix) and host.endswith(suffix):
-                return group
-        for prefix, group in self._prefixes:
+                return vhost
+        for prefix, vhost in self._prefixes:
             if n > len(prefix) and host.startswith(prefix):
-                return group
+                return vhost
         return self._any
 
     def match(self, stream) -> Optional[Route]:
@@ -293,18 +350,20 @@ class RouteTable:
         C{stream}'s path, method, headers and query; C{None} when none does (Envoy answers 404 with the
         C{NR} flag).
         """
-        group = self._group(stream.authority)
-        if not group:
-            return None
+        vhost = self._group(stream.authority)
         target = stream.path
         i = target.find(b"?")
         if i >= 0:
             path, query = target[:i], target[i + 1:]
         else:
             path, query = target, b""
+        entries = vhost.fallback
+        if vhost.buckets:
+            end = path.find(b"/", 1)
+            entries = vhost.buckets.get(path[1:end] if end > 0 else path[1:], entries)
         method = stream.method
         params = None
-        for route, kind, value, methods, headers, queryMatchers in group:
+        for route, kind, value, methods, headers, queryMatchers in entries:
             if kind == _PREFIX:
                 if not path.startswith(value):
                     continue

@@ -184,6 +184,8 @@ class HTTPConnection(protocol.Protocol):
         for name, value in h1.stripHopByHop(headers):
             if name == b"host":
                 authority = value
+            elif name == b"expect" and expectContinue:
+                continue  # answered here (below): the upstream must not answer it again
             else:
                 kept.append((name, value))
         stream.authority = authority

@@ -364,6 +364,7 @@ class Stream:
         if body or status not in (204, 304):
             if not any(k == b"content-type" for k, _ in hdrs):
                 hdrs.append((b"content-type", b"text/plain"))
+            hdrs.append((b"content-length", b"%d" % len(body)))
         self.responseHeaders = hdrs
         self.codec.localReplyStarted(self, body)
         self._respLimit = self._reqIndex

@@ -11,11 +11,22 @@ Connection states::
 
     CONNECTING ─connect─▶ IDLE ─begin()─▶ BUSY ─response and request done, keep-alive─▶ IDLE (pooled)
                                              └─error, early close, no keep-alive──────▶ CLOSED
+
+A connection goes back to the pool as soon as its response ends, before the exchange hears
+C{upstreamEnd}, so that an exchange started from that callback (the next pipelined request of the same
+downstream connection) reuses it at once. But the parser may still hold bytes of that same read after
+the end of the response: they arrived before the new request was written, so they must never be taken
+as its response. An exchange begun during that read therefore announces its response to the parser only
+once the read is fully parsed (L{UpstreamConnection.begin} defers C{expectResponse}); until then any byte
+is unsolicited, a protocol error that fails the new exchange and closes the connection.
+
+Once a connection is not reusable (C{keepAlive} false) it never becomes so again; once C{closing} is set,
+the pool never hands it out.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set
 
 from twisted.internet import protocol
 from twisted.logger import Logger
@@ -26,7 +37,8 @@ from ..http import h1
 class Exchange:
     """
     What an L{UpstreamConnection} reports to while it carries a request: the router's attempt implements
-    these methods.
+    these methods. Exactly one of L{upstreamEnd} or L{upstreamFailed} ends every exchange, unless the
+    exchange was abandoned first (then neither is called).
     """
 
     def upstreamHead(self, status: int, headers: list, hasBody: bool) -> None:
@@ -41,19 +53,32 @@ class Exchange:
 
     def upstreamEnd(self, trailers: Optional[list]) -> None:
         """
-        The response is complete.
+        The response is complete (C{trailers}: the trailer fields of a chunked body, or C{None}).
         """
 
     def upstreamFailed(self, reason: str, headersReceived: bool) -> None:
         """
         The connection failed or closed before the response was complete (C{reason} is a short
-        description for logs and response-code details).
+        description for logs and response-code details: C{"upstream_reset"} when the upstream closed,
+        C{"protocol_error: ..."} when it broke HTTP/1.1).
         """
 
 
 class UpstreamConnection(protocol.Protocol):
     """
     One connection to an upstream host, speaking HTTP/1.1, carrying one exchange at a time.
+
+    @ivar exchange: the exchange in progress, or C{None}.
+    @ivar requestDone: the request of the current exchange has been written completely.
+    @ivar keepAlive: the connection may carry another exchange; once false, it stays false.
+    @ivar closing: the transport was asked to close (or has closed): never hand this connection out.
+    @ivar closed: C{connectionLost} has run.
+    @ivar endedInRead: a response ended during the current C{dataReceived} (see the module docstring).
+    @ivar pendingMethod: the method of an exchange begun while C{endedInRead}, whose response the parser
+        is told to expect once the read is parsed.
+    @ivar idleTimer: the pool's expiry timer, left running while the connection is busy so that a
+        connection reused within C{idleTimeout} costs one C{reset()} per release, not a cancel and a new
+        call; when it fires on a busy connection it just goes away.
     """
 
     log = Logger()
@@ -62,11 +87,13 @@ class UpstreamConnection(protocol.Protocol):
         self.pool = pool
         self.exchange: Optional[Exchange] = None
         self.parser: Optional[h1.ResponseParser] = None
-        self.requestDone = False
-        self.responseDone = False
+        self.requestDone = True
         self.keepAlive = True
+        self.closing = False
         self.closed = False
         self.headersReceived = False
+        self.endedInRead = False
+        self.pendingMethod: Optional[bytes] = None
         self.idleTimer = None
 
     def connectionMade(self) -> None:
@@ -74,6 +101,7 @@ class UpstreamConnection(protocol.Protocol):
         if hasattr(transport, "setTcpNoDelay"):
             transport.setTcpNoDelay(True)
         self.parser = h1.ResponseParser(self)
+        self.pool.connectionMade(self)
 
     # -- the router's side --------------------------------------------------------------------------------
 
@@ -84,11 +112,12 @@ class UpstreamConnection(protocol.Protocol):
         """
         self.exchange = exchange
         self.requestDone = not body
-        self.responseDone = False
         self.headersReceived = False
-        self.keepAlive = True
-        self.parser.expectResponse(method)
-        self.pool.rq_total(self)
+        if self.endedInRead:
+            self.pendingMethod = method  # see the module docstring
+        else:
+            self.parser.expectResponse(method)
+        self.pool.host.rq_total += 1
         self.transport.write(head)
 
     def writeBody(self, data: bytes, chunked: bool) -> None:
@@ -102,31 +131,48 @@ class UpstreamConnection(protocol.Protocol):
 
     def endBody(self, chunked: bool, trailers: Optional[list] = None) -> None:
         """
-        The request body is complete.
+        The request body is complete (C{trailers} are sent only when C{chunked}).
         """
         if chunked:
             self.transport.write(h1.encodeLastChunk(trailers))
         self.requestDone = True
-        self._maybeDone()
 
     def abandon(self) -> None:
         """
-        The router gives up on the exchange (timeout, downstream gone): the connection cannot be reused.
+        The router gives up on the exchange (timeout, retry, downstream gone): the connection is aborted
+        and no more exchange callbacks are made.
         """
         self.exchange = None
-        self.keepAlive = False
-        if not self.closed:
-            self.transport.abortConnection()
+        self._close(True)
 
-    # -- parser callbacks ---------------------------------------------------------------------------------
+    def _close(self, abort: bool) -> None:
+        """
+        Make this connection unusable and close it (once).
+        """
+        self.keepAlive = False
+        if not self.closing:
+            self.closing = True
+            if abort:
+                self.transport.abortConnection()
+            else:
+                self.transport.loseConnection()
+
+    # -- transport and parser callbacks -------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
         if self.exchange is None:
             # Bytes nobody asked for: the connection's framing can no longer be trusted.
-            self.keepAlive = False
-            self.transport.abortConnection()
+            self._close(True)
             return
         self.parser.feed(data)
+        if self.endedInRead:
+            # Every byte of this read is parsed: a response begun during it may now be expected.
+            self.endedInRead = False
+            method = self.pendingMethod
+            if method is not None:
+                self.pendingMethod = None
+                if not self.closing:
+                    self.parser.expectResponse(method)
 
     def responseInformational(self, status: int, headers: list) -> None:
         """
@@ -148,41 +194,42 @@ class UpstreamConnection(protocol.Protocol):
             exchange.upstreamData(data)
 
     def responseEnd(self, trailers) -> None:
-        self.responseDone = True
         exchange = self.exchange
-        if not self.requestDone:
-            # Answered before the request body was all sent (an early error reply, say): the rest of the
-            # body would be read as garbage by the next exchange, so this connection ends here.
-            self.keepAlive = False
-        self._maybeDone()
-        if exchange is not None:
-            exchange.upstreamEnd(trailers)
+        if exchange is None:
+            return  # abandoned during this read
+        self.exchange = None
+        self.endedInRead = True
+        if self.requestDone and self.keepAlive:
+            self.pool.release(self)
+        else:
+            # Not reusable. Answered before the request body was all sent (an early error reply, say): the
+            # rest of the body would be read as garbage by the next exchange, so this connection ends here.
+            self._close(False)
+        exchange.upstreamEnd(trailers)
 
     def protocolError(self, reason: str) -> None:
-        self.keepAlive = False
         exchange, self.exchange = self.exchange, None
-        if not self.closed:
-            self.transport.abortConnection()
+        if self.closed:
+            # Called by feedEOF from connectionLost: a close in the middle of (or before) the response.
+            reason = "upstream_reset"
+        else:
+            reason = "protocol_error: " + reason
+            self._close(True)
         if exchange is not None:
-            exchange.upstreamFailed("protocol_error: " + reason, self.headersReceived)
-
-    def _maybeDone(self) -> None:
-        if self.requestDone and self.responseDone and self.exchange is not None:
-            self.exchange = None
-            if self.keepAlive:
-                self.pool.release(self)
-            else:
-                self.transport.loseConnection()
+            exchange.upstreamFailed(reason, self.headersReceived)
 
     def connectionLost(self, reason) -> None:
-        self.closed = True
-        if self.parser is not None and self.exchange is not None and not self.responseDone:
-            # A response read until close ends here; any other framing was cut short.
-            self.parser.feedEOF()
-        exchange, self.exchange = self.exchange, None
+        self.closed = self.closing = True
+        self.keepAlive = False
         self.pool.lost(self)
-        if exchange is not None and not self.responseDone:
-            exchange.upstreamFailed("upstream_reset", self.headersReceived)
+        if self.exchange is not None:
+            # A response read until close ends here (upstreamEnd); any other framing was cut short
+            # (protocolError, reported as upstream_reset).
+            self.parser.feedEOF()
+            exchange, self.exchange = self.exchange, None
+            if exchange is not None:
+                # The parser was past reporting anything (a handler raised, or the protocol was switched).
+                exchange.upstreamFailed("upstream_reset", self.headersReceived)
 
 
 class _ConnectionFactory(protocol.Factory):
@@ -197,17 +244,18 @@ class _ConnectionFactory(protocol.Factory):
 
 class PoolWaiter:
     """
-    What L{HostPool.acquire} reports to.
+    What L{HostPool.acquire} reports to: exactly one of the two methods is called, once.
     """
 
     def poolReady(self, conn: UpstreamConnection) -> None:
         """
-        C{conn} is connected and idle: call its L{UpstreamConnection.begin} now.
+        C{conn} is connected and idle: call its L{UpstreamConnection.begin} now (or give it back with
+        L{HostPool.release}).
         """
 
     def poolFailed(self, reason: str, timedOut: bool) -> None:
         """
-        No connection could be made.
+        No connection could be made (C{timedOut}: not within the cluster's connect timeout).
         """
 
 
@@ -216,6 +264,10 @@ class HostPool:
     Keep-alive connections to one host: reuses the most recently used idle connection (its TCP window is
     warm), keeps at most C{maxIdle} of them, and closes those idle for C{idleTimeout} (on the injected
     clock).
+
+    @ivar idle: the idle connections, most recently released last.
+    @ivar connections: every connected connection (idle or busy).
+    @ivar connecting: the Deferreds of connection attempts in progress.
     """
 
     log = Logger()
@@ -230,7 +282,8 @@ class HostPool:
         self.idleTimeout = idleTimeout
         self.idle: List[UpstreamConnection] = []
         self.factory = _ConnectionFactory(self)
-        self.connections = set()
+        self.connections: Set[UpstreamConnection] = set()
+        self.connecting: Set[object] = set()
 
     def acquire(self, waiter: PoolWaiter) -> None:
         """
@@ -240,15 +293,16 @@ class HostPool:
         idle = self.idle
         while idle:
             conn = idle.pop()
-            if not conn.closed:
+            if not conn.closing:
                 waiter.poolReady(conn)
                 return
         self._connect(waiter)
 
     def _connect(self, waiter: PoolWaiter) -> None:
-        host, cluster = self.host, self.cluster
-        d = host.client.connect(self.factory)
+        host, cluster, connecting = self.host, self.cluster, self.connecting
         timedOut = []
+        d = host.client.connect(self.factory)
+        connecting.add(d)
 
         def timeout() -> None:
             timedOut.append(True)
@@ -257,54 +311,75 @@ class HostPool:
         timer = self.clock.callLater(self.connectTimeout, timeout) if self.connectTimeout else None
 
         def connected(conn: UpstreamConnection) -> None:
+            connecting.discard(d)
             if timer is not None and timer.active():
                 timer.cancel()
-            self.connections.add(conn)
-            host.cx_total += 1
-            host.cx_active += 1
-            cluster.upstream_cx_total.value += 1
-            cluster.upstream_cx_active.value += 1
-            cluster.upstream_cx_http1_total.value += 1
+            if conn.closing:
+                # Closed before the endpoint reported it (connectionMade counted it; lost uncounted it).
+                waiter.poolFailed("upstream_reset", False)
+                return
             waiter.poolReady(conn)
 
         def failed(failure) -> None:
+            connecting.discard(d)
             if timer is not None and timer.active():
                 timer.cancel()
             host.cx_connect_fail += 1
             cluster.upstream_cx_connect_fail.value += 1
             if timedOut:
                 cluster.upstream_cx_connect_timeout.value += 1
-            waiter.poolFailed(failure.getErrorMessage(), bool(timedOut))
+                reason = "connect timeout"
+            else:
+                reason = failure.getErrorMessage()
+            waiter.poolFailed(reason, bool(timedOut))
 
         d.addCallbacks(connected, failed)
+        d.addErrback(self._waiterFailed)
 
-    def rq_total(self, conn: UpstreamConnection) -> None:
-        self.host.rq_total += 1
+    def _waiterFailed(self, failure) -> None:
+        self.log.failure("pool waiter of {host} failed", failure, host=self.host)
+
+    def connectionMade(self, conn: UpstreamConnection) -> None:
+        """
+        C{conn} connected: count it (L{lost} uncounts it).
+        """
+        self.connections.add(conn)
+        host, cluster = self.host, self.cluster
+        host.cx_total += 1
+        host.cx_active += 1
+        cluster.upstream_cx_total.value += 1
+        cluster.upstream_cx_active.value += 1
+        cluster.upstream_cx_http1_total.value += 1
 
     def release(self, conn: UpstreamConnection) -> None:
         """
-        C{conn} finished an exchange cleanly: keep it for the next one, or close it if the pool is full.
+        C{conn} finished an exchange cleanly (or a waiter did not need it): keep it for the next one, or
+        close it if the pool is full.
         """
-        if conn.closed:
+        if conn.closing:
             return
-        if len(self.idle) >= self.maxIdle:
-            conn.transport.loseConnection()
+        idle = self.idle
+        if len(idle) >= self.maxIdle:
+            conn._close(False)
             return
-        self.idle.append(conn)
-        timer = conn.idleTimer
-        if timer is None:
-            conn.idleTimer = self.clock.callLater(self.idleTimeout, self._expire, conn)
-        else:
-            timer.reset(self.idleTimeout)
+        # A slow downstream may have paused this transport (the router makes it the downstream's producer,
+        # and unregistering a producer does not resume it): an idle connection must read, to see the
+        # upstream close it. Twisted's HTTP11ClientProtocol does the same before going quiescent.
+        conn.transport.resumeProducing()
+        idle.append(conn)
+        if self.idleTimeout:
+            timer = conn.idleTimer
+            if timer is None:
+                conn.idleTimer = self.clock.callLater(self.idleTimeout, self._expire, conn)
+            else:
+                timer.reset(self.idleTimeout)
 
     def _expire(self, conn: UpstreamConnection) -> None:
+        # A connection busy again since its release is left alone: its next release arms a new timer.
         conn.idleTimer = None
         if conn in self.idle:
             self.idle.remove(conn)
-            conn.transport.loseConnection()
-        elif not conn.closed and conn.exchange is not None:
-            # Busy again since: check again later.
-            conn.idleTimer = self.clock.callLater(self.idleTimeout, self._expire, conn)
+            conn._close(False)
 
     def lost(self, conn: UpstreamConnection) -> None:
         """
@@ -316,16 +391,22 @@ class HostPool:
             self.cluster.upstream_cx_active.value -= 1
         if conn in self.idle:
             self.idle.remove(conn)
-        if conn.idleTimer is not None and conn.idleTimer.active():
-            conn.idleTimer.cancel()
-        conn.idleTimer = None
+        timer = conn.idleTimer
+        if timer is not None:
+            conn.idleTimer = None
+            if timer.active():
+                timer.cancel()
 
     def closeAll(self) -> None:
         """
-        Close every connection (service shutdown).
+        Close every connection and cancel every connection attempt (service shutdown): their waiters get
+        C{poolFailed}.
         """
+        for d in list(self.connecting):
+            d.cancel()
+        del self.idle[:]
         for conn in list(self.connections):
-            conn.transport.abortConnection()
+            conn._close(True)
 
 
 class ClusterPools:

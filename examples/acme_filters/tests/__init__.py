@@ -1,0 +1,3 @@
+"""
+Tests of the acme_filters package.
+"""
