@@ -109,6 +109,61 @@ class INetworkFilterFactory(Interface):
         """
 
 
+class IHTTPFilter(Interface):
+    """
+    An HTTP filter: sees one stream (L{twistedmesh.http.stream.Stream}) whatever protocol it came over.
+    Subclass L{twistedmesh.http.stream.HTTPFilter}, which passes everything through, and override the hooks
+    you need.
+
+    Request hooks run first to last, response hooks last to first. Each returns:
+      - C{None}: go on (data hooks: pass the chunk on unchanged);
+      - C{bytes} (data hooks only): pass this replacement chunk on;
+      - a L{twisted.internet.defer.Deferred}: pause this direction until it fires with one of these (later
+        events wait in order; the client is not read meanwhile);
+      - C{stream.respond(status, body, headers)} (request hooks): stop and answer from the proxy; the reply
+        runs through the response hooks of the filters before this one.
+    A hook that raises, or whose Deferred fails, is answered with a 500 (or a reset, once the response
+    has started) and logged.
+    """
+
+    def requestHeaders(stream) -> object:
+        """
+        The request head: C{stream.method}, C{stream.path}, C{stream.authority}, C{stream.requestHeaders}
+        (ordered C{(name, value)} byte pairs, lowercase names), all changeable in place.
+        """
+
+    def requestData(stream, data: bytes, end: bool) -> object:
+        """
+        A chunk of request body; C{end} says it is the last (C{data} may then be empty).
+        """
+
+    def requestTrailers(stream, trailers) -> object:
+        """
+        The request ends with C{trailers} (a list of pairs, changeable in place).
+        """
+
+    def responseHeaders(stream) -> object:
+        """
+        The response head: C{stream.status} and C{stream.responseHeaders}, changeable in place.
+        """
+
+    def responseData(stream, data: bytes, end: bool) -> object:
+        """
+        A chunk of response body.
+        """
+
+    def responseTrailers(stream, trailers) -> object:
+        """
+        The response ends with C{trailers}.
+        """
+
+    def streamComplete(stream) -> None:
+        """
+        The exchange is over (answered, reset, or the client went away; C{stream.responseFlags} and
+        C{stream.responseCodeDetails} say how). Called exactly once per stream, for every filter.
+        """
+
+
 class IHTTPFilterFactory(Interface):
     """
     A plugin that makes HTTP filters (see DESIGN.md section 3). Provide L{twisted.plugin.IPlugin} too.
@@ -120,7 +175,8 @@ class IHTTPFilterFactory(Interface):
         """
         Validate C{options} once, at config load.
 
-        @return: a callable taking a stream and returning an HTTP filter for it.
+        @return: a callable taking a stream and returning an L{IHTTPFilter} for it (a new one, or one
+            shared stateless instance).
         @raise twistedmesh.config.ConfigError: when an option is missing or invalid.
         """
 

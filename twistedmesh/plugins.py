@@ -46,6 +46,10 @@ def findFactories(interface, errors: List[ConfigError], file: str) -> Dict[str, 
         except Invalid as e:
             errors.append(ConfigError(file, None, None, f"plugin {plugin!r} does not provide {interface.__name__}: {e}"))
             continue
+        if plugin.name in found and found[plugin.name] is not plugin:
+            errors.append(ConfigError(file, None, None, f"two plugins are named {plugin.name!r}: "
+                                      f"{found[plugin.name]!r} and {plugin!r}; rename one"))
+            continue
         found[plugin.name] = plugin
     return found
 

@@ -181,6 +181,8 @@ class MeshService(service.MultiService):
         def finished(result):
             if timer.active():
                 timer.cancel()
+            for cluster in self.clusters.values():
+                cluster.pools.closeAll()
             return defer.gatherResults(
                 [defer.maybeDeferred(s.stopService) for s in list(self)], consumeErrors=True
             )

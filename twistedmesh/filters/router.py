@@ -24,6 +24,8 @@ from ..http import h1
 from ..http.stream import LOCAL_REPLY, HTTPFilter, Stream
 from ..interfaces import IHTTPFilterFactory
 
+# The pool's failure reasons as Envoy's %RESPONSE_CODE_DETAILS% name them.
+_RESET_REASONS = {"upstream_reset": "connection_termination", "protocol_error": "protocol_error"}
 _BACKOFF_BASE = 0.025  # Envoy's: fully jittered exponential back-off from 25 ms, capped at 10x
 
 
@@ -60,6 +62,33 @@ class _Shared:
         self.random = random
 
 
+class _Attempt:
+    """
+    The pool's waiter for one attempt. A retry starts a new attempt while an old connect may still be
+    pending; only the current attempt's answer reaches the router, a stale connection goes back to its
+    pool.
+    """
+
+    __slots__ = ("router",)
+
+    def __init__(self, router: "RouterFilter") -> None:
+        self.router = router
+
+    def poolReady(self, conn) -> None:
+        router = self.router
+        if router.attempt is self and not router.finished:
+            router.attempt = None
+            router.poolReady(conn)
+        else:
+            conn.pool.release(conn)
+
+    def poolFailed(self, reason: str, timedOut: bool) -> None:
+        router = self.router
+        if router.attempt is self and not router.finished:
+            router.attempt = None
+            router.poolFailed(reason, timedOut)
+
+
 class RouterFilter(HTTPFilter):
     """
     Routes one stream (see the module docstring). Also implements the pool's waiter
@@ -70,7 +99,8 @@ class RouterFilter(HTTPFilter):
 
     __slots__ = ("shared", "stream", "route", "cluster", "host", "conn", "head", "chunked", "hasBody",
                  "buffered", "bufferedBytes", "replayable", "requestDone", "trailers", "timer", "tryTimer",
-                 "retriesLeft", "attempts", "responseStarted", "finished", "retryTimer", "pausedForConnect")
+                 "retriesLeft", "attempts", "responseStarted", "finished", "retryTimer", "pausedForConnect",
+                 "attempt")
 
     def __init__(self, shared: _Shared) -> None:
         self.shared = shared
@@ -95,6 +125,7 @@ class RouterFilter(HTTPFilter):
         self.responseStarted = False
         self.finished = False
         self.pausedForConnect = False
+        self.attempt: Optional[_Attempt] = None
 
     # -- request hooks ------------------------------------------------------------------------------------
 
@@ -204,12 +235,13 @@ class RouterFilter(HTTPFilter):
         retry = self.route.retry
         if retry.per_try_timeout:
             self.tryTimer = self.shared.clock.callLater(retry.per_try_timeout, self._tryTimedOut)
-        self.cluster.pools.forHost(host).acquire(self)
+        self.attempt = attempt = _Attempt(self)
+        self.cluster.pools.forHost(host).acquire(attempt)
 
     def poolReady(self, conn) -> None:
-        if self.finished:
-            self.cluster.pools.forHost(self.host).release(conn)
-            return
+        """
+        The current attempt's connection is ready (called through its L{_Attempt}).
+        """
         self.conn = conn
         stream = self.stream
         conn.begin(self, stream.method, self.head, self.hasBody)
@@ -228,8 +260,9 @@ class RouterFilter(HTTPFilter):
             stream.codec.resumeRequest(stream)
 
     def poolFailed(self, reason: str, timedOut: bool) -> None:
-        if self.finished:
-            return
+        """
+        The current attempt could not connect (called through its L{_Attempt}).
+        """
         self._cancelTryTimer()
         self.host.rq_error += 1
         if self._retry("connect-failure"):
@@ -242,11 +275,12 @@ class RouterFilter(HTTPFilter):
         Start another attempt if the route's policy allows it for C{why}; return whether it did.
         """
         retry = self.route.retry
-        if (self.retriesLeft <= 0 or not self.replayable or self.responseStarted
+        if (self.retriesLeft <= 0 or not self.replayable or self.responseStarted or self.cluster.pools.closed
                 or not _allows(retry.on, retry.retriable_status_codes, why, status)):
             return False
         self.retriesLeft -= 1
         self.cluster.upstream_rq_retry.value += 1
+        self.attempt = None  # a connect still pending for the old attempt is given back when it lands
         conn, self.conn = self.conn, None
         if conn is not None:
             self._unregister(conn)
@@ -309,13 +343,15 @@ class RouterFilter(HTTPFilter):
         if self.responseStarted:
             self._done()
             self.stream.responseFlags.append("UR")
-            self.stream.reset("upstream_reset_after_response_started{" + reason + "}")
+            envoyReason = _RESET_REASONS.get(reason.partition(":")[0], reason)
+            self.stream.reset("upstream_reset_after_response_started{" + envoyReason + "}")
             return
         if self._retry("reset"):
             return
-        self._fail(503, "UC", "upstream_reset_before_response_started{" + reason + "}",
+        envoyReason = _RESET_REASONS.get(reason.partition(":")[0], reason)
+        self._fail(503, "UC", "upstream_reset_before_response_started{" + envoyReason + "}",
                    b"upstream connect error or disconnect/reset before headers. reset reason: " +
-                   reason.encode("utf-8", "replace"))
+                   envoyReason.encode("utf-8", "replace"))
 
     # -- timeouts, failure, completion --------------------------------------------------------------------
 
@@ -376,10 +412,14 @@ class RouterFilter(HTTPFilter):
         conn = self.conn
         if conn is not None and conn.transport.producer is not None:
             conn.transport.unregisterProducer()
+            # Unregistering does not resume a producer the upstream had paused: do it, or the downstream
+            # stays paused for good.
+            self.stream.codec.bodyProducer.resumeProducing()
 
     def _unregister(self, conn) -> None:
         if conn.transport.producer is not None:
             conn.transport.unregisterProducer()
+            self.stream.codec.bodyProducer.resumeProducing()
         self.stream.codec.unregisterResponseProducer()
 
     def streamComplete(self, stream: Stream) -> None:

@@ -45,29 +45,50 @@ LOCAL_REPLY = LocalReply()
 
 class HTTPFilter:
     """
-    A filter that passes everything through. Subclass it and override only the hooks you need; see
-    L{twistedmesh.interfaces.IHTTPFilter} for the contract of each hook.
+    A filter that passes everything through. Subclass it and override only the hooks you need; the
+    contract of each hook is in L{twistedmesh.interfaces.IHTTPFilter}.
     """
 
     def requestHeaders(self, stream: "Stream") -> object:
+        """
+        The request head is in C{stream}; change it in place. Return None, a Deferred, or a local reply.
+        """
         return None
 
     def requestData(self, stream: "Stream", data: bytes, end: bool) -> object:
+        """
+        A chunk of request body; return None, replacement bytes, a Deferred, or a local reply.
+        """
         return None
 
     def requestTrailers(self, stream: "Stream", trailers: Headers) -> object:
+        """
+        The request's trailers (change the list in place); return None, a Deferred, or a local reply.
+        """
         return None
 
     def responseHeaders(self, stream: "Stream") -> object:
+        """
+        The response head is in C{stream}; change it in place. Return None or a Deferred.
+        """
         return None
 
     def responseData(self, stream: "Stream", data: bytes, end: bool) -> object:
+        """
+        A chunk of response body; return None, replacement bytes, or a Deferred.
+        """
         return None
 
     def responseTrailers(self, stream: "Stream", trailers: Headers) -> object:
+        """
+        The response's trailers (change the list in place); return None or a Deferred.
+        """
         return None
 
     def streamComplete(self, stream: "Stream") -> None:
+        """
+        The exchange is over, however it ended: called exactly once per stream.
+        """
         return None
 
 
@@ -185,6 +206,13 @@ class Stream:
         self._request(_REQUEST_TRAILERS, 0, trailers, True)
 
     def _request(self, kind: int, start: int, payload, end: bool) -> None:
+        try:
+            self._requestLoop(kind, start, payload, end)
+        except Exception:
+            # A hook that raises is a bug in that filter: answer 500 rather than drop the connection.
+            self._filterFailed(Failure(), self.filters[self._reqIndex])
+
+    def _requestLoop(self, kind: int, start: int, payload, end: bool) -> None:
         filters = self.filters
         n = len(filters)
         i = start
@@ -274,6 +302,12 @@ class Stream:
         self._response(_RESPONSE_TRAILERS, self._respLimit - 1, trailers, True)
 
     def _response(self, kind: int, start: int, payload, end: bool) -> None:
+        try:
+            self._responseLoop(kind, start, payload, end)
+        except Exception:
+            self._filterFailed(Failure(), None)
+
+    def _responseLoop(self, kind: int, start: int, payload, end: bool) -> None:
         filters = self.filters
         i = start
         while i >= 0:

@@ -420,6 +420,7 @@ class ClusterPools:
         self.maxIdle = maxIdle
         self.idleTimeout = idleTimeout
         self.pools: Dict[object, HostPool] = {}
+        self.closed = False  # set at shutdown: routers must not retry into closing pools
 
     def forHost(self, host) -> HostPool:
         """
@@ -435,5 +436,6 @@ class ClusterPools:
         """
         Close every connection of every host.
         """
+        self.closed = True
         for pool in self.pools.values():
             pool.closeAll()
