@@ -110,6 +110,7 @@ class MeshService(service.MultiService):
                     idleTimeout=lconfig.idle_timeout,
                     requestHeadersTimeout=lconfig.request_headers_timeout,
                     maxRequestsPerConnection=lconfig.max_requests_per_connection,
+                    random=self.random,
                 )
                 factory = HTTPListenerFactory(settings, self.stats)
             self.listeners[name] = self._listen(f"listener {name}", lconfig.endpoint, factory)

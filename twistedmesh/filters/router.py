@@ -13,7 +13,6 @@ C{UC}/C{UR} for upstream resets, C{URX} when retries ran out.
 
 from __future__ import annotations
 
-import uuid
 from typing import List, Optional
 
 from twisted.logger import Logger
@@ -160,33 +159,11 @@ class RouterFilter(HTTPFilter):
         return None
 
     def _encodeHead(self, stream: Stream):
-        peer = stream.downstreamAddress
-        peerHost = getattr(peer, "host", "").encode("ascii") if peer is not None else b""
-        headers = [(b"host", stream.authority)]
-        hasLength = False
-        xff = False
-        requestId = False
-        for name, value in stream.requestHeaders:
-            if name == b"x-forwarded-for":
-                if not xff and peerHost:
-                    value = value + b", " + peerHost
-                    xff = True
-            elif name == b"content-length":
-                hasLength = True
-            elif name == b"x-request-id":
-                requestId = True
-            elif name == b"x-forwarded-proto":
-                continue  # ours replaces whatever the client claimed
-            headers.append((name, value))
-        if not xff and peerHost:
-            headers.append((b"x-forwarded-for", peerHost))
-        headers.append((b"x-forwarded-proto", stream.scheme))
-        if not requestId:
-            rid = str(uuid.UUID(int=self.shared.random.getrandbits(128), version=4)).encode("ascii")
-            headers.append((b"x-request-id", rid))
-            stream.requestHeaders.append((b"x-request-id", rid))
+        # The connection manager already added the forwarding headers; Host goes first, as clients send it.
         hasBody = not stream.requestEnded
-        chunked = hasBody and not hasLength
+        chunked = hasBody and stream.chunked
+        headers = [(b"host", stream.authority)]
+        headers += stream.requestHeaders
         return h1.encodeRequestHead(stream.method, stream.path, headers, chunked), chunked, hasBody
 
     def requestData(self, stream: Stream, data: bytes, end: bool) -> object:

@@ -13,6 +13,7 @@ producer the router registers for the response (the upstream connection).
 
 from __future__ import annotations
 
+import random as _random
 from collections import deque
 from typing import Callable, Deque, List, Optional, Sequence
 
@@ -24,6 +25,14 @@ from zope.interface import implementer
 from . import h1
 from .stream import Stream
 
+
+def _requestId(random) -> bytes:
+    """
+    A random (version 4) UUID as bytes, from the injected random; cheaper than building a C{uuid.UUID}.
+    """
+    h = b"%032x" % random.getrandbits(128)
+    return b"%s-%s-4%s-%c%s-%s" % (h[:8], h[8:12], h[13:16], b"89ab"[h[16] & 3], h[17:20], h[20:])
+
 _NO_BODY_STATUSES = frozenset((204, 304))
 
 
@@ -33,11 +42,12 @@ class HTTPSettings:
     """
 
     __slots__ = ("name", "makers", "maxHeaderBytes", "maxHeaders", "idleTimeout", "requestHeadersTimeout",
-                 "maxRequestsPerConnection", "stats", "clock", "requestIdGenerator")
+                 "maxRequestsPerConnection", "stats", "clock", "random")
 
     def __init__(self, name: str, makers: Sequence[Callable], stats, clock, maxHeaderBytes: int = 60 * 1024,
                  maxHeaders: int = 100, idleTimeout: float = 3600.0, requestHeadersTimeout: float = 0.0,
-                 maxRequestsPerConnection: int = 0) -> None:
+                 maxRequestsPerConnection: int = 0, random=None) -> None:
+        self.random = random if random is not None else _random.Random()
         self.name = name
         self.makers = makers
         self.stats = stats
@@ -143,6 +153,7 @@ class HTTPConnection(protocol.Protocol):
         self.parser = h1.RequestParser(self, self.settings.maxHeaderBytes, self.settings.maxHeaders)
         self.transport.setTcpNoDelay(True) if hasattr(self.transport, "setTcpNoDelay") else None
         self.peer = self.transport.getPeer()
+        self.peerHost = getattr(self.peer, "host", "").encode("ascii")
         self._armIdle()
 
     def dataReceived(self, data: bytes) -> None:
@@ -173,23 +184,43 @@ class HTTPConnection(protocol.Protocol):
         stats.downstream_rq_total.value += 1
         stats.downstream_rq_http1_total.value += 1
         stats.downstream_rq_active.value += 1
-        filters = [make(None) for make in settings.makers]
+        filters = [make(None) for make in settings.makers]  # one per stream, or a shared stateless one
         stream = Stream(self, filters, settings.name, self.peer, settings.clock.seconds())
         stream.method = method
         stream.path = target
         stream.version = version
-        stream.state["keepAlive"] = keepAlive
+        stream.keepAlive = keepAlive
+        # What Envoy's connection manager does before any filter runs: take Host out as the authority,
+        # drop hop-by-hop fields, append the peer to x-forwarded-for, set x-forwarded-proto, make sure
+        # there is an x-request-id. One pass over the fields.
         authority = b""
         kept = []
+        peerHost = self.peerHost
+        xff = False
+        requestId = False
         for name, value in h1.stripHopByHop(headers):
             if name == b"host":
                 authority = value
-            elif name == b"expect" and expectContinue:
-                continue  # answered here (below): the upstream must not answer it again
-            else:
+            elif name == b"x-forwarded-for":
+                if not xff:
+                    value = value + b", " + peerHost
+                    xff = True
                 kept.append((name, value))
+            elif name == b"x-forwarded-proto" or (name == b"expect" and expectContinue):
+                # Ours replaces what the client claimed; an expectation we answer (below) is not passed on.
+                continue
+            else:
+                if name == b"x-request-id":
+                    requestId = True
+                kept.append((name, value))
+        if not xff:
+            kept.append((b"x-forwarded-for", peerHost))
+        kept.append((b"x-forwarded-proto", b"http"))
+        if not requestId:
+            kept.append((b"x-request-id", _requestId(settings.random)))
         stream.authority = authority
         stream.requestHeaders = kept
+        stream.chunked = chunked
         if not hasBody:
             stream.requestEnded = True
         elif expectContinue and version == b"1.1":
@@ -197,7 +228,7 @@ class HTTPConnection(protocol.Protocol):
             # the expectation (it would answer 100 to a client that already sent the body).
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if settings.maxRequestsPerConnection and self.requests >= settings.maxRequestsPerConnection:
-            stream.state["keepAlive"] = False
+            stream.keepAlive = False
         if self.active is None:
             self.active = stream
             self.receiving = stream
@@ -241,7 +272,7 @@ class HTTPConnection(protocol.Protocol):
         body = (reason + "\n").encode("utf-8", "replace")
         if self.active is None:
             stream = Stream(self, [], self.settings.name, self.peer, self.settings.clock.seconds())
-            stream.state["keepAlive"] = False
+            stream.keepAlive = False
             self.httpStats.downstream_rq_total.value += 1
             self.httpStats.downstream_rq_active.value += 1
             self.active = stream
@@ -263,14 +294,14 @@ class HTTPConnection(protocol.Protocol):
     def localReplyStarted(self, stream: Stream, body: bytes) -> None:
         if not stream.requestEnded:
             # The rest of the request body would be read as the next request: close after this reply.
-            stream.state["keepAlive"] = False
+            stream.keepAlive = False
 
     def _startResponseState(self, stream: Stream) -> None:
         self._head = stream.method == b"HEAD"
 
     def writeHeaders(self, stream: Stream, end: bool) -> None:
         status = stream.status
-        keepAlive = stream.state.get("keepAlive", True) and not self.closing
+        keepAlive = stream.keepAlive and not self.closing
         headers = stream.responseHeaders
         bodyAllowed = status not in _NO_BODY_STATUSES and status >= 200 and not self._head
         chunked = False
@@ -287,7 +318,7 @@ class HTTPConnection(protocol.Protocol):
                 else:
                     keepAlive = False  # an HTTP/1.0 body without a length ends at close
         if not keepAlive:
-            stream.state["keepAlive"] = False
+            stream.keepAlive = False
         self._chunked = chunked and not self._head
         self._responseBodyAllowed = bodyAllowed
         self.transport.write(h1.encodeResponseHead(status, None, headers, chunked, keepAlive, stream.version))
@@ -331,7 +362,7 @@ class HTTPConnection(protocol.Protocol):
     # -- completion and the next pipelined request ------------------------------------------------------------
 
     def _responseDone(self, stream: Stream) -> None:
-        keepAlive = stream.state.get("keepAlive", True) and not self.closing
+        keepAlive = stream.keepAlive and not self.closing
         self._finishStream(stream)
         if self.active is stream:
             self.active = None

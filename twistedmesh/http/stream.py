@@ -111,7 +111,8 @@ class Stream:
     log = Logger()
 
     __slots__ = (
-        "method", "path", "authority", "scheme", "version", "requestHeaders", "requestEnded",
+        "method", "path", "authority", "scheme", "version", "requestHeaders", "requestEnded", "keepAlive",
+        "chunked",
         "status", "responseHeaders", "responseStarted", "responseEnded",
         "listener", "downstreamAddress", "startTime", "responseFlags", "responseCodeDetails",
         "upstreamHost", "upstreamCluster", "route", "bytesReceived", "bytesSent", "state",
@@ -132,6 +133,8 @@ class Stream:
         self.version = b"1.1"
         self.requestHeaders: Headers = []
         self.requestEnded = False
+        self.keepAlive = True
+        self.chunked = False
         self.status = 0
         self.responseHeaders: Headers = []
         self.responseStarted = False
@@ -302,6 +305,8 @@ class Stream:
         self._response(_RESPONSE_TRAILERS, self._respLimit - 1, trailers, True)
 
     def _response(self, kind: int, start: int, payload, end: bool) -> None:
+        if self._completed:
+            return
         try:
             self._responseLoop(kind, start, payload, end)
         except Exception:
@@ -428,11 +433,15 @@ class Stream:
         if self._completed:
             return
         self._completed = True
-        for f in self.filters:
+        filters = self.filters
+        for f in filters:
             try:
                 f.streamComplete(self)
             except Exception:
                 self.log.failure("streamComplete of {filter} failed", filter=f)
+        # Filters usually point back at their stream: dropping them here breaks the cycle, so the
+        # exchange is freed at once by reference counting instead of waiting for the cyclic GC.
+        self.filters = ()
 
     @property
     def completed(self) -> bool:

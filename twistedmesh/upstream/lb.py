@@ -28,6 +28,9 @@ class RoundRobin:
         The next host, skipping unhealthy ones and C{exclude} while another host is available.
         """
         hosts = self.hosts
+        if len(hosts) == 1:
+            host = hosts[0]
+            return host if host.healthy else None
         current = self._current
         total = 0
         best = -1
