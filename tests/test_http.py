@@ -376,3 +376,107 @@ class ProxyTests(HTTPTestBase):
         )
         self.assertEqual(code, 0, err)
         self.assertEqual(out, b"POST /curl %d " % len(body) + hashlib.md5(body).hexdigest().encode())
+
+
+class WebSocketOrigin(protocol.Protocol):
+    """
+    A minimal RFC 6455 server: accepts the upgrade, then answers each (masked, unfragmented, short) text
+    frame with an unmasked frame carrying the same text upper-cased.
+    """
+
+    def connectionMade(self):
+        self.buffer = b""
+        self.upgraded = False
+
+    def dataReceived(self, data):
+        import base64
+
+        self.buffer += data
+        if not self.upgraded:
+            head, sep, rest = self.buffer.partition(b"\r\n\r\n")
+            if not sep:
+                return
+            key = [line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"sec-websocket-key:")][0]
+            accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+            self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                                 b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+            self.upgraded = True
+            self.buffer = rest
+        while len(self.buffer) >= 6:
+            length = self.buffer[1] & 0x7F
+            if len(self.buffer) < 6 + length:
+                return
+            mask, payload = self.buffer[2:6], self.buffer[6:6 + length]
+            self.buffer = self.buffer[6 + length:]
+            text = bytes(b ^ mask[i % 4] for i, b in enumerate(payload)).upper()
+            self.transport.write(bytes([0x81, len(text)]) + text)
+
+
+def maskedFrame(text: bytes) -> bytes:
+    """
+    A client's masked text frame.
+    """
+    mask = b"\x01\x02\x03\x04"
+    return bytes([0x81, 0x80 | len(text)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(text))
+
+
+class WebSocketClient(protocol.Protocol):
+    """
+    Upgrades, sends two frames, collects the answers, and closes.
+    """
+
+    def __init__(self):
+        self.received = b""
+        self.done = defer.Deferred()
+        self.closed = defer.Deferred()
+
+    def connectionMade(self):
+        self.transport.write(b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                             b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+
+    def dataReceived(self, data):
+        self.received += data
+        if b"\r\n\r\n" in self.received and not hasattr(self, "sent"):
+            self.sent = True
+            self.transport.write(maskedFrame(b"hello") + maskedFrame(b"mesh"))
+        if self.received.endswith(b"\x81\x04MESH"):
+            self.done.callback(self.received)
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason):
+        self.closed.callback(None)
+
+
+class WebSocketTests(HTTPTestBase):
+    """
+    Upgrades become tunnels.
+    """
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        factory = protocol.Factory.forProtocol(WebSocketOrigin)
+        self.wsPort = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        self.addCleanup(self.wsPort.stopListening)
+        self.service = self.startProxy(self.wsPort.getHost().port)
+        yield self.service.whenLive
+        self.port = self.service.listeners["web"].port.getHost().port
+
+    @defer.inlineCallbacks
+    def test_webSocketEcho(self):
+        """
+        A WebSocket handshake goes through with its upgrade headers, and frames flow both ways.
+        """
+        client = WebSocketClient()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), client)
+        received = yield client.done
+        head, _, frames = received.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 101 Switching Protocols"), head)
+        self.assertIn(b"upgrade: websocket", head.lower())
+        self.assertIn(b"connection: upgrade", head.lower())
+        self.assertIn(b"sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo=", head.lower())
+        self.assertEqual(frames, b"\x81\x05HELLO\x81\x04MESH")
+        yield client.closed
+        yield self.service.listeners["web"].factory.whenDrained()
+        self.assertEqual(self.service.stats.get("http.web.downstream_rq_1xx").value, 1)
+        self.assertEqual(self.service.stats.get("http.web.downstream_rq_active").value, 0)

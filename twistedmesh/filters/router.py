@@ -287,10 +287,17 @@ class RouterFilter(HTTPFilter):
         stream = self.stream
         stream.status = status
         stream.responseHeaders = h1.stripHopByHop(headers)
+        if status == 101 and stream.upgrade is not None:
+            # The upstream accepts the upgrade: the client must see it accept, hop-by-hop or not.
+            for name, value in headers:
+                if name == b"upgrade":
+                    stream.responseHeaders = stream.responseHeaders + [(b"connection", b"upgrade"), (name, value)]
+                    break
         self.cluster.byClass[status // 100].value += 1
         if status >= 500:
             self.host.rq_error += 1
-        stream.sendResponseHeaders(not hasBody)
+        # A 101 is no end: the tunnel follows (upstreamUpgraded).
+        stream.sendResponseHeaders(not hasBody and status != 101)
 
     def upstreamData(self, data: bytes) -> None:
         if not self.finished:
@@ -308,6 +315,23 @@ class RouterFilter(HTTPFilter):
             stream.sendResponseTrailers(trailers)
         elif not stream.responseEnded:
             stream.sendResponseData(b"", True)
+
+    def upstreamUpgraded(self, conn, data: bytes) -> None:
+        """
+        The upstream switched protocols: the stream becomes a tunnel, outside timeouts and retries.
+        """
+        self.conn = None
+        if self.finished:
+            conn.abandon()
+            return
+        self._done()
+        stream = self.stream
+        if stream.upgrade is None:
+            # A 101 nobody asked for: the bytes after it cannot be HTTP any more.
+            conn.abandon()
+            stream.reset("upstream_unrequested_upgrade")
+            return
+        stream.codec.startTunnel(stream, conn, data)
 
     def upstreamFailed(self, reason: str, headersReceived: bool) -> None:
         conn, self.conn = self.conn, None

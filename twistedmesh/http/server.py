@@ -142,6 +142,8 @@ class HTTPConnection(protocol.Protocol):
         self.idleTimer = None
         self.headersTimer = None
         self.bodyProducer = _RequestBodyProducer(self)
+        self.tunnel = None  # after a 101: the Tunnel that now owns both connections
+        self.early: Optional[List[bytes]] = None  # bytes after an upgrade request, before the 101
         self._keepAlive = True
         self._head = False
         self._chunked = False
@@ -157,13 +159,28 @@ class HTTPConnection(protocol.Protocol):
         self._armIdle()
 
     def dataReceived(self, data: bytes) -> None:
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.toUpstream(data)
+            return
         if self.idleTimer is not None:
             self.idleTimer.reset(self.settings.idleTimeout)
-        self.parser.feed(data)
+        early = self.early
+        if early is not None:
+            # Waiting for the upstream's answer to an upgrade: hold these for the tunnel, read no more.
+            early.append(data)
+            return
+        parser = self.parser
+        parser.feed(data)
+        if parser.upgradeData is not None and self.early is None and not self.closing:
+            self.early = [parser.upgradeData] if parser.upgradeData else []
+            self._pause()
 
     def connectionLost(self, reason) -> None:
         self.disconnected = True
         self._cancelTimers()
+        if self.tunnel is not None:
+            self.tunnel.downstreamLost()
         for stream in [self.active] + [p.stream for p in self.pending]:
             if stream is not None and not stream.completed:
                 if not stream.responseEnded:
@@ -218,6 +235,23 @@ class HTTPConnection(protocol.Protocol):
         kept.append((b"x-forwarded-proto", b"http"))
         if not requestId:
             kept.append((b"x-request-id", _requestId(settings.random)))
+        if upgrade:
+            if method == b"CONNECT":
+                stream.authority = authority
+                stream.requestHeaders = kept
+                self._startAlone(stream)
+                stream.keepAlive = False
+                stream.respond(405, b"CONNECT is not supported\n", details="connect_not_supported")
+                return
+            # Hop-by-hop, but the upstream must see the upgrade offer; the connection is the tunnel's or,
+            # if the upstream declines, closes after its answer (the parser stops at an upgrade request).
+            for name, value in headers:
+                if name == b"upgrade":
+                    stream.upgrade = value
+                    kept.append((b"connection", b"upgrade"))
+                    kept.append((b"upgrade", value))
+                    break
+            keepAlive = False
         stream.authority = authority
         stream.requestHeaders = kept
         stream.chunked = chunked
@@ -261,6 +295,29 @@ class HTTPConnection(protocol.Protocol):
             stream.receiveRequestTrailers(trailers)
         else:
             stream.receiveRequestData(b"", True)
+
+    def _startAlone(self, stream: Stream) -> None:
+        # A stream answered by the connection manager itself: make it the active one if it can be.
+        if self.active is None:
+            self.active = stream
+            self.receiving = stream
+            self._startResponseState(stream)
+
+    def startTunnel(self, stream: Stream, upstream, fromUpstream: bytes) -> None:
+        """
+        The upstream answered this stream's upgrade with a 101 (already written): from now on the
+        connection is a raw tunnel to C{upstream}.
+        """
+        from .tunnel import Tunnel
+
+        tunnel = self.tunnel = upstream.tunnel = Tunnel(self, upstream, stream)
+        stream.responseEnded = True  # the HTTP part is over; a close from now on is no reset
+        early, self.early = self.early or [], None
+        self._cancelTimers()
+        tunnel.start(fromUpstream, b"".join(early))
+        if self.pauses:
+            self.pauses = 0
+            self.transport.resumeProducing()
 
     def protocolError(self, status: int, reason: str) -> None:
         """
@@ -321,6 +378,8 @@ class HTTPConnection(protocol.Protocol):
             stream.keepAlive = False
         self._chunked = chunked and not self._head
         self._responseBodyAllowed = bodyAllowed
+        if status == 101:
+            keepAlive = True  # the head carries "connection: upgrade" itself; never "close"
         self.transport.write(h1.encodeResponseHead(status, None, headers, chunked, keepAlive, stream.version))
         if end:
             self._responseDone(stream)

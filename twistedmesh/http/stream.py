@@ -112,7 +112,7 @@ class Stream:
 
     __slots__ = (
         "method", "path", "authority", "scheme", "version", "requestHeaders", "requestEnded", "keepAlive",
-        "chunked",
+        "chunked", "upgrade",
         "status", "responseHeaders", "responseStarted", "responseEnded",
         "listener", "downstreamAddress", "startTime", "responseFlags", "responseCodeDetails",
         "upstreamHost", "upstreamCluster", "route", "bytesReceived", "bytesSent", "state",
@@ -135,6 +135,7 @@ class Stream:
         self.requestEnded = False
         self.keepAlive = True
         self.chunked = False
+        self.upgrade = None  # the Upgrade header's value when the client offers one (a WebSocket, say)
         self.status = 0
         self.responseHeaders: Headers = []
         self.responseStarted = False

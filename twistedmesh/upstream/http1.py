@@ -56,6 +56,12 @@ class Exchange:
         The response is complete (C{trailers}: the trailer fields of a chunked body, or C{None}).
         """
 
+    def upstreamUpgraded(self, conn: "UpstreamConnection", data: bytes) -> None:
+        """
+        The response was a 101: C{conn} now belongs to the exchange as a raw tunnel (C{data}: tunnel bytes
+        that came with the head). It is never returned to the pool.
+        """
+
     def upstreamFailed(self, reason: str, headersReceived: bool) -> None:
         """
         The connection failed or closed before the response was complete (C{reason} is a short
@@ -93,6 +99,9 @@ class UpstreamConnection(protocol.Protocol):
         self.closed = False
         self.headersReceived = False
         self.endedInRead = False
+        self.switching = False  # the response being read is a 101
+        self.upgraded = False  # ... and it has ended: hand the connection to a tunnel
+        self.tunnel = None  # the Tunnel this connection belongs to after a 101
         self.pendingMethod: Optional[bytes] = None
         self.idleTimer = None
 
@@ -113,6 +122,7 @@ class UpstreamConnection(protocol.Protocol):
         self.exchange = exchange
         self.requestDone = not body
         self.headersReceived = False
+        self.switching = False
         if self.endedInRead:
             self.pendingMethod = method  # see the module docstring
         else:
@@ -160,11 +170,22 @@ class UpstreamConnection(protocol.Protocol):
     # -- transport and parser callbacks -------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.toDownstream(data)
+            return
         if self.exchange is None:
             # Bytes nobody asked for: the connection's framing can no longer be trusted.
             self._close(True)
             return
         self.parser.feed(data)
+        if self.upgraded:
+            # A 101 ended the HTTP exchange: the rest of this read (and everything after) is the tunnel's.
+            self.upgraded = False
+            exchange, self.exchange = self.exchange, None
+            if exchange is not None:
+                exchange.upstreamUpgraded(self, self.parser.upgradeData or b"")
+            return
         if self.endedInRead:
             # Every byte of this read is parsed: a response begun during it may now be expected.
             self.endedInRead = False
@@ -182,6 +203,7 @@ class UpstreamConnection(protocol.Protocol):
     def responseHead(self, status: int, reason: bytes, version, headers: list, keepAlive: bool, hasBody: bool,
                      chunked: bool) -> None:
         self.headersReceived = True
+        self.switching = status == 101
         if not keepAlive:
             self.keepAlive = False
         exchange = self.exchange
@@ -197,6 +219,10 @@ class UpstreamConnection(protocol.Protocol):
         exchange = self.exchange
         if exchange is None:
             return  # abandoned during this read
+        if self.switching:
+            # A 101: not the end of anything; dataReceived hands the connection over once feed returns.
+            self.upgraded = True
+            return
         self.exchange = None
         self.endedInRead = True
         if self.requestDone and self.keepAlive:
@@ -222,6 +248,9 @@ class UpstreamConnection(protocol.Protocol):
         self.closed = self.closing = True
         self.keepAlive = False
         self.pool.lost(self)
+        if self.tunnel is not None:
+            self.tunnel.upstreamLost()
+            return
         if self.exchange is not None:
             # A response read until close ends here (upstreamEnd); any other framing was cut short
             # (protocolError, reported as upstream_reset).
