@@ -142,6 +142,7 @@ class HTTPConnection(protocol.Protocol):
         self.idleTimer = None
         self.headersTimer = None
         self.bodyProducer = _RequestBodyProducer(self)
+        self.awaitingHead = True  # no request head is in progress: the next byte starts one
         self.tunnel = None  # after a 101: the Tunnel that now owns both connections
         self.early: Optional[List[bytes]] = None  # bytes after an upgrade request, before the 101
         self._keepAlive = True
@@ -170,6 +171,10 @@ class HTTPConnection(protocol.Protocol):
             # Waiting for the upstream's answer to an upgrade: hold these for the tunnel, read no more.
             early.append(data)
             return
+        if self.headersTimer is None and self.awaitingHead and self.settings.requestHeadersTimeout:
+            # The first bytes of a request: its head must be complete within request_headers_timeout.
+            self.headersTimer = self.settings.clock.callLater(self.settings.requestHeadersTimeout,
+                                                              self._headersTimedOut)
         parser = self.parser
         parser.feed(data)
         if parser.upgradeData is not None and self.early is None and not self.closing:
@@ -197,6 +202,10 @@ class HTTPConnection(protocol.Protocol):
                     chunked: bool, upgrade: bool, expectContinue: bool) -> None:
         settings = self.settings
         self.requests += 1
+        self.awaitingHead = False
+        if self.headersTimer is not None:
+            self.headersTimer.cancel()
+            self.headersTimer = None
         stats = self.httpStats
         stats.downstream_rq_total.value += 1
         stats.downstream_rq_http1_total.value += 1
@@ -283,6 +292,7 @@ class HTTPConnection(protocol.Protocol):
             target.receiveRequestData(data, False)
 
     def requestEnd(self, trailers) -> None:
+        self.awaitingHead = True
         target = self.receiving
         self.receiving = None
         if target.__class__ is _Pending:
@@ -326,7 +336,9 @@ class HTTPConnection(protocol.Protocol):
         """
         self.httpStats.downstream_cx_protocol_error.value += 1
         self.closing = True
-        body = (reason + "\n").encode("utf-8", "replace")
+        # The parser's reason is for logs; the client gets the status's own phrase.
+        body = h1.REASON_PHRASES.get(status, b"Bad Request") + b"\n"
+        details = "http1.codec_error{" + reason.replace(" ", "_") + "}"
         if self.active is None:
             stream = Stream(self, [], self.settings.name, self.peer, self.settings.clock.seconds())
             stream.keepAlive = False
@@ -334,11 +346,17 @@ class HTTPConnection(protocol.Protocol):
             self.httpStats.downstream_rq_active.value += 1
             self.active = stream
             self._startResponseState(stream)
-            stream.respond(status, body, flag="DPE", details="http1.codec_error")
+            stream.respond(status, body, flag="DPE", details=details)
         else:
-            # Answer the good requests before it, then close; the bad one is never forwarded.
-            self._pause()
             self.pending.clear()
+            active = self.active
+            if not active.requestEnded:
+                # The active request's own body is malformed: it cannot be completed upstream.
+                active.keepAlive = False
+                active.respond(status, body, flag="DPE", details=details)
+            else:
+                # Answer the good requests before the bad one, then close; the bad one is never forwarded.
+                self._pause()
 
     # -- what the Stream asks of its codec --------------------------------------------------------------------
 
@@ -487,10 +505,18 @@ class HTTPConnection(protocol.Protocol):
         else:
             self._armIdle()
 
+    def _headersTimedOut(self) -> None:
+        self.headersTimer = None
+        self.httpStats.downstream_rq_timeout.value += 1
+        self.protocolError(408, "request headers not received within request_headers_timeout")
+
     def _cancelTimers(self) -> None:
         if self.idleTimer is not None and self.idleTimer.active():
             self.idleTimer.cancel()
         self.idleTimer = None
+        if self.headersTimer is not None and self.headersTimer.active():
+            self.headersTimer.cancel()
+        self.headersTimer = None
 
 
 class HTTPListenerFactory(protocol.Factory):

@@ -1,0 +1,274 @@
+"""
+Unit tests of the HTTP/1.1 connection manager (L{twistedmesh.http.server}) on memory transports and a
+Clock: framing of responses, keep-alive rules, limits and timeouts. The upstream is played by a filter
+that answers locally, so nothing here touches the router or a socket.
+"""
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial import unittest
+
+from twistedmesh.http.server import HTTPListenerFactory, HTTPSettings
+from twistedmesh.http.stream import HTTPFilter
+from twistedmesh.observability.stats import StatsStore
+
+
+class Answer(HTTPFilter):
+    """
+    Answers every request once its body has ended: 200 with the method, path and body length.
+    """
+
+    def __init__(self):
+        self.body = b""
+
+    def requestHeaders(self, stream):
+        if stream.requestEnded:
+            return self.answer(stream)
+
+    def requestData(self, stream, data, end):
+        self.body += data
+        if end:
+            return self.answer(stream)
+
+    def answer(self, stream):
+        body = b"%s %s %d" % (stream.method, stream.path, len(self.body))
+        return stream.respond(200, body)
+
+
+class Hold(HTTPFilter):
+    """
+    Never answers: the test answers through the stream it records.
+    """
+
+    streams = None
+
+    def requestHeaders(self, stream):
+        Hold.streams.append(stream)
+
+
+def connect(maker=Answer, **settings):
+    """
+    A connection manager on a memory transport; returns (protocol, transport, clock, stats).
+    """
+    clock = Clock()
+    stats = StatsStore()
+    factory = HTTPListenerFactory(HTTPSettings("web", [lambda stream: maker()], stats, clock, **settings), stats)
+    proto = factory.buildProtocol(None)
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "10.1.2.3", 5555))
+    proto.makeConnection(transport)
+    return proto, transport, clock, stats
+
+
+class FramingTests(unittest.TestCase):
+    """
+    How responses are framed and when connections stay open.
+    """
+
+    def test_keepAliveAndPipelining(self):
+        """
+        Pipelined requests are answered in order on one connection, each with a Content-Length.
+        """
+        proto, t, clock, stats = connect()
+        proto.dataReceived(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nPOST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+        out = t.value()
+        self.assertEqual(out.count(b"HTTP/1.1 200 OK\r\n"), 2)
+        self.assertLess(out.index(b"GET /a 0"), out.index(b"POST /b 3"))
+        self.assertIn(b"content-length: 8\r\n", out)
+        self.assertFalse(t.disconnecting)
+        self.assertEqual(stats.get("http.web.downstream_rq_2xx").value, 2)
+        self.assertEqual(stats.get("http.web.downstream_rq_active").value, 0)
+
+    def test_connectionClose(self):
+        """
+        C{Connection: close} is honoured: the answer says so and the connection closes.
+        """
+        proto, t, clock, stats = connect()
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertIn(b"connection: close\r\n", t.value())
+        self.assertTrue(t.disconnecting)
+
+    def test_http10KeepAlive(self):
+        """
+        An HTTP/1.0 client asking for keep-alive gets it, and one that does not is closed.
+        """
+        proto, t, clock, stats = connect()
+        proto.dataReceived(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        self.assertIn(b"connection: keep-alive\r\n", t.value())
+        self.assertFalse(t.disconnecting)
+        proto.dataReceived(b"GET / HTTP/1.0\r\n\r\n")
+        self.assertTrue(t.disconnecting)
+
+    def test_chunkedResponse(self):
+        """
+        A streamed response without a length is chunked for an HTTP/1.1 client, with trailers.
+        """
+        Hold.streams = []
+        proto, t, clock, stats = connect(Hold)
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        [stream] = Hold.streams
+        stream.status = 200
+        stream.responseHeaders = []
+        stream.sendResponseHeaders()
+        stream.sendResponseData(b"hello", False)
+        stream.sendResponseTrailers([(b"grpc-status", b"0")])
+        self.assertEqual(t.value(), b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+                                    b"5\r\nhello\r\n0\r\ngrpc-status: 0\r\n\r\n")
+
+    def test_http10StreamedResponseCloses(self):
+        """
+        A streamed response without a length to an HTTP/1.0 client ends with the connection.
+        """
+        Hold.streams = []
+        proto, t, clock, stats = connect(Hold)
+        proto.dataReceived(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        [stream] = Hold.streams
+        stream.status = 200
+        stream.responseHeaders = []
+        stream.sendResponseHeaders()
+        stream.sendResponseData(b"body", True)
+        self.assertNotIn(b"transfer-encoding", t.value())
+        self.assertTrue(t.value().endswith(b"\r\n\r\nbody"))
+        self.assertTrue(t.disconnecting)
+
+    def test_headNoBody(self):
+        """
+        The answer to HEAD has no body bytes even when the answer carries one.
+        """
+        proto, t, clock, stats = connect()
+        proto.dataReceived(b"HEAD /x HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(t.value().endswith(b"\r\n\r\n"), t.value())
+
+    def test_forwardingHeaders(self):
+        """
+        The connection manager appends the peer to x-forwarded-for, sets x-forwarded-proto, adds an
+        x-request-id, and strips hop-by-hop fields.
+        """
+        Hold.streams = []
+        proto, t, clock, stats = connect(Hold)
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 1.1.1.1\r\nX-Forwarded-Proto: https\r\n"
+                           b"Connection: x-drop\r\nX-Drop: 1\r\nKeep-Alive: 5\r\n\r\n")
+        [stream] = Hold.streams
+        names = [n for n, _ in stream.requestHeaders]
+        self.assertEqual(stream.authority, b"h")
+        self.assertIn((b"x-forwarded-for", b"1.1.1.1, 10.1.2.3"), stream.requestHeaders)
+        self.assertIn((b"x-forwarded-proto", b"http"), stream.requestHeaders)
+        self.assertNotIn(b"x-drop", names)
+        self.assertNotIn(b"keep-alive", names)
+        self.assertEqual(names.count(b"x-request-id"), 1)
+
+    def test_maxRequestsPerConnection(self):
+        """
+        The last request allowed on a connection is answered with C{connection: close}.
+        """
+        proto, t, clock, stats = connect(maxRequestsPerConnection=2)
+        proto.dataReceived(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertFalse(t.disconnecting)
+        proto.dataReceived(b"GET /2 HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(t.value().endswith(b"GET /2 0"))
+        self.assertIn(b"connection: close", t.value().split(b"GET /1 0")[1])
+        self.assertTrue(t.disconnecting)
+
+
+class LimitTests(unittest.TestCase):
+    """
+    Bad and oversized requests.
+    """
+
+    def test_malformedIs400AndClose(self):
+        """
+        A malformed request gets 400 with the standard phrase (not the parser's words) and a close.
+        """
+        proto, t, clock, stats = connect()
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n")
+        self.assertTrue(t.value().startswith(b"HTTP/1.1 400 Bad Request\r\n"))
+        self.assertTrue(t.value().endswith(b"\r\n\r\nBad Request\n"))
+        self.assertTrue(t.disconnecting)
+        self.assertEqual(stats.get("http.web.downstream_cx_protocol_error").value, 1)
+        self.assertEqual(stats.get("http.web.downstream_rq_4xx").value, 1)
+
+    def test_headersTooLarge(self):
+        """
+        A head over C{max_request_headers_size} gets 431.
+        """
+        proto, t, clock, stats = connect(maxHeaderBytes=100)
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 200 + b"\r\n\r\n")
+        self.assertTrue(t.value().startswith(b"HTTP/1.1 431 "), t.value()[:40])
+
+    def test_tooManyHeaders(self):
+        """
+        More fields than C{max_request_headers_count} gets 431.
+        """
+        proto, t, clock, stats = connect(maxHeaders=3)
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\nA: 1\r\nB: 2\r\nC: 3\r\n\r\n")
+        self.assertTrue(t.value().startswith(b"HTTP/1.1 431 "), t.value()[:40])
+
+    def test_badChunkMidBody(self):
+        """
+        A malformed chunk in the body of the request being served ends it with 400 and a close.
+        """
+        Hold.streams = []
+        proto, t, clock, stats = connect(Hold)
+        proto.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n")
+        [stream] = Hold.streams
+        self.assertEqual(stream.status, 400)
+        self.assertTrue(stream.completed)
+        self.assertTrue(t.disconnecting)
+
+    def test_goodThenBad(self):
+        """
+        A good request pipelined before a bad one is answered; the bad one is answered 400 only if no
+        response is under way, and the connection closes.
+        """
+        proto, t, clock, stats = connect()
+        proto.dataReceived(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\n\r\n")
+        self.assertIn(b"GET /ok 0", t.value())
+        self.assertIn(b"HTTP/1.1 400 Bad Request", t.value())
+        self.assertTrue(t.disconnecting)
+
+    def test_requestHeadersTimeout(self):
+        """
+        A head not complete within C{request_headers_timeout} gets 408 and a close.
+        """
+        proto, t, clock, stats = connect(requestHeadersTimeout=5.0)
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        clock.advance(4.9)
+        self.assertEqual(t.value(), b"")
+        clock.advance(0.2)
+        self.assertTrue(t.value().startswith(b"HTTP/1.1 408 Request Timeout\r\n"), t.value()[:40])
+        self.assertTrue(t.disconnecting)
+        self.assertEqual(stats.get("http.web.downstream_rq_timeout").value, 1)
+
+    def test_requestHeadersTimeoutPerRequest(self):
+        """
+        The head timeout runs per request, not per connection: a slow stream of quick requests is fine.
+        """
+        proto, t, clock, stats = connect(requestHeadersTimeout=5.0)
+        for i in range(3):
+            proto.dataReceived(b"GET / HTTP/1.1\r\n")
+            clock.advance(3)
+            proto.dataReceived(b"Host: x\r\n\r\n")
+            clock.advance(3)
+        self.assertEqual(t.value().count(b"200 OK"), 3)
+        self.assertFalse(t.disconnecting)
+
+    def test_idleTimeout(self):
+        """
+        A connection with no request for C{idle_timeout} is closed.
+        """
+        proto, t, clock, stats = connect(idleTimeout=30.0)
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        clock.advance(29)
+        self.assertFalse(t.disconnecting)
+        clock.advance(2)
+        self.assertTrue(t.disconnecting)
+        self.assertEqual(stats.get("http.web.downstream_cx_idle_timeout").value, 1)
+
+    def test_connectRefused(self):
+        """
+        CONNECT is answered 405 and the connection closed.
+        """
+        proto, t, clock, stats = connect()
+        proto.dataReceived(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+        self.assertTrue(t.value().startswith(b"HTTP/1.1 405 "), t.value()[:40])
+        self.assertTrue(t.disconnecting)
