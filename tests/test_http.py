@@ -480,3 +480,140 @@ class WebSocketTests(HTTPTestBase):
         yield self.service.listeners["web"].factory.whenDrained()
         self.assertEqual(self.service.stats.get("http.web.downstream_rq_1xx").value, 1)
         self.assertEqual(self.service.stats.get("http.web.downstream_rq_active").value, 0)
+
+
+class SlowReader(protocol.Protocol):
+    """
+    Sends a request, then reads only when told to; counts the bytes it got.
+    """
+
+    def __init__(self, request: bytes):
+        self.request = request
+        self.received = 0
+        self.digest = hashlib.md5()
+        self.headerDone = False
+        self.closed = defer.Deferred()
+
+    def connectionMade(self):
+        self.transport.write(self.request)
+
+    def dataReceived(self, data):
+        if not self.headerDone:
+            head, sep, data = data.partition(b"\r\n\r\n")
+            self.headerDone = bool(sep)
+        self.received += len(data)
+
+    def connectionLost(self, reason):
+        self.closed.callback(self.received)
+
+
+class BackpressureTests(HTTPTestBase):
+    """
+    A slow client pauses the upstream: the proxy never holds more than a bounded amount of a body.
+    """
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_slowClientDownload(self):
+        """
+        While a client reads nothing, the proxy stops reading the upstream; the 64 MiB body then arrives
+        whole, and the proxy's buffer stayed bounded throughout.
+        """
+        size = 64 << 20
+        client = SlowReader(b"GET /size/%d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % size)
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), client)
+        client.transport.pauseProducing()
+        factory = self.service.listeners["web"].factory
+        peak = 0
+        for _ in range(20):
+            yield deferLater(reactor, 0.05, lambda: None)
+            for conn in factory.connections:
+                t = conn.transport
+                peak = max(peak, len(t.dataBuffer) + t._tempDataLen)
+        # Without backpressure the whole 64 MiB would sit in the proxy within a second.
+        self.assertLess(peak, 8 << 20)
+        client.transport.resumeProducing()
+        received = yield client.closed
+        self.assertEqual(received, size)
+
+
+class StallingOrigin(protocol.Protocol):
+    """
+    Stops reading right after the first bytes of a request until resumed; then counts the body and
+    answers with its length.
+    """
+
+    instances = None
+
+    def connectionMade(self):
+        self.count = 0
+        self.head = b""
+        StallingOrigin.instances.append(self)
+
+    def dataReceived(self, data):
+        if not self.head:
+            head, _, data = data.partition(b"\r\n\r\n")
+            self.head = head
+            self.length = int([l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0])
+            self.transport.pauseProducing()
+        self.count += len(data)
+        if self.count >= self.length:
+            body = b"%d" % self.count
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+
+class UploadBackpressureTests(HTTPTestBase):
+    """
+    A slow upstream pauses the client's upload.
+    """
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        StallingOrigin.instances = []
+        factory = protocol.Factory.forProtocol(StallingOrigin)
+        self.originPort = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        self.addCleanup(self.originPort.stopListening)
+        self.service = self.startProxy(self.originPort.getHost().port)
+        yield self.service.whenLive
+        self.port = self.service.listeners["web"].port.getHost().port
+
+    @defer.inlineCallbacks
+    def test_slowUpstreamUpload(self):
+        """
+        While the upstream reads nothing, the proxy stops reading the client; the 64 MiB upload then
+        arrives whole, and the proxy's buffers stayed bounded.
+        """
+        size = 64 << 20
+
+        class Uploader(protocol.Protocol):
+            def connectionMade(self):
+                self.transport.write(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
+                self.transport.write(b"u" * size)
+
+            def dataReceived(self, data):
+                self.answer = getattr(self, "answer", b"") + data
+                if self.answer.endswith(b"%d" % size):
+                    self.transport.loseConnection()
+
+            def connectionLost(self, reason):
+                self.closed.callback(getattr(self, "answer", b""))
+
+        client = Uploader()
+        client.closed = defer.Deferred()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), client)
+        cluster = self.service.clusters["origin"]
+        peak = 0
+        for _ in range(20):
+            yield deferLater(reactor, 0.05, lambda: None)
+            for pool in cluster.pools.pools.values():
+                for conn in pool.connections:
+                    t = conn.transport
+                    peak = max(peak, len(t.dataBuffer) + t._tempDataLen)
+        self.assertLess(peak, 8 << 20)
+        for origin in StallingOrigin.instances:
+            origin.transport.resumeProducing()
+        answer = yield client.closed
+        self.assertTrue(answer.endswith(b"\r\n\r\n%d" % size), answer[-100:])
