@@ -9,7 +9,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
-from twistedmesh.http.server import HTTPListenerFactory, HTTPSettings
+from twistedmesh.http.server import HTTPSettings
+from twistedmesh.listener.http import HTTPListenerFactory
 from twistedmesh.http.stream import HTTPFilter
 from twistedmesh.observability.stats import StatsStore
 

@@ -16,7 +16,8 @@ from twisted.logger import Logger
 from .config import Config, ConfigError, ConfigErrors
 from .demo import makeEchoFactory
 from .http.routes import RouteTable
-from .http.server import HTTPListenerFactory, HTTPSettings
+from .http.server import HTTPSettings
+from .listener.http import HTTPListenerFactory
 from .listener.tcp import TCPListenerFactory
 from .observability.stats import StatsStore
 from .plugins import FilterContext, buildChain, factoriesFor

@@ -152,9 +152,12 @@ class HTTPConnection(protocol.Protocol):
 
     # -- connection lifecycle ---------------------------------------------------------------------------------
 
+    factory = None  # the listener's factory, told when the connection opens and closes
+
     def connectionMade(self) -> None:
+        if self.factory is not None:
+            self.factory.connectionOpened(self)
         self.parser = h1.RequestParser(self, self.settings.maxHeaderBytes, self.settings.maxHeaders)
-        self.transport.setTcpNoDelay(True) if hasattr(self.transport, "setTcpNoDelay") else None
         self.peer = self.transport.getPeer()
         self.peerHost = getattr(self.peer, "host", "").encode("ascii")
         self._armIdle()
@@ -195,6 +198,8 @@ class HTTPConnection(protocol.Protocol):
                 self._finishStream(stream)
         self.pending.clear()
         self.active = None
+        if self.factory is not None:
+            self.factory.connectionClosed(self)
 
     # -- parser callbacks -----------------------------------------------------------------------------------
 
@@ -517,57 +522,3 @@ class HTTPConnection(protocol.Protocol):
         if self.headersTimer is not None and self.headersTimer.active():
             self.headersTimer.cancel()
         self.headersTimer = None
-
-
-class HTTPListenerFactory(protocol.Factory):
-    """
-    Makes an L{HTTPConnection} per accepted connection and keeps count, like the TCP listener factory.
-    """
-
-    noisy = False
-
-    def __init__(self, settings: HTTPSettings, stats) -> None:
-        self.settings = settings
-        self.httpStats = HTTPStats(stats.scope("http", settings.name))
-        scope = stats.scope("listener", settings.name)
-        self.downstream_cx_total = scope.counter("downstream_cx_total")
-        self.downstream_cx_active = scope.gauge("downstream_cx_active")
-        self.connections = set()
-        self._drained = []
-
-    def buildProtocol(self, addr) -> HTTPConnection:
-        conn = _TrackedHTTPConnection(self.settings, self.httpStats)
-        conn.factory = self
-        return conn
-
-    def whenDrained(self):
-        from twisted.internet.defer import Deferred, succeed
-
-        if not self.connections:
-            return succeed(None)
-        d = Deferred()
-        self._drained.append(d)
-        return d
-
-    def abortAll(self) -> None:
-        for conn in list(self.connections):
-            conn.transport.abortConnection()
-
-
-class _TrackedHTTPConnection(HTTPConnection):
-    def connectionMade(self) -> None:
-        f = self.factory
-        f.connections.add(self)
-        f.downstream_cx_total.value += 1
-        f.downstream_cx_active.value += 1
-        super().connectionMade()
-
-    def connectionLost(self, reason) -> None:
-        super().connectionLost(reason)
-        f = self.factory
-        f.connections.discard(self)
-        f.downstream_cx_active.value -= 1
-        if not f.connections:
-            waiting, f._drained = f._drained, []
-            for d in waiting:
-                d.callback(None)

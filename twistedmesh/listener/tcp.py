@@ -18,11 +18,12 @@ from ..observability.stats import StatsStore
 from .chain import NetworkConnection
 
 
-class TCPListenerFactory(protocol.Factory):
+class ListenerFactory(protocol.Factory):
     """
-    Builds the L{NetworkConnection}s of one C{protocol = tcp} listener.
+    What every listener's factory does whatever its protocol: count connections with Envoy's listener
+    stats, set C{TCP_NODELAY}, and keep the live connections for draining and shutdown. Its protocols call
+    L{connectionOpened} and L{connectionClosed}.
 
-    @ivar config: the listener's config.
     @ivar connections: the live connections.
     @ivar downstream_cx_total: the counter C{listener.<name>.downstream_cx_total}.
     @ivar downstream_cx_active: the gauge C{listener.<name>.downstream_cx_active}.
@@ -32,37 +33,14 @@ class TCPListenerFactory(protocol.Factory):
     # One "Starting factory" line per listener is noise next to our own logs.
     noisy = False
 
-    def __init__(
-        self,
-        config: ListenerConfig,
-        makers: Sequence[Callable[[INetworkConnection], INetworkFilter]],
-        stats: StatsStore,
-        clock: IReactorTime,
-    ) -> None:
-        """
-        @param config: the listener's config.
-        @param makers: the network filter makers, first to last (L{twistedmesh.plugins.buildChain}).
-        @param stats: where the listener's stats live.
-        @param clock: the clock handed to every connection (and so to its filters).
-        """
-        self.config = config
-        self.makers = list(makers)
-        self.clock = clock
-        scope = stats.scope("listener", config.name)
+    def __init__(self, name: str, stats: StatsStore) -> None:
+        scope = stats.scope("listener", name)
         self.downstream_cx_total = scope.counter("downstream_cx_total")
         self.downstream_cx_active = scope.gauge("downstream_cx_active")
-        self.connections: Set[NetworkConnection] = set()
+        self.connections: Set[protocol.Protocol] = set()
         self._drainWaiters: List[Deferred] = []
 
-    def buildProtocol(self, addr: IAddress) -> NetworkConnection:
-        """
-        A new L{NetworkConnection} running this listener's filter chain.
-        """
-        conn = NetworkConnection(self.config.name, self.makers, self.clock)
-        conn.factory = self
-        return conn
-
-    def connectionOpened(self, conn: NetworkConnection) -> None:
+    def connectionOpened(self, conn: protocol.Protocol) -> None:
         """
         C{conn} was accepted (called by the connection): count it and set C{TCP_NODELAY}.
         """
@@ -74,7 +52,7 @@ class TCPListenerFactory(protocol.Factory):
         self.downstream_cx_total.value += 1
         self.downstream_cx_active.value += 1
 
-    def connectionClosed(self, conn: NetworkConnection) -> None:
+    def connectionClosed(self, conn: protocol.Protocol) -> None:
         """
         C{conn} is gone (called by the connection): forget it, and fire L{whenDrained} if it was the last.
         """
@@ -104,3 +82,37 @@ class TCPListenerFactory(protocol.Factory):
         """
         for conn in list(self.connections):
             conn.transport.abortConnection()
+
+
+class TCPListenerFactory(ListenerFactory):
+    """
+    Builds the L{NetworkConnection}s of one C{protocol = tcp} listener.
+
+    @ivar config: the listener's config.
+    """
+
+    def __init__(
+        self,
+        config: ListenerConfig,
+        makers: Sequence[Callable[[INetworkConnection], INetworkFilter]],
+        stats: StatsStore,
+        clock: IReactorTime,
+    ) -> None:
+        """
+        @param config: the listener's config.
+        @param makers: the network filter makers, first to last (L{twistedmesh.plugins.buildChain}).
+        @param stats: where the listener's stats live.
+        @param clock: the clock handed to every connection (and so to its filters).
+        """
+        super().__init__(config.name, stats)
+        self.config = config
+        self.makers = list(makers)
+        self.clock = clock
+
+    def buildProtocol(self, addr: IAddress) -> NetworkConnection:
+        """
+        A new L{NetworkConnection} running this listener's filter chain.
+        """
+        conn = NetworkConnection(self.config.name, self.makers, self.clock)
+        conn.factory = self
+        return conn
