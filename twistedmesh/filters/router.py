@@ -99,7 +99,7 @@ class RouterFilter(HTTPFilter):
     __slots__ = ("shared", "stream", "route", "cluster", "host", "conn", "head", "chunked", "hasBody",
                  "buffered", "bufferedBytes", "replayable", "requestDone", "trailers", "timer", "tryTimer",
                  "retriesLeft", "attempts", "responseStarted", "finished", "retryTimer", "pausedForConnect",
-                 "attempt")
+                 "attempt", "limitExceeded")
 
     def __init__(self, shared: _Shared) -> None:
         self.shared = shared
@@ -125,6 +125,7 @@ class RouterFilter(HTTPFilter):
         self.finished = False
         self.pausedForConnect = False
         self.attempt: Optional[_Attempt] = None
+        self.limitExceeded = False  # a retry the policy allowed was refused for want of retries (URX)
 
     # -- request hooks ------------------------------------------------------------------------------------
 
@@ -153,8 +154,6 @@ class RouterFilter(HTTPFilter):
         self.retriesLeft = retry.num if retry.on else 0
         if route.timeout:
             self.timer = shared.clock.callLater(route.timeout, self._timedOut)
-        cluster.upstream_rq_total.value += 1
-        cluster.upstream_rq_active.value += 1
         self._attempt()
         return None
 
@@ -220,6 +219,11 @@ class RouterFilter(HTTPFilter):
         The current attempt's connection is ready (called through its L{_Attempt}).
         """
         self.conn = conn
+        # Envoy counts upstream requests per request attached to an upstream connection: each retry
+        # counts, a request that never got a connection (UH, UF) does not.
+        cluster = self.cluster
+        cluster.upstream_rq_total.value += 1
+        cluster.upstream_rq_active.value += 1
         stream = self.stream
         conn.begin(self, stream.method, self.head, self.hasBody)
         stream.codec.registerResponseProducer(conn.transport)
@@ -252,13 +256,17 @@ class RouterFilter(HTTPFilter):
         Start another attempt if the route's policy allows it for C{why}; return whether it did.
         """
         retry = self.route.retry
-        if (self.retriesLeft <= 0 or not self.replayable or self.responseStarted or self.cluster.pools.closed
-                or not _allows(retry.on, retry.retriable_status_codes, why, status)):
+        if not retry.on or not _allows(retry.on, retry.retriable_status_codes, why, status):
+            return False
+        if self.retriesLeft <= 0:
+            self.limitExceeded = True  # Envoy's URX: the policy would retry, the limit says no
+            return False
+        if not self.replayable or self.responseStarted or self.cluster.pools.closed:
             return False
         self.retriesLeft -= 1
         self.cluster.upstream_rq_retry.value += 1
         self.attempt = None  # a connect still pending for the old attempt is given back when it lands
-        conn, self.conn = self.conn, None
+        conn = self._detach()
         if conn is not None:
             self._unregister(conn)
             conn.abandon()
@@ -278,13 +286,15 @@ class RouterFilter(HTTPFilter):
     def upstreamHead(self, status: int, headers: list, hasBody: bool) -> None:
         if self.finished:
             return
-        if self.retriesLeft and self._retry("status", status):
+        if self._retry("status", status):
             self._cancelTryTimer()
             self.host.rq_error += 1
             return
         self._cancelTryTimer()
         self.responseStarted = True
         stream = self.stream
+        if self.limitExceeded:
+            stream.responseFlags.append("URX")
         stream.status = status
         stream.responseHeaders = h1.stripHopByHop(headers)
         if status == 101 and stream.upgrade is not None:
@@ -304,7 +314,7 @@ class RouterFilter(HTTPFilter):
             self.stream.sendResponseData(data, False)
 
     def upstreamEnd(self, trailers) -> None:
-        conn, self.conn = self.conn, None
+        conn = self._detach()
         if self.finished or not self.responseStarted:
             return
         self._done()
@@ -320,7 +330,7 @@ class RouterFilter(HTTPFilter):
         """
         The upstream switched protocols: the stream becomes a tunnel, outside timeouts and retries.
         """
-        self.conn = None
+        self._detach()
         if self.finished:
             conn.abandon()
             return
@@ -334,7 +344,7 @@ class RouterFilter(HTTPFilter):
         stream.codec.startTunnel(stream, conn, data)
 
     def upstreamFailed(self, reason: str, headersReceived: bool) -> None:
-        conn, self.conn = self.conn, None
+        conn = self._detach()
         if self.finished:
             return
         if conn is not None:
@@ -359,7 +369,7 @@ class RouterFilter(HTTPFilter):
     def _timedOut(self) -> None:
         self.timer = None
         self.cluster.upstream_rq_timeout.value += 1
-        conn, self.conn = self.conn, None
+        conn = self._detach()
         if conn is not None:
             self._unregister(conn)
             conn.abandon()
@@ -375,18 +385,20 @@ class RouterFilter(HTTPFilter):
         self.cluster.upstream_rq_per_try_timeout.value += 1
         if self._retry("per-try-timeout"):
             return
-        conn, self.conn = self.conn, None
+        conn = self._detach()
         if conn is not None:
             self._unregister(conn)
             conn.abandon()
         self._fail(504, "UT", "upstream_per_try_timeout", b"upstream request timeout")
 
     def _fail(self, status: int, flag: str, details: str, body: bytes) -> None:
-        if self.attempts > 1 and flag != "UT":
-            flag = flag + ",URX" if self.retriesLeft == 0 else flag
         self._done()
         self.cluster.byClass[status // 100].value += 1
-        self.stream.respond(status, body + b"\n", flag=flag, details=details)
+        flags = self.stream.responseFlags
+        flags.append(flag)
+        if self.limitExceeded:
+            flags.append("URX")
+        self.stream.respond(status, body + b"\n", details=details)
 
     def _done(self) -> None:
         if self.finished:
@@ -395,7 +407,6 @@ class RouterFilter(HTTPFilter):
         if self.pausedForConnect:
             self.pausedForConnect = False
             self.stream.codec.resumeRequest(self.stream)
-        self.cluster.upstream_rq_active.value -= 1
         self._cancelTryTimer()
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
@@ -408,6 +419,15 @@ class RouterFilter(HTTPFilter):
         if self.tryTimer is not None and self.tryTimer.active():
             self.tryTimer.cancel()
         self.tryTimer = None
+
+    def _detach(self):
+        """
+        Take the current attempt's connection off this router (counting the upstream request out).
+        """
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            self.cluster.upstream_rq_active.value -= 1
+        return conn
 
     def _unregisterBody(self) -> None:
         conn = self.conn
@@ -426,7 +446,7 @@ class RouterFilter(HTTPFilter):
     def streamComplete(self, stream: Stream) -> None:
         if self.stream is None:
             return
-        conn, self.conn = self.conn, None
+        conn = self._detach()
         if conn is not None:
             # The downstream went away (or was reset) mid-exchange: that connection's state is unknown.
             self._unregister(conn)

@@ -206,11 +206,16 @@ class HTTPConnection(protocol.Protocol):
     def requestHead(self, method: bytes, target: bytes, version: bytes, headers, keepAlive: bool, hasBody: bool,
                     chunked: bool, upgrade: bool, expectContinue: bool) -> None:
         settings = self.settings
-        self.requests += 1
         self.awaitingHead = False
         if self.headersTimer is not None:
             self.headersTimer.cancel()
             self.headersTimer = None
+        if self.closing:
+            # Pipelined behind a response that closes the connection: never answered, so never counted
+            # or routed (its body and end are dropped: requestData/requestEnd ignore a None target).
+            self.receiving = None
+            return
+        self.requests += 1
         stats = self.httpStats
         stats.downstream_rq_total.value += 1
         stats.downstream_rq_http1_total.value += 1
@@ -353,7 +358,7 @@ class HTTPConnection(protocol.Protocol):
             self._startResponseState(stream)
             stream.respond(status, body, flag="DPE", details=details)
         else:
-            self.pending.clear()
+            self._dropPending()
             active = self.active
             if not active.requestEnded:
                 # The active request's own body is malformed: it cannot be completed upstream.
@@ -426,9 +431,14 @@ class HTTPConnection(protocol.Protocol):
     def resetStream(self, stream: Stream, reason: str) -> None:
         self.httpStats.downstream_rq_tx_reset.value += 1
         self.closing = True
+        self._dropPending()
         if not self.disconnected:
             # A half-sent response must not look complete: abort, don't close gracefully.
             self.transport.abortConnection()
+        # Count it out like any finished stream (Stream.reset's own complete() is then a no-op).
+        self._finishStream(stream)
+        if self.active is stream:
+            self.active = None
 
     def registerResponseProducer(self, producer) -> None:
         """
@@ -450,11 +460,20 @@ class HTTPConnection(protocol.Protocol):
             self.active = None
         if not keepAlive:
             self.closing = True
-            self.pending.clear()
+            self._dropPending()
             self.transport.loseConnection()
             return
         if self.pending:
             self._next()
+
+    def _dropPending(self) -> None:
+        """
+        The connection closes before the pipelined requests waiting behind the active one are answered:
+        count them out of C{downstream_rq_active} and complete their streams.
+        """
+        pending, self.pending = self.pending, deque()
+        for p in pending:
+            self._finishStream(p.stream)
 
     def _finishStream(self, stream: Stream) -> None:
         if stream.completed:
