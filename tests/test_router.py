@@ -28,6 +28,10 @@ from twistedmesh.service import MeshService
 from twistedmesh.upstream.http1 import UpstreamConnection
 
 ROUTES = """
+[route:main/idle]
+prefix = /idle/
+cluster = origin
+idle_timeout = 2s
 [route:main/redirect]
 path = /old
 redirect = https://example.com/new
@@ -504,6 +508,46 @@ class RouteTimeoutTests(RouterTestBase):
 
 
 # -- per-try timeout and back-off
+
+
+class IdleTimeoutTests(RouterTestBase):
+    """
+    The route's C{idle_timeout} bounds the silence in an exchange, not its length.
+    """
+
+    hosts = 1
+
+    def test_idleBeforeResponse(self) -> None:
+        """
+        An upstream silent for C{idle_timeout} before answering gets a 408 with flag SI.
+        """
+        client = self.get(b"/idle/x")
+        conn, upT = self.connect()
+        self.clock.advance(1.999)
+        self.assertEqual(client.transport.value(), b"")
+        self.clock.advance(0.001)
+        r = client.response()
+        self.assertEqual(r.status, 408)
+        self.assertEqual(client.stream.responseFlags, ["SI"])
+        self.assertEqual(client.stream.responseCodeDetails, "stream_idle_timeout")
+        self.assertAbandoned(conn, upT)
+        self.clock.advance(0)
+
+    def test_activityResetsIdle(self) -> None:
+        """
+        Body bytes keep the exchange alive past the idle timeout; silence after the head resets it.
+        """
+        client = self.get(b"/idle/x")
+        conn, upT = self.connect()
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+        for _ in range(5):
+            self.clock.advance(1.5)
+            conn.dataReceived(b"x" * 10)
+        self.assertFalse(client.transport.disconnecting)
+        self.clock.advance(2)
+        self.assertTrue(client.transport.disconnecting)
+        self.assertEqual(client.stream.responseCodeDetails, "stream_idle_timeout")
+        self.clock.advance(0)
 
 
 class PerTryTimeoutTests(RouterTestBase):

@@ -99,7 +99,7 @@ class RouterFilter(HTTPFilter):
     __slots__ = ("shared", "stream", "route", "cluster", "host", "conn", "head", "chunked", "hasBody",
                  "buffered", "bufferedBytes", "replayable", "requestDone", "trailers", "timer", "tryTimer",
                  "retriesLeft", "attempts", "responseStarted", "finished", "retryTimer", "pausedForConnect",
-                 "attempt", "limitExceeded")
+                 "attempt", "limitExceeded", "idleTimer")
 
     def __init__(self, shared: _Shared) -> None:
         self.shared = shared
@@ -126,6 +126,7 @@ class RouterFilter(HTTPFilter):
         self.pausedForConnect = False
         self.attempt: Optional[_Attempt] = None
         self.limitExceeded = False  # a retry the policy allowed was refused for want of retries (URX)
+        self.idleTimer = None  # the route's idle_timeout: no body bytes either way for that long
 
     # -- request hooks ------------------------------------------------------------------------------------
 
@@ -152,6 +153,8 @@ class RouterFilter(HTTPFilter):
         self.requestDone = not self.hasBody
         retry = route.retry
         self.retriesLeft = retry.num if retry.on else 0
+        if route.idleTimeout:
+            self.idleTimer = shared.clock.callLater(route.idleTimeout, self._idle)
         if route.timeout:
             self.timer = shared.clock.callLater(route.timeout, self._timedOut)
         self._attempt()
@@ -166,6 +169,8 @@ class RouterFilter(HTTPFilter):
         return h1.encodeRequestHead(stream.method, stream.path, headers, chunked), chunked, hasBody
 
     def requestData(self, stream: Stream, data: bytes, end: bool) -> object:
+        if self.idleTimer is not None:
+            self.idleTimer.reset(self.route.idleTimeout)
         conn = self.conn
         if data:
             if self.replayable:
@@ -224,6 +229,7 @@ class RouterFilter(HTTPFilter):
         cluster = self.cluster
         cluster.upstream_rq_total.value += 1
         cluster.upstream_rq_active.value += 1
+        conn.pool.host.rq_active += 1  # what least_request balances on
         stream = self.stream
         conn.begin(self, stream.method, self.head, self.hasBody)
         stream.codec.registerResponseProducer(conn.transport)
@@ -310,6 +316,8 @@ class RouterFilter(HTTPFilter):
         stream.sendResponseHeaders(not hasBody and status != 101)
 
     def upstreamData(self, data: bytes) -> None:
+        if self.idleTimer is not None:
+            self.idleTimer.reset(self.route.idleTimeout)
         if not self.finished:
             self.stream.sendResponseData(data, False)
 
@@ -380,6 +388,19 @@ class RouterFilter(HTTPFilter):
         else:
             self._fail(504, "UT", "upstream_response_timeout", b"upstream request timeout")
 
+    def _idle(self) -> None:
+        # Envoy's stream idle timeout: 408 while nothing was answered yet, a reset after that.
+        self.idleTimer = None
+        conn = self._detach()
+        if conn is not None:
+            self._unregister(conn)
+            conn.abandon()
+        if self.responseStarted:
+            self._done()
+            self.stream.reset("stream_idle_timeout")
+        else:
+            self._fail(408, "SI", "stream_idle_timeout", b"stream timeout")
+
     def _tryTimedOut(self) -> None:
         self.tryTimer = None
         self.cluster.upstream_rq_per_try_timeout.value += 1
@@ -411,6 +432,9 @@ class RouterFilter(HTTPFilter):
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
         self.timer = None
+        if self.idleTimer is not None and self.idleTimer.active():
+            self.idleTimer.cancel()
+        self.idleTimer = None
         if self.retryTimer is not None and self.retryTimer.active():
             self.retryTimer.cancel()
         self.retryTimer = None
@@ -427,6 +451,7 @@ class RouterFilter(HTTPFilter):
         conn, self.conn = self.conn, None
         if conn is not None:
             self.cluster.upstream_rq_active.value -= 1
+            conn.pool.host.rq_active -= 1
         return conn
 
     def _unregisterBody(self) -> None:

@@ -1,0 +1,1260 @@
+"""
+Access logs: one line per HTTP request (or per TCP connection), in Envoy's format language.
+
+Three parts, each resolved once at config load so that a request pays only for what it logs:
+
+  - B{Formats.} A format string such as C{[%START_TIME%] "%REQ(:METHOD)% %REQ(:PATH)%" %RESPONSE_CODE%} is
+    compiled by L{compileFormat} (or L{compileJSONFormat}) into a tuple of literal strings and I{getters},
+    small closures C{(record, endTime) -> str}. Rendering a line is one C{"".join}. Unknown operators and bad
+    arguments are L{FormatError}s at compile time, never at request time.
+  - B{Filters.} L{AccessLogger.log} checks the configured status, duration and flag filters first, on plain
+    fields, so a request that is not logged costs a few comparisons and no formatting.
+  - B{Sinks.} L{FileSink} never blocks the reactor: lines are appended to a list, and a timer (or a full
+    batch) hands the list to one writer thread that joins, encodes and writes it. The writer's backlog is
+    bounded; past the bound whole batches are dropped and counted (C{access_log.dropped}) rather than
+    letting memory grow while a disk stalls. L{MemorySink} keeps lines for tests.
+
+The records are L{twistedmesh.http.stream.Stream}s for HTTP and L{TCPAccessRecord}s for TCP connections;
+getters read only the attributes both share, plus the HTTP ones for HTTP-only operators (which compile to
+a constant C{-} in a TCP format).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import queue
+import re
+import select
+import threading
+import time
+from dataclasses import dataclass, field
+from json.encoder import encode_basestring_ascii
+from operator import attrgetter
+from types import MappingProxyType
+from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, Union
+
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.logger import Logger
+from zope.interface import Interface, implementer
+
+from .stats import Counter
+
+__all__ = [
+    "DEFAULT_FORMAT", "DEFAULT_JSON_FORMAT", "RESPONSE_FLAGS", "OPERATORS", "FormatError", "CompiledFormat",
+    "compileFormat", "compileJSONFormat", "parseStatusCondition", "statusCodes", "TCPAccessRecord",
+    "IAccessLogSink", "MemorySink", "FileSink", "openSink", "AccessLogSinks", "AccessLogger",
+]
+
+#: Envoy's default format (C{%REQ(...)%} spelling), used when a listener sets no C{access_log.format}.
+DEFAULT_FORMAT = (
+    '[%START_TIME%] "%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%" %RESPONSE_CODE% '
+    '%RESPONSE_FLAGS% %BYTES_RECEIVED% %BYTES_SENT% %DURATION% %RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% '
+    '"%REQ(X-FORWARDED-FOR)%" "%REQ(USER-AGENT)%" "%REQ(X-REQUEST-ID)%" "%REQ(:AUTHORITY)%" "%UPSTREAM_HOST%"\n'
+)
+
+#: The fields of C{access_log.json = true} without C{access_log.json_format}: the default format's, named.
+DEFAULT_JSON_FORMAT: Tuple[Tuple[str, str], ...] = (
+    ("start_time", "%START_TIME%"),
+    ("method", "%REQ(:METHOD)%"),
+    ("path", "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%"),
+    ("protocol", "%PROTOCOL%"),
+    ("response_code", "%RESPONSE_CODE%"),
+    ("response_flags", "%RESPONSE_FLAGS%"),
+    ("bytes_received", "%BYTES_RECEIVED%"),
+    ("bytes_sent", "%BYTES_SENT%"),
+    ("duration", "%DURATION%"),
+    ("upstream_service_time", "%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%"),
+    ("x_forwarded_for", "%REQ(X-FORWARDED-FOR)%"),
+    ("user_agent", "%REQ(USER-AGENT)%"),
+    ("request_id", "%REQ(X-REQUEST-ID)%"),
+    ("authority", "%REQ(:AUTHORITY)%"),
+    ("upstream_host", "%UPSTREAM_HOST%"),
+)
+
+#: Envoy's response flags: what C{access_log.flags} may name.
+RESPONSE_FLAGS: Tuple[str, ...] = (
+    "UH", "UF", "UO", "NR", "URX", "NC", "DT", "DC", "LH", "UT", "LR", "UR", "UC", "DI", "FI", "RL", "UAEX",
+    "RLSE", "IH", "SI", "DPE", "UPE", "UMSDR", "OM", "DF",
+)
+
+#: What a getter is: C{(stream or TCP record, endTime) -> text}.
+Getter = Callable[[Any, float], str]
+#: What a value getter is: the typed value (C{str}, C{int}) or C{None} when unset.
+ValueGetter = Callable[[Any, float], Union[str, int, None]]
+
+_MISSING = "-"
+_OPERATOR = re.compile(r"%([A-Z0-9_]+)(?:\(([^)]*)\))?(?::([0-9]+))?%")
+_TOKEN = re.compile(r"^:?[!#$&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+class FormatError(ValueError):
+    """
+    A format string that cannot be compiled: an unknown operator, a bad argument, a stray C{%}.
+    """
+
+
+# -- records ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class TCPAccessRecord:
+    """
+    What a C{protocol = tcp} listener knows about one connection, for L{AccessLogger.logTCP}. The listener
+    fills it as the connection goes (counting bytes both ways) and logs it when the connection is lost.
+
+    @ivar listener: the listener's name.
+    @ivar downstreamAddress: the peer's L{IAddress} (C{transport.getPeer()}).
+    @ivar startTime: when the connection was accepted, in seconds since the epoch (the clock's C{seconds()}).
+    @ivar bytesReceived: bytes read from the downstream peer.
+    @ivar bytesSent: bytes written to the downstream peer.
+    @ivar upstreamHost: the L{twistedmesh.upstream.cluster.Host} connected to (its C{endpoint} is logged),
+        or C{None}.
+    @ivar upstreamCluster: the L{twistedmesh.upstream.cluster.Cluster} (its C{name}), or C{None}.
+    @ivar responseFlags: Envoy flags such as C{UF} (connect failure), C{UH} (no healthy host).
+    @ivar terminationDetails: why the proxy closed the connection (C{NetworkConnection.closeReason}), or
+        C{""}; the C{%CONNECTION_TERMINATION_DETAILS%} operator.
+    @ivar state: optional facts, as on a stream: C{"peerUriSan"}, C{"upstreamTransportFailureReason"}.
+    """
+
+    listener: str
+    downstreamAddress: Any
+    startTime: float
+    bytesReceived: int = 0
+    bytesSent: int = 0
+    upstreamHost: Any = None
+    upstreamCluster: Any = None
+    responseFlags: List[str] = field(default_factory=list)
+    terminationDetails: str = ""
+    state: Dict[str, Any] = field(default_factory=dict)
+
+
+# -- small renderers shared by getters -------------------------------------------------------------------------
+
+
+def _decode(value: bytes) -> str:
+    """
+    Header bytes as text. Not latin-1: UTF-8 values should read as themselves in the file; bytes that are
+    not UTF-8 become C{\\xNN} so a line stays valid UTF-8 whatever a client sent.
+    """
+    return value.decode("utf-8", "backslashreplace")
+
+
+def _addressText(address: Any) -> Optional[str]:
+    """
+    C{ip:port} (C{[ip6]:port}) for an IP address, the path for a UNIX one, C{None} for anything else.
+    """
+    if address is None:
+        return None
+    host = getattr(address, "host", None)
+    if host is not None:
+        return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
+    name = getattr(address, "name", None)
+    if isinstance(name, bytes):
+        return _decode(name)
+    return name if isinstance(name, str) else None
+
+
+def _endpointAddress(endpoint: str) -> str:
+    """
+    The C{host:port} of a Twisted client endpoint string (C{tcp:10.0.0.1:9001} → C{10.0.0.1:9001}), the
+    way Envoy logs C{%UPSTREAM_HOST%}; the string itself when it is some other kind of endpoint.
+    """
+    parts = [p.replace("\\:", ":") for p in re.split(r"(?<!\\):", endpoint)]
+    kind, args = parts[0], parts[1:]
+    positional = [a for a in args if "=" not in a]
+    keywords = dict(a.split("=", 1) for a in args if "=" in a)
+    if kind in ("tcp", "tcp6", "tls", "ssl"):
+        host = keywords.get("host", positional[0] if positional else None)
+        port = keywords.get("port", positional[1] if len(positional) > 1 else None)
+        if host and port:
+            return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    elif kind == "unix":
+        return keywords.get("path", positional[0] if positional else endpoint)
+    return endpoint
+
+
+class _TimeFormat:
+    """
+    A C{START_TIME} format: strftime (in UTC) plus Envoy's C{%s} (epoch seconds) and C{%f} / C{%1f}..C{%9f}
+    (fractional seconds, truncated; C{%f} is nine digits). The strftime part changes once a second, so it
+    is cached per second and a line pays only for the fraction.
+
+    Times are floats, good to about a microsecond at today's epoch: C{%7f}..C{%9f} are padded with zeros.
+    """
+
+    __slots__ = ("_pieces", "_fracs", "_second", "_template")
+
+    def __init__(self, fmt: str) -> None:
+        pieces: List[Union[str, int]] = []  # strftime chunks (str), fraction digits (int), epoch (-1)
+        fracs: List[int] = []
+        chunk = []
+        i, n = 0, len(fmt)
+        while i < n:
+            c = fmt[i]
+            if c != "%":
+                chunk.append(c)
+                i += 1
+                continue
+            if i + 1 >= n:
+                raise FormatError(f"START_TIME format {fmt!r} ends with a lone %")
+            nxt = fmt[i + 1]
+            if nxt == "s" or nxt == "f" or (nxt in "123456789" and fmt[i + 2:i + 3] == "f"):
+                if chunk:
+                    pieces.append("".join(chunk))
+                    chunk = []
+                if nxt == "s":
+                    pieces.append(-1)
+                    i += 2
+                else:
+                    digits = 9 if nxt == "f" else int(nxt)
+                    pieces.append(digits)
+                    fracs.append(digits)
+                    i += 2 if nxt == "f" else 3
+                continue
+            chunk.append(fmt[i:i + 2])  # a strftime directive, %% included: strftime handles it
+            i += 2
+        if chunk:
+            pieces.append("".join(chunk))
+        self._pieces = tuple(pieces)
+        self._fracs = tuple(fracs)
+        self._second: Optional[int] = None
+        self._template = ""
+        try:
+            self(0.0)
+        except (ValueError, OverflowError) as e:
+            raise FormatError(f"START_TIME format {fmt!r}: {e}") from None
+
+    def _build(self, second: int) -> str:
+        tm = time.gmtime(second)
+        out = []
+        for piece in self._pieces:
+            if piece.__class__ is str:
+                text = time.strftime(piece, tm)
+                out.append(text.replace("%", "%%") if self._fracs else text)
+            elif piece == -1:
+                out.append(str(second))
+            else:
+                out.append("%s")
+        return "".join(out)
+
+    def __call__(self, t: float) -> str:
+        """
+        C{t} (seconds since the epoch) formatted.
+        """
+        # Round to microseconds first: 1460751420.310 is 1460751420.30999994... as a float, and
+        # truncating that would log .309.
+        us = round(t * 1_000_000)
+        second, frac = divmod(us, 1_000_000)
+        if second != self._second:
+            self._template = self._build(second)
+            self._second = second
+        fracs = self._fracs
+        if not fracs:
+            return self._template
+        if fracs == (3,):  # the default format: keep its path short
+            return self._template % ("%03d" % (frac // 1000),)
+        return self._template % tuple(_fraction(frac, digits) for digits in fracs)
+
+
+def _fraction(micros: int, digits: int) -> str:
+    """
+    C{micros} (0..999999) as C{digits} fractional digits, truncated (or zero-padded past six).
+    """
+    if digits <= 6:
+        return "%0*d" % (digits, micros // 10 ** (6 - digits))
+    return "%06d" % micros + "0" * (digits - 6)
+
+
+# -- operators -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Operator:
+    """
+    One command operator: whether it takes an argument and a C{:Z} truncation, what type its value has
+    (C{"str"} or C{"int"}, which matters for JSON), whether it exists only for HTTP (a TCP format renders
+    it as C{-}), how to make its value getter, and optionally a faster text getter.
+    """
+
+    name: str
+    kind: str
+    arg: str  # "none" | "required" | "optional"
+    truncates: bool
+    httpOnly: bool
+    value: Callable[[Optional[str], Optional[int]], ValueGetter]
+    text: Optional[Callable[[Optional[str], Optional[int]], Getter]] = None
+    tcpConstant: Optional[int] = None  # what an HTTP-only int operator is in a TCP line (Envoy: code 0)
+
+
+_PSEUDO = {
+    "request": {":method": "method", ":path": "path", ":authority": "authority", "host": "authority",
+                ":scheme": "scheme"},
+    "response": {":status": "status"},
+    "trailers": {},
+}
+
+
+def _headerNames(op: str, arg: str, kind: str) -> List[Tuple[str, str]]:
+    """
+    C{X?Y} as C{[(kind, name)]}: each name lowercased and checked, pseudo-headers mapped to fields.
+    """
+    sources = []
+    names = arg.split("?")
+    if len(names) > 2 or not all(names):
+        raise FormatError(f"%{op}({arg})%: write %{op}(NAME)% or %{op}(NAME?FALLBACK)%")
+    for name in names:
+        lower = name.strip().lower()
+        if not _TOKEN.match(lower):
+            raise FormatError(f"%{op}({arg})%: {name!r} is not a header name")
+        if lower.startswith(":") or lower in _PSEUDO[kind]:
+            attr = _PSEUDO[kind].get(lower)
+            if attr is None:
+                known = ", ".join(sorted(k.upper() for k in _PSEUDO[kind] if k.startswith(":")))
+                raise FormatError(f"%{op}({arg})%: {name} is not a pseudo-header here"
+                                  + (f" (known: {known})" if known else ""))
+            sources.append(("field", attr))
+        else:
+            sources.append((kind, lower))
+    return sources
+
+
+def _source(kind: str, name: str) -> Callable[[Any], Optional[bytes]]:
+    """
+    A function C{record -> bytes or None} reading one header (first match, like Envoy) or stream field.
+    """
+    if kind == "field":
+        if name == "status":
+            return lambda r: b"%d" % r.status if getattr(r, "status", 0) else None
+        get = attrgetter(name)
+        return lambda r: get(r) or None  # an empty authority means "no Host": unset
+    key = name.encode("ascii")
+    if kind == "request":
+        def fromRequest(r: Any) -> Optional[bytes]:
+            for k, v in r.requestHeaders:
+                if k == key:
+                    return v
+            return None
+        return fromRequest
+    if kind == "response":
+        def fromResponse(r: Any) -> Optional[bytes]:
+            for k, v in r.responseHeaders:
+                if k == key:
+                    return v
+            return None
+        return fromResponse
+
+    def fromTrailers(r: Any) -> Optional[bytes]:
+        # Streams do not keep response trailers yet: a C{trailers} attribute or state entry, if present.
+        trailers = getattr(r, "trailers", None)
+        if trailers is None:
+            trailers = r.state.get("responseTrailers")
+        if trailers:
+            for k, v in trailers:
+                if k == key:
+                    return v
+        return None
+    return fromTrailers
+
+
+def _headerOperator(op: str, kind: str) -> Tuple[Callable, Callable]:
+    """
+    The value and text getter factories of C{%REQ%}, C{%RESP%} or C{%TRAILER%}.
+    """
+
+    def value(arg: Optional[str], maxLen: Optional[int]) -> ValueGetter:
+        sources = [_source(k, n) for k, n in _headerNames(op, arg or "", kind)]
+        first = sources[0]
+        second = sources[1] if len(sources) > 1 else None
+
+        def get(r: Any, e: float) -> Optional[str]:
+            v = first(r)
+            if v is None and second is not None:
+                v = second(r)
+            return None if v is None else _decode(v)[:maxLen]
+        return get
+
+    def text(arg: Optional[str], maxLen: Optional[int]) -> Getter:
+        names = _headerNames(op, arg or "", kind)
+        if len(names) == 1 and names[0][0] in ("request", "response"):
+            # The common case, inlined: one header, one loop, no helper calls.
+            key = names[0][1].encode("ascii")
+            if names[0][0] == "request":
+                def requestHeader(r: Any, e: float) -> str:
+                    for k, v in r.requestHeaders:
+                        if k == key:
+                            return v.decode("utf-8", "backslashreplace")[:maxLen] or _MISSING
+                    return _MISSING
+                return requestHeader
+
+            def responseHeader(r: Any, e: float) -> str:
+                for k, v in r.responseHeaders:
+                    if k == key:
+                        return v.decode("utf-8", "backslashreplace")[:maxLen] or _MISSING
+                return _MISSING
+            return responseHeader
+        if len(names) == 1 and names[0][0] == "field" and names[0][1] != "status":
+            fieldOf = attrgetter(names[0][1])
+
+            def pseudo(r: Any, e: float) -> str:
+                return fieldOf(r).decode("utf-8", "backslashreplace")[:maxLen] or _MISSING
+            return pseudo
+        getValue = value(arg, maxLen)
+        return lambda r, e: getValue(r, e) or _MISSING
+
+    return value, text
+
+
+def _startTime(arg: Optional[str], maxLen: Optional[int]) -> ValueGetter:
+    fmt = _TimeFormat(arg if arg else "%Y-%m-%dT%H:%M:%S.%3fZ")
+    return lambda r, e: fmt(r.startTime)
+
+
+def _ms(start: float, end: float) -> int:
+    """
+    Whole milliseconds from C{start} to C{end} (truncated, as Envoy does, after rounding away float noise).
+    """
+    return round((end - start) * 1_000_000) // 1000
+
+
+def _duration(arg: Optional[str], maxLen: Optional[int]) -> ValueGetter:
+    return lambda r, e: _ms(r.startTime, e)
+
+
+def _durationText(arg: Optional[str], maxLen: Optional[int]) -> Getter:
+    return lambda r, e: str(round((e - r.startTime) * 1_000_000) // 1000)
+
+
+def _responseDuration(arg: Optional[str], maxLen: Optional[int]) -> ValueGetter:
+    def get(r: Any, e: float) -> Optional[int]:
+        t = r.state.get("responseStartTime")
+        return None if t is None else _ms(r.startTime, t)
+    return get
+
+
+_PROTOCOLS = MappingProxyType({b"1.1": "HTTP/1.1", b"1.0": "HTTP/1.0", b"2": "HTTP/2", b"2.0": "HTTP/2"})
+
+
+def _protocol(arg: Optional[str], maxLen: Optional[int]) -> ValueGetter:
+    def get(r: Any, e: float) -> Optional[str]:
+        version = r.version
+        return _PROTOCOLS.get(version) or ("HTTP/" + _decode(version) if version else None)
+    return get
+
+
+def _protocolText(arg: Optional[str], maxLen: Optional[int]) -> Getter:
+    get = _protocol(arg, maxLen)
+    return lambda r, e: get(r, e) or _MISSING
+
+
+def _flags(arg: Optional[str], maxLen: Optional[int]) -> ValueGetter:
+    return lambda r, e: ",".join(r.responseFlags) or None
+
+
+def _flagsText(arg: Optional[str], maxLen: Optional[int]) -> Getter:
+    return lambda r, e: ",".join(r.responseFlags) or _MISSING
+
+
+def _upstreamHost(arg: Optional[str], maxLen: Optional[int]) -> ValueGetter:
+    # Per getter, not per module: hosts are few and their endpoint strings never change, so parse each once.
+    cache: Dict[str, str] = {}
+
+    def get(r: Any, e: float) -> Optional[str]:
+        host = r.upstreamHost
+        if host is None:
+            return None
+        endpoint = host.endpoint
+        text = cache.get(endpoint)
+        if text is None:
+            text = _endpointAddress(endpoint)
+            if len(cache) < 4096:  # dynamic hosts come and go: stay bounded
+                cache[endpoint] = text
+        return text
+    return get
+
+
+def _upstreamHostText(arg: Optional[str], maxLen: Optional[int]) -> Getter:
+    get = _upstreamHost(arg, maxLen)
+    return lambda r, e: get(r, e) or _MISSING
+
+
+def _attribute(name: str, kind: str = "str") -> Callable[[Optional[str], Optional[int]], ValueGetter]:
+    """
+    The factory of a getter that reads record attribute C{name} (C{None} or C{""} is unset).
+    """
+    get = attrgetter(name)
+    if kind == "int":
+        return lambda arg, maxLen: lambda r, e: get(r)
+    return lambda arg, maxLen: lambda r, e: get(r) or None
+
+
+def _intText(name: str) -> Callable[[Optional[str], Optional[int]], Getter]:
+    get = attrgetter(name)
+    return lambda arg, maxLen: lambda r, e: str(get(r))
+
+
+def _stateEntry(key: str) -> Callable[[Optional[str], Optional[int]], ValueGetter]:
+    """
+    The factory of a getter that reads C{record.state[key]}: facts some other part of the proxy may
+    record (a sequence is joined with commas, as Envoy joins several SANs).
+    """
+    def make(arg: Optional[str], maxLen: Optional[int]) -> ValueGetter:
+        def get(r: Any, e: float) -> Optional[str]:
+            v = r.state.get(key)
+            if v is None or v == "":
+                return None
+            if isinstance(v, bytes):
+                return _decode(v)
+            if isinstance(v, (list, tuple)):
+                return ",".join(_decode(x) if isinstance(x, bytes) else str(x) for x in v) or None
+            return str(v)
+        return get
+    return make
+
+
+def _nameOf(attr: str) -> Callable[[Optional[str], Optional[int]], ValueGetter]:
+    def make(arg: Optional[str], maxLen: Optional[int]) -> ValueGetter:
+        def get(r: Any, e: float) -> Optional[str]:
+            obj = getattr(r, attr)
+            return None if obj is None else obj.name
+        return get
+    return make
+
+
+def _routeName(arg: Optional[str], maxLen: Optional[int]) -> ValueGetter:
+    def get(r: Any, e: float) -> Optional[str]:
+        route = r.route
+        return None if route is None else f"{route.table}/{route.name}"
+    return get
+
+
+def _remoteAddress(arg: Optional[str], maxLen: Optional[int]) -> ValueGetter:
+    return lambda r, e: _addressText(r.downstreamAddress)
+
+
+def _terminationDetails(arg: Optional[str], maxLen: Optional[int]) -> ValueGetter:
+    fromState = _stateEntry("connectionTerminationDetails")(arg, maxLen)
+
+    def get(r: Any, e: float) -> Optional[str]:
+        details = getattr(r, "terminationDetails", None)  # a TCP record's; a stream keeps it in state
+        return details or fromState(r, e)
+    return get
+
+
+def _operators() -> Mapping[str, _Operator]:
+    reqValue, reqText = _headerOperator("REQ", "request")
+    respValue, respText = _headerOperator("RESP", "response")
+    trailerValue, trailerText = _headerOperator("TRAILER", "trailers")
+    requestId = lambda arg, maxLen: reqValue("X-REQUEST-ID", None)  # noqa: E731
+    requestIdText = lambda arg, maxLen: reqText("X-REQUEST-ID", None)  # noqa: E731
+    ops = [
+        _Operator("START_TIME", "str", "optional", False, False, _startTime),
+        _Operator("REQ", "str", "required", True, True, reqValue, reqText),
+        _Operator("RESP", "str", "required", True, True, respValue, respText),
+        _Operator("TRAILER", "str", "required", True, True, trailerValue, trailerText),
+        _Operator("PROTOCOL", "str", "none", False, True, _protocol, _protocolText),
+        _Operator("RESPONSE_CODE", "int", "none", False, True, _attribute("status", "int"), _intText("status"),
+                  tcpConstant=0),
+        _Operator("RESPONSE_CODE_DETAILS", "str", "none", False, True, _attribute("responseCodeDetails")),
+        _Operator("RESPONSE_FLAGS", "str", "none", False, False, _flags, _flagsText),
+        _Operator("BYTES_RECEIVED", "int", "none", False, False, _attribute("bytesReceived", "int"),
+                  _intText("bytesReceived")),
+        _Operator("BYTES_SENT", "int", "none", False, False, _attribute("bytesSent", "int"),
+                  _intText("bytesSent")),
+        _Operator("DURATION", "int", "none", False, False, _duration, _durationText),
+        _Operator("RESPONSE_DURATION", "int", "none", False, True, _responseDuration),
+        _Operator("UPSTREAM_HOST", "str", "none", False, False, _upstreamHost, _upstreamHostText),
+        _Operator("UPSTREAM_CLUSTER", "str", "none", False, False, _nameOf("upstreamCluster")),
+        _Operator("UPSTREAM_TRANSPORT_FAILURE_REASON", "str", "none", False, False,
+                  _stateEntry("upstreamTransportFailureReason")),
+        _Operator("DOWNSTREAM_REMOTE_ADDRESS", "str", "none", False, False, _remoteAddress),
+        _Operator("DOWNSTREAM_PEER_URI_SAN", "str", "none", False, False, _stateEntry("peerUriSan")),
+        _Operator("REQUEST_ID", "str", "none", False, True, requestId, requestIdText),
+        _Operator("ROUTE_NAME", "str", "none", False, True, _routeName),
+        _Operator("CONNECTION_TERMINATION_DETAILS", "str", "none", False, False, _terminationDetails),
+    ]
+    table = {op.name: op for op in ops}
+    # Envoy's newer long spellings of the header operators.
+    table["REQUEST_HEADER"] = table["REQ"]
+    table["RESPONSE_HEADER"] = table["RESP"]
+    table["RESPONSE_TRAILER"] = table["TRAILER"]
+    return MappingProxyType(table)
+
+
+#: Every command operator this proxy knows, by name (read-only).
+OPERATORS: Mapping[str, _Operator] = _operators()
+
+
+# -- compiling formats -----------------------------------------------------------------------------------------
+
+
+class CompiledFormat:
+    """
+    A compiled format: C{segments} is a tuple of literal strings and getters. L{render} calls each getter
+    and joins the pieces: one line, newline included.
+    """
+
+    __slots__ = ("segments", "_literal", "_getters", "_template")
+
+    def __init__(self, segments: Sequence[Union[str, Getter]]) -> None:
+        merged: List[Union[str, Getter]] = []
+        for s in segments:
+            if isinstance(s, str) and merged and isinstance(merged[-1], str):
+                merged[-1] += s
+            elif not (isinstance(s, str) and not s):
+                merged.append(s)
+        self.segments = tuple(merged)
+        getters = [s for s in merged if not isinstance(s, str)]
+        self._getters = tuple(getters)
+        # Literals go into a %-template with a %s per getter: rendering is one list of getter results and
+        # one C-level format, measurably cheaper than testing each segment's type per line.
+        self._template = "".join(s.replace("%", "%%") if isinstance(s, str) else "%s" for s in merged)
+        self._literal = self._template.replace("%%", "%") if not getters else None
+
+    def render(self, record: Any, endTime: float) -> str:
+        """
+        The line for C{record} (a stream or a L{TCPAccessRecord}) ending at C{endTime}.
+        """
+        if self._literal is not None:
+            return self._literal
+        return self._template % tuple([g(record, endTime) for g in self._getters])
+
+
+def _suggestOperator(name: str) -> str:
+    close = difflib.get_close_matches(name, list(OPERATORS), n=1, cutoff=0.6)
+    return f" (did you mean %{close[0]}%?)" if close else ""
+
+
+def _parse(text: str) -> List[Union[str, Tuple[_Operator, Optional[str], Optional[int], str]]]:
+    """
+    C{text} as literal strings and C{(operator, arg, maxLen, source)} tuples, every operator checked.
+    """
+    out: List[Union[str, Tuple[_Operator, Optional[str], Optional[int], str]]] = []
+    pos, n = 0, len(text)
+    while pos < n:
+        i = text.find("%", pos)
+        if i < 0:
+            out.append(text[pos:])
+            break
+        if i > pos:
+            out.append(text[pos:i])
+        if text.startswith("%%", i):
+            out.append("%")
+            pos = i + 2
+            continue
+        match = _OPERATOR.match(text, i)
+        if match is None:
+            raise FormatError(f"the % at position {i} starts no command operator: write %NAME%, "
+                              f"%NAME(ARG)% or %NAME(ARG):LENGTH%, or %% for a literal %")
+        name, arg, maxLen = match.group(1), match.group(2), match.group(3)
+        op = OPERATORS.get(name)
+        if op is None:
+            raise FormatError(f"unknown command operator %{name}%{_suggestOperator(name)}")
+        if op.arg == "none" and arg is not None:
+            raise FormatError(f"%{name}% takes no argument")
+        if op.arg == "required" and not arg:
+            raise FormatError(f"%{name}% needs an argument: %{name}(HEADER)%")
+        if maxLen is not None and not op.truncates:
+            raise FormatError(f"%{name}% takes no :LENGTH")
+        limit = int(maxLen) if maxLen is not None else None
+        if limit == 0:
+            raise FormatError(f"{match.group(0)}: a length of 0 would always log nothing")
+        out.append((op, arg, limit, match.group(0)))
+        pos = match.end()
+    return out
+
+
+def _textGetter(op: _Operator, arg: Optional[str], maxLen: Optional[int], protocol: str) -> Union[str, Getter]:
+    if op.httpOnly and protocol == "tcp":
+        # Envoy logs these as "-" for TCP (the response code as 0): a literal, folded at compile time.
+        return _MISSING if op.tcpConstant is None else str(op.tcpConstant)
+    if op.text is not None:
+        return op.text(arg, maxLen)
+    value = op.value(arg, maxLen)
+    if op.kind == "int":
+        def number(r: Any, e: float) -> str:
+            v = value(r, e)
+            return _MISSING if v is None else str(v)
+        return number
+    return lambda r, e: value(r, e) or _MISSING
+
+
+def _jsonGetter(op: _Operator, arg: Optional[str], maxLen: Optional[int], protocol: str) -> Union[str, Getter]:
+    """
+    A getter of the value as a JSON fragment: a number, a string, or C{null} when unset (Envoy's typed JSON).
+    """
+    if op.httpOnly and protocol == "tcp":
+        return "null" if op.tcpConstant is None else str(op.tcpConstant)
+    value = op.value(arg, maxLen)
+    if op.kind == "int":
+        def number(r: Any, e: float) -> str:
+            v = value(r, e)
+            return "null" if v is None else str(v)
+        return number
+
+    def string(r: Any, e: float) -> str:
+        v = value(r, e)
+        return "null" if v is None else encode_basestring_ascii(v)
+    return string
+
+
+def _checkProtocol(protocol: str) -> None:
+    if protocol not in ("http", "tcp"):
+        raise ValueError(f"protocol is http or tcp, not {protocol!r}")
+
+
+def compileFormat(text: str, protocol: str = "http") -> CompiledFormat:
+    """
+    Compile an Envoy text format. A trailing newline is optional: every line ends with one.
+
+    @param protocol: C{"http"}, or C{"tcp"} for a TCP listener's lines, where HTTP-only operators (C{REQ},
+        C{RESP}, C{PROTOCOL}, ...) render C{-} and C{%RESPONSE_CODE%} renders C{0}, as in Envoy.
+    @raise FormatError: for an unknown operator, a bad argument or a stray C{%}.
+    """
+    _checkProtocol(protocol)
+    if text.endswith("\n"):
+        text = text[:-1]
+    segments: List[Union[str, Getter]] = []
+    for item in _parse(text):
+        segments.append(item if isinstance(item, str) else _textGetter(item[0], item[1], item[2], protocol))
+    segments.append("\n")
+    return CompiledFormat(segments)
+
+
+def compileJSONFormat(fields: Sequence[Tuple[str, str]], protocol: str = "http") -> CompiledFormat:
+    """
+    Compile C{(key, template)} pairs into a format whose lines are JSON objects, keys in the given order.
+    A template that is exactly one operator has a typed value (numbers are numbers, unset is C{null});
+    any other template is rendered as text (unset operators as C{-}) into a JSON string.
+
+    @raise FormatError: as L{compileFormat}, naming the key; or for an empty or repeated key.
+    """
+    _checkProtocol(protocol)
+    segments: List[Union[str, Getter]] = ["{"]
+    seen = set()
+    for index, (key, template) in enumerate(fields):
+        if not key:
+            raise FormatError("a JSON field needs a name: write NAME = %OPERATOR%")
+        if key in seen:
+            raise FormatError(f"JSON field {key!r} is given twice")
+        seen.add(key)
+        try:
+            items = _parse(template)
+        except FormatError as e:
+            raise FormatError(f"JSON field {key!r}: {e}") from None
+        segments.append(("," if index else "") + encode_basestring_ascii(key) + ":")
+        if len(items) == 1 and not isinstance(items[0], str):
+            op, arg, maxLen, _ = items[0]
+            segments.append(_jsonGetter(op, arg, maxLen, protocol))
+        elif all(isinstance(i, str) for i in items):
+            segments.append(encode_basestring_ascii("".join(items)))  # type: ignore[arg-type]
+        else:
+            inner = CompiledFormat([i if isinstance(i, str) else _textGetter(i[0], i[1], i[2], protocol)
+                                    for i in items])
+            segments.append(lambda r, e, render=inner.render: encode_basestring_ascii(render(r, e)))
+    segments.append("}\n")
+    return CompiledFormat(segments)
+
+
+# -- filters ---------------------------------------------------------------------------------------------------
+
+_STATUS_CONDITION = re.compile(r"^(?:([1-5])xx|(>=|<=|!=|>|<|=)?\s*([0-9]{1,3}))$")
+
+
+def parseStatusCondition(text: str) -> FrozenSet[int]:
+    """
+    The status codes (0..999) one C{access_log.status} item selects: C{5xx}, C{>=400}, C{<300}, C{=0}
+    (no response was sent), C{!=200}, or a bare code such as C{404}.
+
+    @raise ValueError: with a message for a user.
+    """
+    match = _STATUS_CONDITION.match(text.strip().lower())
+    if match is None:
+        raise ValueError(f"{text!r} is not a status condition (write e.g. 5xx, >=400, <300, 404)")
+    klass, op, number = match.groups()
+    if klass is not None:
+        base = int(klass) * 100
+        return frozenset(range(base, base + 100))
+    value = int(number)
+    tests = {
+        None: lambda s: s == value, "=": lambda s: s == value, "!=": lambda s: s != value,
+        ">=": lambda s: s >= value, "<=": lambda s: s <= value, ">": lambda s: s > value, "<": lambda s: s < value,
+    }
+    test = tests[op]
+    return frozenset(s for s in range(1000) if test(s))
+
+
+def statusCodes(conditions: Sequence[str]) -> FrozenSet[int]:
+    """
+    The union of what each condition selects (a line is logged when any condition holds).
+    """
+    codes: FrozenSet[int] = frozenset()
+    for condition in conditions:
+        codes |= parseStatusCondition(condition)
+    return codes
+
+
+# -- sinks -----------------------------------------------------------------------------------------------------
+
+
+class IAccessLogSink(Interface):
+    """
+    Where access log lines go. C{write} is on the hot path and must not block; the others return
+    L{Deferred}s that never fail (problems are logged and counted).
+    """
+
+    def write(line: str) -> None:
+        """
+        Queue one line (newline included).
+        """
+
+    def flush() -> Deferred:
+        """
+        Write everything queued so far.
+
+        @return: a L{Deferred} that fires with C{None} once it is written.
+        """
+
+    def reopen() -> Deferred:
+        """
+        Close and reopen the file (after logrotate renamed it); lines queued before go to the old file.
+
+        @return: a L{Deferred} that fires with C{None} once the new file is open.
+        """
+
+    def close() -> Deferred:
+        """
+        Flush and close; later lines are dropped and counted.
+
+        @return: a L{Deferred} that fires with C{None} once everything is written and the file closed.
+        """
+
+
+@implementer(IAccessLogSink)
+class MemorySink:
+    """
+    Keeps lines in C{lines}, for tests.
+
+    @ivar reopens: how many times L{reopen} was called.
+    @ivar closed: whether L{close} was called.
+    """
+
+    def __init__(self) -> None:
+        self.lines: List[str] = []
+        self.reopens = 0
+        self.closed = False
+
+    def write(self, line: str) -> None:
+        """
+        Keep C{line}.
+        """
+        self.lines.append(line)
+
+    def flush(self) -> Deferred:
+        """
+        Nothing to do: already fired.
+        """
+        return succeed(None)
+
+    def reopen(self) -> Deferred:
+        """
+        Count the reopen.
+        """
+        self.reopens += 1
+        return succeed(None)
+
+    def close(self) -> Deferred:
+        """
+        Mark the sink closed.
+        """
+        self.closed = True
+        return succeed(None)
+
+
+class _Batch:
+    """
+    One hand-off to the writer thread: lines to write (possibly none), then an optional control action
+    (C{"flush"}, C{"reopen"}, C{"close"}) whose L{Deferred} fires on the reactor thread when it is done.
+    """
+
+    __slots__ = ("lines", "action", "done")
+
+    def __init__(self, lines: Optional[List[str]], action: Optional[str], done: Optional[Deferred]) -> None:
+        self.lines = lines
+        self.action = action
+        self.done = done
+
+
+def _writeAll(fd: int, data: bytes) -> None:
+    """
+    Write all of C{data} to C{fd} (from the writer thread): a pipe may take it in parts, and a stdout left
+    non-blocking by someone else may refuse for a moment.
+    """
+    view = memoryview(data)
+    while view:
+        try:
+            written = os.write(fd, view)
+        except BlockingIOError:
+            select.select([], [fd], [], 1.0)
+            continue
+        view = view[written:]
+
+
+@implementer(IAccessLogSink)
+class FileSink:
+    """
+    Appends lines to a file (or to stdout / stderr) without blocking the reactor.
+
+    L{write} appends to a list. The list is handed to a single writer thread when the flush timer fires
+    (C{flushInterval} after the first line of a batch, on the injected clock) or when it holds C{batchLines}
+    lines. One thread of our own rather than the reactor's thread pool: the pool may run two hand-offs at
+    once, out of order, and it is shared with DNS and other work that a stalled disk must not starve.
+
+    The writer's backlog is bounded: when the lines handed off and not yet written would exceed
+    C{maxQueuedLines}, the new batch is dropped and its lines counted in C{dropped} (as they are when a
+    write fails, or when lines arrive after L{close}). Control actions (flush, reopen, close) are never
+    dropped. The file is opened here, once, so that a bad path fails at startup; the thread starts with the
+    first hand-off (after C{twistd} has forked, which threads do not survive).
+
+    @ivar target: the path, C{"stdout"} or C{"stderr"}.
+    @ivar dropped: the C{access_log.dropped} counter.
+    """
+
+    log = Logger()
+
+    def __init__(self, target: str, clock: IReactorTime, reactor: IReactorFromThreads, flushInterval: float = 1.0,
+                 dropped: Optional[Counter] = None, batchLines: int = 1024, maxQueuedLines: int = 65536) -> None:
+        """
+        @param target: a file path (created if missing, appended to), C{"stdout"} or C{"stderr"}.
+        @param clock: runs the flush timer.
+        @param reactor: the writer thread reports back through its C{callFromThread}.
+        @param flushInterval: at most how long a line waits in memory, in seconds.
+        @param dropped: the counter of dropped lines (a private one if C{None}).
+        @param batchLines: hand off as soon as this many lines wait, whatever the timer.
+        @param maxQueuedLines: the bound on lines handed off but not yet written.
+        @raise OSError: when the file cannot be opened.
+        """
+        self.target = target
+        self.clock = clock
+        self.reactor = reactor
+        self.flushInterval = flushInterval
+        self.batchLines = batchLines
+        self.maxQueuedLines = maxQueuedLines
+        self.dropped = dropped if dropped is not None else Counter("access_log.dropped", "access_log_dropped", ())
+        if target in ("stdout", "stderr"):
+            self._fd = 1 if target == "stdout" else 2
+            self._owned = False
+        else:
+            self._fd = self._open()
+            self._owned = True
+        self._pending: List[str] = []
+        self._queued = 0  # lines handed to the writer, not yet reported written (reactor thread only)
+        # Unbounded as a structure; the bound is _queued, checked before every data hand-off, so that a
+        # control action can always be queued without blocking or dropping it.
+        self._queue: "queue.SimpleQueue[_Batch]" = queue.SimpleQueue()
+        self._thread: Optional[threading.Thread] = None
+        self._timer = None
+        self._closed = False
+        self._closeWaiters: List[Deferred] = []
+
+    def _open(self) -> int:
+        return os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+    # -- reactor thread
+
+    def write(self, line: str) -> None:
+        """
+        Queue C{line}; it reaches the file within C{flushInterval}.
+        """
+        if self._closed:
+            self.dropped.value += 1
+            return
+        pending = self._pending
+        pending.append(line)
+        if len(pending) >= self.batchLines:
+            self._handOff(None, None)
+        elif self._timer is None:
+            self._timer = self.clock.callLater(self.flushInterval, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        if self._pending:
+            self._handOff(None, None)
+
+    def flush(self) -> Deferred:
+        """
+        See L{IAccessLogSink.flush}.
+        """
+        if self._closed:
+            return self._whenClosed()
+        d: Deferred = Deferred()
+        self._handOff("flush", d)
+        return d
+
+    def reopen(self) -> Deferred:
+        """
+        See L{IAccessLogSink.reopen}. For stdout and stderr there is nothing to reopen.
+        """
+        if self._closed:
+            return self._whenClosed()
+        d: Deferred = Deferred()
+        self._handOff("reopen", d)
+        return d
+
+    def close(self) -> Deferred:
+        """
+        See L{IAccessLogSink.close}. The writer thread ends once it has closed the file.
+        """
+        if self._closed:
+            return self._whenClosed()
+        self._closed = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        d = self._whenClosed()
+        self._handOff("close", None)
+        return d
+
+    def _whenClosed(self) -> Deferred:
+        d: Deferred = Deferred()
+        if self._closeWaiters is None:
+            d.callback(None)
+        else:
+            self._closeWaiters.append(d)
+        return d
+
+    def _handOff(self, action: Optional[str], done: Optional[Deferred]) -> None:
+        lines: Optional[List[str]] = self._pending
+        if lines:
+            self._pending = []
+            count = len(lines)
+            if self._queued + count > self.maxQueuedLines:
+                # The writer is behind (a stalled disk, a blocked pipe): losing log lines beats growing
+                # without bound or blocking the proxy.
+                self.dropped.value += count
+                lines = None
+            else:
+                self._queued += count
+        else:
+            lines = None
+        if lines is None and action is None:
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"access log {self.target}", daemon=True)
+            self._thread.start()
+        self._queue.put(_Batch(lines, action, done))
+
+    def _reported(self, written: int, failed: int, action: Optional[str], done: Optional[Deferred],
+                  error: Optional[BaseException]) -> None:
+        """
+        The writer finished a batch (called on the reactor thread).
+        """
+        self._queued -= written + failed
+        if failed:
+            self.dropped.value += failed
+        if error is not None:
+            self.log.error("access log {target}: {error}", target=self.target, error=error)
+        if done is not None:
+            done.callback(None)
+        if action == "close":
+            waiters, self._closeWaiters = self._closeWaiters, None
+            for d in waiters:
+                d.callback(None)
+
+    # -- writer thread
+
+    def _run(self) -> None:
+        get = self._queue.get
+        report = self.reactor.callFromThread
+        while True:
+            batch = get()
+            written = failed = 0
+            error: Optional[BaseException] = None
+            if batch.lines:
+                try:
+                    _writeAll(self._fd, "".join(batch.lines).encode("utf-8", "backslashreplace"))
+                    written = len(batch.lines)
+                except OSError as e:
+                    failed, error = len(batch.lines), e
+            action = batch.action
+            try:
+                if action == "reopen" and self._owned:
+                    fd = self._open()  # open first: if it fails, keep logging to the old file
+                    os.close(self._fd)
+                    self._fd = fd
+                elif action == "close" and self._owned:
+                    os.close(self._fd)
+            except OSError as e:
+                error = e
+            report(self._reported, written, failed, action, batch.done, error)
+            if action == "close":
+                return
+
+
+def openSink(target: str, clock: IReactorTime, reactor: IReactorFromThreads, flushInterval: float = 1.0,
+             dropped: Optional[Counter] = None) -> IAccessLogSink:
+    """
+    The sink of an C{access_log = PATH | stdout | stderr} setting.
+
+    @raise OSError: when the file cannot be opened.
+    """
+    return FileSink(target, clock, reactor, flushInterval, dropped)
+
+
+class AccessLogSinks:
+    """
+    The sinks of one service, one per target, so that two listeners logging to the same file share one
+    writer (and one file offset) instead of interleaving two. Owned by the service, not global.
+    """
+
+    def __init__(self, clock: IReactorTime, reactor: IReactorFromThreads, dropped: Optional[Counter] = None) -> None:
+        """
+        @param dropped: the C{access_log.dropped} counter all sinks count into.
+        """
+        self.clock = clock
+        self.reactor = reactor
+        self.dropped = dropped
+        self._sinks: Dict[str, IAccessLogSink] = {}
+
+    def get(self, target: str, flushInterval: float = 1.0) -> IAccessLogSink:
+        """
+        The sink for C{target}, opened on first use; a shared sink flushes at the shortest interval asked.
+
+        @raise OSError: when the file cannot be opened.
+        """
+        sink = self._sinks.get(target)
+        if sink is None:
+            sink = self._sinks[target] = openSink(target, self.clock, self.reactor, flushInterval, self.dropped)
+        elif isinstance(sink, FileSink):
+            sink.flushInterval = min(sink.flushInterval, flushInterval)
+        return sink
+
+    def reopen(self) -> Deferred:
+        """
+        Reopen every file (wire this to SIGUSR1 for logrotate).
+
+        @return: a L{Deferred} that fires when all are reopened.
+        """
+        return DeferredList([s.reopen() for s in self._sinks.values()])
+
+    def close(self) -> Deferred:
+        """
+        Flush and close every sink (at shutdown, after draining).
+
+        @return: a L{Deferred} that fires when everything is written.
+        """
+        return DeferredList([s.close() for s in self._sinks.values()])
+
+
+# -- the logger ------------------------------------------------------------------------------------------------
+
+
+class AccessLogger:
+    """
+    One listener's access log: L{log} for each finished HTTP stream, L{logTCP} for each closed TCP connection.
+
+    @ivar config: the L{twistedmesh.config.accesslog.AccessLogConfig}.
+    @ivar sink: where lines go.
+    """
+
+    # Not `log`, the project's usual name: that is the hot-path method here.
+    logger = Logger()
+
+    def __init__(self, config: Any, clock: IReactorTime, reactor: IReactorFromThreads,
+                 sink: Optional[IAccessLogSink] = None, dropped: Optional[Counter] = None) -> None:
+        """
+        Compile the format and filters of C{config} once.
+
+        @param config: an L{twistedmesh.config.accesslog.AccessLogConfig}.
+        @param sink: where to write (a shared one from L{AccessLogSinks}, a L{MemorySink}); if C{None}, the
+            logger opens its own from C{config.path} and L{close} closes it.
+        @param dropped: the C{access_log.dropped} counter, for a sink the logger opens.
+        @raise FormatError: for a bad format (the config parser reports these first).
+        @raise OSError: when the log file cannot be opened.
+        """
+        self.config = config
+        if config.json:
+            fields = config.json_format or DEFAULT_JSON_FORMAT
+            self._http = compileJSONFormat(fields, "http")
+            self._tcp = compileJSONFormat(fields, "tcp")
+        else:
+            fmt = config.format or DEFAULT_FORMAT
+            self._http = compileFormat(fmt, "http")
+            self._tcp = compileFormat(fmt, "tcp")
+        self._renderHTTP = self._http.render
+        self._renderTCP = self._tcp.render
+        self._statuses: Optional[FrozenSet[int]] = statusCodes(config.status) if config.status else None
+        self._minMs: int = round(config.duration_min * 1000) if config.duration_min else 0
+        flags = tuple(config.flags)
+        self._anyFlag = "any" in flags
+        self._flags: Optional[FrozenSet[str]] = frozenset(flags) if flags and not self._anyFlag else None
+        self._filtered = bool(self._minMs or flags)  # any filter besides status
+        self._ownsSink = sink is None
+        self.sink = sink if sink is not None else openSink(config.path, clock, reactor, config.flush_interval, dropped)
+        self._write = self.sink.write
+
+    def _passes(self, record: Any, endTime: float) -> bool:
+        # The filters, cheapest first; every configured one must pass.
+        if self._minMs and round((endTime - record.startTime) * 1_000_000) // 1000 < self._minMs:
+            return False
+        if self._anyFlag:
+            return bool(record.responseFlags)
+        if self._flags is not None:
+            return not self._flags.isdisjoint(record.responseFlags)
+        return True
+
+    def log(self, stream: Any, endTime: float) -> None:
+        """
+        Log a finished stream (call after C{stream.complete()}), unless a filter rejects it.
+
+        @param stream: the L{twistedmesh.http.stream.Stream}.
+        @param endTime: when it ended (the clock's C{seconds()}): the end of C{%DURATION%}.
+        """
+        statuses = self._statuses
+        if statuses is not None and stream.status not in statuses:
+            return
+        if self._filtered and not self._passes(stream, endTime):
+            return
+        try:
+            line = self._renderHTTP(stream, endTime)
+        except Exception:
+            # A getter's bug must cost one line, not the connection it is called from.
+            self.logger.failure("access log line for listener {listener} failed", listener=stream.listener)
+            return
+        self._write(line)
+
+    def logTCP(self, record: TCPAccessRecord, endTime: float) -> None:
+        """
+        Log a closed TCP connection, unless a filter rejects it. The status filter does not apply to TCP
+        (the config parser rejects it on a TCP listener).
+
+        @param endTime: when the connection closed: the end of C{%DURATION%}.
+        """
+        if self._filtered and not self._passes(record, endTime):
+            return
+        try:
+            line = self._renderTCP(record, endTime)
+        except Exception:
+            self.logger.failure("access log line for listener {listener} failed", listener=record.listener)
+            return
+        self._write(line)
+
+    def flush(self) -> Deferred:
+        """
+        Flush the sink. @return: its L{Deferred}.
+        """
+        return self.sink.flush()
+
+    def reopen(self) -> Deferred:
+        """
+        Reopen the sink's file. @return: its L{Deferred}.
+        """
+        return self.sink.reopen()
+
+    def close(self) -> Deferred:
+        """
+        Close the sink if the logger opened it (a shared sink is closed by its L{AccessLogSinks}); flush it
+        otherwise. @return: a L{Deferred} that fires when the lines are written.
+        """
+        return self.sink.close() if self._ownsSink else self.sink.flush()
