@@ -56,6 +56,7 @@ def connect(maker=Answer, **settings):
     stats = StatsStore()
     factory = HTTPListenerFactory(HTTPSettings("web", [lambda stream: maker()], stats, clock, **settings), stats)
     proto = factory.buildProtocol(None)
+    proto.factory = factory
     transport = StringTransport(peerAddress=IPv4Address("TCP", "10.1.2.3", 5555))
     proto.makeConnection(transport)
     return proto, transport, clock, stats
@@ -272,4 +273,79 @@ class LimitTests(unittest.TestCase):
         proto, t, clock, stats = connect()
         proto.dataReceived(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
         self.assertTrue(t.value().startswith(b"HTTP/1.1 405 "), t.value()[:40])
+        self.assertTrue(t.disconnecting)
+
+
+class PipelineErrorTests(unittest.TestCase):
+    """
+    A malformed request in a pipeline ends the connection after the good ones before it.
+    """
+
+    def test_goodPipelinedAnsweredBeforeBad(self):
+        """
+        Requests parsed before a malformed one are all answered; the last answer says close.
+        """
+        Hold.streams = []
+        proto, t, clock, stats = connect(Hold)
+        proto.dataReceived(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n\r\n"
+                           b"GET /3 HTTP/1.1\r\n\r\n")
+        for expected in (b"/1", b"/2"):
+            stream = Hold.streams[-1]
+            self.assertEqual(stream.path, expected)
+            stream.status = 200
+            stream.responseHeaders = [(b"content-length", b"0")]
+            stream.sendResponseHeaders(True)
+        self.assertEqual(len(Hold.streams), 2)
+        out = t.value()
+        self.assertEqual(out.count(b"HTTP/1.1 200 OK"), 2)
+        self.assertNotIn(b"connection: close", out.split(b"\r\n\r\n")[0])
+        self.assertTrue(out.endswith(b"connection: close\r\n\r\n"), out)
+        self.assertTrue(t.disconnecting)
+        self.assertEqual(stats.get("http.web.downstream_rq_active").value, 0)
+
+
+class DrainTests(unittest.TestCase):
+    """
+    Draining closes idle keep-alive connections at once and busy ones after their answer.
+    """
+
+    def test_idleClosesAtOnce(self):
+        """
+        An idle keep-alive connection closes as soon as the listener drains.
+        """
+        proto, t, clock, stats = connect()
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertFalse(t.disconnecting)
+        proto.factory.drain()
+        self.assertTrue(t.disconnecting)
+
+    def test_busyClosesAfterAnswer(self):
+        """
+        A connection with a request in progress answers it with C{connection: close}, then closes.
+        """
+        Hold.streams = []
+        proto, t, clock, stats = connect(Hold)
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        proto.factory.drain()
+        self.assertFalse(t.disconnecting)
+        [stream] = Hold.streams
+        stream.status = 204
+        stream.sendResponseHeaders(True)
+        self.assertIn(b"connection: close", t.value())
+        self.assertTrue(t.disconnecting)
+
+    def test_declinedUpgradeCloses(self):
+        """
+        An upgrade the upstream declines (no 101) is answered and the connection closed.
+        """
+        Hold.streams = []
+        proto, t, clock, stats = connect(Hold)
+        proto.dataReceived(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+        [stream] = Hold.streams
+        self.assertEqual(stream.upgrade, b"websocket")
+        self.assertIn((b"upgrade", b"websocket"), stream.requestHeaders)
+        stream.status = 404
+        stream.responseHeaders = [(b"content-length", b"0")]
+        stream.sendResponseHeaders(True)
+        self.assertIn(b"connection: close", t.value())
         self.assertTrue(t.disconnecting)

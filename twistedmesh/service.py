@@ -169,8 +169,10 @@ class MeshService(service.MultiService):
         """
         self.state = "DRAINING"
         self.running = 0
-        drained = [l.factory.whenDrained() for l in self.listeners.values()]
         stopped = [l.stopListening() for l in self.listeners.values()]
+        for l in self.listeners.values():
+            l.factory.drain()
+        drained = [l.factory.whenDrained() for l in self.listeners.values()]
         done = defer.gatherResults(drained + stopped, consumeErrors=True)
         timeout = self.config.mesh.drain_timeout
 

@@ -292,6 +292,8 @@ class RouterFilter(HTTPFilter):
     def upstreamHead(self, status: int, headers: list, hasBody: bool) -> None:
         if self.finished:
             return
+        # Every upstream answer counts, retried or not (Envoy charges each response).
+        self.cluster.byClass[status // 100].value += 1
         if self._retry("status", status):
             self._cancelTryTimer()
             self.host.rq_error += 1
@@ -309,7 +311,6 @@ class RouterFilter(HTTPFilter):
                 if name == b"upgrade":
                     stream.responseHeaders = stream.responseHeaders + [(b"connection", b"upgrade"), (name, value)]
                     break
-        self.cluster.byClass[status // 100].value += 1
         if status >= 500:
             self.host.rq_error += 1
         # A 101 is no end: the tunnel follows (upstreamUpgraded).

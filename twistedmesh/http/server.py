@@ -143,6 +143,7 @@ class HTTPConnection(protocol.Protocol):
         self.headersTimer = None
         self.bodyProducer = _RequestBodyProducer(self)
         self.awaitingHead = True  # no request head is in progress: the next byte starts one
+        self.finishing = False  # answer what is queued, then close (draining, or after a malformed request)
         self.tunnel = None  # after a 101: the Tunnel that now owns both connections
         self.early: Optional[List[bytes]] = None  # bytes after an upgrade request, before the 101
         self._keepAlive = True
@@ -270,7 +271,7 @@ class HTTPConnection(protocol.Protocol):
                     kept.append((b"connection", b"upgrade"))
                     kept.append((b"upgrade", value))
                     break
-            keepAlive = False
+            stream.keepAlive = False
         stream.authority = authority
         stream.requestHeaders = kept
         stream.chunked = chunked
@@ -358,15 +359,30 @@ class HTTPConnection(protocol.Protocol):
             self._startResponseState(stream)
             stream.respond(status, body, flag="DPE", details=details)
         else:
-            self._dropPending()
-            active = self.active
-            if not active.requestEnded:
+            # Requests already parsed are answered; the malformed one (and anything after it) never is.
+            self.closing = False
+            self.finishing = True
+            self._pause()
+            target = self.receiving
+            self.receiving = None
+            if target.__class__ is _Pending:
+                # A pipelined request whose own body broke: it was never started, so just drop it.
+                self.pending.remove(target)
+                self._finishStream(target.stream)
+            elif target is self.active and not target.requestEnded:
                 # The active request's own body is malformed: it cannot be completed upstream.
-                active.keepAlive = False
-                active.respond(status, body, flag="DPE", details=details)
-            else:
-                # Answer the good requests before the bad one, then close; the bad one is never forwarded.
-                self._pause()
+                self._dropPending()
+                target.keepAlive = False
+                target.respond(status, body, flag="DPE", details=details)
+
+    def drain(self) -> None:
+        """
+        The listener is draining: close now if idle, else answer what was already received (the last answer
+        says C{connection: close}) and close.
+        """
+        self.finishing = True
+        if self.active is None and not self.disconnected and self.tunnel is None:
+            self.transport.loseConnection()
 
     # -- what the Stream asks of its codec --------------------------------------------------------------------
 
@@ -386,6 +402,8 @@ class HTTPConnection(protocol.Protocol):
 
     def writeHeaders(self, stream: Stream, end: bool) -> None:
         status = stream.status
+        if self.finishing and not self.pending:
+            stream.keepAlive = False  # the last answer before the connection closes says so
         keepAlive = stream.keepAlive and not self.closing
         headers = stream.responseHeaders
         bodyAllowed = status not in _NO_BODY_STATUSES and status >= 200 and not self._head

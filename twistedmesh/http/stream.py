@@ -117,7 +117,7 @@ class Stream:
         "listener", "downstreamAddress", "startTime", "responseFlags", "responseCodeDetails",
         "upstreamHost", "upstreamCluster", "route", "bytesReceived", "bytesSent", "state",
         "codec", "filters", "_reqQueue", "_reqPaused", "_respQueue", "_respPaused", "_respLimit",
-        "_completed", "_replying", "_reqIndex",
+        "_completed", "_replying", "_reqIndex", "_buffering",
     )
 
     def __init__(self, codec, filters: Sequence[HTTPFilter], listener: str, downstreamAddress, startTime: float) -> None:
@@ -158,6 +158,7 @@ class Stream:
         self._respLimit = self._reqIndex = len(filters) - 1
         self._completed = False
         self._replying = False
+        self._buffering = None  # [limit, size so far, unused, Deferred] while bufferRequestBody waits
 
     # -- header helpers for filters ---------------------------------------------------------------------
 
@@ -196,6 +197,13 @@ class Stream:
             self.requestEnded = True
         if self._reqPaused or self._reqQueue:
             self._reqQueue.append((_REQUEST_DATA, 0, data, end))
+            buffering = self._buffering
+            if buffering is not None:
+                buffering[1] += len(data)
+                if buffering[1] > buffering[0]:
+                    self._bodyTooLarge()
+                elif end:
+                    self._bodyBuffered()
             return
         self._request(_REQUEST_DATA, 0, data, end)
 
@@ -206,6 +214,8 @@ class Stream:
         self.requestEnded = True
         if self._reqPaused or self._reqQueue:
             self._reqQueue.append((_REQUEST_TRAILERS, 0, trailers, True))
+            if self._buffering is not None:
+                self._bodyBuffered()
             return
         self._request(_REQUEST_TRAILERS, 0, trailers, True)
 
@@ -248,17 +258,24 @@ class Stream:
 
     def _pauseRequest(self, kind, index, payload, end, d: Deferred) -> None:
         self._reqPaused = True
-        self.codec.pauseRequest(self)
+        # A filter waiting for the whole body must go on receiving it: only other pauses stop reading.
+        reading = self._buffering is not None and self._buffering[3] is d
+        if not reading:
+            self.codec.pauseRequest(self)
 
         def resumed(result):
             self._reqPaused = False
+            if not reading:
+                self.codec.resumeRequest(self)
             if self._replying or self._completed:
                 return
             nextPayload = payload
             if result is LOCAL_REPLY:
                 return
-            if kind == _REQUEST_DATA and result.__class__ is bytes:
-                nextPayload = result
+            if result.__class__ is bytes:
+                if kind == _REQUEST_DATA:
+                    nextPayload = result
+                # else: the body from bufferRequestBody, passed through: nothing to replace.
             elif result is not None:
                 self._filterMisbehaved(self.filters[index], result)
                 return
@@ -272,8 +289,33 @@ class Stream:
         while queue and not self._reqPaused and not self._replying and not self._completed:
             kind, start, payload, end = queue.pop(0)
             self._request(kind, start, payload, end)
-        if not self._reqPaused and not queue:
-            self.codec.resumeRequest(self)
+
+    def bufferRequestBody(self, limit: int) -> Deferred:
+        """
+        Collect the whole request body, for a filter that must see all of it (to sign or inspect it):
+        return the result from a request hook. The chain waits at that filter while the body keeps
+        arriving; the Deferred fires with the body (C{bytes}) once it is complete, and then the chain goes on
+        (the filters after this one still see the body in its original chunks). A body over C{limit} bytes
+        is answered C{413} instead.
+        """
+        d = Deferred()
+        size = sum(len(p) for k, _, p, _ in self._reqQueue if k == _REQUEST_DATA)
+        self._buffering = [limit, size, None, d]
+        if self.requestEnded:
+            self._bodyBuffered()
+        elif size > limit:
+            self._bodyTooLarge()
+        return d
+
+    def _bodyBuffered(self) -> None:
+        buffering, self._buffering = self._buffering, None
+        body = b"".join(p for k, _, p, _ in self._reqQueue if k == _REQUEST_DATA)
+        # Run the chain on once the current event is queued and the caller's stack has unwound.
+        buffering[3].callback(body)
+
+    def _bodyTooLarge(self) -> None:
+        self._buffering = None
+        self.respond(413, b"Payload Too Large\n", details="request_payload_too_large")
 
     # -- response direction: router / local reply → filters → codec ------------------------------------------
 

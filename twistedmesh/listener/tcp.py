@@ -76,6 +76,16 @@ class ListenerFactory(protocol.Factory):
         self._drainWaiters.append(d)
         return d
 
+    def drain(self) -> None:
+        """
+        Ask every live connection that knows how (HTTP ones) to finish what it has and close; TCP
+        connections are left to end by themselves.
+        """
+        for conn in list(self.connections):
+            drain = getattr(conn, "drain", None)
+            if drain is not None:
+                drain()
+
     def abortAll(self) -> None:
         """
         Abort every live connection, dropping whatever is buffered (the end of a drain that took too long).
