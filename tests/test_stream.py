@@ -278,3 +278,84 @@ class LocalReplyTests(unittest.TestCase):
         h.request()
         self.assertEqual(h.downstream.status, 500)
         self.assertEqual(h.stream.responseCodeDetails, "filter_returned_invalid_value")
+
+
+class BufferBodyTests(unittest.TestCase):
+    """
+    C{stream.bufferRequestBody} gives a filter the whole body at once.
+    """
+
+    def test_wholeBody(self):
+        """
+        The filter gets the joined body once it is complete; reading goes on meanwhile, and the filters
+        after it see the original chunks.
+        """
+        seen = []
+
+        class Sign(HTTPFilter):
+            def requestHeaders(self, stream):
+                d = stream.bufferRequestBody(100)
+                d.addCallback(seen.append)
+                return d
+
+        h = FilterHarness(Sign())
+        h.request(b"POST", b"/", body=[b"ab", b"cd", b"ef"], end=False)
+        self.assertEqual(seen, [])
+        self.assertFalse(h.paused)
+        self.assertIsNone(h.upstream.method)
+        h.sendData(b"gh", end=True)
+        self.assertEqual(seen, [b"abcdefgh"])
+        self.assertEqual(h.upstream.chunks, [b"ab", b"cd", b"ef", b"gh"])
+        self.assertTrue(h.upstream.ended)
+
+    def test_tooLarge(self):
+        """
+        A body over the limit is answered 413 and never reaches the upstream.
+        """
+
+        class Sign(HTTPFilter):
+            def requestHeaders(self, stream):
+                return stream.bufferRequestBody(5)
+
+        h = FilterHarness(Sign())
+        h.request(b"POST", b"/", body=[b"abc", b"def"], end=False)
+        self.assertEqual(h.downstream.status, 413)
+        self.assertEqual(h.stream.responseCodeDetails, "request_payload_too_large")
+        self.assertIsNone(h.upstream.method)
+
+    def test_noBody(self):
+        """
+        A request without a body gives an empty body at once.
+        """
+        seen = []
+
+        class Sign(HTTPFilter):
+            def requestHeaders(self, stream):
+                return stream.bufferRequestBody(5).addCallback(seen.append)
+
+        h = FilterHarness(Sign())
+        h.request(b"GET", b"/")
+        self.assertEqual(seen, [b""])
+        self.assertEqual(h.upstream.method, b"GET")
+
+    def test_nestedPauseResumesReading(self):
+        """
+        A second pause inside a resumed chain does not leave reading paused once both are over.
+        """
+        first, second = Deferred(), Deferred()
+
+        class A(HTTPFilter):
+            def requestHeaders(self, stream):
+                return first
+
+        class B(HTTPFilter):
+            def requestHeaders(self, stream):
+                return second
+
+        h = FilterHarness(A(), B())
+        h.request(b"GET", b"/")
+        first.callback(None)
+        self.assertTrue(h.paused)
+        second.callback(None)
+        self.assertFalse(h.paused)
+        self.assertEqual(h.upstream.method, b"GET")
