@@ -272,10 +272,7 @@ class RouterFilter(HTTPFilter):
         self.retriesLeft -= 1
         self.cluster.upstream_rq_retry.value += 1
         self.attempt = None  # a connect still pending for the old attempt is given back when it lands
-        conn = self._detach()
-        if conn is not None:
-            self._unregister(conn)
-            conn.abandon()
+        self._abandon()
         n = self.attempts
         cap = _BACKOFF_BASE * 10
         delay = self.shared.random.uniform(0, min(_BACKOFF_BASE * (2 ** (n - 1)), cap))
@@ -378,10 +375,7 @@ class RouterFilter(HTTPFilter):
     def _timedOut(self) -> None:
         self.timer = None
         self.cluster.upstream_rq_timeout.value += 1
-        conn = self._detach()
-        if conn is not None:
-            self._unregister(conn)
-            conn.abandon()
+        self._abandon()
         if self.responseStarted:
             self._done()
             self.stream.responseFlags.append("UT")
@@ -392,10 +386,7 @@ class RouterFilter(HTTPFilter):
     def _idle(self) -> None:
         # Envoy's stream idle timeout: 408 while nothing was answered yet, a reset after that.
         self.idleTimer = None
-        conn = self._detach()
-        if conn is not None:
-            self._unregister(conn)
-            conn.abandon()
+        self._abandon()
         if self.responseStarted:
             self._done()
             self.stream.reset("stream_idle_timeout")
@@ -407,10 +398,7 @@ class RouterFilter(HTTPFilter):
         self.cluster.upstream_rq_per_try_timeout.value += 1
         if self._retry("per-try-timeout"):
             return
-        conn = self._detach()
-        if conn is not None:
-            self._unregister(conn)
-            conn.abandon()
+        self._abandon()
         self._fail(504, "UT", "upstream_per_try_timeout", b"upstream request timeout")
 
     def _fail(self, status: int, flag: str, details: str, body: bytes) -> None:
@@ -455,6 +443,15 @@ class RouterFilter(HTTPFilter):
             conn.pool.host.rq_active -= 1
         return conn
 
+    def _abandon(self) -> None:
+        """
+        Give up the current attempt's connection mid-exchange: it is closed, never reused.
+        """
+        conn = self._detach()
+        if conn is not None:
+            self._unregister(conn)
+            conn.abandon()
+
     def _unregisterBody(self) -> None:
         conn = self.conn
         if conn is not None and conn.transport.producer is not None:
@@ -472,11 +469,8 @@ class RouterFilter(HTTPFilter):
     def streamComplete(self, stream: Stream) -> None:
         if self.stream is None:
             return
-        conn = self._detach()
-        if conn is not None:
-            # The downstream went away (or was reset) mid-exchange: that connection's state is unknown.
-            self._unregister(conn)
-            conn.abandon()
+        # The downstream went away (or was reset) mid-exchange: that connection's state is unknown.
+        self._abandon()
         if not self.finished and self.cluster is not None:
             self._done()
 
