@@ -146,7 +146,6 @@ class HTTPConnection(protocol.Protocol):
         self.finishing = False  # answer what is queued, then close (draining, or after a malformed request)
         self.tunnel = None  # after a 101: the Tunnel that now owns both connections
         self.early: Optional[List[bytes]] = None  # bytes after an upgrade request, before the 101
-        self._keepAlive = True
         self._head = False
         self._chunked = False
         self._responseBodyAllowed = True
@@ -160,6 +159,7 @@ class HTTPConnection(protocol.Protocol):
             self.factory.connectionOpened(self)
         self.parser = h1.RequestParser(self, self.settings.maxHeaderBytes, self.settings.maxHeaders)
         self.peer = self.transport.getPeer()
+        # A UNIX-socket peer has no address to forward: then x-forwarded-for is left as the client sent it.
         self.peerHost = getattr(self.peer, "host", "").encode("ascii")
         self._armIdle()
 
@@ -240,7 +240,8 @@ class HTTPConnection(protocol.Protocol):
                 authority = value
             elif name == b"x-forwarded-for":
                 if not xff:
-                    value = value + b", " + peerHost
+                    if peerHost:
+                        value = value + b", " + peerHost
                     xff = True
                 kept.append((name, value))
             elif name == b"x-forwarded-proto" or (name == b"expect" and expectContinue):
@@ -250,7 +251,7 @@ class HTTPConnection(protocol.Protocol):
                 if name == b"x-request-id":
                     requestId = True
                 kept.append((name, value))
-        if not xff:
+        if not xff and peerHost:
             kept.append((b"x-forwarded-for", peerHost))
         kept.append((b"x-forwarded-proto", b"http"))
         if not requestId:
