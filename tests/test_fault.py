@@ -239,6 +239,14 @@ class HeaderControlTests(unittest.TestCase):
         f.clock.advance(0.1)
         self.assertEqual(h.downstream.status, 429)
 
+    def test_zeroDelayHeader(self):
+        """
+        A delay header of 0 asks for no delay, even when one is configured.
+        """
+        f = Fault({"headers_control": "true", "delay.fixed": "10s"})
+        self.assertEqual(f.run(1, [(b"x-envoy-fault-delay-request", b"0")]), [200])
+        self.assertEqual(f.stat("delays_injected"), 0)
+
     def test_percentageHeaders(self):
         """
         The percentage headers choose the share of requests, drawn from the seeded random.

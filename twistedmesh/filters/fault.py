@@ -93,7 +93,7 @@ class FaultSettings:
             return True
         if percentage <= 0.0:
             return False
-        return self.random.random() * 100.0 <= percentage + 0.01
+        return self.random.random() * 100.0 < percentage
 
 
 def _headerNumber(value: Optional[bytes]) -> Optional[int]:
