@@ -174,9 +174,9 @@ class RecordingStream(Stream):
 
     made: List["RecordingStream"] = []
 
-    def __init__(self, codec, filters, *args, **kwargs) -> None:
-        super().__init__(codec, filters, *args, **kwargs)
-        self.router = filters[-1] if filters else None
+    def __init__(self, codec, makers, *args, **kwargs) -> None:
+        super().__init__(codec, makers, *args, **kwargs)
+        self.router = self.filters[-1] if self.filters else None
         self.made.append(self)
 
 

@@ -89,6 +89,10 @@ class IFilterContext(Interface):
     random = Attribute("A L{random.Random}, seeded in tests.")
     clusters = Attribute("A mapping from cluster name to L{twistedmesh.upstream.cluster.Cluster}.")
     listener = Attribute("The listener config the filter is built for.")
+    routes = Attribute(
+        "The listener's compiled route table (L{twistedmesh.http.routes.RouteTable}; C{match(stream)} "
+        "gives the route a request would take), or C{None} for TCP listeners."
+    )
 
 
 class INetworkFilterFactory(Interface):

@@ -141,7 +141,8 @@ class FilterHarness:
         self.downstream = Recorded()
         self.terminal = _Terminal(self)
         self.codec = _Codec(self)
-        self.stream = Stream(self.codec, list(filters) + [self.terminal], "test",
+        makers = [lambda stream, f=f: f for f in filters] + [lambda stream: self.terminal]
+        self.stream = Stream(self.codec, makers, "test",
                              IPv4Address("TCP", *peer), self.clock.seconds())
 
     @property

@@ -221,8 +221,7 @@ class HTTPConnection(protocol.Protocol):
         stats.downstream_rq_total.value += 1
         stats.downstream_rq_http1_total.value += 1
         stats.downstream_rq_active.value += 1
-        filters = [make(None) for make in settings.makers]  # one per stream, or a shared stateless one
-        stream = Stream(self, filters, settings.name, self.peer, settings.clock.seconds())
+        stream = Stream(self, settings.makers, settings.name, self.peer, settings.clock.seconds())
         stream.method = method
         stream.path = target
         stream.version = version

@@ -120,9 +120,13 @@ class Stream:
         "_completed", "_replying", "_reqIndex", "_buffering",
     )
 
-    def __init__(self, codec, filters: Sequence[HTTPFilter], listener: str, downstreamAddress, startTime: float) -> None:
+    def __init__(self, codec, makers: Sequence, listener: str, downstreamAddress, startTime: float) -> None:
+        """
+        @param codec: the connection the stream belongs to (what it writes the response to).
+        @param makers: the listener's filter makers, first to last: each is called with this stream and
+            returns its filter (a new one, or a shared stateless one).
+        """
         self.codec = codec
-        self.filters = filters
         self.listener = listener
         self.downstreamAddress = downstreamAddress
         self.startTime = startTime
@@ -155,6 +159,7 @@ class Stream:
         # Response hooks run over filters[:_respLimit], last to first: the filters before the one that
         # produced the response (the router, last, or whichever filter replied locally). _reqIndex is the
         # filter whose request hook ran last, so a local reply knows where it came from.
+        self.filters = filters = [make(self) for make in makers]
         self._respLimit = self._reqIndex = len(filters) - 1
         self._completed = False
         self._replying = False
