@@ -187,14 +187,29 @@ class IHTTPFilterFactory(Interface):
 
 class ILoadBalancer(Interface):
     """
-    Picks a host of a cluster for each new upstream connection or request.
+    Picks a host of a cluster for each new upstream connection or request. Constructed as
+    C{Policy(hosts, random, config, panic=counter)}: the cluster's hosts, a L{random.Random}, a
+    L{twistedmesh.config.lb.LBConfig} and a counter (anything with an integer C{value}) counting picks made
+    in panic mode. See docs/load-balancing.md.
     """
 
-    def pick(exclude=None):
-        """
-        Choose a host.
+    panic = Attribute("The counter of picks made in panic mode (the cluster's C{lb_healthy_panic}).")
+    inPanic = Attribute("Whether the last L{rebuild} found fewer healthy hosts than the panic threshold.")
 
-        @param exclude: a host not to pick when another is available (the one that just failed, for a
-            retry), or C{None}.
-        @return: a L{twistedmesh.upstream.cluster.Host}, or C{None} when the cluster has no host to offer.
+    def pick(exclude=None, hashKey=None):
+        """
+        Choose a host. Never picks an unhealthy host outside panic mode. Called per request: no I/O.
+
+        @param exclude: a host not to pick when another is usable (the one that just failed, for a
+            retry), or C{None}. It is returned when it is the only usable host.
+        @param hashKey: C{bytes} the hashing policies (C{ring_hash}, C{maglev}) map to a host, or C{None}
+            (then a random key); the other policies ignore it.
+        @return: a L{twistedmesh.upstream.cluster.Host}, or C{None} when no host is healthy.
+        """
+
+    def rebuild(hosts=None):
+        """
+        Take a new snapshot of the hosts' health (and panic mode), after any host's C{healthy} or C{weight}
+        changed; with C{hosts}, a new membership. Cheap unless membership or weights changed (then rings
+        and tables are rebuilt).
         """

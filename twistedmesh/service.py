@@ -93,7 +93,7 @@ class MeshService(service.MultiService):
         errors: List[ConfigError] = []
         if config.mesh.workers != 1:
             errors.append(ConfigError(config.file, "mesh", "workers", "only 1 worker is supported so far"))
-        self.clusters: Dict[str, Cluster] = buildClusters(config.clusters, reactor, self.stats)
+        self.clusters: Dict[str, Cluster] = buildClusters(config.clusters, reactor, self.stats, self.random)
         for name, lconfig in config.listeners.items():
             factories = factoriesFor(lconfig.protocol, errors, config.file)
             routes = None

@@ -8,6 +8,7 @@ value through the section so that the loader collects all errors of the file at 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Optional
@@ -107,9 +108,11 @@ def _number(o: Options, key: str, default: float, low: float, high: Optional[flo
     try:
         value = float(text)
     except ValueError:
+        value = math.nan
+    if not math.isfinite(value):  # float() takes "nan" and "inf": not numbers a user means
         o.error(key, f"{raw!r} is not a number")
         return default
-    if value != value or value < low or (high is not None and value > high):  # value != value: NaN
+    if value < low or (high is not None and value > high):
         bound = f"from {low:g} to {high:g}" if high is not None else f"at least {low:g}"
         o.error(key, f"{raw} must be {bound}")
         return default
@@ -134,10 +137,9 @@ def parseLB(o: Options) -> LBConfig:
     extra = {}
     for owner, keys in _POLICY_KEYS.items():
         if owner != policy:
-            if policyValid:
-                for key in keys:
-                    if key in o:
-                        o.error(key, f"applies only to lb_policy = {owner}, not {policy}")
+            for key in keys:
+                if key in o and policyValid:  # `in` marks the key known either way
+                    o.error(key, f"applies only to lb_policy = {owner}, not {policy}")
             continue
         if owner == "least_request":
             extra["choice_count"] = o.integer("least_request.choice_count", 2, minimum=2)

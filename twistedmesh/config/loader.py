@@ -20,6 +20,7 @@ from .model import (
     ListenerConfig,
     MeshConfig,
 )
+from .lb import parseLB
 from .options import Options, checkClientEndpoint
 
 SECTION_KINDS = ("mesh", "listener", "route", "cluster", "filter", "echo")
@@ -154,10 +155,12 @@ def _cluster(name: str, o: Options) -> ClusterConfig:
         hosts.append(HostConfig(endpoint, weight))
     if raw is not None and not hosts and not any(e.key == "endpoints" and e.section == o.section for e in o.errors):
         o.error("endpoints", "names no endpoint")
+    lb = parseLB(o)
     return ClusterConfig(
         name=name,
         endpoints=tuple(hosts),
-        lb_policy=o.string("lb_policy", "round_robin", choices=("round_robin",)),
+        lb_policy=lb.policy,
+        lb=lb,
         protocol=o.string("protocol", "http1", choices=("http1", "tcp")),
         connect_timeout=o.duration("connect_timeout", 5.0),
     )

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping, Optional, Tuple
 
+from .lb import LBConfig
+
 DEFAULT_ADMIN = "tcp:9901:interface=127.0.0.1"
 
 
@@ -44,6 +46,7 @@ class ClusterConfig:
     lb_policy: str = "round_robin"
     protocol: str = "http1"
     connect_timeout: float = 5.0
+    lb: Optional[LBConfig] = None  # every load-balancing option; None: LBConfig(policy=lb_policy)
 
 
 @dataclass(frozen=True)

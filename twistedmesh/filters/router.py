@@ -22,6 +22,7 @@ from zope.interface import implementer
 from ..http import h1
 from ..http.stream import LOCAL_REPLY, HTTPFilter, Stream
 from ..interfaces import IHTTPFilterFactory
+from ..upstream.lb import requestHashKey
 
 # The pool's failure reasons as Envoy's %RESPONSE_CODE_DETAILS% name them.
 _RESET_REASONS = {"upstream_reset": "connection_termination", "protocol_error": "protocol_error"}
@@ -99,7 +100,7 @@ class RouterFilter(HTTPFilter):
     __slots__ = ("shared", "stream", "route", "cluster", "host", "conn", "head", "chunked", "hasBody",
                  "buffered", "bufferedBytes", "replayable", "requestDone", "trailers", "timer", "tryTimer",
                  "retriesLeft", "attempts", "responseStarted", "finished", "retryTimer", "pausedForConnect",
-                 "attempt", "limitExceeded", "idleTimer")
+                 "attempt", "limitExceeded", "idleTimer", "hashKey")
 
     def __init__(self, shared: _Shared) -> None:
         self.shared = shared
@@ -127,6 +128,7 @@ class RouterFilter(HTTPFilter):
         self.attempt: Optional[_Attempt] = None
         self.limitExceeded = False  # a retry the policy allowed was refused for want of retries (URX)
         self.idleTimer = None  # the route's idle_timeout: no body bytes either way for that long
+        self.hashKey = None  # what ring_hash / maglev hash for this request (kept for retries)
 
     # -- request hooks ------------------------------------------------------------------------------------
 
@@ -149,6 +151,8 @@ class RouterFilter(HTTPFilter):
         self.cluster = cluster
         stream.upstreamCluster = cluster
         route.rewrite(stream)
+        if cluster.hashPolicy is not None:
+            self.hashKey = requestHashKey(cluster.hashPolicy, stream)
         self.head, self.chunked, self.hasBody = self._encodeHead(stream)
         self.requestDone = not self.hasBody
         retry = route.retry
@@ -206,7 +210,7 @@ class RouterFilter(HTTPFilter):
             # Until a connection is ready there is nowhere to put the body: stop reading it.
             self.pausedForConnect = True
             self.stream.codec.pauseRequest(self.stream)
-        host = self.cluster.pick(exclude=self.host)
+        host = self.cluster.pick(self.host, self.hashKey)
         if host is None:
             self.cluster.upstream_cx_none_healthy.value += 1
             self._fail(503, "UH", "no_healthy_upstream", b"no healthy upstream")

@@ -34,6 +34,7 @@ from zope.interface import implementer
 from ..config import Options, suggest
 from ..interfaces import IFilterContext, INetworkConnection, INetworkFilter, INetworkFilterFactory
 from ..upstream.cluster import Cluster, Host
+from ..upstream.lb import addressHashKey
 from .chain import NetworkFilter
 
 
@@ -168,6 +169,7 @@ class TCPProxyFilter(NetworkFilter):
         # Which transport has the other side registered as its producer.
         self._upstreamHasProducer = False
         self._downstreamHasProducer = False
+        self._hashKey: Optional[bytes] = None  # source_ip for ring_hash / maglev clusters
 
     # -- downstream events (filter hooks)
 
@@ -179,6 +181,9 @@ class TCPProxyFilter(NetworkFilter):
             return conn.close("no_cluster")
         # Nowhere to send bytes yet: don't read them.
         conn.pauseProducing()
+        policy = self.cluster.hashPolicy
+        if policy is not None and policy.kind == "source_ip":  # headers and cookies mean nothing at L4
+            self._hashKey = addressHashKey(conn.transport.getPeer())
         self._connect(None)
         return None
 
@@ -226,7 +231,7 @@ class TCPProxyFilter(NetworkFilter):
 
     def _connect(self, exclude: Optional[Host]) -> None:
         cluster = self.cluster
-        host = cluster.pick(exclude)
+        host = cluster.pick(exclude, self._hashKey)
         if host is None:
             cluster.upstream_cx_none_healthy.value += 1
             self.conn.close("no_healthy_upstream")

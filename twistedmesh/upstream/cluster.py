@@ -4,12 +4,14 @@ Clusters and their hosts: named groups of upstream endpoints with a load balance
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from random import Random
+from typing import Dict, Optional, Tuple
 
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IStreamClientEndpoint
 
 from ..config import ClusterConfig
+from ..config.lb import LBConfig
 from ..observability.stats import StatsStore
 from .http1 import ClusterPools
 from .lb import POLICIES
@@ -53,7 +55,7 @@ class Cluster:
     C{cluster.<name>.}).
     """
 
-    def __init__(self, config: ClusterConfig, reactor, stats: StatsStore) -> None:
+    def __init__(self, config: ClusterConfig, reactor, stats: StatsStore, random: Optional[Random] = None) -> None:
         self.config = config
         self.name = config.name
         self.connectTimeout = config.connect_timeout
@@ -61,7 +63,11 @@ class Cluster:
         self.hosts: Tuple[Host, ...] = tuple(
             Host(h.endpoint, clientFromString(reactor, h.endpoint), h.weight) for h in config.endpoints
         )
-        self.lb = POLICIES[config.lb_policy](self.hosts)
+        lbConfig = config.lb if config.lb is not None else LBConfig(policy=config.lb_policy)
+        #: What the router (or tcp_proxy) hashes for ring_hash and maglev, or None.
+        self.hashPolicy = lbConfig.hash_policy
+        self.lb_healthy_panic = scope.counter("lb_healthy_panic")
+        self.lb = POLICIES[lbConfig.policy](self.hosts, random, lbConfig, panic=self.lb_healthy_panic)
         self.upstream_cx_total = scope.counter("upstream_cx_total")
         self.upstream_cx_active = scope.gauge("upstream_cx_active")
         self.upstream_cx_connect_fail = scope.counter("upstream_cx_connect_fail")
@@ -83,15 +89,25 @@ class Cluster:
         self.membership_total.value = len(self.hosts)
         self.membership_healthy.value = sum(1 for h in self.hosts if h.healthy)
 
-    def pick(self, exclude: "Host | None" = None) -> "Host | None":
+    def pick(self, exclude: "Host | None" = None, hashKey: "bytes | None" = None) -> "Host | None":
         """
         A host for a new connection (see L{twistedmesh.interfaces.ILoadBalancer.pick}).
         """
-        return self.lb.pick(exclude)
+        return self.lb.pick(exclude, hashKey)
+
+    def healthChanged(self) -> None:
+        """
+        Some host's C{healthy} changed: update the gauge and the load balancer's snapshot. Health checking
+        and outlier detection call this after setting C{host.healthy}.
+        """
+        self.membership_healthy.value = sum(1 for h in self.hosts if h.healthy)
+        self.lb.rebuild()
 
 
-def buildClusters(configs: Dict[str, ClusterConfig], reactor, stats: StatsStore) -> Dict[str, Cluster]:
+def buildClusters(
+    configs: Dict[str, ClusterConfig], reactor, stats: StatsStore, random: Optional[Random] = None
+) -> Dict[str, Cluster]:
     """
-    One L{Cluster} per config section.
+    One L{Cluster} per config section; C{random} (the service's) drives the load balancers.
     """
-    return {name: Cluster(c, reactor, stats) for name, c in configs.items()}
+    return {name: Cluster(c, reactor, stats, random) for name, c in configs.items()}
