@@ -617,3 +617,27 @@ class UploadBackpressureTests(HTTPTestBase):
             origin.transport.resumeProducing()
         answer = yield client.closed
         self.assertTrue(answer.endswith(b"\r\n\r\n%d" % size), answer[-100:])
+
+
+class AccessLogTests(HTTPTestBase):
+    """
+    A listener's access log, through the whole service.
+    """
+
+    @defer.inlineCallbacks
+    def test_lineWrittenPerRequest(self):
+        """
+        Each request gets one line in the listener's access log, written by the time the service stops.
+        """
+        path = os.path.abspath(self.mktemp())
+        service = self.startProxy(self.originPort.getHost().port,
+                                  f"access_log = {path}\naccess_log.format = %RESPONSE_CODE% %REQ(:PATH)% "
+                                  f"%RESPONSE_FLAGS% %UPSTREAM_CLUSTER%")
+        yield service.whenLive
+        port = service.listeners["web"].port.getHost().port
+        for p in ("/a", "/quick/slow"):
+            response = yield treq.get(f"http://127.0.0.1:{port}{p}", persistent=False)
+            yield response.content()
+        yield self._stop(service)
+        with open(path) as f:
+            self.assertEqual(f.read(), "200 /a - origin\n504 /slow UT origin\n")

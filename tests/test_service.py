@@ -218,6 +218,35 @@ endpoints = tcp:127.0.0.1:1
         self.assertEqual(aborted, [True])
         yield stopped
 
+    @defer.inlineCallbacks
+    def test_tcpAccessLog(self):
+        """
+        A TCP listener's access log gets one line per connection, with its bytes and upstream.
+        """
+        echo = startService(self, "[mesh]\nadmin = off\n[echo:e]\nendpoint = tcp:0:interface=127.0.0.1\nprotocol = tcp\n")
+        yield echo.whenLive
+        path = os.path.abspath(self.mktemp())
+        service = MeshService(loadString(f"""
+[mesh]
+admin = off
+[listener:edge]
+endpoint = tcp:0:interface=127.0.0.1
+cluster = echo
+access_log = {path}
+access_log.format = %BYTES_RECEIVED% %BYTES_SENT% %UPSTREAM_CLUSTER% %RESPONSE_FLAGS%
+[cluster:echo]
+endpoints = tcp:127.0.0.1:{port(echo.echoes['e'])}
+"""), reactor)
+        service.startService()
+        yield service.whenLive
+        client = Collect(b"ping" * 10)
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port(service.listeners["edge"])), client)
+        yield client.done
+        yield service.listeners["edge"].factory.whenDrained()
+        yield service.stopService()
+        with open(path) as f:
+            self.assertEqual(f.read(), "40 40 echo -\n")
+
     def test_badConfigNamesPlugin(self):
         """
         A chain naming a filter no plugin provides is a config error with a suggestion.

@@ -19,6 +19,7 @@ from .http.routes import RouteTable
 from .http.server import HTTPSettings
 from .listener.http import HTTPListenerFactory
 from .listener.tcp import TCPListenerFactory
+from .observability.accesslog import AccessLogger, AccessLogSinks
 from .observability.stats import StatsStore
 from .plugins import FilterContext, buildChain, factoriesFor
 from .upstream.cluster import Cluster, buildClusters
@@ -91,6 +92,7 @@ class MeshService(service.MultiService):
         self.echoes: Dict[str, Listening] = {}
         self.admin: Optional[Listening] = None
         errors: List[ConfigError] = []
+        self.accessLogSinks = AccessLogSinks(reactor, reactor, self.stats.counter("access_log.dropped"))
         if config.mesh.workers != 1:
             errors.append(ConfigError(config.file, "mesh", "workers", "only 1 worker is supported so far"))
         self.clusters: Dict[str, Cluster] = buildClusters(config.clusters, reactor, self.stats, self.random)
@@ -101,8 +103,17 @@ class MeshService(service.MultiService):
                 routes = RouteTable(config.routes[lconfig.routes])
             context = FilterContext(reactor, self.stats, self.clusters, lconfig, self.random, routes)
             makers = buildChain(config, lconfig, factories, context, errors)
+            accessLog = None
+            if lconfig.access_log is not None:
+                try:
+                    sink = self.accessLogSinks.get(lconfig.access_log.path, lconfig.access_log.flush_interval)
+                except OSError as e:
+                    errors.append(ConfigError(config.file, f"listener:{name}", "access_log",
+                                              f"cannot open {lconfig.access_log.path!r}: {e.strerror}"))
+                else:
+                    accessLog = AccessLogger(lconfig.access_log, reactor, reactor, sink=sink)
             if lconfig.protocol == "tcp":
-                factory = TCPListenerFactory(lconfig, makers, self.stats, reactor)
+                factory = TCPListenerFactory(lconfig, makers, self.stats, reactor, accessLog)
             else:
                 settings = HTTPSettings(
                     name, makers, self.stats, reactor,
@@ -112,6 +123,7 @@ class MeshService(service.MultiService):
                     requestHeadersTimeout=lconfig.request_headers_timeout,
                     maxRequestsPerConnection=lconfig.max_requests_per_connection,
                     random=self.random,
+                    accessLog=accessLog,
                 )
                 factory = HTTPListenerFactory(settings, self.stats)
             self.listeners[name] = self._listen(f"listener {name}", lconfig.endpoint, factory)
@@ -188,7 +200,8 @@ class MeshService(service.MultiService):
             for cluster in self.clusters.values():
                 cluster.pools.closeAll()
             return defer.gatherResults(
-                [defer.maybeDeferred(s.stopService) for s in list(self)], consumeErrors=True
+                [defer.maybeDeferred(s.stopService) for s in list(self)] + [self.accessLogSinks.close()],
+                consumeErrors=True,
             )
 
         done.addBoth(finished)

@@ -53,14 +53,20 @@ class Options(usage.Options):
             raise SystemExit(0)
 
 
-class _GracefulSignals(service.MultiService):
+class _Signals(service.MultiService):
     """
-    Makes SIGTERM and SIGINT a drain-and-exit-0, as operators of Envoy and nginx expect.
+    Makes SIGTERM and SIGINT a drain-and-exit-0, as operators of Envoy and nginx expect, and SIGUSR1 a
+    reopen of the access logs (for logrotate).
 
     The reactor's own handlers stop it too, but twistd then re-raises the signal on its way out so the exit
     status says "killed by SIGTERM"; a proxy that drained cleanly should say 0. So once the reactor runs
     (it installs its handlers as it starts), ours replace them.
     """
+
+    def __init__(self, mesh) -> None:
+        super().__init__()
+        self.mesh = mesh
+        mesh.setServiceParent(self)
 
     def startService(self) -> None:
         super().startService()
@@ -70,8 +76,13 @@ class _GracefulSignals(service.MultiService):
             def stop(signum, frame) -> None:
                 reactor.callFromThread(_stop, reactor)
 
+            def reopen(signum, frame) -> None:
+                # logrotate moved the access logs away: write to new files of the same names.
+                reactor.callFromThread(self.mesh.accessLogSinks.reopen)
+
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, stop)
+            signal.signal(signal.SIGUSR1, reopen)
 
         reactor.callWhenRunning(install)
 
@@ -87,6 +98,4 @@ def makeService(options: Options) -> service.IService:
     """
     from .service import MeshService
 
-    top = _GracefulSignals()
-    MeshService(options.meshConfig).setServiceParent(top)
-    return top
+    return _Signals(MeshService(options.meshConfig))

@@ -9,6 +9,7 @@ import re
 from types import MappingProxyType
 from typing import Dict, List, Optional, Tuple
 
+from .accesslog import parseAccessLog
 from .errors import ConfigError, ConfigErrors, suggest
 from .model import (
     DEFAULT_ADMIN,
@@ -230,6 +231,7 @@ def _listener(name: str, o: Options, clusters: Dict[str, ClusterConfig], routes:
         max_request_headers_count=o.integer("max_request_headers_count", 100, minimum=1),
         request_headers_timeout=o.duration("request_headers_timeout", 0.0),
         max_requests_per_connection=o.integer("max_requests_per_connection", 0),
+        access_log=parseAccessLog(o, protocol),
     )
 
 

@@ -11,6 +11,8 @@ from typing import Mapping, Optional, Tuple
 
 from .lb import LBConfig
 
+from .accesslog import AccessLogConfig
+
 DEFAULT_ADMIN = "tcp:9901:interface=127.0.0.1"
 
 
@@ -81,6 +83,7 @@ class ListenerConfig:
     max_request_headers_count: int = 100
     request_headers_timeout: float = 0.0
     max_requests_per_connection: int = 0
+    access_log: Optional[AccessLogConfig] = None
 
 
 @dataclass(frozen=True)

@@ -256,6 +256,7 @@ class RouterFilter(HTTPFilter):
         """
         self._cancelTryTimer()
         self.host.rq_error += 1
+        self.stream.state["upstreamTransportFailureReason"] = reason
         if self._retry("connect-failure"):
             return
         self._fail(503, "UF", "upstream_reset_before_response_started{connection_failure}",
@@ -302,6 +303,7 @@ class RouterFilter(HTTPFilter):
         self._cancelTryTimer()
         self.responseStarted = True
         stream = self.stream
+        stream.state["responseStartTime"] = self.shared.clock.seconds()  # %RESPONSE_DURATION%
         if self.limitExceeded:
             stream.responseFlags.append("URX")
         stream.status = status

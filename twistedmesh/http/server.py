@@ -42,12 +42,13 @@ class HTTPSettings:
     """
 
     __slots__ = ("name", "makers", "maxHeaderBytes", "maxHeaders", "idleTimeout", "requestHeadersTimeout",
-                 "maxRequestsPerConnection", "stats", "clock", "random")
+                 "maxRequestsPerConnection", "stats", "clock", "random", "accessLog")
 
     def __init__(self, name: str, makers: Sequence[Callable], stats, clock, maxHeaderBytes: int = 60 * 1024,
                  maxHeaders: int = 100, idleTimeout: float = 3600.0, requestHeadersTimeout: float = 0.0,
-                 maxRequestsPerConnection: int = 0, random=None) -> None:
+                 maxRequestsPerConnection: int = 0, random=None, accessLog=None) -> None:
         self.random = random if random is not None else _random.Random()
+        self.accessLog = accessLog
         self.name = name
         self.makers = makers
         self.stats = stats
@@ -502,6 +503,9 @@ class HTTPConnection(protocol.Protocol):
         if 100 <= status < 600:
             stats.byClass[status // 100].value += 1
         stream.complete()
+        accessLog = self.settings.accessLog
+        if accessLog is not None:
+            accessLog.log(stream, self.settings.clock.seconds())
 
     def _next(self) -> None:
         pending = self.pending.popleft()

@@ -153,6 +153,9 @@ class ConnectionHandle:
                     # A Deferred cannot hold a write: the upstream is paused by backpressure instead.
                     self.connection._misbehaved(hook, result)
                     return
+        record = self.connection.record
+        if record is not None:
+            record.bytesSent += len(data)
         self.transport.write(data)
 
     def close(self, reason: str = "") -> object:
@@ -222,6 +225,8 @@ class NetworkConnection(Protocol):
         self.state: dict = {}
         self.filters: List[INetworkFilter] = []
         self.closeReason: Optional[str] = None
+        # The access-log record of this connection when the listener logs (filled as it goes), else None.
+        self.record = None
         self._makers = makers
         self._tail: Optional[ConnectionHandle] = None
         self._made: List[Callable] = []
@@ -279,6 +284,9 @@ class NetworkConnection(Protocol):
         """
         Run C{data} through the filters' C{dataReceived} hooks, first to last.
         """
+        record = self.record
+        if record is not None:
+            record.bytesReceived += len(data)
         if self._waitingOn is not None or self._closing:
             if not self._closing:
                 self._backlog.append(data)
@@ -339,6 +347,8 @@ class NetworkConnection(Protocol):
         Send C{data} downstream through every filter's C{dataWritten} hook, last to first.
         """
         if self._tail is None:
+            if self.record is not None:
+                self.record.bytesSent += len(data)
             self.transport.write(data)
         else:
             self._tail.write(data)

@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from ..config import ListenerConfig
 from ..interfaces import INetworkConnection, INetworkFilter
 from ..observability.stats import StatsStore
+from ..observability.accesslog import TCPAccessRecord
 from .chain import NetworkConnection
 
 
@@ -107,17 +108,21 @@ class TCPListenerFactory(ListenerFactory):
         makers: Sequence[Callable[[INetworkConnection], INetworkFilter]],
         stats: StatsStore,
         clock: IReactorTime,
+        accessLog=None,
     ) -> None:
         """
         @param config: the listener's config.
         @param makers: the network filter makers, first to last (L{twistedmesh.plugins.buildChain}).
         @param stats: where the listener's stats live.
         @param clock: the clock handed to every connection (and so to its filters).
+        @param accessLog: an L{twistedmesh.observability.accesslog.AccessLogger} writing one line per
+            connection, or C{None}.
         """
         super().__init__(config.name, stats)
         self.config = config
         self.makers = list(makers)
         self.clock = clock
+        self.accessLog = accessLog
 
     def buildProtocol(self, addr: IAddress) -> NetworkConnection:
         """
@@ -125,4 +130,16 @@ class TCPListenerFactory(ListenerFactory):
         """
         conn = NetworkConnection(self.config.name, self.makers, self.clock)
         conn.factory = self
+        if self.accessLog is not None:
+            conn.record = TCPAccessRecord(self.config.name, addr, self.clock.seconds())
         return conn
+
+    def connectionClosed(self, conn: NetworkConnection) -> None:
+        """
+        As for every listener; and the connection's access-log line.
+        """
+        super().connectionClosed(conn)
+        record = conn.record
+        if record is not None:
+            record.terminationDetails = conn.closeReason or ""
+            self.accessLog.logTCP(record, self.clock.seconds())

@@ -232,12 +232,18 @@ class TCPProxyFilter(NetworkFilter):
     def _connect(self, exclude: Optional[Host]) -> None:
         cluster = self.cluster
         host = cluster.pick(exclude, self._hashKey)
+        record = self.conn.connection.record
         if host is None:
             cluster.upstream_cx_none_healthy.value += 1
+            if record is not None:
+                record.responseFlags.append("UH")
             self.conn.close("no_healthy_upstream")
             return
         self._attempts += 1
         self.host = host
+        if record is not None:
+            record.upstreamHost = host
+            record.upstreamCluster = cluster
         self._timedOut = False
         d = maybeDeferred(host.client.connect, _UpstreamFactory(self))
         self._connecting = d
@@ -277,6 +283,9 @@ class TCPProxyFilter(NetworkFilter):
         if self._attempts < self.maxConnectAttempts:
             self._connect(host)
         else:
+            record = self.conn.connection.record
+            if record is not None:
+                record.responseFlags.append("UF")
             self.conn.close("upstream_connect_failed")
         return None
 

@@ -405,6 +405,18 @@ class ServerTLS:
     def _context(self, pair: KeyPair, clientCAs: Sequence[x509.Certificate],
                  selectByName: Optional[Callable[[SSL.Connection], None]] = None) -> SSL.Context:
         """
+        L{_newContext}, with OpenSSL's refusals (a key type it cannot use, say) as C{ValueError}s like
+        every other reason a pair cannot be used.
+        """
+        try:
+            return self._newContext(pair, clientCAs, selectByName)
+        except SSL.Error as e:
+            subject = pair.leaf.subject.rfc4514_string()
+            raise ValueError(f"OpenSSL cannot use the certificate {subject!r}: {e}") from None
+
+    def _newContext(self, pair: KeyPair, clientCAs: Sequence[x509.Certificate],
+                    selectByName: Optional[Callable[[SSL.Connection], None]] = None) -> SSL.Context:
+        """
         One server context, configured completely before any connection uses it (pyOpenSSL forbids
         changing a context in use). Every context of a listener is configured alike but for the
         certificate: after an SNI switch OpenSSL takes the certificate, trust store, CA list and ALPN
@@ -763,7 +775,7 @@ class ClientTLS:
         try:
             material = _ClientMaterial(self.config)
             creators = {name: self._creator(material, name) for name in self._creators}
-        except ValueError as e:
+        except (ValueError, SSL.Error) as e:
             self.log.error("tls {name}: files changed but cannot be used, keeping the previous ones: {why}",
                            name=self.config.name, why=str(e))
             return False

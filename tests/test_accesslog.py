@@ -1,0 +1,971 @@
+"""
+Tests for access logs: the format compiler (L{twistedmesh.observability.accesslog}), its filters and sinks,
+and the C{access_log.*} listener keys (L{twistedmesh.config.accesslog}).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from types import SimpleNamespace
+from typing import Dict, List, Tuple
+
+from twisted.internet import reactor
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+from twistedmesh.config.accesslog import AccessLogConfig, parseAccessLog
+from twistedmesh.config.errors import ConfigError
+from twistedmesh.config.options import Options
+from twistedmesh.http.stream import Stream
+from twistedmesh.observability.accesslog import (
+    DEFAULT_FORMAT,
+    OPERATORS,
+    AccessLogger,
+    AccessLogSinks,
+    FileSink,
+    FormatError,
+    MemorySink,
+    TCPAccessRecord,
+    compileFormat,
+    compileJSONFormat,
+    parseStatusCondition,
+    statusCodes,
+)
+from twistedmesh.observability.stats import Counter
+from twistedmesh.upstream.cluster import Host
+
+START = 1460751420.310  # 2016-04-15T20:17:00.310Z, Envoy's documented example
+END = START + 0.226
+
+
+class _Codec:
+    """
+    A codec that is never called: these tests set a stream's fields directly.
+    """
+
+
+def makeStream(**fields) -> Stream:
+    """
+    A real L{Stream} for Envoy's documented example request (a POST answered 204 in 226 ms), with
+    C{fields} set on it.
+    """
+    s = Stream(_Codec(), [], "edge", IPv4Address("TCP", "10.0.35.28", 51234), START)
+    s.method = b"POST"
+    s.path = b"/api/v1/locations"
+    s.authority = b"locations"
+    s.requestHeaders = [
+        (b"user-agent", b"nsq2http"),
+        (b"content-length", b"154"),
+        (b"x-forwarded-for", b"10.0.35.28"),
+        (b"x-forwarded-proto", b"http"),
+        (b"x-request-id", b"cc21d9b0-cf5c-432b-8c7e-98aeb7988cd2"),
+    ]
+    s.status = 204
+    s.responseHeaders = [(b"x-envoy-upstream-service-time", b"100")]
+    s.bytesReceived = 154
+    s.upstreamHost = Host("tcp:10.0.2.1:80", None, 1)
+    for name, value in fields.items():
+        setattr(s, name, value)
+    return s
+
+
+def render(fmt: str, stream=None, end: float = END, protocol: str = "http") -> str:
+    """
+    C{fmt} compiled and rendered for C{stream} (the example stream by default), without the newline.
+    """
+    line = compileFormat(fmt, protocol).render(stream if stream is not None else makeStream(), end)
+    assert line.endswith("\n")
+    return line[:-1]
+
+
+def config(**items) -> AccessLogConfig:
+    """
+    An L{AccessLogConfig} for a memory sink, with C{items} set.
+    """
+    items.setdefault("path", "stdout")
+    return AccessLogConfig(**items)
+
+
+class DefaultFormatTests(unittest.TestCase):
+    """
+    The default format, exactly as Envoy writes it.
+    """
+
+    def test_envoyExample(self):
+        """
+        Envoy's documented example request renders to Envoy's documented example line.
+        """
+        self.assertEqual(
+            compileFormat(DEFAULT_FORMAT).render(makeStream(), END),
+            '[2016-04-15T20:17:00.310Z] "POST /api/v1/locations HTTP/1.1" 204 - 154 0 226 100 "10.0.35.28" '
+            '"nsq2http" "cc21d9b0-cf5c-432b-8c7e-98aeb7988cd2" "locations" "10.0.2.1:80"\n',
+        )
+
+    def test_unsetFields(self):
+        """
+        A protocol-error stream (no headers, no upstream, a flag) renders every unset field as C{-}.
+        """
+        s = Stream(_Codec(), [], "edge", None, START)
+        s.status = 400
+        s.responseFlags.append("DPE")
+        self.assertEqual(
+            compileFormat(DEFAULT_FORMAT).render(s, START),
+            '[2016-04-15T20:17:00.310Z] "- - HTTP/1.1" 400 DPE 0 0 0 - "-" "-" "-" "-" "-"\n',
+        )
+
+    def test_tcp(self):
+        """
+        For a TCP connection, HTTP-only operators are C{-} and the response code 0, as in Envoy's TCP logs.
+        """
+        record = TCPAccessRecord("db", IPv4Address("TCP", "10.0.0.9", 40000), 1.0, bytesReceived=12,
+                                 bytesSent=34, upstreamHost=Host("tcp:10.0.2.1:5432", None, 1))
+        self.assertEqual(
+            compileFormat(DEFAULT_FORMAT, "tcp").render(record, 2.5),
+            '[1970-01-01T00:00:01.000Z] "- - -" 0 - 12 34 1500 - "-" "-" "-" "-" "10.0.2.1:5432"\n',
+        )
+
+
+class StartTimeTests(unittest.TestCase):
+    """
+    C{%START_TIME%} and its strftime formats.
+    """
+
+    def test_default(self):
+        """
+        The default is ISO 8601 in UTC with milliseconds, float noise rounded away (not .309).
+        """
+        self.assertEqual(render("%START_TIME%"), "2016-04-15T20:17:00.310Z")
+
+    def test_strftime(self):
+        """
+        A strftime format is applied in UTC.
+        """
+        self.assertEqual(render("%START_TIME(%Y/%m/%d %H:%M:%S %z)%"), "2016/04/15 20:17:00 +0000")
+
+    def test_fractions(self):
+        """
+        C{%s} is epoch seconds; C{%1f}..C{%9f} and C{%f} are truncated fractional digits.
+        """
+        s = makeStream(startTime=1527590590.528917)
+        self.assertEqual(render("%START_TIME(%s.%3f)%", s), "1527590590.528")
+        self.assertEqual(render("%START_TIME(%s.%1f|%6f|%9f|%f)%", s), "1527590590.5|528917|528917000|528917000")
+
+    def test_floatNoise(self):
+        """
+        Times are rounded to the microsecond before truncating: 1.000001 is 1.0000009999... as a float.
+        """
+        self.assertEqual(render("%START_TIME(%s.%6f)%", makeStream(startTime=1.000001)), "1.000001")
+
+    def test_literalPercent(self):
+        """
+        C{%%} in a START_TIME format is a literal C{%}, also next to a fraction.
+        """
+        self.assertEqual(render("%START_TIME(%S%%%3f)%"), "00%310")
+
+    def test_newSecond(self):
+        """
+        The per-second cache is refreshed when the second changes.
+        """
+        fmt = compileFormat("%START_TIME%")
+        self.assertEqual(fmt.render(makeStream(startTime=10.5), 11), "1970-01-01T00:00:10.500Z\n")
+        self.assertEqual(fmt.render(makeStream(startTime=11.25), 12), "1970-01-01T00:00:11.250Z\n")
+        self.assertEqual(fmt.render(makeStream(startTime=10.75), 12), "1970-01-01T00:00:10.750Z\n")
+
+
+class HeaderOperatorTests(unittest.TestCase):
+    """
+    C{%REQ%}, C{%RESP%} and C{%TRAILER%}.
+    """
+
+    def test_request(self):
+        """
+        A request header is found by its case-insensitive name.
+        """
+        self.assertEqual(render("%REQ(User-Agent)%"), "nsq2http")
+
+    def test_firstMatch(self):
+        """
+        A repeated header logs its first value.
+        """
+        s = makeStream(requestHeaders=[(b"x-a", b"1"), (b"x-a", b"2")])
+        self.assertEqual(render("%REQ(X-A)%", s), "1")
+
+    def test_missing(self):
+        """
+        An absent header is C{-}.
+        """
+        self.assertEqual(render("%REQ(X-NOPE)%|%RESP(X-NOPE)%"), "-|-")
+
+    def test_pseudoHeaders(self):
+        """
+        C{:METHOD}, C{:PATH}, C{:AUTHORITY} (and C{HOST}), C{:SCHEME} read the stream's fields.
+        """
+        self.assertEqual(render("%REQ(:METHOD)% %REQ(:PATH)% %REQ(:AUTHORITY)% %REQ(HOST)% %REQ(:SCHEME)%"),
+                         "POST /api/v1/locations locations locations http")
+
+    def test_emptyAuthority(self):
+        """
+        A request without Host logs C{-} for C{:AUTHORITY}.
+        """
+        self.assertEqual(render("%REQ(:AUTHORITY)%", makeStream(authority=b"")), "-")
+
+    def test_fallback(self):
+        """
+        C{X?Y} uses Y only when X is absent.
+        """
+        self.assertEqual(render("%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%"), "/api/v1/locations")
+        s = makeStream(requestHeaders=[(b"x-envoy-original-path", b"/orig")])
+        self.assertEqual(render("%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%", s), "/orig")
+        self.assertEqual(render("%REQ(X-NOPE?USER-AGENT)%"), "nsq2http")
+        self.assertEqual(render("%REQ(X-NOPE?X-NEITHER)%"), "-")
+
+    def test_truncation(self):
+        """
+        C{:Z} keeps the first Z characters, with or without a fallback.
+        """
+        self.assertEqual(render("%REQ(X-REQUEST-ID):8%"), "cc21d9b0")
+        self.assertEqual(render("%REQ(X-NOPE?:PATH):4%"), "/api")
+        self.assertEqual(render("%REQ(:PATH):4%"), "/api")
+
+    def test_response(self):
+        """
+        C{%RESP(X)%} reads response headers and C{:STATUS} the status.
+        """
+        self.assertEqual(render("%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% %RESP(:STATUS)%"), "100 204")
+
+    def test_longSpellings(self):
+        """
+        Envoy's C{REQUEST_HEADER}, C{RESPONSE_HEADER}, C{RESPONSE_TRAILER} are the same operators.
+        """
+        self.assertIs(OPERATORS["REQUEST_HEADER"], OPERATORS["REQ"])
+        self.assertEqual(render("%REQUEST_HEADER(:METHOD)% %RESPONSE_HEADER(:STATUS)%"), "POST 204")
+
+    def test_trailersFromState(self):
+        """
+        C{%TRAILER(X)%} reads C{state["responseTrailers"]} when a stream records them there.
+        """
+        s = makeStream()
+        self.assertEqual(render("%TRAILER(GRPC-STATUS)%", s), "-")
+        s.state["responseTrailers"] = [(b"grpc-status", b"0")]
+        self.assertEqual(render("%TRAILER(GRPC-STATUS)%", s), "0")
+
+    def test_trailersAttribute(self):
+        """
+        C{%TRAILER(X)%} reads a C{trailers} attribute when the stream has one.
+        """
+
+        class TrailerStream(Stream):
+            __slots__ = ("trailers",)
+
+        s = TrailerStream(_Codec(), [], "edge", None, START)
+        s.trailers = [(b"grpc-message", b"ok")]
+        self.assertEqual(render("%TRAILER(GRPC-MESSAGE)%", s), "ok")
+
+    def test_notUTF8(self):
+        """
+        Bytes that are not UTF-8 are logged as C{\\xNN}; UTF-8 as itself.
+        """
+        s = makeStream(requestHeaders=[(b"x-a", b"caf\xc3\xa9"), (b"x-b", b"\xff")])
+        self.assertEqual(render("%REQ(X-A)% %REQ(X-B)%", s), "caf\u00e9 \\xff")
+
+
+class FieldOperatorTests(unittest.TestCase):
+    """
+    The operators that read stream fields.
+    """
+
+    def test_protocol(self):
+        """
+        C{%PROTOCOL%} is C{HTTP/1.1} or C{HTTP/1.0}.
+        """
+        self.assertEqual(render("%PROTOCOL%"), "HTTP/1.1")
+        self.assertEqual(render("%PROTOCOL%", makeStream(version=b"1.0")), "HTTP/1.0")
+
+    def test_responseCode(self):
+        """
+        C{%RESPONSE_CODE%} is the status, 0 when nothing was sent.
+        """
+        self.assertEqual(render("%RESPONSE_CODE%"), "204")
+        self.assertEqual(render("%RESPONSE_CODE%", makeStream(status=0)), "0")
+
+    def test_responseCodeDetails(self):
+        """
+        C{%RESPONSE_CODE_DETAILS%} is the details string, or C{-}.
+        """
+        self.assertEqual(render("%RESPONSE_CODE_DETAILS%"), "-")
+        self.assertEqual(render("%RESPONSE_CODE_DETAILS%", makeStream(responseCodeDetails="via_upstream")),
+                         "via_upstream")
+
+    def test_responseFlags(self):
+        """
+        C{%RESPONSE_FLAGS%} joins the flags with commas, or is C{-}.
+        """
+        self.assertEqual(render("%RESPONSE_FLAGS%"), "-")
+        self.assertEqual(render("%RESPONSE_FLAGS%", makeStream(responseFlags=["UF", "URX"])), "UF,URX")
+
+    def test_bytes(self):
+        """
+        C{%BYTES_RECEIVED%} and C{%BYTES_SENT%} are the body byte counts.
+        """
+        self.assertEqual(render("%BYTES_RECEIVED% %BYTES_SENT%", makeStream(bytesSent=99)), "154 99")
+
+    def test_duration(self):
+        """
+        C{%DURATION%} is whole milliseconds, truncated, without float noise (0.23 s is 230, not 229).
+        """
+        s = makeStream(startTime=1.0)
+        self.assertEqual(render("%DURATION%", s, 1.23), "230")
+        self.assertEqual(render("%DURATION%", s, 1.2309), "230")
+
+    def test_responseDuration(self):
+        """
+        C{%RESPONSE_DURATION%} uses C{state["responseStartTime"]}, or is C{-}.
+        """
+        s = makeStream(startTime=1.0)
+        self.assertEqual(render("%RESPONSE_DURATION%", s), "-")
+        s.state["responseStartTime"] = 1.05
+        self.assertEqual(render("%RESPONSE_DURATION%", s), "50")
+
+    def test_upstreamHost(self):
+        """
+        C{%UPSTREAM_HOST%} is the host's address from its endpoint string, in Envoy's ip:port form.
+        """
+        cases = [
+            ("tcp:10.0.2.1:80", "10.0.2.1:80"),
+            ("tcp:host=api.internal:port=8080:timeout=3", "api.internal:8080"),
+            ("tcp6:\\:\\:1:9001", "[::1]:9001"),
+            ("unix:/run/api.sock", "/run/api.sock"),
+            ("something:else", "something:else"),
+        ]
+        for endpoint, expected in cases:
+            self.assertEqual(render("%UPSTREAM_HOST%", makeStream(upstreamHost=Host(endpoint, None, 1))), expected)
+        self.assertEqual(render("%UPSTREAM_HOST%", makeStream(upstreamHost=None)), "-")
+
+    def test_upstreamCluster(self):
+        """
+        C{%UPSTREAM_CLUSTER%} is the cluster's name, or C{-}.
+        """
+        self.assertEqual(render("%UPSTREAM_CLUSTER%"), "-")
+        self.assertEqual(render("%UPSTREAM_CLUSTER%", makeStream(upstreamCluster=SimpleNamespace(name="api"))),
+                         "api")
+
+    def test_transportFailureReason(self):
+        """
+        C{%UPSTREAM_TRANSPORT_FAILURE_REASON%} is C{state["upstreamTransportFailureReason"]}, or C{-}.
+        """
+        s = makeStream()
+        self.assertEqual(render("%UPSTREAM_TRANSPORT_FAILURE_REASON%", s), "-")
+        s.state["upstreamTransportFailureReason"] = "TLS_error:CERTIFICATE_VERIFY_FAILED"
+        self.assertEqual(render("%UPSTREAM_TRANSPORT_FAILURE_REASON%", s), "TLS_error:CERTIFICATE_VERIFY_FAILED")
+
+    def test_downstreamRemoteAddress(self):
+        """
+        C{%DOWNSTREAM_REMOTE_ADDRESS%} is ip:port, [ip6]:port, a UNIX path, or C{-}.
+        """
+        self.assertEqual(render("%DOWNSTREAM_REMOTE_ADDRESS%"), "10.0.35.28:51234")
+        six = makeStream(downstreamAddress=IPv6Address("TCP", "::1", 443))
+        self.assertEqual(render("%DOWNSTREAM_REMOTE_ADDRESS%", six), "[::1]:443")
+        unix = makeStream(downstreamAddress=UNIXAddress(b"/run/mesh.sock"))
+        self.assertEqual(render("%DOWNSTREAM_REMOTE_ADDRESS%", unix), "/run/mesh.sock")
+        self.assertEqual(render("%DOWNSTREAM_REMOTE_ADDRESS%", makeStream(downstreamAddress=None)), "-")
+
+    def test_peerURISAN(self):
+        """
+        C{%DOWNSTREAM_PEER_URI_SAN%} is C{state["peerUriSan"]} (several joined by commas), or C{-}.
+        """
+        s = makeStream()
+        self.assertEqual(render("%DOWNSTREAM_PEER_URI_SAN%", s), "-")
+        s.state["peerUriSan"] = ["spiffe://mesh/a", "spiffe://mesh/b"]
+        self.assertEqual(render("%DOWNSTREAM_PEER_URI_SAN%", s), "spiffe://mesh/a,spiffe://mesh/b")
+        s.state["peerUriSan"] = "spiffe://mesh/c"
+        self.assertEqual(render("%DOWNSTREAM_PEER_URI_SAN%", s), "spiffe://mesh/c")
+
+    def test_requestId(self):
+        """
+        C{%REQUEST_ID%} is the x-request-id header.
+        """
+        self.assertEqual(render("%REQUEST_ID%"), "cc21d9b0-cf5c-432b-8c7e-98aeb7988cd2")
+        self.assertEqual(render("%REQUEST_ID%", makeStream(requestHeaders=[])), "-")
+
+    def test_routeName(self):
+        """
+        C{%ROUTE_NAME%} is TABLE/NAME, or C{-} when no route matched.
+        """
+        self.assertEqual(render("%ROUTE_NAME%"), "-")
+        self.assertEqual(render("%ROUTE_NAME%", makeStream(route=SimpleNamespace(table="main", name="api"))),
+                         "main/api")
+
+    def test_terminationDetails(self):
+        """
+        C{%CONNECTION_TERMINATION_DETAILS%} is a TCP record's C{terminationDetails} (a stream's state entry).
+        """
+        record = TCPAccessRecord("db", None, 1.0, terminationDetails="idle_timeout")
+        self.assertEqual(render("%CONNECTION_TERMINATION_DETAILS%", record, 2.0, "tcp"), "idle_timeout")
+        self.assertEqual(render("%CONNECTION_TERMINATION_DETAILS%"), "-")
+
+    def test_literals(self):
+        """
+        Text between operators is kept, and C{%%} is a literal C{%}.
+        """
+        self.assertEqual(render("100%% [%RESPONSE_CODE%]%%"), "100% [204]%")
+        self.assertEqual(compileFormat("no operators").render(None, 0), "no operators\n")
+
+
+class CompileErrorTests(unittest.TestCase):
+    """
+    Bad formats fail at compile time with a message a user can act on.
+    """
+
+    def assertError(self, fmt: str, fragment: str) -> None:
+        """
+        Compiling C{fmt} raises a L{FormatError} whose message contains C{fragment}.
+        """
+        e = self.assertRaises(FormatError, compileFormat, fmt)
+        self.assertIn(fragment, str(e))
+
+    def test_unknownOperator(self):
+        """
+        An unknown operator is an error with a suggestion.
+        """
+        self.assertError("%RESPONSE_COED%", "did you mean %RESPONSE_CODE%?")
+
+    def test_argumentNotTaken(self):
+        """
+        An argument to an operator that takes none is an error.
+        """
+        self.assertError("%DURATION(ms)%", "takes no argument")
+
+    def test_argumentMissing(self):
+        """
+        C{%REQ%} without a header is an error.
+        """
+        self.assertError("%REQ%", "needs an argument")
+
+    def test_lengthNotTaken(self):
+        """
+        C{:Z} on an operator that does not truncate is an error, and so is C{:0}.
+        """
+        self.assertError("%DURATION:3%", "takes no :LENGTH")
+        self.assertError("%REQ(X-A):0%", "always log nothing")
+
+    def test_strayPercent(self):
+        """
+        A C{%} that starts no operator is an error that mentions C{%%}.
+        """
+        self.assertError("50% of %DURATION%", "%% for a literal %")
+        self.assertError("%duration%", "starts no command operator")
+
+    def test_badHeader(self):
+        """
+        Bad header names, three-way fallbacks and unknown pseudo-headers are errors.
+        """
+        self.assertError("%REQ(X A)%", "is not a header name")
+        self.assertError("%REQ(A?B?C)%", "NAME?FALLBACK")
+        self.assertError("%REQ(:STATUS)%", "not a pseudo-header here")
+        self.assertError("%TRAILER(:PATH)%", "not a pseudo-header here")
+
+    def test_badStartTime(self):
+        """
+        A START_TIME format ending in a lone C{%} is an error.
+        """
+        self.assertError("%START_TIME(%H:%)%", "lone %")
+
+    def test_jsonErrors(self):
+        """
+        A JSON format names the field of a bad operator, and rejects empty and repeated keys.
+        """
+        e = self.assertRaises(FormatError, compileJSONFormat, [("code", "%RESPONSE_CODES%")])
+        self.assertIn("JSON field 'code'", str(e))
+        self.assertRaises(FormatError, compileJSONFormat, [("", "%DURATION%")])
+        e = self.assertRaises(FormatError, compileJSONFormat, [("d", "%DURATION%"), ("d", "%DURATION%")])
+        self.assertIn("twice", str(e))
+
+
+class JSONTests(unittest.TestCase):
+    """
+    JSON lines: typed values, key order, escaping.
+    """
+
+    def line(self, fields: List[Tuple[str, str]], stream=None, protocol: str = "http") -> Dict:
+        """
+        The JSON object rendered for C{fields}, checking it is one line.
+        """
+        text = compileJSONFormat(fields, protocol).render(stream if stream is not None else makeStream(), END)
+        self.assertTrue(text.endswith("}\n"))
+        self.assertNotIn("\n", text[:-1])
+        return json.loads(text)
+
+    def test_types(self):
+        """
+        Numbers are numbers, strings strings, unset values null and empty headers C{""}.
+        """
+        s = makeStream(requestHeaders=[(b"x-empty", b"")])
+        self.assertEqual(
+            self.line([("code", "%RESPONSE_CODE%"), ("duration", "%DURATION%"), ("method", "%REQ(:METHOD)%"),
+                       ("flags", "%RESPONSE_FLAGS%"), ("empty", "%REQ(X-EMPTY)%"), ("start", "%START_TIME%"),
+                       ("rd", "%RESPONSE_DURATION%")], s),
+            {"code": 204, "duration": 226, "method": "POST", "flags": None, "empty": "",
+             "start": "2016-04-15T20:17:00.310Z", "rd": None},
+        )
+
+    def test_mixedTemplate(self):
+        """
+        A template with text around an operator is a string; unset operators in it are C{-}.
+        """
+        self.assertEqual(self.line([("d", "%DURATION%ms"), ("x", "<%REQ(X-NOPE)%>"), ("k", "const")]),
+                         {"d": "226ms", "x": "<->", "k": "const"})
+
+    def test_order(self):
+        """
+        Keys come out in the configured order.
+        """
+        text = compileJSONFormat([("z", "%DURATION%"), ("a", "%RESPONSE_CODE%")]).render(makeStream(), END)
+        self.assertEqual(text, '{"z":226,"a":204}\n')
+
+    def test_escaping(self):
+        """
+        Quotes, backslashes and non-ASCII in values are escaped; the line stays ASCII.
+        """
+        s = makeStream(requestHeaders=[(b"user-agent", b'say "hi" \\ caf\xc3\xa9')])
+        text = compileJSONFormat([("ua", "%REQ(USER-AGENT)%")]).render(s, END)
+        self.assertTrue(text.isascii())
+        self.assertEqual(json.loads(text), {"ua": 'say "hi" \\ caf\u00e9'})
+
+    def test_tcp(self):
+        """
+        HTTP-only operators are null in a TCP line, and the response code 0.
+        """
+        record = TCPAccessRecord("db", None, 1.0, bytesSent=7)
+        self.assertEqual(self.line([("m", "%REQ(:METHOD)%"), ("c", "%RESPONSE_CODE%"), ("s", "%BYTES_SENT%")],
+                                   record, "tcp"),
+                         {"m": None, "c": 0, "s": 7})
+
+    def test_loggerDefaultJSON(self):
+        """
+        C{json = true} without fields logs the default format's fields by name.
+        """
+        sink = MemorySink()
+        AccessLogger(config(json=True), Clock(), reactor, sink=sink).log(makeStream(), END)
+        entry = json.loads(sink.lines[0])
+        self.assertEqual((entry["method"], entry["response_code"], entry["upstream_host"], entry["duration"]),
+                         ("POST", 204, "10.0.2.1:80", 226))
+
+
+class FilterTests(unittest.TestCase):
+    """
+    Status, duration and flag filters on log lines.
+    """
+
+    def logged(self, stream, end: float = END, **items) -> bool:
+        """
+        Whether a logger configured with C{items} writes a line for C{stream}.
+        """
+        sink = MemorySink()
+        AccessLogger(config(**items), Clock(), reactor, sink=sink).log(stream, end)
+        return bool(sink.lines)
+
+    def test_statusConditions(self):
+        """
+        C{5xx}, C{>=N}, C{<N}, C{=0}, C{!=N} and bare codes select what they say.
+        """
+        self.assertEqual(parseStatusCondition("5xx"), frozenset(range(500, 600)))
+        self.assertEqual(parseStatusCondition(">=400"), frozenset(range(400, 1000)))
+        self.assertEqual(parseStatusCondition("< 300"), frozenset(range(0, 300)))
+        self.assertEqual(parseStatusCondition("=0"), frozenset([0]))
+        self.assertEqual(parseStatusCondition("404"), frozenset([404]))
+        self.assertNotIn(200, parseStatusCondition("!=200"))
+        self.assertEqual(statusCodes(["404", "5xx"]), frozenset([404]) | frozenset(range(500, 600)))
+        self.assertRaises(ValueError, parseStatusCondition, "6xx")
+
+    def test_status(self):
+        """
+        A line is written only when some status condition holds.
+        """
+        self.assertFalse(self.logged(makeStream(status=200), status=("5xx", "404")))
+        self.assertTrue(self.logged(makeStream(status=503), status=("5xx", "404")))
+        self.assertTrue(self.logged(makeStream(status=404), status=("5xx", "404")))
+
+    def test_durationMin(self):
+        """
+        A line is written only for requests at least C{duration_min} long.
+        """
+        s = makeStream(startTime=1.0)
+        self.assertFalse(self.logged(s, 1.4999, duration_min=0.5))
+        self.assertTrue(self.logged(s, 1.5, duration_min=0.5))
+
+    def test_flags(self):
+        """
+        A line is written only when the stream has one of the listed flags; C{any} takes any flag.
+        """
+        self.assertFalse(self.logged(makeStream(), flags=("UF", "UH")))
+        self.assertFalse(self.logged(makeStream(responseFlags=["NR"]), flags=("UF", "UH")))
+        self.assertTrue(self.logged(makeStream(responseFlags=["URX", "UH"]), flags=("UF", "UH")))
+        self.assertFalse(self.logged(makeStream(), flags=("any",)))
+        self.assertTrue(self.logged(makeStream(responseFlags=["NR"]), flags=("any",)))
+
+    def test_allMustPass(self):
+        """
+        With several filters, a line is written only when every one passes.
+        """
+        slow503 = makeStream(status=503, startTime=1.0, responseFlags=["UF"])
+        items = dict(status=("5xx",), duration_min=1.0, flags=("UF",))
+        self.assertTrue(self.logged(slow503, 2.0, **items))
+        self.assertFalse(self.logged(slow503, 1.5, **items))
+        self.assertFalse(self.logged(makeStream(status=200, startTime=1.0, responseFlags=["UF"]), 2.0, **items))
+        self.assertFalse(self.logged(makeStream(status=503, startTime=1.0), 2.0, **items))
+
+    def test_noFormattingWhenFiltered(self):
+        """
+        A filtered-out line is never rendered (the filters run first).
+        """
+        logger = AccessLogger(config(status=("5xx",), flags=("UF",)), Clock(), reactor, sink=MemorySink())
+        rendered = []
+        logger._renderHTTP = lambda s, e: rendered.append(s) or "x\n"
+        logger.log(makeStream(status=200), END)
+        logger.log(makeStream(status=503), END)
+        self.assertEqual(rendered, [])
+
+    def test_tcpFilters(self):
+        """
+        TCP lines go through the duration and flag filters.
+        """
+        sink = MemorySink()
+        logger = AccessLogger(config(flags=("UF",)), Clock(), reactor, sink=sink)
+        logger.logTCP(TCPAccessRecord("db", None, 1.0), 2.0)
+        logger.logTCP(TCPAccessRecord("db", None, 1.0, responseFlags=["UF"]), 2.0)
+        self.assertEqual(len(sink.lines), 1)
+        self.assertIn(" UF ", sink.lines[0])
+
+
+class LoggerTests(unittest.TestCase):
+    """
+    L{AccessLogger} outside its filters.
+    """
+
+    def test_customFormat(self):
+        """
+        A configured text format is used for HTTP lines and, with HTTP fields as C{-}, for TCP lines.
+        """
+        sink = MemorySink()
+        logger = AccessLogger(config(format="%REQ(:METHOD)% %RESPONSE_CODE% %BYTES_SENT%"), Clock(), reactor,
+                              sink=sink)
+        logger.log(makeStream(bytesSent=5), END)
+        logger.logTCP(TCPAccessRecord("db", None, 1.0, bytesSent=9), 2.0)
+        self.assertEqual(sink.lines, ["POST 204 5\n", "- 0 9\n"])
+
+    def test_brokenGetterCostsOneLine(self):
+        """
+        A getter that raises is logged as a failure; the caller does not see it.
+        """
+        sink = MemorySink()
+        logger = AccessLogger(config(format="%UPSTREAM_HOST%"), Clock(), reactor, sink=sink)
+        logger.log(makeStream(upstreamHost=object()), END)
+        self.assertEqual(sink.lines, [])
+        self.assertEqual(len(self.flushLoggedErrors(AttributeError)), 1)
+
+    def test_ownSink(self):
+        """
+        Without a sink, the logger opens C{config.path} and L{AccessLogger.close} writes and closes it.
+        """
+        path = self.mktemp()
+        logger = AccessLogger(config(path=path, format="%RESPONSE_CODE%"), Clock(), reactor)
+        logger.log(makeStream(), END)
+        d = logger.close()
+
+        def closed(_):
+            with open(path) as f:
+                self.assertEqual(f.read(), "204\n")
+
+        return d.addCallback(closed)
+
+
+class FileSinkTests(unittest.TestCase):
+    """
+    L{FileSink}: a real file written by the real writer thread, its timer on a L{Clock}.
+    """
+
+    def sink(self, path: str = None, **kw) -> FileSink:
+        """
+        A L{FileSink} on a fresh temporary file (or C{path}), closed after the test.
+        """
+        self.clock = Clock()
+        self.path = path or self.mktemp()
+        sink = FileSink(self.path, self.clock, reactor, **kw)
+        self.addCleanup(sink.close)
+        return sink
+
+    def contents(self, path: str = None) -> str:
+        """
+        The file's text.
+        """
+        with open(path or self.path, encoding="utf-8") as f:
+            return f.read()
+
+    def test_timer(self):
+        """
+        Lines wait in memory until the flush timer fires, then the thread writes them.
+        """
+        sink = self.sink(flushInterval=1.0)
+        sink.write("a\n")
+        sink.write("b\n")
+        self.clock.advance(0.9)
+        self.assertEqual((sink.pending, self.contents()), (2, ""))
+        self.clock.advance(0.1)
+        self.assertEqual(sink.pending, 0)  # handed to the writer by the timer, not by the flush below
+        return sink.flush().addCallback(lambda _: self.assertEqual(self.contents(), "a\nb\n"))
+
+    def test_fullBatch(self):
+        """
+        A full batch is handed off at once, whatever the timer.
+        """
+        sink = self.sink(batchLines=3)
+        for line in ("1\n", "2\n", "3\n"):
+            sink.write(line)
+        self.assertEqual((sink.pending, sink.queued), (0, 3))
+        return sink.flush().addCallback(lambda _: self.assertEqual(self.contents(), "1\n2\n3\n"))
+
+    def test_flush(self):
+        """
+        L{FileSink.flush} fires once what was written before it is in the file.
+        """
+        sink = self.sink()
+        sink.write("caf\u00e9\n")
+        return sink.flush().addCallback(lambda _: self.assertEqual(self.contents(), "caf\u00e9\n"))
+
+    def test_close(self):
+        """
+        L{FileSink.close} writes what is pending; later lines are dropped and counted; every close waits.
+        """
+        dropped = Counter("access_log.dropped", "access_log_dropped", ())
+        sink = self.sink(dropped=dropped)
+        sink.write("last\n")
+        first, second = sink.close(), sink.close()
+        sink.write("too late\n")
+        self.assertEqual(dropped.value, 1)
+
+        def closed(_):
+            self.assertEqual(self.contents(), "last\n")
+            sink._thread.join(5)  # it reported the close and is returning
+            self.assertFalse(sink._thread.is_alive())
+            return second
+
+        return first.addCallback(closed)
+
+    def test_reopen(self):
+        """
+        After logrotate renames the file, L{FileSink.reopen} makes a new one; lines logged before the
+        reopen still go to the old file.
+        """
+        sink = self.sink()
+        sink.write("before rename\n")
+        d = sink.flush()
+
+        def rotate(_):
+            os.rename(self.path, self.path + ".1")
+            sink.write("before reopen\n")
+            return sink.reopen()
+
+        def reopened(_):
+            sink.write("after reopen\n")
+            return sink.flush()
+
+        def check(_):
+            self.assertEqual(self.contents(self.path + ".1"), "before rename\nbefore reopen\n")
+            self.assertEqual(self.contents(), "after reopen\n")
+
+        return d.addCallback(rotate).addCallback(reopened).addCallback(check)
+
+    def test_failedReopen(self):
+        """
+        A reopen that cannot open the file is logged, and lines keep going to the old one.
+        """
+        base = self.mktemp()
+        os.makedirs(base)
+        path = os.path.join(base, "access.log")
+        sink = self.sink(path)
+        moved = base + ".moved"
+        os.rename(base, moved)
+        with open(base, "w"):
+            pass  # a file where the directory was: opening base/access.log fails
+
+        def reopened(_):
+            sink.write("still here\n")
+            return sink.flush()
+
+        def check(_):
+            self.assertEqual(self.contents(os.path.join(moved, "access.log")), "still here\n")
+
+        return sink.reopen().addCallback(reopened).addCallback(check)
+
+    def test_dropWhenBehind(self):
+        """
+        When the lines handed off and not yet written would pass C{maxQueuedLines}, the batch is dropped
+        and counted; control actions still go through.
+        """
+        dropped = Counter("access_log.dropped", "access_log_dropped", ())
+        sink = self.sink(batchLines=2, maxQueuedLines=3, dropped=dropped)
+        for line in ("1\n", "2\n", "3\n", "4\n"):
+            sink.write(line)
+        # The writer reports back through the reactor, which has not run: lines 1-2 still count as queued.
+        self.assertEqual((sink.queued, dropped.value), (2, 2))
+
+        def check(_):
+            self.assertEqual(self.contents(), "1\n2\n")
+            self.assertEqual(sink.queued, 0)
+            sink.write("5\n")
+            return sink.flush().addCallback(lambda _: self.assertEqual(self.contents(), "1\n2\n5\n"))
+
+        return sink.flush().addCallback(check)
+
+    def test_badPath(self):
+        """
+        A file that cannot be opened fails at construction, not later in the thread.
+        """
+        self.assertRaises(OSError, FileSink, os.path.join(self.mktemp(), "missing", "a.log"), Clock(), reactor)
+
+    def test_stdoutNotClosed(self):
+        """
+        A stdout sink writes to file descriptor 1 and leaves it open when closed.
+        """
+        sink = FileSink("stdout", Clock(), reactor)
+
+        def closed(_):
+            os.fstat(1)  # raises if descriptor 1 was closed
+
+        return sink.close().addCallback(closed)
+
+    def test_sharedSinks(self):
+        """
+        L{AccessLogSinks} gives listeners logging to the same target one sink, at the shortest interval.
+        """
+        sinks = AccessLogSinks(Clock(), reactor)
+        path = self.mktemp()
+        a, b = sinks.get(path, 2.0), sinks.get(path, 0.5)
+        self.assertIs(a, b)
+        self.assertEqual(a.flushInterval, 0.5)
+        a.write("x\n")
+        return sinks.close().addCallback(lambda _: self.assertEqual(self.contents(path), "x\n"))
+
+
+class ConfigTests(unittest.TestCase):
+    """
+    The C{access_log.*} keys of a listener section.
+    """
+
+    def parse(self, protocol: str = None, **items: str):
+        """
+        Parse a listener section of C{items} (dots written as C{__}) the way the loader would; return the
+        config and the errors as C{"key: why"} strings.
+        """
+        errors: List[ConfigError] = []
+        o = Options("t.ini", "listener:edge", {k.replace("__", "."): v for k, v in items.items()}, errors)
+        result = parseAccessLog(o, protocol)
+        o.finish()
+        return result, [f"{e.key}: {e.why}" for e in errors]
+
+    def test_none(self):
+        """
+        Without C{access_log}, there is no access log.
+        """
+        self.assertEqual(self.parse(), (None, []))
+
+    def test_defaults(self):
+        """
+        C{access_log = stdout} alone means the default format, flushed every second, no filters.
+        """
+        self.assertEqual(self.parse(access_log="stdout"), (AccessLogConfig(path="stdout"), []))
+
+    def test_everything(self):
+        """
+        Every key is read, normalised and checked.
+        """
+        path = self.mktemp()
+        os.makedirs(path)
+        result, errors = self.parse(
+            access_log=os.path.join(path, "access.log"),
+            access_log__format="[%START_TIME%]\n%REQ(:METHOD)%\n%RESPONSE_CODE%\\n",
+            access_log__flush_interval="250ms",
+            access_log__status="5xx, >= 400",
+            access_log__duration_min="500ms",
+            access_log__flags="UF, UH",
+        )
+        self.assertEqual(errors, [])
+        self.assertEqual(result, AccessLogConfig(
+            path=os.path.join(path, "access.log"), format="[%START_TIME%] %REQ(:METHOD)% %RESPONSE_CODE%",
+            flush_interval=0.25, status=("5xx", ">=400"), duration_min=0.5, flags=("UF", "UH"),
+        ))
+
+    def test_json(self):
+        """
+        C{json_format} is one C{NAME = TEMPLATE} per line, in order.
+        """
+        result, errors = self.parse(access_log="stderr", access_log__json="true",
+                                    access_log__json_format="\ncode = %RESPONSE_CODE%\nhost = %REQ(:AUTHORITY)%")
+        self.assertEqual(errors, [])
+        self.assertEqual(result.json_format, (("code", "%RESPONSE_CODE%"), ("host", "%REQ(:AUTHORITY)%")))
+        self.assertTrue(result.json)
+
+    def test_keysWithoutPath(self):
+        """
+        C{access_log.*} keys without C{access_log} are errors.
+        """
+        self.assertEqual(self.parse(access_log__status="5xx")[1],
+                         ["access_log.status: needs `access_log = PATH | stdout | stderr`"])
+
+    def test_badFormat(self):
+        """
+        An unknown operator is a config error on the format key.
+        """
+        errors = self.parse(access_log="stdout", access_log__format="%DURATON%")[1]
+        self.assertEqual(errors, ["access_log.format: unknown command operator %DURATON% "
+                                  "(did you mean %DURATION%?)"])
+
+    def test_jsonConflicts(self):
+        """
+        A text format with C{json = true}, or C{json_format} without it, is an error; so is a bad field line.
+        """
+        self.assertIn("access_log.format: is for text lines: with access_log.json = true, use "
+                      "access_log.json_format",
+                      self.parse(access_log="stdout", access_log__json="yes", access_log__format="%DURATION%")[1])
+        self.assertIn("access_log.json_format: needs `access_log.json = true`",
+                      self.parse(access_log="stdout", access_log__json_format="d = %DURATION%")[1])
+        errors = self.parse(access_log="stdout", access_log__json="true", access_log__json_format="%DURATION%")[1]
+        self.assertEqual(len(errors), 1)
+        self.assertIn("is not NAME = %OPERATOR%", errors[0])
+
+    def test_badValues(self):
+        """
+        A zero flush interval, bad status conditions and unknown flags are errors.
+        """
+        errors = self.parse(access_log="stdout", access_log__flush_interval="0s", access_log__status="5xx, 2oo",
+                            access_log__flags="UF, XX, any")[1]
+        self.assertEqual(len(errors), 4)
+        self.assertIn("access_log.flush_interval: must be more than 0", errors[0])
+        self.assertIn("'2oo' is not a status condition", errors[1])
+        self.assertIn("'XX' is not a response flag", errors[2])
+        self.assertIn("`any` already matches every flag", errors[3])
+
+    def test_statusOnTCP(self):
+        """
+        A status filter on a TCP listener is an error.
+        """
+        self.assertEqual(self.parse("tcp", access_log="stdout", access_log__status="5xx")[1],
+                         ["access_log.status: only applies to HTTP listeners: a TCP connection has no status"])
+
+    def test_badPath(self):
+        """
+        A path in a missing directory, or a directory, is an error.
+        """
+        missing = os.path.join(self.mktemp(), "access.log")
+        self.assertIn("does not exist", self.parse(access_log=missing)[1][0])
+        existing = os.path.dirname(os.path.abspath(self.mktemp()))
+        self.assertIn("is a directory", self.parse(access_log=existing)[1][0])
+
+    def test_misspelledKey(self):
+        """
+        A misspelled access_log key is reported as unknown with a suggestion.
+        """
+        errors = self.parse(access_log="stdout", access_log__fromat="%DURATION%")[1]
+        self.assertEqual(errors, ["access_log.fromat: unknown key (did you mean `access_log.format`?)"])
