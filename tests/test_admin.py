@@ -249,7 +249,7 @@ class PrometheusEndpointTests(AdminTestCase):
 
     def test_filtered(self) -> None:
         """C{?filter} and C{?usedonly} narrow the exposition as they narrow C{/stats}."""
-        request = self.get("/stats/prometheus", filter="^cluster\\.", usedonly="")
+        request = self.get("/stats/prometheus", filter="^cluster\\.api\\.(upstream|membership)", usedonly="")
         names = {f.name for f in text_string_to_metric_families(request.body.decode())}
         self.assertEqual(names, {"envoy_cluster_upstream_cx", "envoy_cluster_upstream_cx_active",
                                  "envoy_cluster_membership_total", "envoy_cluster_membership_healthy"})
@@ -662,7 +662,7 @@ class LoopbackTests(TestCase):
         server.state = "LIVE"
         self.assertEqual((await fetch("GET", "/ready"))[:2], (200, b"LIVE\n"))
 
-        code, body, headers = await fetch("GET", "/stats?filter=cluster%5C.api&usedonly")
+        code, body, headers = await fetch("GET", "/stats?filter=cluster%5C.api%5C.(upstream|membership)&usedonly")
         self.assertEqual((code, body), (200, b"cluster.api.membership_healthy: 2\ncluster.api.membership_total: 2\n"
                                              b"cluster.api.upstream_cx_active: 2\ncluster.api.upstream_cx_total: 3\n"))
         self.assertEqual(headers.getRawHeaders("cache-control"), ["no-cache, max-age=0"])

@@ -4,10 +4,10 @@ The configuration: an INI file (see docs/configuration.md) loaded into frozen, v
 
 from .errors import ConfigError, ConfigErrors, suggest
 from .loader import loadFile, loadString
-from .model import ClusterConfig, Config, EchoConfig, FilterConfig, HostConfig, ListenerConfig, MeshConfig
+from .model import BreakerConfig, ClusterConfig, Config, EchoConfig, FilterConfig, HostConfig, ListenerConfig, MeshConfig
 from .options import REQUIRED, Options
 
 __all__ = [
     "ConfigError", "ConfigErrors", "suggest", "loadFile", "loadString", "Options", "REQUIRED",
-    "Config", "MeshConfig", "ListenerConfig", "ClusterConfig", "HostConfig", "FilterConfig", "EchoConfig",
+    "Config", "MeshConfig", "BreakerConfig", "ListenerConfig", "ClusterConfig", "HostConfig", "FilterConfig", "EchoConfig",
 ]

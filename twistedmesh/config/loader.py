@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Tuple
 from .accesslog import parseAccessLog
 from .errors import ConfigError, ConfigErrors, suggest
 from .model import (
+    BreakerConfig,
     DEFAULT_ADMIN,
     ClusterConfig,
     Config,
@@ -164,6 +165,28 @@ def _cluster(name: str, o: Options) -> ClusterConfig:
         lb=lb,
         protocol=o.string("protocol", "http1", choices=("http1", "tcp")),
         connect_timeout=o.duration("connect_timeout", 5.0),
+        breaker=_breaker(o),
+    )
+
+
+def _breaker(o: Options) -> BreakerConfig:
+    d = BreakerConfig()
+    budget = o.string("breaker.budget_percent", None)
+    percent = None
+    if budget is not None:
+        try:
+            percent = float(budget.rstrip("%"))
+            if not 0 <= percent <= 100:
+                raise ValueError
+        except ValueError:
+            o.error("breaker.budget_percent", f"{budget!r} is not a percentage from 0 to 100")
+    return BreakerConfig(
+        max_connections=o.integer("breaker.max_connections", d.max_connections, minimum=1),
+        max_pending_requests=o.integer("breaker.max_pending_requests", d.max_pending_requests),
+        max_requests=o.integer("breaker.max_requests", d.max_requests, minimum=1),
+        max_retries=o.integer("breaker.max_retries", d.max_retries),
+        budget_percent=percent,
+        min_retry_concurrency=o.integer("breaker.min_retry_concurrency", d.min_retry_concurrency),
     )
 
 

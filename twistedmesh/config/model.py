@@ -38,6 +38,22 @@ class HostConfig:
 
 
 @dataclass(frozen=True)
+class BreakerConfig:
+    """
+    A cluster's C{breaker.*} keys (Envoy's defaults). With C{budget_percent}, the retry limit is that share
+    of the active requests, but at least C{min_retry_concurrency} (Envoy's retry budget), instead of
+    C{max_retries}.
+    """
+
+    max_connections: int = 1024
+    max_pending_requests: int = 1024
+    max_requests: int = 1024
+    max_retries: int = 3
+    budget_percent: Optional[float] = None
+    min_retry_concurrency: int = 3
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     """
     A C{[cluster:NAME]} section.
@@ -49,6 +65,7 @@ class ClusterConfig:
     protocol: str = "http1"
     connect_timeout: float = 5.0
     lb: Optional[LBConfig] = None  # every load-balancing option; None: LBConfig(policy=lb_policy)
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
 
 
 @dataclass(frozen=True)

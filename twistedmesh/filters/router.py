@@ -69,12 +69,20 @@ class _Attempt:
     pool.
     """
 
-    __slots__ = ("router",)
+    __slots__ = ("router", "pending")
 
     def __init__(self, router: "RouterFilter") -> None:
         self.router = router
+        self.pending = None  # the breaker's pending count this attempt holds a place in, while waiting
+
+    def _unpend(self) -> None:
+        pending = self.pending
+        if pending is not None:
+            self.pending = None
+            pending.add(-1)
 
     def poolReady(self, conn) -> None:
+        self._unpend()
         router = self.router
         if router.attempt is self and not router.finished:
             router.attempt = None
@@ -83,6 +91,7 @@ class _Attempt:
             conn.pool.release(conn)
 
     def poolFailed(self, reason: str, timedOut: bool) -> None:
+        self._unpend()
         router = self.router
         if router.attempt is self and not router.finished:
             router.attempt = None
@@ -128,6 +137,8 @@ class RouterFilter(HTTPFilter):
         self.attempt: Optional[_Attempt] = None
         self.limitExceeded = False  # a retry the policy allowed was refused for want of retries (URX)
         self.idleTimer = None  # the route's idle_timeout: no body bytes either way for that long
+        self.counted = False  # holds a place in the cluster's max_requests circuit breaker
+        self.retrying = False  # holds a place in its max_retries circuit breaker
         self.hashKey = None  # what ring_hash / maglev hash for this request (kept for retries)
 
     # -- request hooks ------------------------------------------------------------------------------------
@@ -150,6 +161,11 @@ class RouterFilter(HTTPFilter):
         cluster = shared.clusters[clusterName]
         self.cluster = cluster
         stream.upstreamCluster = cluster
+        breaker = cluster.breaker
+        if breaker.requests.full():
+            return self._overflow()
+        breaker.requests.add(1)
+        self.counted = True
         route.rewrite(stream)
         if cluster.hashPolicy is not None:
             self.hashKey = requestHashKey(cluster.hashPolicy, stream)
@@ -221,7 +237,16 @@ class RouterFilter(HTTPFilter):
         if retry.per_try_timeout:
             self.tryTimer = self.shared.clock.callLater(retry.per_try_timeout, self._tryTimedOut)
         self.attempt = attempt = _Attempt(self)
-        self.cluster.pools.forHost(host).acquire(attempt)
+        pool = self.cluster.pools.forHost(host)
+        pending = self.cluster.breaker.pending
+        if not pool.idle and pending.full():
+            self._overflow()
+            return
+        pool.acquire(attempt)
+        if self.attempt is attempt:
+            # Not handed a connection at once: waiting for one to connect (or to free up).
+            attempt.pending = pending
+            pending.add(1)
 
     def poolReady(self, conn) -> None:
         """
@@ -274,6 +299,10 @@ class RouterFilter(HTTPFilter):
             return False
         if not self.replayable or self.responseStarted or self.cluster.pools.closed:
             return False
+        if not self.retrying:
+            if not self.cluster.breaker.retryAllowed():
+                return False
+            self.retrying = True
         self.retriesLeft -= 1
         self.cluster.upstream_rq_retry.value += 1
         self.attempt = None  # a connect still pending for the old attempt is given back when it lands
@@ -420,6 +449,13 @@ class RouterFilter(HTTPFilter):
         if self.finished:
             return
         self.finished = True
+        breaker = self.cluster.breaker
+        if self.counted:
+            self.counted = False
+            breaker.requests.add(-1)
+        if self.retrying:
+            self.retrying = False
+            breaker.retries.add(-1)
         if self.pausedForConnect:
             self.pausedForConnect = False
             self.stream.codec.resumeRequest(self.stream)
@@ -448,6 +484,19 @@ class RouterFilter(HTTPFilter):
             self.cluster.upstream_rq_active.value -= 1
             conn.pool.host.rq_active -= 1
         return conn
+
+    def _overflow(self):
+        """
+        A circuit breaker is open: answer at once, as Envoy does, rather than queue behind a struggling
+        upstream.
+        """
+        self.cluster.breaker.upstream_rq_pending_overflow.value += 1
+        self._done()
+        self.cluster.byClass[5].value += 1
+        return self.stream.respond(
+            503, b"upstream connect error or disconnect/reset before headers. reset reason: overflow\n",
+            [(b"x-envoy-overloaded", b"true")], flag="UO",
+            details="upstream_reset_before_response_started{overflow}")
 
     def _abandon(self) -> None:
         """

@@ -13,6 +13,7 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from ..config import ClusterConfig
 from ..config.lb import LBConfig
 from ..observability.stats import StatsStore
+from .breaker import CircuitBreaker
 from .http1 import ClusterPools
 from .lb import POLICIES
 
@@ -83,6 +84,7 @@ class Cluster:
         self.upstream_rq_per_try_timeout = scope.counter("upstream_rq_per_try_timeout")
         self.byClass = (None,) + tuple(scope.counter(f"upstream_rq_{n}xx") for n in range(1, 6))
         # HTTP/1.1 keep-alive pools, one per host, made on first use.
+        self.breaker = CircuitBreaker(config.breaker, scope)
         self.pools = ClusterPools(self, reactor)
         self.membership_total = scope.gauge("membership_total")
         self.membership_healthy = scope.gauge("membership_healthy")

@@ -26,7 +26,8 @@ the pool never hands it out.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Set
+from collections import deque
+from typing import Deque, Dict, List, Optional, Set
 
 from twisted.internet import protocol
 from twisted.logger import Logger
@@ -311,6 +312,9 @@ class HostPool:
         self.idleTimeout = idleTimeout
         self.idle: List[UpstreamConnection] = []
         self.factory = _ConnectionFactory(self)
+        # Waiters queued because the cluster is at its max_connections circuit breaker: served, in order,
+        # by the next connection released or closed on this host.
+        self.waiting: Deque[PoolWaiter] = deque()
         self.connections: Set[UpstreamConnection] = set()
         self.connecting: Set[object] = set()
 
@@ -325,6 +329,11 @@ class HostPool:
             if not conn.closing:
                 waiter.poolReady(conn)
                 return
+        breaker = getattr(self.cluster, "breaker", None)
+        if breaker is not None and breaker.connections.full():
+            breaker.upstream_cx_overflow.value += 1
+            self.waiting.append(waiter)
+            return
         self._connect(waiter)
 
     def _connect(self, waiter: PoolWaiter) -> None:
@@ -374,6 +383,9 @@ class HostPool:
         """
         self.connections.add(conn)
         host, cluster = self.host, self.cluster
+        breaker = getattr(cluster, "breaker", None)
+        if breaker is not None:
+            breaker.connections.add(1)
         host.cx_total += 1
         host.cx_active += 1
         cluster.upstream_cx_total.value += 1
@@ -386,6 +398,10 @@ class HostPool:
         close it if the pool is full.
         """
         if conn.closing:
+            return
+        if self.waiting:
+            # Someone is queued behind the connection limit: this connection is theirs.
+            self.waiting.popleft().poolReady(conn)
             return
         idle = self.idle
         if len(idle) >= self.maxIdle:
@@ -418,6 +434,12 @@ class HostPool:
             self.connections.discard(conn)
             self.host.cx_active -= 1
             self.cluster.upstream_cx_active.value -= 1
+            breaker = getattr(self.cluster, "breaker", None)
+            if breaker is not None:
+                breaker.connections.add(-1)
+                if self.waiting and not breaker.connections.full():
+                    # A slot is free: connect for the first waiter in line.
+                    self._connect(self.waiting.popleft())
         if conn in self.idle:
             self.idle.remove(conn)
         timer = conn.idleTimer
@@ -433,6 +455,9 @@ class HostPool:
         """
         for d in list(self.connecting):
             d.cancel()
+        waiting, self.waiting = self.waiting, deque()
+        for waiter in waiting:
+            waiter.poolFailed("pool closed", False)
         del self.idle[:]
         for conn in list(self.connections):
             conn._close(True)
