@@ -19,6 +19,7 @@ from .http.routes import RouteTable
 from .http.server import HTTPSettings
 from .listener.http import HTTPListenerFactory
 from .listener.tcp import TCPListenerFactory
+from .listener.tls import ServerTLS
 from .observability.accesslog import AccessLogger, AccessLogSinks
 from .observability.stats import StatsStore
 from .plugins import FilterContext, buildChain, factoriesFor
@@ -89,13 +90,15 @@ class MeshService(service.MultiService):
         self.state = "STARTING"
         self.healthCheckFailed = False
         self.listeners: Dict[str, Listening] = {}
+        self.serverTLS: Dict[str, ServerTLS] = {}
         self.echoes: Dict[str, Listening] = {}
         self.admin: Optional[Listening] = None
         errors: List[ConfigError] = []
         self.accessLogSinks = AccessLogSinks(reactor, reactor, self.stats.counter("access_log.dropped"))
         if config.mesh.workers != 1:
             errors.append(ConfigError(config.file, "mesh", "workers", "only 1 worker is supported so far"))
-        self.clusters: Dict[str, Cluster] = buildClusters(config.clusters, reactor, self.stats, self.random)
+        self.clusters: Dict[str, Cluster] = buildClusters(config.clusters, reactor, self.stats, self.random,
+                                                          config.tls)
         for name, lconfig in config.listeners.items():
             factories = factoriesFor(lconfig.protocol, errors, config.file)
             routes = None
@@ -126,6 +129,16 @@ class MeshService(service.MultiService):
                     accessLog=accessLog,
                 )
                 factory = HTTPListenerFactory(settings, self.stats)
+            if lconfig.tls is not None:
+                # One ServerTLS per listener: its contexts are built here, once; its ssl.* stats are the
+                # listener's.
+                try:
+                    serverTLS = ServerTLS(config.tls[lconfig.tls], reactor, self.stats.scope("listener", name))
+                except ValueError as e:  # the files changed since the config was loaded
+                    errors.append(ConfigError(config.file, f"tls:{lconfig.tls}", None, str(e)))
+                    continue
+                self.serverTLS[name] = serverTLS
+                factory = serverTLS.wrapFactory(factory, reactor)
             self.listeners[name] = self._listen(f"listener {name}", lconfig.endpoint, factory)
         if errors:
             raise ConfigErrors(errors)
@@ -151,6 +164,11 @@ class MeshService(service.MultiService):
             self.log.info("cluster {name}: {hosts} ({policy})", name=name,
                           hosts=", ".join(f"{h.endpoint} weight={h.weight}" for h in cluster.hosts),
                           policy=cluster.config.lb_policy)
+        for tls in self.serverTLS.values():
+            tls.startReloading()
+        for cluster in self.clusters.values():
+            if cluster.tls is not None:
+                cluster.tls.startReloading()
         ds = [defer.maybeDeferred(s.startService) for s in self]
         d = defer.gatherResults(ds, consumeErrors=True)
         d.addCallbacks(self._live, self._cannotListen)
@@ -181,6 +199,11 @@ class MeshService(service.MultiService):
         """
         self.state = "DRAINING"
         self.running = 0
+        for tls in self.serverTLS.values():
+            tls.stopReloading()
+        for cluster in self.clusters.values():
+            if cluster.tls is not None:
+                cluster.tls.stopReloading()
         stopped = [l.stopListening() for l in self.listeners.values()]
         for l in self.listeners.values():
             l.factory.drain()

@@ -24,8 +24,9 @@ from .model import (
 )
 from .lb import parseLB
 from .options import Options, checkClientEndpoint
+from .tls import TLSConfig, checkClientTLS, checkServerTLS, parseTLS
 
-SECTION_KINDS = ("mesh", "listener", "route", "cluster", "filter", "echo")
+SECTION_KINDS = ("mesh", "listener", "route", "cluster", "filter", "echo", "tls")
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 _ROUTE_NAME = re.compile(r"^[A-Za-z0-9_-]+/[A-Za-z0-9_-]+$")
 _EPHEMERAL = re.compile(r"^tcp6?:0(:|$)")  # port 0: the system picks a free port each time
@@ -92,11 +93,12 @@ def loadString(text: str, file: str = "<string>") -> Config:
 
     meshOptions = sections["mesh"].get("") or Options(file, "mesh", {}, errors)
     mesh = _mesh(meshOptions)
-    clusters = {name: _cluster(name, o) for name, o in sections["cluster"].items()}
+    tls = {name: parseTLS(name, o) for name, o in sections["tls"].items()}
+    clusters = {name: _cluster(name, o, tls) for name, o in sections["cluster"].items()}
     filters = {name: _filter(name, o) for name, o in sections["filter"].items()}
     echoes = {name: _echo(name, o) for name, o in sections["echo"].items()}
     routes = _routes(sections["route"], clusters)
-    listeners = {name: _listener(name, o, clusters, routes) for name, o in sections["listener"].items()}
+    listeners = {name: _listener(name, o, clusters, routes, tls) for name, o in sections["listener"].items()}
     for group in sections.values():
         for o in group.values():
             o.finish()
@@ -114,6 +116,7 @@ def loadString(text: str, file: str = "<string>") -> Config:
         filters=MappingProxyType(filters),
         echoes=MappingProxyType(echoes),
         routes=MappingProxyType(routes),
+        tls=MappingProxyType(tls),
     )
 
 
@@ -129,7 +132,7 @@ def _mesh(o: Options) -> MeshConfig:
     )
 
 
-def _cluster(name: str, o: Options) -> ClusterConfig:
+def _cluster(name: str, o: Options, tls: Dict[str, TLSConfig]) -> ClusterConfig:
     hosts: List[HostConfig] = []
     raw = o.string("endpoints")
     for line in (raw or "").replace(",", "\n").splitlines():
@@ -159,6 +162,7 @@ def _cluster(name: str, o: Options) -> ClusterConfig:
         o.error("endpoints", "names no endpoint")
     lb = parseLB(o)
     return ClusterConfig(
+        tls=_tlsReference(o, tls, checkClientTLS),
         name=name,
         endpoints=tuple(hosts),
         lb_policy=lb.policy,
@@ -219,7 +223,8 @@ def _routes(sections: Dict[str, Options], clusters: Dict[str, ClusterConfig]) ->
     return {table: tuple(routes) for table, routes in tables.items()}
 
 
-def _listener(name: str, o: Options, clusters: Dict[str, ClusterConfig], routes: Dict[str, tuple]) -> ListenerConfig:
+def _listener(name: str, o: Options, clusters: Dict[str, ClusterConfig], routes: Dict[str, tuple],
+              tls: Dict[str, TLSConfig]) -> ListenerConfig:
     protocol = o.string("protocol", "tcp", choices=("tcp", "http"))
     filters = o.list("filters", _DEFAULT_FILTERS.get(protocol or "tcp"))
     cluster = o.string("cluster", None)
@@ -240,7 +245,11 @@ def _listener(name: str, o: Options, clusters: Dict[str, ClusterConfig], routes:
             o.error("filters", "router must be the last filter: it answers every request")
     elif "routes" in o._items:
         o.error("routes", "only HTTP listeners have routes (protocol = http)")
+    # An HTTP listener must not agree by ALPN to a protocol its codec cannot speak (no h2 codec yet).
+    spoken = ("http/1.1", "http/1.0") if protocol == "http" else None
+    tlsName = _tlsReference(o, tls, lambda t, o: checkServerTLS(t, o, alpnSpoken=spoken))
     return ListenerConfig(
+        tls=tlsName,
         name=name,
         endpoint=o.serverEndpoint("endpoint"),
         protocol=protocol or "tcp",
@@ -274,3 +283,17 @@ def _checkEndpointsUnique(file, sections, listeners, echoes, mesh, errors) -> No
                                       f"{endpoint!r} is already used by [{seen[endpoint]}]"))
         else:
             seen[endpoint] = section
+
+
+def _tlsReference(o: Options, tls: Dict[str, TLSConfig], check) -> Optional[str]:
+    """
+    The C{tls = NAME} key of a listener or cluster: a C{[tls:NAME]} section, checked for that use.
+    """
+    name = o.string("tls", None)
+    if name is None:
+        return None
+    if name not in tls:
+        o.error("tls", f"names no [tls:{name}] section{suggest(name, tls)}")
+        return None
+    check(tls[name], o)
+    return name

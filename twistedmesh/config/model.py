@@ -12,6 +12,7 @@ from typing import Mapping, Optional, Tuple
 from .lb import LBConfig
 
 from .accesslog import AccessLogConfig
+from .tls import TLSConfig
 
 DEFAULT_ADMIN = "tcp:9901:interface=127.0.0.1"
 
@@ -64,6 +65,7 @@ class ClusterConfig:
     lb_policy: str = "round_robin"
     protocol: str = "http1"
     connect_timeout: float = 5.0
+    tls: Optional[str] = None
     lb: Optional[LBConfig] = None  # every load-balancing option; None: LBConfig(policy=lb_policy)
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
 
@@ -101,6 +103,7 @@ class ListenerConfig:
     request_headers_timeout: float = 0.0
     max_requests_per_connection: int = 0
     access_log: Optional[AccessLogConfig] = None
+    tls: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -128,3 +131,4 @@ class Config:
     filters: Mapping[str, FilterConfig]
     echoes: Mapping[str, EchoConfig]
     routes: Mapping[str, Tuple[object, ...]] = field(default_factory=lambda: MappingProxyType({}))
+    tls: Mapping[str, TLSConfig] = field(default_factory=lambda: MappingProxyType({}))

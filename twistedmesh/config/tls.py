@@ -19,7 +19,7 @@ import ipaddress
 import os
 import re
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Collection, List, Optional, Tuple
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -181,6 +181,10 @@ def loadPrivateKey(path: str):
 
 
 def _publicKeyBytes(key) -> bytes:
+    """
+    A public key as DER SubjectPublicKeyInfo: equal for a certificate and its private key, whatever the
+    algorithm.
+    """
     return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
@@ -212,17 +216,16 @@ def parseTLS(name: str, o: Options) -> TLSConfig:
     clientCA = _path(o, "client_ca")
     ca = _path(o, "ca")
 
-    if (certificate is None) != (privateKey is None) and not _failed(o, "certificate", "private_key"):
+    if (certificate is None) != (privateKey is None):
         missing, given = ("private_key", "certificate") if privateKey is None else ("certificate", "private_key")
         o.error(missing, f"is required with `{given}`: a certificate is served with its key")
-    if certificate is not None and privateKey is not None:
+        if certificate is not None:
+            _checkFile(o, "certificate", certificate)
+    elif certificate is not None and privateKey is not None:
         _checkPair(o, "private_key", certificate, privateKey)
     for key, path in (("client_ca", clientCA), ("ca", ca)):
         if path is not None:
-            try:
-                loadCertificates(path)
-            except ValueError as e:
-                o.error(key, str(e))
+            _checkFile(o, key, path)
 
     alpn = _alpn(o)
     minVersion = o.string("min_version", "1.2", choices=MIN_VERSIONS)
@@ -248,11 +251,19 @@ def parseTLS(name: str, o: Options) -> TLSConfig:
     )
 
 
-def checkServerTLS(tls: TLSConfig, o: Options, key: str = "tls") -> None:
+def checkServerTLS(tls: TLSConfig, o: Options, key: str = "tls",
+                   alpnSpoken: Optional[Collection[str]] = None) -> None:
     """
     Record in C{o} (a listener's section, at its C{key}) what makes C{tls} unfit to serve downstream TLS:
-    no certificate, or a C{verify_san} with no C{client_ca} to make clients present a certificate.
+    no certificate, a C{verify_san} with no C{client_ca} to make clients present a certificate, or (when
+    C{alpnSpoken} lists the protocols the listener's codec speaks, as for C{protocol = http}) an ALPN
+    protocol the listener would agree to and then not speak.
     """
+    if alpnSpoken is not None:
+        for protocol in tls.alpn:
+            if protocol not in alpnSpoken:
+                o.error(key, f"[tls:{tls.name}] offers ALPN {protocol!r}, which this listener does not speak "
+                             f"(it speaks {', '.join(alpnSpoken)})")
     if tls.certificate is None:
         o.error(key, f"[tls:{tls.name}] needs `certificate` and `private_key` to serve TLS")
     if tls.verify_san and tls.client_ca is None:
@@ -292,6 +303,16 @@ def _path(o: Options, key: str) -> Optional[str]:
     return os.path.abspath(raw)
 
 
+def _checkFile(o: Options, key: str, path: str) -> None:
+    """
+    Record an error at C{key} unless the file at C{path} holds PEM certificates.
+    """
+    try:
+        loadCertificates(path)
+    except ValueError as e:
+        o.error(key, str(e))
+
+
 def _checkPair(o: Options, key: str, certificate: str, privateKey: str) -> bool:
     """
     Load a certificate and key and check they match; record the error (at C{key}, or at C{certificate} /
@@ -311,6 +332,9 @@ def _checkPair(o: Options, key: str, certificate: str, privateKey: str) -> bool:
 
 
 def _alpn(o: Options) -> Tuple[str, ...]:
+    """
+    The C{alpn} list: printable protocol ids, each once.
+    """
     protocols: List[str] = []
     for item in o.list("alpn"):
         if not _ALPN_ID.match(item):
@@ -323,6 +347,9 @@ def _alpn(o: Options) -> Tuple[str, ...]:
 
 
 def _ciphers(o: Options, minVersion: Optional[str]) -> Optional[str]:
+    """
+    The C{ciphers} string, checked by OpenSSL itself.
+    """
     ciphers = o.string("ciphers", None)
     if ciphers is None:
         return None
@@ -339,6 +366,9 @@ def _ciphers(o: Options, minVersion: Optional[str]) -> Optional[str]:
 
 
 def _verifySAN(o: Options) -> Tuple[str, ...]:
+    """
+    The C{verify_san} patterns: URIs as written, DNS names lowercased, C{*} only at the end.
+    """
     patterns: List[str] = []
     for item in o.list("verify_san"):
         body = item[:-1] if item.endswith("*") else item
@@ -365,6 +395,9 @@ def _verifySAN(o: Options) -> Tuple[str, ...]:
 
 
 def _isIPAddress(text: str) -> bool:
+    """
+    Whether C{text} is an IPv4 or IPv6 address.
+    """
     try:
         ipaddress.ip_address(text)
     except ValueError:
@@ -373,6 +406,9 @@ def _isIPAddress(text: str) -> bool:
 
 
 def _sni(o: Options) -> Optional[str]:
+    """
+    The upstream C{sni} name: a host name (lowercased), not an IP address nor a wildcard.
+    """
     sni = o.string("sni", None)
     if sni is None:
         return None

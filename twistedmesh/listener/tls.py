@@ -44,6 +44,7 @@ from OpenSSL.crypto import X509, PKey
 from service_identity import VerificationError
 from service_identity.hazmat import DNS_ID, verify_service_identity
 from service_identity.pyopenssl import extract_patterns
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import (
     IDelayedCall,
@@ -210,6 +211,9 @@ _URI = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 
 
 def _isURI(pattern: str) -> bool:
+    """
+    Whether a C{verify_san} pattern is a URI (it has a scheme) rather than a DNS name.
+    """
     return _URI.match(pattern) is not None
 
 
@@ -242,10 +246,16 @@ class _Reloader:
         self.call: Optional[IDelayedCall] = None
 
     def start(self) -> None:
+        """
+        Schedule the first check (nothing when the interval is 0 or checks are already scheduled).
+        """
         if self.call is None and self.interval > 0:
             self.call = self.clock.callLater(self.interval, self._tick)
 
     def stop(self) -> None:
+        """
+        Cancel the next check.
+        """
         call, self.call = self.call, None
         if call is not None and call.active():
             call.cancel()
@@ -268,6 +278,9 @@ class _FileSet:
         self.seen = self.signature()
 
     def signature(self) -> Tuple[object, ...]:
+        """
+        The L{_stat} of every file, in order.
+        """
         return tuple(_stat(p) for p in self.paths)
 
     def changed(self) -> bool:
@@ -563,8 +576,8 @@ class _ServerTLSProtocol(BufferingTLSTransport):
 
 class ServerTLSFactory(TLSMemoryBIOFactory):
     """
-    A listener's factory behind TLS. It answers the service's L{whenDrained} and L{abortAll} for the
-    wrapped factory, so a TLS listener drains like a plain one.
+    A listener's factory behind TLS. It passes the service's draining calls (L{drain}, L{whenDrained},
+    L{abortAll}) on to the wrapped factory, so a TLS listener drains like a plain one.
     """
 
     protocol = _ServerTLSProtocol
@@ -574,7 +587,13 @@ class ServerTLSFactory(TLSMemoryBIOFactory):
         super().__init__(tls, False, wrappedFactory, reactor)
         self.tls = tls
 
-    def whenDrained(self):
+    def drain(self) -> None:
+        """
+        The wrapped factory's C{drain()}.
+        """
+        self.wrappedFactory.drain()
+
+    def whenDrained(self) -> Deferred:
         """
         The wrapped factory's C{whenDrained()}.
         """
@@ -628,6 +647,10 @@ class _SANVerifyingCreator:
         self._matcher = matcher
 
     def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
+        """
+        A connection on the shared context, with SNI and our verify callback (which replaces the
+        context's chain-only one for this connection).
+        """
         connection = self._options.clientConnectionForTLS(tlsProtocol)
         if self._serverName is not None:
             connection.set_tlsext_host_name(self._serverName)
@@ -671,6 +694,9 @@ class _CurrentCreator:
         self._serverName = serverName
 
     def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
+        """
+        A connection from the current creator for our server name.
+        """
         return self._owner._creators[self._serverName].clientConnectionForTLS(tlsProtocol)
 
 
@@ -703,6 +729,9 @@ class ClientTLS:
                           if clock is not None else None)
 
     def _extraOptions(self, material: _ClientMaterial) -> Dict[str, object]:
+        """
+        The C{CertificateOptions} arguments from the section: minimum version, ciphers, chain.
+        """
         extra: Dict[str, object] = {"raiseMinimumTo": _TWISTED_VERSIONS[self.config.min_version]}
         if self.config.ciphers is not None:
             extra["acceptableCiphers"] = AcceptableCiphers.fromOpenSSLCipherString(self.config.ciphers)
@@ -711,6 +740,9 @@ class ClientTLS:
         return extra
 
     def _creator(self, material: _ClientMaterial, serverName: Optional[str]) -> IOpenSSLClientConnectionCreator:
+        """
+        A new creator for C{serverName} from C{material}: Twisted's own without C{verify_san}, ours with it.
+        """
         alpn = [p.encode("ascii") for p in self.config.alpn] or None
         if not self._matcher:
             assert serverName is not None
@@ -724,6 +756,9 @@ class ClientTLS:
 
     @staticmethod
     def _clientKeyOptions(material: _ClientMaterial) -> Dict[str, object]:
+        """
+        The C{CertificateOptions} arguments that present our client certificate, if we have one.
+        """
         if material.clientCertificate is None:
             return {}
         return {"privateKey": material.clientCertificate.privateKey.original,
@@ -785,6 +820,9 @@ class ClientTLS:
 
 
 def _isIPAddress(text: str) -> bool:
+    """
+    Whether C{text} is an IPv4 or IPv6 address (which SNI must not carry).
+    """
     try:
         ipaddress.ip_address(text)
     except ValueError:

@@ -5,12 +5,15 @@ Clusters and their hosts: named groups of upstream endpoints with a load balance
 from __future__ import annotations
 
 from random import Random
-from typing import Dict, Optional, Tuple
+from types import MappingProxyType
+from typing import Dict, Mapping, Optional, Tuple
 
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IStreamClientEndpoint
 
 from ..config import ClusterConfig
+from ..config.tls import TLSConfig
+from ..listener.tls import ClientTLS, endpointHost
 from ..config.lb import LBConfig
 from ..observability.stats import StatsStore
 from .breaker import CircuitBreaker
@@ -56,13 +59,17 @@ class Cluster:
     C{cluster.<name>.}).
     """
 
-    def __init__(self, config: ClusterConfig, reactor, stats: StatsStore, random: Optional[Random] = None) -> None:
+    def __init__(self, config: ClusterConfig, reactor, stats: StatsStore, random: Optional[Random] = None,
+                 tls: Optional[TLSConfig] = None) -> None:
         self.config = config
         self.name = config.name
         self.connectTimeout = config.connect_timeout
         self.stats = scope = stats.scope("cluster", config.name)
+        # Upstream TLS: one ClientTLS per cluster; each host's endpoint gets TLS on top, with a context built
+        # here, once per server name.
+        self.tls = ClientTLS(tls, reactor) if tls is not None else None
         self.hosts: Tuple[Host, ...] = tuple(
-            Host(h.endpoint, clientFromString(reactor, h.endpoint), h.weight) for h in config.endpoints
+            Host(h.endpoint, self._client(reactor, h.endpoint), h.weight) for h in config.endpoints
         )
         lbConfig = config.lb if config.lb is not None else LBConfig(policy=config.lb_policy)
         #: What the router (or tcp_proxy) hashes for ring_hash and maglev, or None.
@@ -91,6 +98,15 @@ class Cluster:
         self.membership_total.value = len(self.hosts)
         self.membership_healthy.value = sum(1 for h in self.hosts if h.healthy)
 
+    def _client(self, reactor, endpoint: str) -> IStreamClientEndpoint:
+        """
+        The client endpoint of one host: C{endpoint} parsed, with TLS on top when the cluster has C{tls}.
+        """
+        client = clientFromString(reactor, endpoint)
+        if self.tls is None:
+            return client
+        return self.tls.wrapEndpoint(client, endpointHost(endpoint))
+
     def pick(self, exclude: "Host | None" = None, hashKey: "bytes | None" = None) -> "Host | None":
         """
         A host for a new connection (see L{twistedmesh.interfaces.ILoadBalancer.pick}).
@@ -107,9 +123,10 @@ class Cluster:
 
 
 def buildClusters(
-    configs: Dict[str, ClusterConfig], reactor, stats: StatsStore, random: Optional[Random] = None
+    configs: Dict[str, ClusterConfig], reactor, stats: StatsStore, random: Optional[Random] = None,
+    tls: Mapping[str, TLSConfig] = MappingProxyType({}),
 ) -> Dict[str, Cluster]:
     """
     One L{Cluster} per config section; C{random} (the service's) drives the load balancers.
     """
-    return {name: Cluster(c, reactor, stats, random) for name, c in configs.items()}
+    return {name: Cluster(c, reactor, stats, random, tls[c.tls] if c.tls else None) for name, c in configs.items()}
