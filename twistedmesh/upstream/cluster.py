@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from random import Random
 from types import MappingProxyType
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional, Set, Tuple
 
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IStreamClientEndpoint
@@ -28,8 +28,11 @@ class Host:
     @ivar endpoint: the client endpoint string, as configured (also the host's name in stats and logs).
     @ivar client: the L{IStreamClientEndpoint} parsed from it once.
     @ivar weight: the load-balancing weight.
-    @ivar healthy: C{False} while health checking or outlier detection says not to use it.
-    @ivar healthReason: why C{healthy} is what it is, for the admin C{/clusters} page.
+    @ivar healthy: C{False} while health checking or outlier detection says not to use it: exactly when
+        C{healthFlags} is not empty. Change it through L{setHealthFlag}.
+    @ivar healthFlags: Envoy's reasons a host is not used (C{"failed_active_hc"},
+        C{"failed_outlier_check"}, C{"pending_active_hc"}), for the admin C{/clusters} page.
+    @ivar healthReason: a sentence saying why C{healthy} is what it is, for the same page.
     """
 
     # Per-host figures are plain integers (Envoy shows them on /clusters, not in /stats): the cheapest
@@ -41,6 +44,7 @@ class Host:
         self.client = client
         self.weight = weight
         self.healthy = True
+        self.healthFlags: Set[str] = set()
         self.healthReason = "no health checking configured"
         self.cx_total = 0
         self.cx_active = 0
@@ -48,6 +52,25 @@ class Host:
         self.rq_total = 0
         self.rq_active = 0
         self.rq_error = 0
+
+    def setHealthFlag(self, flag: str, on: bool, reason: str = "") -> bool:
+        """
+        Set or clear one reason not to use this host (active health checking and outlier detection each
+        own their flag, so one cannot undo the other's verdict).
+
+        @return: whether C{healthy} changed (then the caller tells the cluster: L{Cluster.healthChanged}).
+        """
+        flags = self.healthFlags
+        if on:
+            flags.add(flag)
+        else:
+            flags.discard(flag)
+        if reason:
+            self.healthReason = reason
+        healthy = not flags
+        changed = healthy != self.healthy
+        self.healthy = healthy
+        return changed
 
     def __repr__(self) -> str:
         return f"<Host {self.endpoint} weight={self.weight}>"
