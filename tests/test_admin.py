@@ -27,11 +27,14 @@ from twisted.web.test.requesthelper import DummyRequest
 from twistedmesh.admin import makeAdminSite, redact, redactEndpoint
 from twistedmesh.admin.resource import AdminResource
 from twistedmesh.config import ClusterConfig, Config, FilterConfig, HostConfig, ListenerConfig, MeshConfig
-from twistedmesh.observability.prometheus import PrometheusExporter, StatsCollector, metricName
-from twistedmesh.observability.stats import StatsStore
+from twistedmesh.observability.prometheus import PrometheusExporter, StatsCollector, bucketLabel, metricName
+from twistedmesh.observability.stats import DEFAULT_BUCKETS, StatsStore
 from twistedmesh.upstream.cluster import Cluster, Host
 
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: The C{/stats} line of the histogram L{FakeServer} fills (values 3, 7, 40, 40 and 120 ms).
+RQ_TIME_LINE = ("cluster.api.upstream_rq_time: P0(1) P25(6.25) P50(31.25) P75(46.875) P90(175) P95(212.5) "
+                "P99(242.5) P99.5(246.25) P99.9(249.25) P100(250)")
 TLS_ENDPOINT = r"tls:host=db.internal:port=5432:certificate=client.pem:privateKey=/etc/pki/client.key:trustRoots=ca"
 
 
@@ -81,6 +84,10 @@ class FakeServer:
         api.upstream_cx_active.value = 2
         self.stats.scope("cluster", "web").counter("upstream_cx_total").value = 5
         self.stats.counter("server.total_connections").value = 0
+        rqTime = api.stats.histogram("upstream_rq_time")
+        for ms in (3, 7, 40, 40, 120):
+            rqTime.record(ms)
+        self.stats.scope("http", "edge").histogram("downstream_rq_time")  # never recorded into
         first = api.hosts[0]
         first.cx_total, first.cx_active, first.rq_total, first.rq_error = 7, 1, 9, 2
 
@@ -165,12 +172,13 @@ class StatsTests(AdminTestCase):
     """
 
     def test_text(self) -> None:
-        """Every stat is a C{name: value} line, sorted by name."""
+        """Every counter and gauge is a C{name: value} line, sorted by name; the histograms follow, sorted."""
         request = self.get("/stats")
         self.assertEqual(request.responseCode, 200)
         self.assertEqual(header(request, "content-type"), "text/plain; charset=utf-8")
         lines = request.body.decode().splitlines()
-        self.assertEqual(lines, sorted(lines))
+        self.assertEqual(lines[-2:], [RQ_TIME_LINE, "http.edge.downstream_rq_time: No recorded values"])
+        self.assertEqual(lines[:-2], sorted(lines[:-2]))
         self.assertIn("cluster.api.upstream_cx_total: 3", lines)
         self.assertIn("cluster.api.upstream_cx_active: 2", lines)
         self.assertIn("cluster.web.upstream_cx_total: 5", lines)
@@ -194,12 +202,14 @@ class StatsTests(AdminTestCase):
         self.assertEqual(header(request, "content-type"), "text/plain; charset=utf-8")
 
     def test_usedOnly(self) -> None:
-        """C{?usedonly} leaves out every stat still at zero."""
+        """C{?usedonly} leaves out every stat still at zero and every histogram without values."""
         request = self.get("/stats", usedonly="")
         lines = request.body.decode().splitlines()
         self.assertIn("cluster.api.upstream_cx_total: 3", lines)
+        self.assertIn(RQ_TIME_LINE, lines)
         self.assertNotIn("server.total_connections: 0", lines)
         self.assertTrue(all(not line.endswith(": 0") for line in lines))
+        self.assertNotIn("No recorded values", request.body.decode())
 
     def test_json(self) -> None:
         """C{?format=json} gives C{{"stats": [{"name", "value"}, ...]}}, filtered like the text."""
@@ -209,7 +219,7 @@ class StatsTests(AdminTestCase):
         self.assertEqual(json.loads(request.body), {"stats": [
             {"name": "cluster.api.upstream_cx_active", "value": 2},
             {"name": "cluster.api.upstream_cx_total", "value": 3},
-        ]})
+        ], "histograms": []})
 
     def test_formatPrometheus(self) -> None:
         """C{?format=prometheus} is the same exposition as C{/stats/prometheus}."""
@@ -221,6 +231,64 @@ class StatsTests(AdminTestCase):
         """An unknown C{?format} is a 400."""
         request = self.get("/stats", format="yaml")
         self.assertEqual(request.responseCode, 400)
+
+
+class HistogramStatsTests(AdminTestCase):
+    """
+    Histograms in C{/stats}: estimated quantiles in the text, a C{histograms} section in the JSON.
+    """
+
+    def test_textQuantiles(self) -> None:
+        """A histogram's line gives its ten cumulative quantile estimates, Envoy's way but without intervals."""
+        lines = self.get("/stats", filter="upstream_rq_time$").body.decode().splitlines()
+        self.assertEqual(lines, [RQ_TIME_LINE])
+
+    def test_textEmpty(self) -> None:
+        """A histogram with no values says so, as Envoy's does."""
+        lines = self.get("/stats", filter="downstream_rq_time").body.decode().splitlines()
+        self.assertEqual(lines, ["http.edge.downstream_rq_time: No recorded values"])
+
+    def test_textAfterCounters(self) -> None:
+        """Histograms come after every counter and gauge, even those whose names sort later."""
+        self.server.stats.histogram("a.first_time").record(1)
+        lines = self.get("/stats").body.decode().splitlines()
+        self.assertTrue(lines[-3].startswith("a.first_time: P0("), lines[-3])
+        self.assertFalse(any(line.startswith("a.first_time") for line in lines[:-3]))
+
+    def test_textRounds(self) -> None:
+        """Estimates are printed to six significant digits, without float noise or a trailing C{.0}."""
+        h = self.server.stats.histogram("t")
+        for ms in (1.1, 1.2, 1.3):
+            h.record(ms)
+        [line] = self.get("/stats", filter="^t$").body.decode().splitlines()
+        self.assertEqual(line, "t: P0(1) P25(2) P50(3) P75(4) P90(4.6) P95(4.8) P99(4.96) P99.5(4.98) "
+                               "P99.9(4.996) P100(5)")
+
+    def test_json(self) -> None:
+        """C{?format=json} has a C{histograms} section with quantiles, count and sum; C{null} quantiles when empty."""
+        request = self.get("/stats", format="json", filter="rq_time$")
+        body = json.loads(request.body)
+        self.assertEqual(body["stats"], [])
+        self.assertEqual(body["histograms"], [
+            {"name": "cluster.api.upstream_rq_time", "count": 5, "sum": 210.0, "quantiles": {
+                "P0": 1, "P25": 6.25, "P50": 31.25, "P75": 46.875, "P90": 175, "P95": 212.5, "P99": 242.5,
+                "P99.5": 246.25, "P99.9": 249.25, "P100": 250}},
+            {"name": "http.edge.downstream_rq_time", "count": 0, "sum": 0.0, "quantiles": {
+                label: None for label in ["P0", "P25", "P50", "P75", "P90", "P95", "P99", "P99.5", "P99.9",
+                                          "P100"]}},
+        ])
+
+    def test_jsonUsedOnly(self) -> None:
+        """C{?usedonly} drops empty histograms from the JSON too."""
+        body = json.loads(self.get("/stats", format="json", usedonly="").body)
+        self.assertEqual([h["name"] for h in body["histograms"]], ["cluster.api.upstream_rq_time"])
+        self.assertNotIn("server.total_connections", [s["name"] for s in body["stats"]])
+
+    def test_filter(self) -> None:
+        """C{?filter} selects histograms by their full name."""
+        body = json.loads(self.get("/stats", format="json", filter="^http\\.").body)
+        self.assertEqual([h["name"] for h in body["histograms"]], ["http.edge.downstream_rq_time"])
+        self.assertEqual(self.get("/stats", filter="^server\\.").body, b"server.total_connections: 0\n")
 
 
 class PrometheusEndpointTests(AdminTestCase):
@@ -248,11 +316,26 @@ class PrometheusEndpointTests(AdminTestCase):
         self.assertEqual([(s.labels, s.value) for s in active.samples], [({"envoy_cluster_name": "api"}, 2.0)])
 
     def test_filtered(self) -> None:
-        """C{?filter} and C{?usedonly} narrow the exposition as they narrow C{/stats}."""
-        request = self.get("/stats/prometheus", filter="^cluster\\.api\\.(upstream|membership)", usedonly="")
+        """C{?filter} and C{?usedonly} narrow the exposition as they narrow C{/stats}, histograms included."""
+        request = self.get("/stats/prometheus", usedonly="",
+                           filter="^(cluster\\.api|http\\.edge)\\.(upstream|membership|downstream)")
         names = {f.name for f in text_string_to_metric_families(request.body.decode())}
         self.assertEqual(names, {"envoy_cluster_upstream_cx", "envoy_cluster_upstream_cx_active",
-                                 "envoy_cluster_membership_total", "envoy_cluster_membership_healthy"})
+                                 "envoy_cluster_membership_total", "envoy_cluster_membership_healthy",
+                                 "envoy_cluster_upstream_rq_time"})
+
+    def test_histogram(self) -> None:
+        """A histogram is a Prometheus histogram with the cluster as a label and Envoy's C{le} values."""
+        text = self.get("/stats/prometheus").body.decode()
+        self.assertIn("# TYPE envoy_cluster_upstream_rq_time histogram\n", text)
+        self.assertIn('envoy_cluster_upstream_rq_time_bucket{envoy_cluster_name="api",le="0.5"} 0.0\n', text)
+        self.assertIn('envoy_cluster_upstream_rq_time_bucket{envoy_cluster_name="api",le="250"} 5.0\n', text)
+        self.assertIn('envoy_cluster_upstream_rq_time_bucket{envoy_cluster_name="api",le="+Inf"} 5.0\n', text)
+        self.assertIn('envoy_cluster_upstream_rq_time_count{envoy_cluster_name="api"} 5.0\n', text)
+        self.assertIn('envoy_cluster_upstream_rq_time_sum{envoy_cluster_name="api"} 210.0\n', text)
+        family = {f.name: f for f in text_string_to_metric_families(text)}["envoy_http_downstream_rq_time"]
+        self.assertEqual(family.type, "histogram")
+        self.assertEqual({s.labels["envoy_http_conn_manager_prefix"] for s in family.samples}, {"edge"})
 
     def test_badFilter(self) -> None:
         """An invalid regex is a 400 here too."""
@@ -346,6 +429,63 @@ class PrometheusCollectorTests(TestCase):
         self.assertIn(b"envoy_only_in_one_total", first.generate())
         self.assertNotIn(b"only_in_one", second.generate())
         self.assertNotIn(b"only_in_one", generate_latest(REGISTRY))
+
+    def test_histogramParsesBack(self) -> None:
+        """A histogram's exposition parses back: cumulative buckets per bound, C{+Inf} equal to C{_count}, C{_sum}."""
+        stats = StatsStore()
+        h = stats.scope("cluster", "api").histogram("upstream_rq_time")
+        values = [0.5, 0.7, 3, 5, 5.01, 99, 100, 2000, 2000, 7e6]
+        for ms in values:
+            h.record(ms)
+        family = self.families(stats)["envoy_cluster_upstream_rq_time"]
+        self.assertEqual(family.type, "histogram")
+        buckets = [s for s in family.samples if s.name == "envoy_cluster_upstream_rq_time_bucket"]
+        self.assertEqual([s.labels["le"] for s in buckets], [bucketLabel(b) for b in DEFAULT_BUCKETS] + ["+Inf"])
+        for s in buckets:
+            self.assertEqual(s.labels["envoy_cluster_name"], "api")
+            bound = float(s.labels["le"])
+            self.assertEqual(s.value, sum(1 for v in values if v <= bound), s.labels["le"])
+        counts = [s.value for s in buckets]
+        self.assertEqual(counts, sorted(counts))
+        [count] = [s for s in family.samples if s.name == "envoy_cluster_upstream_rq_time_count"]
+        [total] = [s for s in family.samples if s.name == "envoy_cluster_upstream_rq_time_sum"]
+        self.assertEqual((count.value, buckets[-1].value, total.value), (10.0, 10.0, sum(values)))
+        self.assertEqual(count.labels, {"envoy_cluster_name": "api"})
+
+    def test_histogramLabelSets(self) -> None:
+        """The same histogram of two clusters is one family, declared once, with a set of samples per cluster."""
+        stats = StatsStore()
+        stats.scope("cluster", "a").histogram("upstream_rq_time").record(1)
+        stats.scope("cluster", "b").histogram("upstream_rq_time").record(1e9)
+        text = PrometheusExporter(stats).generate().decode()
+        self.assertEqual(text.count("# TYPE envoy_cluster_upstream_rq_time histogram"), 1)
+        family = self.families(stats)["envoy_cluster_upstream_rq_time"]
+        counts = {(s.labels["envoy_cluster_name"], s.labels["le"]): s.value
+                  for s in family.samples if s.name.endswith("_bucket")}
+        self.assertEqual((counts[("a", "1")], counts[("b", "1")], counts[("b", "+Inf")]), (1.0, 0.0, 1.0))
+
+    def test_emptyHistogram(self) -> None:
+        """A histogram without values is exposed with zero counts, as Envoy exposes it."""
+        stats = StatsStore()
+        stats.histogram("t")
+        family = self.families(stats)["envoy_t"]
+        self.assertEqual({s.value for s in family.samples}, {0.0})
+        self.assertEqual(len(family.samples), len(DEFAULT_BUCKETS) + 3)
+
+    def test_bucketLabel(self) -> None:
+        """Bounds are written as Envoy writes them: shortest form, no C{.0}, no exponent for Envoy's bounds."""
+        self.assertEqual([bucketLabel(b) for b in (0.5, 1.0, 250, 3600000.0)], ["0.5", "1", "250", "3600000"])
+        self.assertEqual(metricName(StatsStore().histogram("x.y_ms")), "envoy_x_y_ms")
+
+    def test_histogramSuffixClash(self) -> None:
+        """A gauge named like a histogram's C{_count} sample is left out rather than corrupt the histogram."""
+        stats = StatsStore()
+        stats.histogram("t").record(1)
+        stats.gauge("t_count").value = 9
+        families = self.families(stats)
+        self.assertNotIn("envoy_t_count", families)
+        [count] = [s for s in families["envoy_t"].samples if s.name == "envoy_t_count"]
+        self.assertEqual(count.value, 1.0)
 
     def test_liveValues(self) -> None:
         """Every scrape reads the stats' current values."""
@@ -662,12 +802,13 @@ class LoopbackTests(TestCase):
         server.state = "LIVE"
         self.assertEqual((await fetch("GET", "/ready"))[:2], (200, b"LIVE\n"))
 
-        code, body, headers = await fetch("GET", "/stats?filter=cluster%5C.api%5C.(upstream|membership)&usedonly")
+        code, body, headers = await fetch("GET", "/stats?filter=cluster%5C.api%5C.(upstream_cx|membership)&usedonly")
         self.assertEqual((code, body), (200, b"cluster.api.membership_healthy: 2\ncluster.api.membership_total: 2\n"
                                              b"cluster.api.upstream_cx_active: 2\ncluster.api.upstream_cx_total: 3\n"))
         self.assertEqual(headers.getRawHeaders("cache-control"), ["no-cache, max-age=0"])
         code, body, _ = await fetch("GET", "/stats?format=json&filter=web")
-        self.assertEqual(json.loads(body), {"stats": [{"name": "cluster.web.upstream_cx_total", "value": 5}]})
+        self.assertEqual(json.loads(body), {"stats": [{"name": "cluster.web.upstream_cx_total", "value": 5}],
+                                            "histograms": []})
         self.assertEqual((await fetch("GET", "/stats?filter=%28"))[0], 400)
 
         code, body, headers = await fetch("GET", "/stats/prometheus")

@@ -22,7 +22,7 @@ from twisted.web.server import Request, Site
 from ..config import Config
 from ..observability.prometheus import CONTENT_TYPE as PROMETHEUS_CONTENT_TYPE
 from ..observability.prometheus import PrometheusExporter
-from ..observability.stats import Stat, StatsStore
+from ..observability.stats import Histogram, Stat, StatsStore
 from ..upstream.cluster import Cluster, Host
 
 TEXT = b"text/plain; charset=utf-8"
@@ -142,7 +142,12 @@ class AdminResource(Resource):
 
     def renderStats(self, request: Request) -> bytes:
         """
-        C{GET /stats}: C{name: value} lines sorted by name, or C{?format=json} or C{?format=prometheus}.
+        C{GET /stats}: C{name: value} lines sorted by name, then (as Envoy orders them) one line per histogram
+        with its estimated quantiles, C{name: P0(x) P25(x) ... P100(x)} (see L{Histogram.quantile}), or
+        C{name: No recorded values}. Envoy prints each quantile as C{(interval,cumulative)}; only the
+        cumulative figure is kept here. With C{?format=json}, C{{"stats": [{"name", "value"}, ...],
+        "histograms": [{"name", "quantiles", "count", "sum"}, ...]}}, quantiles C{null} while a histogram
+        is empty. C{?format=prometheus} is L{renderPrometheus}.
         """
         include, error = _statsFilter(request)
         if error is not None:
@@ -150,13 +155,22 @@ class AdminResource(Resource):
         fmt = _arg(request, b"format")
         if fmt == "prometheus":
             return self.renderPrometheus(request)
-        stats = [s for s in self.server.stats if include is None or include(s)]
-        if fmt == "json":
-            body = {"stats": [{"name": s.name, "value": s.value} for s in stats]}
-            return _respond(request, 200, JSON, _json(body))
-        if fmt not in (None, "text"):
+        if fmt not in (None, "text", "json"):
             return _respond(request, 400, TEXT, b"format must be text, json or prometheus\n")
-        return _respond(request, 200, TEXT, "".join(f"{s.name}: {s.value}\n" for s in stats).encode())
+        stats: List[Stat] = []
+        histograms: List[Histogram] = []
+        for s in self.server.stats:
+            if include is None or include(s):
+                (histograms if s.kind == "histogram" else stats).append(s)
+        if fmt == "json":
+            body = {
+                "stats": [{"name": s.name, "value": s.value} for s in stats],
+                "histograms": [_histogramJSON(h) for h in histograms],
+            }
+            return _respond(request, 200, JSON, _json(body))
+        lines = [f"{s.name}: {s.value}\n" for s in stats]
+        lines.extend(f"{h.name}: {_histogramText(h)}\n" for h in histograms)
+        return _respond(request, 200, TEXT, "".join(lines).encode())
 
     def renderPrometheus(self, request: Request) -> bytes:
         """
@@ -314,10 +328,54 @@ def _statsFilter(request: Request) -> Tuple[Optional[Callable[[Stat], bool]], Op
             return None, f"invalid filter regex {pattern!r}: {e}\n".encode()
         tests.append(lambda s: regex.search(s.name) is not None)
     if _flag(request, b"usedonly"):
-        tests.append(lambda s: s.value != 0)
+        tests.append(lambda s: s.used)
     if not tests:
         return None, None
     return (lambda s: all(test(s) for test in tests)), None
+
+
+def _round(value: float) -> float:
+    """
+    A quantile estimate rounded to six significant digits: the estimate is no finer, and float noise
+    (C{242.49999999999997}) goes.
+    """
+    return float(f"{value:.6g}")
+
+
+def _quantile(value: float) -> Optional[float]:
+    """
+    A quantile estimate as JSON shows it: L{_round}ed, or C{None} (C{null}) for the NaN of an empty histogram.
+    """
+    return None if value != value else _round(value)
+
+
+def _histogramText(histogram: Histogram) -> str:
+    """
+    What C{/stats} shows of a histogram: C{P0(x) P25(x) ... P100(x)}, or C{No recorded values} as in Envoy.
+    """
+    if not histogram.count:
+        return "No recorded values"
+    return " ".join(f"{label}({_number(_round(value))})" for label, value in histogram.quantiles().items())
+
+
+def _histogramJSON(histogram: Histogram) -> Dict[str, Any]:
+    """
+    What C{/stats?format=json} shows of a histogram.
+    """
+    return {
+        "name": histogram.name,
+        "quantiles": {label: _quantile(value) for label, value in histogram.quantiles().items()},
+        "count": histogram.count,
+        "sum": histogram.sum,
+    }
+
+
+def _number(value: float) -> str:
+    """
+    C{value} in its shortest form, without a trailing C{.0} (C{1}, C{2.5}, C{3600000}).
+    """
+    text = repr(value)
+    return text[:-2] if text.endswith(".0") else text
 
 
 def _arg(request: Request, name: bytes) -> Optional[str]:
