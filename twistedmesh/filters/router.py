@@ -138,6 +138,7 @@ class RouterFilter(HTTPFilter):
         self.limitExceeded = False  # a retry the policy allowed was refused for want of retries (URX)
         self.idleTimer = None  # the route's idle_timeout: no body bytes either way for that long
         self.counted = False  # holds a place in the cluster's max_requests circuit breaker
+        self.rqStart = 0.0  # when the current attempt went upstream, for upstream_rq_time
         self.retrying = False  # holds a place in its max_retries circuit breaker
         self.hashKey = None  # what ring_hash / maglev hash for this request (kept for retries)
 
@@ -258,6 +259,7 @@ class RouterFilter(HTTPFilter):
         cluster = self.cluster
         cluster.upstream_rq_total.value += 1
         cluster.upstream_rq_active.value += 1
+        self.rqStart = self.shared.clock.seconds()
         conn.pool.host.rq_active += 1  # what least_request balances on
         stream = self.stream
         conn.begin(self, stream.method, self.head, self.hasBody)
@@ -359,6 +361,7 @@ class RouterFilter(HTTPFilter):
         if self.finished or not self.responseStarted:
             return
         self._done()
+        self.cluster.upstream_rq_time.record((self.shared.clock.seconds() - self.rqStart) * 1000.0)
         if conn is not None:
             self._unregister(conn)
         stream = self.stream

@@ -79,6 +79,7 @@ class HTTPStats:
         self.downstream_rq_timeout = scope.counter("downstream_rq_timeout")
         self.downstream_cx_protocol_error = scope.counter("downstream_cx_protocol_error")
         self.downstream_cx_idle_timeout = scope.counter("downstream_cx_idle_timeout")
+        self.downstream_rq_time = scope.histogram("downstream_rq_time")
         self.byClass = (None, self.downstream_rq_1xx, self.downstream_rq_2xx, self.downstream_rq_3xx,
                         self.downstream_rq_4xx, self.downstream_rq_5xx)
 
@@ -503,9 +504,11 @@ class HTTPConnection(protocol.Protocol):
         if 100 <= status < 600:
             stats.byClass[status // 100].value += 1
         stream.complete()
+        now = self.settings.clock.seconds()
+        stats.downstream_rq_time.record((now - stream.startTime) * 1000.0)
         accessLog = self.settings.accessLog
         if accessLog is not None:
-            accessLog.log(stream, self.settings.clock.seconds())
+            accessLog.log(stream, now)
 
     def _next(self) -> None:
         pending = self.pending.popleft()

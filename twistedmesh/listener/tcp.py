@@ -34,8 +34,10 @@ class ListenerFactory(protocol.Factory):
     # One "Starting factory" line per listener is noise next to our own logs.
     noisy = False
 
-    def __init__(self, name: str, stats: StatsStore) -> None:
+    def __init__(self, name: str, stats: StatsStore, clock: IReactorTime) -> None:
         scope = stats.scope("listener", name)
+        self.clock = clock
+        self.downstream_cx_length_ms = scope.histogram("downstream_cx_length_ms")
         self.downstream_cx_total = scope.counter("downstream_cx_total")
         self.downstream_cx_active = scope.gauge("downstream_cx_active")
         self.connections: Set[protocol.Protocol] = set()
@@ -50,6 +52,7 @@ class ListenerFactory(protocol.Factory):
         if setNoDelay is not None:
             setNoDelay(True)
         self.connections.add(conn)
+        conn.openedAt = self.clock.seconds()
         self.downstream_cx_total.value += 1
         self.downstream_cx_active.value += 1
 
@@ -59,6 +62,7 @@ class ListenerFactory(protocol.Factory):
         """
         if conn not in self.connections:
             return
+        self.downstream_cx_length_ms.record((self.clock.seconds() - conn.openedAt) * 1000.0)
         self.connections.discard(conn)
         self.downstream_cx_active.value -= 1
         if not self.connections and self._drainWaiters:
@@ -118,10 +122,9 @@ class TCPListenerFactory(ListenerFactory):
         @param accessLog: an L{twistedmesh.observability.accesslog.AccessLogger} writing one line per
             connection, or C{None}.
         """
-        super().__init__(config.name, stats)
+        super().__init__(config.name, stats, clock)
         self.config = config
         self.makers = list(makers)
-        self.clock = clock
         self.accessLog = accessLog
 
     def buildProtocol(self, addr: IAddress) -> NetworkConnection:

@@ -297,6 +297,7 @@ class TCPProxyFilter(NetworkFilter):
             transport.loseConnection()
             return None
         self.upstream = transport
+        self._upstreamSince = self.reactor.seconds()
         setNoDelay = getattr(transport, "setTcpNoDelay", None)
         if setNoDelay is not None:
             setNoDelay(True)
@@ -349,6 +350,7 @@ class TCPProxyFilter(NetworkFilter):
             return
         self.upstream = None
         self._upstreamHasProducer = False
+        self.cluster.upstream_cx_length_ms.record((self.reactor.seconds() - self._upstreamSince) * 1000.0)
         self.cluster.upstream_cx_active.value -= 1
         self.host.cx_active -= 1
         self._cancelIdle()

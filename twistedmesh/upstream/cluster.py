@@ -113,6 +113,8 @@ class Cluster:
         self.upstream_rq_timeout = scope.counter("upstream_rq_timeout")
         self.upstream_rq_per_try_timeout = scope.counter("upstream_rq_per_try_timeout")
         self.byClass = (None,) + tuple(scope.counter(f"upstream_rq_{n}xx") for n in range(1, 6))
+        self.upstream_rq_time = scope.histogram("upstream_rq_time")
+        self.upstream_cx_length_ms = scope.histogram("upstream_cx_length_ms")
         # HTTP/1.1 keep-alive pools, one per host, made on first use.
         self.breaker = CircuitBreaker(config.breaker, scope)
         self.pools = ClusterPools(self, reactor)

@@ -382,6 +382,7 @@ class HostPool:
         C{conn} connected: count it (L{lost} uncounts it).
         """
         self.connections.add(conn)
+        conn.connectedAt = self.clock.seconds()
         host, cluster = self.host, self.cluster
         breaker = getattr(cluster, "breaker", None)
         if breaker is not None:
@@ -431,6 +432,9 @@ class HostPool:
         C{conn} closed, for whatever reason.
         """
         if conn in self.connections:
+            length = getattr(self.cluster, "upstream_cx_length_ms", None)
+            if length is not None:
+                length.record((self.clock.seconds() - conn.connectedAt) * 1000.0)
             self.connections.discard(conn)
             self.host.cx_active -= 1
             self.cluster.upstream_cx_active.value -= 1
