@@ -32,6 +32,7 @@ class FilterContext:
     listener: ListenerConfig
     random: _random.Random = field(default_factory=_random.Random)
     routes: Optional[object] = None  # the listener's compiled route table (HTTP listeners)
+    healthState: Optional[object] = None  # the proxy's health (failed, draining), for health_check
 
 
 def findFactories(interface, errors: List[ConfigError], file: str) -> Dict[str, object]:

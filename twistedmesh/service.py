@@ -15,6 +15,7 @@ from twisted.logger import Logger
 
 from .config import Config, ConfigError, ConfigErrors
 from .demo import makeEchoFactory
+from .filters.health_check import ServerHealthState
 from .http.routes import RouteTable
 from .http.server import HTTPSettings
 from .listener.http import HTTPListenerFactory
@@ -104,7 +105,8 @@ class MeshService(service.MultiService):
             routes = None
             if lconfig.routes is not None:
                 routes = RouteTable(config.routes[lconfig.routes])
-            context = FilterContext(reactor, self.stats, self.clusters, lconfig, self.random, routes)
+            context = FilterContext(reactor, self.stats, self.clusters, lconfig, self.random, routes,
+                                    healthState=ServerHealthState(self))
             makers = buildChain(config, lconfig, factories, context, errors)
             accessLog = None
             if lconfig.access_log is not None:
@@ -160,6 +162,9 @@ class MeshService(service.MultiService):
         cannot listen (address in use, say) stops the process: a proxy missing a listener is not healthy.
         """
         service.Service.startService(self)
+        for cluster in self.clusters.values():
+            if cluster.healthChecker is not None:
+                cluster.healthChecker.start()
         for name, cluster in self.clusters.items():
             self.log.info("cluster {name}: {hosts} ({policy})", name=name,
                           hosts=", ".join(f"{h.endpoint} weight={h.weight}" for h in cluster.hosts),
@@ -221,6 +226,8 @@ class MeshService(service.MultiService):
             if timer.active():
                 timer.cancel()
             for cluster in self.clusters.values():
+                if cluster.healthChecker is not None:
+                    cluster.healthChecker.stop()
                 cluster.pools.closeAll()
             return defer.gatherResults(
                 [defer.maybeDeferred(s.stopService) for s in list(self)] + [self.accessLogSinks.close()],

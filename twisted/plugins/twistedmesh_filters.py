@@ -5,6 +5,7 @@ C{twisted/plugins/} holding instances that provide L{twisted.plugin.IPlugin} and
 
 from twistedmesh.filters.fault import FaultFactory
 from twistedmesh.filters.headers import HeadersFactory
+from twistedmesh.filters.health_check import HealthCheckFactory
 from twistedmesh.filters.ratelimit import LocalRateLimitFactory
 from twistedmesh.filters.router import RouterFactory
 from twistedmesh.listener.tcp_proxy import TCPProxyFactory
@@ -14,3 +15,4 @@ router = RouterFactory()
 headers = HeadersFactory()
 localRateLimit = LocalRateLimitFactory()
 fault = FaultFactory()
+healthCheck = HealthCheckFactory()

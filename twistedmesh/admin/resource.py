@@ -311,6 +311,9 @@ def _hostStatus(host: Host) -> Dict[str, Any]:
 
 
 def _health(host: Host) -> str:
+    # Envoy's format: "healthy", or each flag after a slash ("/failed_active_hc/pending_active_hc").
+    if host.healthFlags:
+        return "".join("/" + flag for flag in sorted(host.healthFlags))
     return "healthy" if host.healthy else "unhealthy"
 
 

@@ -22,6 +22,7 @@ from .model import (
     ListenerConfig,
     MeshConfig,
 )
+from .health import parseHealth
 from .lb import parseLB
 from .options import Options, checkClientEndpoint
 from .tls import TLSConfig, checkClientTLS, checkServerTLS, parseTLS
@@ -167,6 +168,7 @@ def _cluster(name: str, o: Options, tls: Dict[str, TLSConfig]) -> ClusterConfig:
         endpoints=tuple(hosts),
         lb_policy=lb.policy,
         lb=lb,
+        health=parseHealth(o, name),
         protocol=o.string("protocol", "http1", choices=("http1", "tcp")),
         connect_timeout=o.duration("connect_timeout", 5.0),
         breaker=_breaker(o),

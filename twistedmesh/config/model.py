@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping, Optional, Tuple
 
+from .health import HealthConfig
 from .lb import LBConfig
 
 from .accesslog import AccessLogConfig
@@ -67,6 +68,7 @@ class ClusterConfig:
     connect_timeout: float = 5.0
     tls: Optional[str] = None
     lb: Optional[LBConfig] = None  # every load-balancing option; None: LBConfig(policy=lb_policy)
+    health: Optional[HealthConfig] = None  # active health checking (config/health.py); None: off
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
 
 

@@ -18,6 +18,7 @@ from ..config.lb import LBConfig
 from ..observability.stats import StatsStore
 from .breaker import CircuitBreaker
 from .http1 import ClusterPools
+from .health import HealthChecker
 from .lb import POLICIES
 
 
@@ -122,6 +123,11 @@ class Cluster:
         self.membership_healthy = scope.gauge("membership_healthy")
         self.membership_total.value = len(self.hosts)
         self.membership_healthy.value = sum(1 for h in self.hosts if h.healthy)
+        #: Active health checking (started and stopped by the service), or None when not configured.
+        self.healthChecker: Optional[HealthChecker] = None
+        if config.health is not None:
+            self.healthChecker = HealthChecker(self, config.health, reactor,
+                                               random if random is not None else Random())
 
     def _client(self, reactor, endpoint: str) -> IStreamClientEndpoint:
         """
