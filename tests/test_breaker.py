@@ -207,3 +207,38 @@ class BreakerConfigTests(BreakerTestBase):
                       messages)
         self.assertIn("t.ini: [cluster:origin] breaker.max_retrys: unknown key (did you mean `breaker.max_retries`?)",
                       messages)
+
+
+class OutlierThroughRouterTests(BreakerTestBase):
+    """
+    Outlier detection fed by the router's upstream answers.
+    """
+
+    hosts = 2
+    breaker = "outlier.consecutive_5xx = 2\noutlier.max_ejection_percent = 50"
+
+    def test_consecutive5xxEjects(self) -> None:
+        """
+        Two 5xx answers in a row from one host eject it: later requests all go to the other host.
+        """
+        first = self.get(b"/1")
+        connA, _ = self.connect(0)
+        hostA = self.hostOf(0)
+        connA.dataReceived(ok(b"bad", b"500 Internal Server Error"))
+        self.assertEqual(first.response().status, 500)
+        second = self.get(b"/2")
+        connB, tB = self.connect(1)
+        self.assertIsNot(self.hostOf(1), hostA)
+        connB.dataReceived(ok(b"fine"))
+        third = self.get(b"/3")  # round robin is back on A, whose idle connection is reused
+        self.assertEqual(len(self.connects), 2)
+        connA.dataReceived(ok(b"bad", b"500 Internal Server Error"))
+        self.assertEqual(third.response().status, 500)
+        self.assertFalse(hostA.healthy)
+        self.assertIn("failed_outlier_check", hostA.healthFlags)
+        self.assertEqual(self.cstat("outlier_detection.ejections_active"), 1)
+        for path in (b"/4", b"/5"):
+            self.get(path)
+            self.assertIn(b"GET " + path + b" HTTP/1.1", tB.value())
+            connB.dataReceived(ok(b"fine"))
+        self.clock.advance(0)

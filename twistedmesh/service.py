@@ -165,6 +165,8 @@ class MeshService(service.MultiService):
         for cluster in self.clusters.values():
             if cluster.healthChecker is not None:
                 cluster.healthChecker.start()
+            if cluster.outlier is not None:
+                cluster.outlier.start()
         for name, cluster in self.clusters.items():
             self.log.info("cluster {name}: {hosts} ({policy})", name=name,
                           hosts=", ".join(f"{h.endpoint} weight={h.weight}" for h in cluster.hosts),
@@ -228,6 +230,8 @@ class MeshService(service.MultiService):
             for cluster in self.clusters.values():
                 if cluster.healthChecker is not None:
                     cluster.healthChecker.stop()
+                if cluster.outlier is not None:
+                    cluster.outlier.stop()
                 cluster.pools.closeAll()
             return defer.gatherResults(
                 [defer.maybeDeferred(s.stopService) for s in list(self)] + [self.accessLogSinks.close()],

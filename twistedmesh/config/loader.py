@@ -10,6 +10,7 @@ from types import MappingProxyType
 from typing import Dict, List, Optional, Tuple
 
 from .accesslog import parseAccessLog
+from .outlier import parseOutlier
 from .errors import ConfigError, ConfigErrors, suggest
 from .model import (
     BreakerConfig,
@@ -172,6 +173,7 @@ def _cluster(name: str, o: Options, tls: Dict[str, TLSConfig]) -> ClusterConfig:
         protocol=o.string("protocol", "http1", choices=("http1", "tcp")),
         connect_timeout=o.duration("connect_timeout", 5.0),
         breaker=_breaker(o),
+        outlier=parseOutlier(o),
     )
 
 

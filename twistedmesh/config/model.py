@@ -13,6 +13,7 @@ from .health import HealthConfig
 from .lb import LBConfig
 
 from .accesslog import AccessLogConfig
+from .outlier import OutlierConfig
 from .tls import TLSConfig
 
 DEFAULT_ADMIN = "tcp:9901:interface=127.0.0.1"
@@ -70,6 +71,7 @@ class ClusterConfig:
     lb: Optional[LBConfig] = None  # every load-balancing option; None: LBConfig(policy=lb_policy)
     health: Optional[HealthConfig] = None  # active health checking (config/health.py); None: off
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    outlier: Optional[OutlierConfig] = None  # the outlier.* keys; None: no outlier detection
 
 
 @dataclass(frozen=True)

@@ -254,6 +254,9 @@ class RouterFilter(HTTPFilter):
         The current attempt's connection is ready (called through its L{_Attempt}).
         """
         self.conn = conn
+        outlier = self.cluster.outlier
+        if outlier is not None:
+            outlier.onConnectSuccess(self.host)
         # Envoy counts upstream requests per request attached to an upstream connection: each retry
         # counts, a request that never got a connection (UH, UF) does not.
         cluster = self.cluster
@@ -284,6 +287,9 @@ class RouterFilter(HTTPFilter):
         self._cancelTryTimer()
         self.host.rq_error += 1
         self.stream.state["upstreamTransportFailureReason"] = reason
+        outlier = self.cluster.outlier
+        if outlier is not None and reason != "pool closed":  # a pool closed at shutdown says nothing of the host
+            outlier.onLocalFailure(self.host, "connect")
         if self._retry("connect-failure"):
             return
         self._fail(503, "UF", "upstream_reset_before_response_started{connection_failure}",
@@ -327,6 +333,10 @@ class RouterFilter(HTTPFilter):
             return
         # Every upstream answer counts, retried or not (Envoy charges each response).
         self.cluster.byClass[status // 100].value += 1
+        outlier = self.cluster.outlier
+        if outlier is not None:
+            # Before the retry decision, so that a retry already avoids a host this answer ejected.
+            outlier.onResponse(self.host, status)
         if self._retry("status", status):
             self._cancelTryTimer()
             self.host.rq_error += 1
@@ -395,6 +405,9 @@ class RouterFilter(HTTPFilter):
             self._unregister(conn)
         self._cancelTryTimer()
         self.host.rq_error += 1
+        outlier = self.cluster.outlier
+        if outlier is not None:
+            outlier.onLocalFailure(self.host, "reset")
         if self.responseStarted:
             self._done()
             self.stream.responseFlags.append("UR")
@@ -413,6 +426,9 @@ class RouterFilter(HTTPFilter):
     def _timedOut(self) -> None:
         self.timer = None
         self.cluster.upstream_rq_timeout.value += 1
+        outlier = self.cluster.outlier
+        if outlier is not None and self.conn is not None and not self.responseStarted:
+            outlier.onLocalFailure(self.host, "timeout")
         self._abandon()
         if self.responseStarted:
             self._done()
@@ -434,6 +450,9 @@ class RouterFilter(HTTPFilter):
     def _tryTimedOut(self) -> None:
         self.tryTimer = None
         self.cluster.upstream_rq_per_try_timeout.value += 1
+        outlier = self.cluster.outlier
+        if outlier is not None and self.conn is not None:
+            outlier.onLocalFailure(self.host, "timeout")
         if self._retry("per-try-timeout"):
             return
         self._abandon()

@@ -273,6 +273,9 @@ class TCPProxyFilter(NetworkFilter):
         cluster = self.cluster
         cluster.upstream_cx_connect_fail.value += 1
         host.cx_connect_fail += 1
+        outlier = getattr(cluster, "outlier", None)
+        if outlier is not None:
+            outlier.onLocalFailure(host, "connect")
         if self._timedOut:
             cluster.upstream_cx_connect_timeout.value += 1
         self.log.debug(
@@ -298,6 +301,9 @@ class TCPProxyFilter(NetworkFilter):
             return None
         self.upstream = transport
         self._upstreamSince = self.reactor.seconds()
+        outlier = getattr(self.cluster, "outlier", None)
+        if outlier is not None:
+            outlier.onConnectSuccess(host, final=True)
         setNoDelay = getattr(transport, "setTcpNoDelay", None)
         if setNoDelay is not None:
             setNoDelay(True)

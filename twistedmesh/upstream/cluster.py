@@ -17,6 +17,7 @@ from ..listener.tls import ClientTLS, endpointHost
 from ..config.lb import LBConfig
 from ..observability.stats import StatsStore
 from .breaker import CircuitBreaker
+from .outlier import OutlierDetector
 from .http1 import ClusterPools
 from .health import HealthChecker
 from .lb import POLICIES
@@ -123,6 +124,11 @@ class Cluster:
         self.membership_healthy = scope.gauge("membership_healthy")
         self.membership_total.value = len(self.hosts)
         self.membership_healthy.value = sum(1 for h in self.hosts if h.healthy)
+        # Passive outlier detection (docs/outlier-detection.md), on the reactor's clock and the load
+        # balancer's random; None without outlier.* keys. Made last: it reads the hosts and the stats scope.
+        self.outlier: Optional[OutlierDetector] = (
+            OutlierDetector(self, config.outlier, reactor, self.lb.random) if config.outlier is not None else None
+        )
         #: Active health checking (started and stopped by the service), or None when not configured.
         self.healthChecker: Optional[HealthChecker] = None
         if config.health is not None:

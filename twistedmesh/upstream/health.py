@@ -471,6 +471,9 @@ class HostHealthChecker:
         if progress is not None and host.healthFlags <= _OWN_FLAGS:
             # While another owner (outlier detection) keeps the host out, its reason is the one to show.
             host.healthReason = progress
+        outlier = getattr(parent.cluster, "outlier", None)
+        if ok and outlier is not None:
+            outlier.onActiveHealthCheckPassed(host)
 
     def nextDelay(self) -> float:
         """
