@@ -1,6 +1,6 @@
 """
 Tests of TLS: the C{[tls:NAME]} section parser (L{twistedmesh.config.tls}) and the downstream and upstream
-TLS layers (L{twistedmesh.listener.tls}). The layers are tested for real, on loopback sockets, with
+TLS layers (L{twistedmesh.tls}). The layers are tested for real, on loopback sockets, with
 certificates made for each test in a temporary directory: a Twisted client (and C{openssl s_client} when it
 is installed) talks to an echo server behind L{ServerTLS}, and L{ClientTLS} talks to such servers.
 """
@@ -38,7 +38,7 @@ from twistedmesh.admin import redact
 from twistedmesh.config.errors import ConfigError
 from twistedmesh.config.options import Options
 from twistedmesh.config.tls import TLSConfig, checkClientTLS, checkServerTLS, parseTLS
-from twistedmesh.listener.tls import (
+from twistedmesh.tls import (
     ClientTLS,
     PeerIdentity,
     SANMatcher,

@@ -20,7 +20,7 @@ from .http.routes import RouteTable
 from .http.server import HTTPSettings
 from .listener.http import HTTPListenerFactory
 from .listener.tcp import TCPListenerFactory
-from .listener.tls import ServerTLS
+from .tls import ServerTLS
 from .observability.accesslog import AccessLogger, AccessLogSinks
 from .observability.stats import StatsStore
 from .plugins import FilterContext, buildChain, factoriesFor

@@ -5,7 +5,7 @@ C{tls = NAME} (downstream TLS) or a cluster's C{tls = NAME} (upstream TLS). See 
 L{parseTLS} reads one section into a frozen L{TLSConfig}, reporting every problem through the section's
 L{Options}. Files are read and checked here, at load time: a missing or unreadable file, a file that holds
 no PEM certificate or key, a certificate and key that are not a pair, an OpenSSL cipher string that selects
-nothing. L{twistedmesh.listener.tls} builds the OpenSSL contexts from the config (and rebuilds them when
+nothing. L{twistedmesh.tls} builds the OpenSSL contexts from the config (and rebuilds them when
 the files change) with the same loaders, L{loadCertificates} and L{loadKeyPair}, so that a file is judged
 the same way at load time and at rotation time.
 

@@ -13,7 +13,7 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 
 from ..config import ClusterConfig
 from ..config.tls import TLSConfig
-from ..listener.tls import ClientTLS, endpointHost
+from ..tls import ClientTLS, endpointHost
 from ..config.lb import LBConfig
 from ..observability.stats import StatsStore
 from .breaker import CircuitBreaker

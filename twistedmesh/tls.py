@@ -70,8 +70,8 @@ from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, TL
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..config.tls import DEFAULT_CIPHERS, KeyPair, TLSConfig, loadCertificates, loadKeyPair
-from ..observability.stats import StatsScope, StatsStore
+from .config.tls import DEFAULT_CIPHERS, KeyPair, TLSConfig, loadCertificates, loadKeyPair
+from .observability.stats import StatsScope, StatsStore
 
 _PROTOCOL_VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
 _TWISTED_VERSIONS = {"1.2": TLSVersion.TLSv1_2, "1.3": TLSVersion.TLSv1_3}
