@@ -51,7 +51,8 @@ class RequestLimitTests(BreakerTestBase):
         Past C{max_requests} requests in flight, the next is answered 503 UO at once; when one ends, a new
         one goes through again.
         """
-        a, b = self.get(b"/x"), self.get(b"/y")
+        a = self.get(b"/x")
+        self.get(b"/y")
         self.assertEqual(self.cstat("circuit_breakers.default.rq_open"), 1)
         self.assertEqual(self.cstat("circuit_breakers.default.remaining_rq"), 0)
         c = self.get(b"/z")
@@ -63,7 +64,7 @@ class RequestLimitTests(BreakerTestBase):
         self.assertEqual(a.response().body, b"a")
         self.assertEqual(self.cstat("circuit_breakers.default.rq_open"), 0)
         self.assertEqual(self.cstat("circuit_breakers.default.remaining_rq"), 1)
-        d = self.get(b"/w")
+        self.get(b"/w")
         self.assertEqual(len(self.connects), 2)  # reuses the released connection: no new connect
         self.assertIn(b"GET /w HTTP/1.1", t.value())
         self.clock.advance(0)
@@ -226,7 +227,7 @@ class OutlierThroughRouterTests(BreakerTestBase):
         hostA = self.hostOf(0)
         connA.dataReceived(ok(b"bad", b"500 Internal Server Error"))
         self.assertEqual(first.response().status, 500)
-        second = self.get(b"/2")
+        self.get(b"/2")
         connB, tB = self.connect(1)
         self.assertIsNot(self.hostOf(1), hostA)
         connB.dataReceived(ok(b"fine"))

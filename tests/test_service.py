@@ -5,7 +5,6 @@ ephemeral ports, and C{twistd -n twistedmesh} started as a subprocess.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket

@@ -10,7 +10,6 @@ its place so that checking goes on.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -151,35 +150,6 @@ def parsePayload(text: str) -> bytes:
     return payload
 
 
-def _positive(o: Options, key: str, default: float) -> float:
-    """
-    A duration above zero; errors go to C{o} and give C{default}.
-    """
-    value = o.duration(key, default)
-    if value <= 0:
-        o.error(key, "must be more than 0")
-        return default
-    return value
-
-
-def _percent(o: Options, key: str) -> float:
-    """
-    A percentage from 0 to 100 (a trailing C{%} allowed); 0 when not written.
-    """
-    raw = o.string(key, None)
-    if raw is None:
-        return 0.0
-    text = raw[:-1].strip() if raw.endswith("%") else raw
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0.0 <= value <= 100.0:  # also refuses NaN and inf
-        o.error(key, f"{raw!r} is not a percentage from 0 to 100")
-        return 0.0
-    return value
-
-
 def _payload(o: Options, key: str) -> Optional[bytes]:
     """
     A payload key (see L{parsePayload}), or C{None} when not written or bad (the error goes to C{o}).
@@ -255,20 +225,20 @@ def parseHealth(o: Options, clusterName: Optional[str] = None) -> Optional[Healt
         send = _payload(o, "health.send")
         receive = _payload(o, "health.receive")
 
-    interval = _positive(o, "health.interval", 5.0)
+    interval = o.positiveDuration("health.interval", 5.0)
     return HealthConfig(
         type=kind,
         path=path,
         host=host,
         expected_statuses=statuses,
         interval=interval,
-        timeout=_positive(o, "health.timeout", 1.0),
+        timeout=o.positiveDuration("health.timeout", 1.0),
         healthy_threshold=o.integer("health.healthy_threshold", 2, minimum=1),
         unhealthy_threshold=o.integer("health.unhealthy_threshold", 3, minimum=1),
         interval_jitter=o.duration("health.interval_jitter", 0.0),
-        interval_jitter_percent=_percent(o, "health.interval_jitter_percent"),
-        unhealthy_interval=_positive(o, "health.unhealthy_interval", interval),
-        no_traffic_interval=_positive(o, "health.no_traffic_interval", 60.0),
+        interval_jitter_percent=o.percentage("health.interval_jitter_percent", 0.0),
+        unhealthy_interval=o.positiveDuration("health.unhealthy_interval", interval),
+        no_traffic_interval=o.positiveDuration("health.no_traffic_interval", 60.0),
         initial_jitter=o.duration("health.initial_jitter", 0.0),
         send=send,
         receive=receive,

@@ -179,21 +179,12 @@ def _cluster(name: str, o: Options, tls: Dict[str, TLSConfig]) -> ClusterConfig:
 
 def _breaker(o: Options) -> BreakerConfig:
     d = BreakerConfig()
-    budget = o.string("breaker.budget_percent", None)
-    percent = None
-    if budget is not None:
-        try:
-            percent = float(budget.rstrip("%"))
-            if not 0 <= percent <= 100:
-                raise ValueError
-        except ValueError:
-            o.error("breaker.budget_percent", f"{budget!r} is not a percentage from 0 to 100")
     return BreakerConfig(
         max_connections=o.integer("breaker.max_connections", d.max_connections, minimum=1),
         max_pending_requests=o.integer("breaker.max_pending_requests", d.max_pending_requests),
         max_requests=o.integer("breaker.max_requests", d.max_requests, minimum=1),
         max_retries=o.integer("breaker.max_retries", d.max_retries),
-        budget_percent=percent,
+        budget_percent=o.percentage("breaker.budget_percent", None),
         min_retry_concurrency=o.integer("breaker.min_retry_concurrency", d.min_retry_concurrency),
     )
 

@@ -100,6 +100,38 @@ class Options:
         """
         return self._get(key, default, lambda raw: values.integer(raw, minimum))
 
+    def positiveDuration(self, key: str, default=REQUIRED) -> Optional[float]:
+        """
+        A duration above zero.
+        """
+
+        def parse(raw: str) -> float:
+            value = values.duration(raw)
+            if value <= 0:
+                raise ValueError("must be more than 0")
+            return value
+
+        return self._get(key, default, parse)
+
+    def percentage(self, key: str, default=REQUIRED, whole: bool = False):
+        """
+        A percentage from 0 to 100, a trailing C{%} allowed (C{10}, C{12.5%}); with C{whole}, an integer.
+        """
+
+        def parse(raw: str):
+            raw = raw.strip()
+            text = raw[:-1].strip() if raw.endswith("%") else raw
+            try:
+                value = int(text) if whole else float(text)
+            except ValueError:
+                value = None
+            # float() takes "nan" and "inf": the range check refuses them too.
+            if value is None or not 0 <= value <= 100:
+                raise ValueError(f"{raw!r} is not a {'whole ' if whole else ''}percentage from 0 to 100")
+            return value
+
+        return self._get(key, default, parse)
+
     def boolean(self, key: str, default=REQUIRED) -> Optional[bool]:
         """
         C{true} or C{false} (C{yes}/C{no}, C{on}/C{off}, C{1}/C{0} too).

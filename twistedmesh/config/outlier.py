@@ -76,36 +76,6 @@ class OutlierConfig:
     always_eject_one_host: bool = False
 
 
-def _percent(o: Options, key: str, default: int) -> int:
-    """
-    A whole percentage from 0 to 100 (a trailing C{%} allowed); errors go to C{o} and give C{default}.
-    """
-    raw = o.string(key, None)
-    if raw is None:
-        return default
-    text = raw[:-1].strip() if raw.endswith("%") else raw
-    try:
-        value = int(text)
-    except ValueError:
-        o.error(key, f"{raw!r} is not a whole percentage from 0 to 100")
-        return default
-    if not 0 <= value <= 100:
-        o.error(key, f"{raw} must be from 0 to 100")
-        return default
-    return value
-
-
-def _positive(o: Options, key: str, default: float) -> float:
-    """
-    A duration above zero; errors go to C{o} and give C{default}.
-    """
-    value = o.duration(key, default)
-    if value <= 0:
-        o.error(key, "must be more than 0")
-        return default
-    return value
-
-
 def parseOutlier(o: Options) -> Optional[OutlierConfig]:
     """
     Read the C{outlier.*} keys of a cluster section.
@@ -117,10 +87,10 @@ def parseOutlier(o: Options) -> Optional[OutlierConfig]:
     if not any(key.startswith("outlier.") for key in o.keys()):
         return None
     d = OutlierConfig()
-    base = _positive(o, "outlier.base_ejection_time", d.base_ejection_time)
+    base = o.positiveDuration("outlier.base_ejection_time", d.base_ejection_time)
     # Envoy: an unwritten max_ejection_time is the default or base_ejection_time, whichever is longer; a
     # written one shorter than base_ejection_time is an error.
-    maxTime = _positive(o, "outlier.max_ejection_time", max(DEFAULT_MAX_EJECTION_TIME, base))
+    maxTime = o.positiveDuration("outlier.max_ejection_time", max(DEFAULT_MAX_EJECTION_TIME, base))
     if maxTime < base:
         o.error("outlier.max_ejection_time",
                 f"cannot be shorter than outlier.base_ejection_time ({base:g}s)")
@@ -133,16 +103,14 @@ def parseOutlier(o: Options) -> Optional[OutlierConfig]:
                                                    d.consecutive_local_origin_failure),
         split_external_local_origin_errors=o.boolean("outlier.split_external_local_origin_errors",
                                                      d.split_external_local_origin_errors),
-        interval=_positive(o, "outlier.interval", d.interval),
+        interval=o.positiveDuration("outlier.interval", d.interval),
         base_ejection_time=base,
         max_ejection_time=maxTime,
-        max_ejection_percent=_percent(o, "outlier.max_ejection_percent", d.max_ejection_percent),
-        enforcing_consecutive_5xx=_percent(o, "outlier.enforcing_consecutive_5xx", d.enforcing_consecutive_5xx),
-        enforcing_consecutive_gateway_failure=_percent(o, "outlier.enforcing_consecutive_gateway_failure",
-                                                       d.enforcing_consecutive_gateway_failure),
-        enforcing_consecutive_local_origin_failure=_percent(
-            o, "outlier.enforcing_consecutive_local_origin_failure", d.enforcing_consecutive_local_origin_failure),
-        enforcing_success_rate=_percent(o, "outlier.enforcing_success_rate", d.enforcing_success_rate),
+        max_ejection_percent=o.percentage("outlier.max_ejection_percent", d.max_ejection_percent, whole=True),
+        enforcing_consecutive_5xx=o.percentage("outlier.enforcing_consecutive_5xx", d.enforcing_consecutive_5xx, whole=True),
+        enforcing_consecutive_gateway_failure=o.percentage("outlier.enforcing_consecutive_gateway_failure", d.enforcing_consecutive_gateway_failure, whole=True),
+        enforcing_consecutive_local_origin_failure=o.percentage("outlier.enforcing_consecutive_local_origin_failure", d.enforcing_consecutive_local_origin_failure, whole=True),
+        enforcing_success_rate=o.percentage("outlier.enforcing_success_rate", d.enforcing_success_rate, whole=True),
         success_rate_minimum_hosts=o.integer("outlier.success_rate_minimum_hosts", d.success_rate_minimum_hosts),
         success_rate_request_volume=o.integer("outlier.success_rate_request_volume",
                                               d.success_rate_request_volume),

@@ -20,7 +20,7 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from ..http import h1
-from ..http.stream import LOCAL_REPLY, HTTPFilter, Stream
+from ..http.stream import HTTPFilter, Stream
 from ..interfaces import IHTTPFilterFactory
 from ..upstream.lb import requestHashKey
 
