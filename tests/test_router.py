@@ -1182,3 +1182,72 @@ class StatsTests(RouterTestBase):
         self.assertEqual(len(client.responses()), 1)
         self.clock.advance(0)
         self.assertEqual(self.hstat("downstream_rq_active"), 0)
+
+
+class FramingTests(RouterTestBase):
+    """
+    The upstream request is framed by what the client declared, whatever reached the router when.
+    """
+
+    hosts = 1
+
+    def test_chunkedBodyQueuedBehindPausedFilter(self):
+        """
+        A chunked body that arrived entirely while an earlier filter held the request is still sent chunked,
+        so its bytes can never be read upstream as another request.
+        """
+        from twisted.internet.defer import Deferred
+
+        from twistedmesh.http.stream import HTTPFilter
+
+        gate = Deferred()
+
+        class Gate(HTTPFilter):
+            def requestHeaders(self, stream):
+                return gate
+
+        settings = self.service.listeners["web"].factory.settings
+        self.patch(settings, "makers", [lambda s: Gate()] + list(settings.makers))
+        client = Client(self)
+        smuggled = b"GET /admin HTTP/1.1\r\nHost: internal\r\n\r\n"
+        client.send(b"POST /x HTTP/1.1\r\nHost: example.com\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    b"%x\r\n%s\r\n0\r\n\r\n" % (len(smuggled), smuggled))
+        gate.callback(None)
+        conn, t = self.connect()
+        head, _, body = t.value().partition(b"\r\n\r\n")
+        self.assertIn(b"transfer-encoding: chunked", head.lower())
+        self.assertEqual(body, b"%x\r\n%s\r\n0\r\n\r\n" % (len(smuggled), smuggled))
+        conn.dataReceived(ok(b"fine"))
+        self.assertEqual(client.response().body, b"fine")
+        self.clock.advance(0)
+
+    def test_bodyLongerThanContentLength(self):
+        """
+        A filter that lengthens a body without fixing its content-length gets a 500, and the upstream
+        connection is dropped rather than desynchronised.
+        """
+        from twistedmesh.http.stream import HTTPFilter
+
+        class Double(HTTPFilter):
+            def requestData(self, stream, data, end):
+                return data + data
+
+        settings = self.service.listeners["web"].factory.settings
+        self.patch(settings, "makers", [lambda s: Double()] + list(settings.makers))
+        client = Client(self)
+        client.send(b"POST /x HTTP/1.1\r\nHost: example.com\r\nContent-Length: 4\r\n\r\n")
+        conn, t = self.connect()
+        client.send(b"abcd")
+        self.assertEqual(client.response().status, 500)
+        self.assertAbandoned(conn, t)
+        self.clock.advance(0)
+
+    def test_invalidUpstreamStatus(self):
+        """
+        An upstream status outside 100-599 is a protocol error (503), not an exception in the reactor.
+        """
+        client = self.get(b"/x")
+        conn, t = self.connect()
+        conn.dataReceived(b"HTTP/1.1 999 Odd\r\ncontent-length: 0\r\n\r\n")
+        self.assertEqual(client.response().status, 503)
+        self.clock.advance(0)

@@ -349,3 +349,74 @@ class DrainTests(unittest.TestCase):
         stream.sendResponseHeaders(True)
         self.assertIn(b"connection: close", t.value())
         self.assertTrue(t.disconnecting)
+
+
+class PipelineOrderTests(unittest.TestCase):
+    """
+    Interim and refusal answers of pipelined requests wait for their turn.
+    """
+
+    def test_pipelinedExpectContinue(self):
+        """
+        A pipelined request's C{100 Continue} is sent when its turn comes, never inside an earlier answer.
+        """
+        Hold.streams = []
+        proto, t, clock, stats = connect(Hold)
+        proto.dataReceived(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n"
+                           b"POST /2 HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n")
+        self.assertNotIn(b"100 Continue", t.value())
+        [first] = Hold.streams
+        first.status = 200
+        first.responseHeaders = [(b"content-length", b"2")]
+        first.sendResponseHeaders()
+        first.sendResponseData(b"ok", True)
+        self.assertTrue(t.value().endswith(b"\r\n\r\nokHTTP/1.1 100 Continue\r\n\r\n"), t.value())
+        self.assertEqual(Hold.streams[1].path, b"/2")
+
+    def test_pipelinedConnect(self):
+        """
+        A CONNECT pipelined behind another request is refused after that request's answer, not before.
+        """
+        Hold.streams = []
+        proto, t, clock, stats = connect(Hold)
+        proto.dataReceived(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nCONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n")
+        self.assertEqual(t.value(), b"")
+        [first] = Hold.streams
+        first.status = 204
+        first.sendResponseHeaders(True)
+        out = t.value()
+        self.assertTrue(out.startswith(b"HTTP/1.1 204 No Content\r\n"), out)
+        self.assertIn(b"HTTP/1.1 405 ", out)
+        self.assertTrue(t.disconnecting)
+
+
+class FilterFailureTests(unittest.TestCase):
+    """
+    A failing filter ends its own request, not the connection's reading.
+    """
+
+    def test_errbackResumesReading(self):
+        """
+        After a filter's Deferred fails (500), the keep-alive connection reads and answers the next request.
+        """
+        from twisted.internet.defer import Deferred
+
+        held = []
+
+        class Fails(HTTPFilter):
+            def requestHeaders(self, stream):
+                if stream.path == b"/bad":
+                    d = Deferred()
+                    held.append(d)
+                    return d
+                return stream.respond(200, b"fine")
+
+        proto, t, clock, stats = connect(Fails)
+        proto.dataReceived(b"GET /bad HTTP/1.1\r\nHost: x\r\n\r\n")
+        held[0].errback(ValueError("backend down"))
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        self.assertIn(b"HTTP/1.1 500 ", t.value())
+        self.assertEqual(proto.pauses, 0)
+        self.assertEqual(t.producerState, "producing")
+        proto.dataReceived(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(t.value().endswith(b"fine"))

@@ -109,7 +109,8 @@ class RouterFilter(HTTPFilter):
     __slots__ = ("shared", "stream", "route", "cluster", "host", "conn", "head", "chunked", "hasBody",
                  "buffered", "bufferedBytes", "replayable", "requestDone", "trailers", "timer", "tryTimer",
                  "retriesLeft", "attempts", "responseStarted", "finished", "retryTimer", "pausedForConnect",
-                 "attempt", "limitExceeded", "idleTimer", "hashKey")
+                 "attempt", "limitExceeded", "idleTimer", "hashKey", "counted", "rqStart", "retrying",
+                 "declared", "sent")
 
     def __init__(self, shared: _Shared) -> None:
         self.shared = shared
@@ -182,9 +183,20 @@ class RouterFilter(HTTPFilter):
         return None
 
     def _encodeHead(self, stream: Stream):
+        # Framing comes from what the client declared (chunked, or a content-length), never from how much
+        # of the body happens to have arrived by now: a body that is all queued behind a paused filter must
+        # still be framed, or its bytes would be read upstream as the next request.
+        self.declared = -1
+        self.sent = 0
+        if stream.chunked:
+            hasBody = chunked = True
+        else:
+            chunked = False
+            length = stream.getRequestHeader(b"content-length")
+            hasBody = length is not None and length != b"0"
+            if hasBody:
+                self.declared = int(length)
         # The connection manager already added the forwarding headers; Host goes first, as clients send it.
-        hasBody = not stream.requestEnded
-        chunked = hasBody and stream.chunked
         headers = [(b"host", stream.authority)]
         headers += stream.requestHeaders
         return h1.encodeRequestHead(stream.method, stream.path, headers, chunked), chunked, hasBody
@@ -194,6 +206,12 @@ class RouterFilter(HTTPFilter):
             self.idleTimer.reset(self.route.idleTimeout)
         conn = self.conn
         if data:
+            if not self.chunked:
+                # A filter that changed the body's length without fixing content-length (or removed it)
+                # must not make the upstream read the surplus as another request.
+                self.sent += len(data)
+                if self.sent > self.declared:
+                    return self._framingError()
             if self.replayable:
                 self.bufferedBytes += len(data)
                 if not self.retriesLeft or self.bufferedBytes > self.route.retry.replay_buffer:
@@ -204,11 +222,29 @@ class RouterFilter(HTTPFilter):
             if conn is not None:
                 conn.writeBody(data, self.chunked)
         if end:
+            if not self.chunked and self.hasBody and self.sent != self.declared:
+                return self._framingError()
             self.requestDone = True
             if conn is not None:
                 self._unregisterBody()
                 conn.endBody(self.chunked)
         return None
+
+    def _framingError(self):
+        """
+        The body does not match the framing sent upstream: that connection can never be trusted again.
+        """
+        self.stream.log.error("request body on {path} does not match its content-length (a filter changed "
+                              "the body without fixing the header?)", path=self.stream.path)
+        self._abandon()
+        if self.responseStarted:
+            self._done()
+            self.stream.reset("request_body_framing_error")
+            return None
+        self._done()
+        self.cluster.byClass[5].value += 1
+        return self.stream.respond(500, b"request body does not match its content-length\n",
+                                   details="request_body_framing_error")
 
     def requestTrailers(self, stream: Stream, trailers) -> object:
         self.trailers = trailers
@@ -313,7 +349,9 @@ class RouterFilter(HTTPFilter):
             self.retrying = True
         self.retriesLeft -= 1
         self.cluster.upstream_rq_retry.value += 1
-        self.attempt = None  # a connect still pending for the old attempt is given back when it lands
+        if self.attempt is not None:
+            self.attempt._unpend()  # its connect, if it lands, goes back to the pool
+        self.attempt = None
         self._abandon()
         n = self.attempts
         cap = _BACKOFF_BASE * 10
@@ -471,6 +509,13 @@ class RouterFilter(HTTPFilter):
         if self.finished:
             return
         self.finished = True
+        attempt, self.attempt = self.attempt, None
+        if attempt is not None:
+            # Still waiting for a connection: give up the pending slot and the place in the pool's queue.
+            attempt._unpend()
+            pool = self.cluster.pools.pools.get(self.host)
+            if pool is not None:
+                pool.cancel(attempt)
         breaker = self.cluster.breaker
         if self.counted:
             self.counted = False
@@ -531,16 +576,20 @@ class RouterFilter(HTTPFilter):
 
     def _unregisterBody(self) -> None:
         conn = self.conn
-        if conn is not None and conn.transport.producer is not None:
+        if conn is not None:
+            self._releaseBody(conn)
+
+    def _releaseBody(self, conn) -> None:
+        # Only ours: a connection already handed to the next exchange carries that exchange's producer.
+        body = self.stream.codec.bodyProducer
+        if conn.transport.producer is body:
             conn.transport.unregisterProducer()
             # Unregistering does not resume a producer the upstream had paused: do it, or the downstream
             # stays paused for good.
-            self.stream.codec.bodyProducer.resumeProducing()
+            body.resumeProducing()
 
     def _unregister(self, conn) -> None:
-        if conn.transport.producer is not None:
-            conn.transport.unregisterProducer()
-            self.stream.codec.bodyProducer.resumeProducing()
+        self._releaseBody(conn)
         self.stream.codec.unregisterResponseProducer()
 
     def streamComplete(self, stream: Stream) -> None:

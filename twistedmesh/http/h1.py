@@ -772,6 +772,8 @@ class ResponseParser:
     def on_headers_complete(self) -> None:
         parser = self._parser
         status = parser.get_status_code()
+        if not 100 <= status <= 599:
+            raise _Reject(0, "invalid status code")
         if 100 <= status < 200 and status != 101:
             # llhttp ends a 1xx at its head and goes on with the next response.
             self._interim = True

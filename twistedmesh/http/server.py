@@ -18,7 +18,7 @@ from collections import deque
 from typing import Callable, Deque, List, Optional, Sequence
 
 from twisted.internet import protocol
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, ISSLTransport
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -116,11 +116,13 @@ class _Pending:
     A pipelined request parsed while an earlier one is still being answered.
     """
 
-    __slots__ = ("stream", "events")
+    __slots__ = ("stream", "events", "sendContinue", "connect")
 
-    def __init__(self, stream: Stream) -> None:
+    def __init__(self, stream: Stream, sendContinue: bool, connect: bool) -> None:
         self.stream = stream
         self.events: List[tuple] = []
+        self.sendContinue = sendContinue  # answer its Expect: 100-continue when its turn comes
+        self.connect = connect  # a CONNECT, refused when its turn comes
 
 
 class HTTPConnection(protocol.Protocol):
@@ -163,6 +165,7 @@ class HTTPConnection(protocol.Protocol):
         self.peer = self.transport.getPeer()
         # A UNIX-socket peer has no address to forward: then x-forwarded-for is left as the client sent it.
         self.peerHost = getattr(self.peer, "host", "").encode("ascii")
+        self.scheme = b"https" if ISSLTransport.providedBy(self.transport) else b"http"
         self._armIdle()
 
     def dataReceived(self, data: bytes) -> None:
@@ -254,17 +257,14 @@ class HTTPConnection(protocol.Protocol):
                 kept.append((name, value))
         if not xff and peerHost:
             kept.append((b"x-forwarded-for", peerHost))
-        kept.append((b"x-forwarded-proto", b"http"))
+        kept.append((b"x-forwarded-proto", self.scheme))
+        stream.scheme = self.scheme
         if not requestId:
             kept.append((b"x-request-id", _requestId(settings.random)))
+        connect = False
         if upgrade:
             if method == b"CONNECT":
-                stream.authority = authority
-                stream.requestHeaders = kept
-                self._startAlone(stream)
-                stream.keepAlive = False
-                stream.respond(405, b"CONNECT is not supported\n", details="connect_not_supported")
-                return
+                connect = True
             # Hop-by-hop, but the upstream must see the upgrade offer; the connection is the tunnel's or,
             # if the upstream declines, closes after its answer (the parser stops at an upgrade request).
             for name, value in headers:
@@ -279,19 +279,21 @@ class HTTPConnection(protocol.Protocol):
         stream.chunked = chunked
         if not hasBody:
             stream.requestEnded = True
-        elif expectContinue and version == b"1.1":
-            # As Envoy does by default: the proxy itself invites the body, and the upstream never sees
-            # the expectation (it would answer 100 to a client that already sent the body).
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        # As Envoy does by default: the proxy itself invites the body (when the request's turn comes: a 100
+        # in the middle of an earlier response would corrupt it), and the upstream never sees the
+        # expectation (it would answer 100 to a client that already sent the body).
+        sendContinue = hasBody and expectContinue and version == b"1.1"
+        if connect:
+            stream.keepAlive = False
         if settings.maxRequestsPerConnection and self.requests >= settings.maxRequestsPerConnection:
             stream.keepAlive = False
         if self.active is None:
             self.active = stream
             self.receiving = stream
             self._startResponseState(stream)
-            stream.receiveRequestHeaders()
+            self._begin(stream, sendContinue, connect)
         else:
-            pending = _Pending(stream)
+            pending = _Pending(stream, sendContinue, connect)
             self.pending.append(pending)
             self.receiving = pending
             if len(self.pending) == 1:
@@ -319,12 +321,16 @@ class HTTPConnection(protocol.Protocol):
         else:
             stream.receiveRequestData(b"", True)
 
-    def _startAlone(self, stream: Stream) -> None:
-        # A stream answered by the connection manager itself: make it the active one if it can be.
-        if self.active is None:
-            self.active = stream
-            self.receiving = stream
-            self._startResponseState(stream)
+    def _begin(self, stream: Stream, sendContinue: bool, connect: bool) -> None:
+        """
+        C{stream} is the one being answered now: start its filter chain (or refuse it).
+        """
+        if connect:
+            stream.respond(405, b"CONNECT is not supported\n", details="connect_not_supported")
+            return
+        if sendContinue:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        stream.receiveRequestHeaders()
 
     def startTunnel(self, stream: Stream, upstream, fromUpstream: bytes) -> None:
         """
@@ -519,7 +525,7 @@ class HTTPConnection(protocol.Protocol):
         self._startResponseState(stream)
         if not self.pending:
             self._resume()
-        stream.receiveRequestHeaders()
+        self._begin(stream, pending.sendContinue and not stream.requestEnded, pending.connect)
         for kind, payload in pending.events:
             if stream.completed:
                 break

@@ -49,6 +49,8 @@ class HTTPFilter:
     contract of each hook is in L{twistedmesh.interfaces.IHTTPFilter}.
     """
 
+    __slots__ = ()  # so that subclasses with __slots__ of their own have no per-instance dict
+
     def requestHeaders(self, stream: "Stream") -> object:
         """
         The request head is in C{stream}; change it in place. Return None, a Deferred, or a local reply.
@@ -117,7 +119,7 @@ class Stream:
         "listener", "downstreamAddress", "startTime", "responseFlags", "responseCodeDetails",
         "upstreamHost", "upstreamCluster", "route", "bytesReceived", "bytesSent", "state",
         "codec", "filters", "_reqQueue", "_reqPaused", "_respQueue", "_respPaused", "_respLimit",
-        "_completed", "_replying", "_reqIndex", "_buffering",
+        "_completed", "_replying", "_reqIndex", "_buffering", "_waiting",
     )
 
     def __init__(self, codec, makers: Sequence, listener: str, downstreamAddress, startTime: float) -> None:
@@ -164,6 +166,7 @@ class Stream:
         self._completed = False
         self._replying = False
         self._buffering = None  # [limit, size so far, unused, Deferred] while bufferRequestBody waits
+        self._waiting = None  # the Deferred a request hook paused the chain on
 
     # -- header helpers for filters ---------------------------------------------------------------------
 
@@ -268,7 +271,10 @@ class Stream:
         if not reading:
             self.codec.pauseRequest(self)
 
+        self._waiting = d
+
         def resumed(result):
+            self._waiting = None
             self._reqPaused = False
             if not reading:
                 self.codec.resumeRequest(self)
@@ -287,7 +293,18 @@ class Stream:
             self._request(kind, index + 1, nextPayload, end)
             self._drainRequestQueue()
 
-        d.addCallbacks(resumed, self._filterFailed, errbackArgs=(self.filters[index],))
+        f = self.filters[index]
+
+        def failed(failure):
+            # The pause ends however the Deferred does, or the connection would never be read again.
+            self._waiting = None
+            self._reqPaused = False
+            if not reading:
+                self.codec.resumeRequest(self)
+            if not self._completed:
+                self._filterFailed(failure, f)
+
+        d.addCallbacks(resumed, failed)
 
     def _drainRequestQueue(self) -> None:
         queue = self._reqQueue
@@ -481,6 +498,10 @@ class Stream:
         if self._completed:
             return
         self._completed = True
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None and not waiting.called:
+            # Nobody will act on it now; cancelling releases the pause it holds on the connection.
+            waiting.cancel()
         filters = self.filters
         for f in filters:
             try:

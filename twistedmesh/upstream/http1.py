@@ -336,6 +336,16 @@ class HostPool:
             return
         self._connect(waiter)
 
+    def cancel(self, waiter: PoolWaiter) -> None:
+        """
+        C{waiter} no longer wants a connection: drop it from the queue at the connection limit (a connect
+        already under way for it lands in the idle list when it completes).
+        """
+        try:
+            self.waiting.remove(waiter)
+        except ValueError:
+            pass
+
     def _connect(self, waiter: PoolWaiter) -> None:
         host, cluster, connecting = self.host, self.cluster, self.connecting
         timedOut = []
