@@ -1,0 +1,907 @@
+"""
+The HTTP/2 connection manager: one downstream HTTP/2 connection on a C{protocol = http} listener.
+
+A thin protocol around h2's sans-IO engine (as Twisted's C{twisted.web._http2.H2Connection} is): bytes go to
+C{H2Connection.receive_data}, the events that come back are dispatched, and whatever the engine wants to
+send is flushed to the transport once per read (or once per call from a stream outside a read). Each
+request becomes a L{Stream} that runs the listener's HTTP filter chain, exactly as an HTTP/1.1 request
+does; only here many streams are live at once, answered in whatever order their answers come.
+
+The Stream's codec is not this connection but the stream's own L{_StreamCodec}: the codec contract
+(C{registerResponseProducer(producer)}, C{bodyProducer}, ...) names no stream, and with multiplexing every
+call must reach one stream's state. So each stream gets a small object that is its codec, its
+request-body producer and its share of the connection's flow control.
+
+Flow control is the backpressure, both ways
+===========================================
+
+B{Request bodies.} HTTP/2 has no way to stop reading one stream but the window: the client may send a
+stream only as many bytes as we have acknowledged. So a chunk is acknowledged (C{acknowledge_received_data})
+only once it has been handed to the stream I{and} the stream's request side is not paused. A stream is
+paused while a filter holds its request (C{pauseRequest}), while the router waits for an upstream
+connection, or while the upstream transport's buffer is full (it pauses the stream's C{bodyProducer}).
+While paused, acknowledgements are held; they are released when the last pause ends. The client can
+therefore have at most one stream window (64 KiB) in flight per stream, and at most the connection
+window (1 MiB) in flight over all streams: that is what bounds the memory a slow upstream can cost us.
+h2 batches the WINDOW_UPDATE frames itself (one per half window).
+
+B{Response bodies.} We may send a stream only what the client's windows (stream and connection) allow.
+What does not fit waits in that stream's queue, and the stream's response producer (the upstream
+transport the router registered) is paused at once, so a stream never holds more than about one upstream
+read beyond the client's window. C{WindowUpdated} (and a larger C{INITIAL_WINDOW_SIZE}) sends what fits and
+resumes the producer once the queue is empty.
+
+B{The socket.} This connection is the streaming producer of its own transport. When the client does not
+read what we write (the transport's buffer is full), every stream's response producer is paused and we
+stop reading the socket: a client that sends PINGs, SETTINGS or resets without reading the answers cannot
+make us queue more than one read's worth of replies.
+
+Limits (Envoy's edge recommendations, see L{HTTP2Settings}): 100 concurrent streams, 64 KiB stream window,
+1 MiB connection window, a 60 KiB header list; and rapid-reset protection (CVE-2023-44487) as Envoy does it:
+once a connection has closed 500 streams, if more than half of them were reset by the client within a
+second of opening, it gets GOAWAY(ENHANCE_YOUR_CALM) and is closed.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Deque, Dict, Optional
+
+from h2.config import H2Configuration
+from h2.connection import ConnectionState, H2Connection
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    RemoteSettingsChanged,
+    RequestReceived,
+    StreamEnded,
+    StreamReset,
+    TrailersReceived,
+    WindowUpdated,
+)
+from h2.exceptions import H2Error, ProtocolError
+from h2.settings import SettingCodes, Settings
+from hyperframe.frame import GoAwayFrame
+from twisted.internet import protocol
+from twisted.internet.interfaces import IPushProducer, ISSLTransport
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from .server import HTTPSettings, HTTPStats, _requestId
+from .stream import Headers, Stream
+
+# Connection-specific fields (RFC 9113 section 8.2.2): never sent in HTTP/2. A "te" field is allowed only as
+# "te: trailers" and is filtered separately.
+_CONNECTION_SPECIFIC = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
+                                  b"upgrade", b"te", b"host"))
+_NO_BODY_STATUSES = frozenset((204, 304))
+_NO_ERROR = ErrorCodes.NO_ERROR
+_INTERNAL_ERROR = ErrorCodes.INTERNAL_ERROR
+
+
+class HTTP2Settings:
+    """
+    A listener's HTTP/2 limits, resolved once. The defaults are Envoy's recommendations for an edge proxy
+    (its built-in defaults are far larger: 2^31-1 streams and 256 MiB windows, tuned for a trusted mesh).
+
+    @ivar maxConcurrentStreams: SETTINGS_MAX_CONCURRENT_STREAMS: streams a client may have open at once.
+    @ivar initialStreamWindowSize: SETTINGS_INITIAL_WINDOW_SIZE: request-body bytes a client may send a
+        stream ahead of our acknowledgement (and so what a paused stream may cost us).
+    @ivar initialConnectionWindowSize: the same over all streams of the connection.
+    @ivar maxHeaderListSize: SETTINGS_MAX_HEADER_LIST_SIZE, or C{None} for the listener's
+        C{max_request_headers_size}; a request over it is answered 431.
+    @ivar prematureResetMinStreamLifetime: a stream the client resets sooner than this (seconds) after
+        opening it counts as a premature reset.
+    @ivar prematureResetTotalStreamCount: the rapid-reset check starts once a connection has closed this
+        many streams; from then on, more than half of them premature closes the connection.
+    """
+
+    __slots__ = ("maxConcurrentStreams", "initialStreamWindowSize", "initialConnectionWindowSize",
+                 "maxHeaderListSize", "prematureResetMinStreamLifetime", "prematureResetTotalStreamCount")
+
+    def __init__(self, maxConcurrentStreams: int = 100, initialStreamWindowSize: int = 64 * 1024,
+                 initialConnectionWindowSize: int = 1024 * 1024, maxHeaderListSize: Optional[int] = None,
+                 prematureResetMinStreamLifetime: float = 1.0, prematureResetTotalStreamCount: int = 500) -> None:
+        self.maxConcurrentStreams = maxConcurrentStreams
+        self.initialStreamWindowSize = initialStreamWindowSize
+        self.initialConnectionWindowSize = initialConnectionWindowSize
+        self.maxHeaderListSize = maxHeaderListSize
+        self.prematureResetMinStreamLifetime = prematureResetMinStreamLifetime
+        self.prematureResetTotalStreamCount = prematureResetTotalStreamCount
+
+
+class HTTP2Stats:
+    """
+    The listener's HTTP/2 stats (C{http.<listener>.*}, Envoy's names), next to the L{HTTPStats} that both
+    codecs share.
+    """
+
+    def __init__(self, scope) -> None:
+        self.downstream_rq_http2_total = scope.counter("downstream_rq_http2_total")
+        self.downstream_cx_http2_total = scope.counter("downstream_cx_http2_total")
+        self.downstream_cx_http2_active = scope.gauge("downstream_cx_http2_active")
+        self.downstream_rq_too_many_premature_resets = scope.counter("downstream_rq_too_many_premature_resets")
+
+
+def _responseFields(headers: Headers) -> Headers:
+    """
+    C{headers} without the fields HTTP/2 forbids (RFC 9113 section 8.2.2); C{te} survives only as
+    C{te: trailers}. The common case, nothing to drop, returns C{headers} itself.
+    """
+    for name, _ in headers:
+        if name in _CONNECTION_SPECIFIC or name[:1] == b":":
+            break
+    else:
+        return headers
+    kept = []
+    for field in headers:
+        name = field[0]
+        if name == b"te":
+            if field[1].strip().lower() == b"trailers":
+                kept.append(field)
+        elif name not in _CONNECTION_SPECIFIC and name[:1] != b":":
+            kept.append(field)
+    return kept
+
+
+@implementer(IPushProducer)
+class _StreamCodec:
+    """
+    One stream's side of an L{HTTP2Connection}: what its L{Stream} calls its codec (every method of the
+    HTTP/1.1 codec's contract, for this one stream), the producer of its request body (C{bodyProducer},
+    which the router registers with the upstream transport), and its flow-control state both ways.
+
+    @ivar pauses: how many reasons hold the request side (filters, the router, the upstream's buffer);
+        request data is acknowledged to the client only while there is none.
+    @ivar heldAck: flow-controlled bytes received while paused, acknowledged when the last pause ends.
+    @ivar pending: response data the client's window has no room for yet (C{None} when there is none).
+    """
+
+    __slots__ = ("conn", "sid", "stream", "pauses", "heldAck", "bodyPaused", "producer", "producerPaused",
+                 "pending", "pendingEnd", "pendingTrailers", "bodyAllowed", "requestEnded", "responseSent",
+                 "openedAt", "finished")
+
+    def __init__(self, conn: "HTTP2Connection", sid: int, openedAt: float) -> None:
+        self.conn = conn
+        self.sid = sid
+        self.stream: Optional[Stream] = None
+        self.pauses = 0
+        self.heldAck = 0
+        self.bodyPaused = False
+        self.producer = None
+        self.producerPaused = False
+        self.pending: Optional[Deque[memoryview]] = None
+        self.pendingEnd = False
+        self.pendingTrailers: Optional[Headers] = None
+        self.bodyAllowed = True
+        self.requestEnded = False
+        self.responseSent = False  # END_STREAM (or RST_STREAM) has been queued for the client
+        self.openedAt = openedAt
+        self.finished = False
+
+    # -- request side: pausing holds the client's window -----------------------------------------------------
+
+    def pauseRequest(self, stream: Stream) -> None:
+        """
+        A filter or the router holds the request: stop acknowledging its data.
+        """
+        self.pauses += 1
+
+    def resumeRequest(self, stream: Stream) -> None:
+        """
+        One reason to hold the request is gone; at the last one, acknowledge what was held.
+        """
+        self.pauses -= 1
+        if self.pauses == 0 and self.heldAck:
+            self._releaseAck()
+
+    @property
+    def bodyProducer(self) -> "_StreamCodec":
+        """
+        The request body's producer, for the router to register with the upstream transport: this object.
+        """
+        return self
+
+    def pauseProducing(self) -> None:
+        """
+        The upstream transport's buffer is full: hold the client's window for this stream.
+        """
+        if not self.bodyPaused:
+            self.bodyPaused = True
+            self.pauses += 1
+
+    def resumeProducing(self) -> None:
+        """
+        The upstream transport drained: let the client send again.
+        """
+        if self.bodyPaused:
+            self.bodyPaused = False
+            self.resumeRequest(self.stream)
+
+    def stopProducing(self) -> None:
+        """
+        The upstream transport is going away: nothing to hold for it any more.
+        """
+        self.resumeProducing()
+
+    def _received(self, length: int) -> None:
+        # Called after a chunk was handed to the stream: ack it unless that (or anything) paused us.
+        if self.pauses:
+            self.heldAck += length
+        else:
+            conn = self.conn
+            conn.h2.acknowledge_received_data(length, self.sid)
+            conn._written()
+
+    def _releaseAck(self) -> None:
+        held, self.heldAck = self.heldAck, 0
+        conn = self.conn
+        if conn.terminated:
+            return
+        conn.h2.acknowledge_received_data(held, self.sid)
+        conn._written()
+
+    # -- response side --------------------------------------------------------------------------------------
+
+    def localReplyStarted(self, stream: Stream, body: bytes) -> None:
+        """
+        The proxy answers itself. Nothing to prepare: if the request is still arriving when the answer
+        ends, the stream is reset with NO_ERROR (RFC 9113 section 8.1) and the connection carries on.
+        """
+
+    def writeHeaders(self, stream: Stream, end: bool) -> None:
+        """
+        Send the response head (C{:status} and the fields HTTP/2 allows).
+        """
+        conn = self.conn
+        if conn.terminated or self.responseSent:
+            return
+        status = stream.status
+        if status == 101:
+            # HTTP/2 has no upgrades; the router resets the stream when it sees this 101 was not asked for.
+            return
+        if status in _NO_BODY_STATUSES or stream.method == b"HEAD":
+            self.bodyAllowed = False
+        headers = [(b":status", b"%d" % status)]
+        headers += _responseFields(stream.responseHeaders)
+        try:
+            conn.h2.send_headers(self.sid, headers, end_stream=end)
+        except (H2Error, ValueError, TypeError):
+            # A field h2 will not encode (an illegal character from an upstream, say): never half a head.
+            conn.log.failure("HTTP/2 stream {sid}: cannot send response headers", sid=self.sid)
+            stream.responseFlags.append("DPE")
+            self.resetStream(stream, "http2.invalid_response_headers")
+            return
+        if end:
+            self._sent()
+        conn._written()
+
+    def writeData(self, stream: Stream, data: bytes, end: bool) -> None:
+        """
+        Send response data as far as the client's windows allow; queue the rest and pause its producer.
+        """
+        conn = self.conn
+        if conn.terminated or self.responseSent:
+            return
+        if not self.bodyAllowed:
+            data = b""
+        pending = self.pending
+        if pending:
+            # Data already waits for the window: this goes behind it (the producer is already paused).
+            if data:
+                pending.append(memoryview(data))
+            if end:
+                self.pendingEnd = True
+            return
+        self._send(data, end)
+        conn._written()
+
+    def writeTrailers(self, stream: Stream, trailers: Headers) -> None:
+        """
+        End the response with trailers (a HEADERS frame with END_STREAM), after any queued data.
+        """
+        conn = self.conn
+        if conn.terminated or self.responseSent:
+            return
+        fields = _responseFields(trailers)
+        if self.pending:
+            self.pendingTrailers = fields
+            self.pendingEnd = True
+            return
+        self._sendTrailers(fields)
+        conn._written()
+
+    def resetStream(self, stream: Stream, reason: str) -> None:
+        """
+        Abort the exchange: RST_STREAM(INTERNAL_ERROR), so a half-sent response never looks complete. Only
+        this stream is affected.
+        """
+        conn = self.conn
+        conn.httpStats.downstream_rq_tx_reset.value += 1
+        if not conn.terminated and not self.responseSent:
+            self.responseSent = True
+            self.pending = None
+            try:
+                conn.h2.reset_stream(self.sid, _INTERNAL_ERROR)
+            except H2Error:
+                pass  # already closed on the wire (the client reset it first): nothing left to abort
+            conn._written()
+        conn._finishStream(self)
+
+    def registerResponseProducer(self, producer) -> None:
+        """
+        The router's upstream transport produces this stream's response: it is paused while the client's
+        window (or socket) has no room.
+        """
+        self.producer = producer
+        self.producerPaused = False
+        self._updateProducer()
+
+    def unregisterResponseProducer(self) -> None:
+        """
+        The upstream is done with this stream. A transport we paused is resumed: it may go back to its pool,
+        where it must read to notice the upstream closing it.
+        """
+        producer, self.producer = self.producer, None
+        if producer is not None and self.producerPaused:
+            self.producerPaused = False
+            producer.resumeProducing()
+
+    def startTunnel(self, stream: Stream, upstream, fromUpstream: bytes) -> None:
+        """
+        HTTP/2 has no C{Upgrade} (extended CONNECT is not supported): abandon the upstream and reset.
+        """
+        upstream.abandon()
+        stream.reset("http2.upgrade_not_supported")
+
+    # -- sending under flow control -----------------------------------------------------------------------------
+
+    def _send(self, data: bytes, end: bool) -> None:
+        h2c = self.conn.h2
+        sid = self.sid
+        size = len(data)
+        if not size:
+            if end:
+                h2c.send_data(sid, b"", end_stream=True)
+                self._sent()
+            return
+        window = h2c.local_flow_control_window(sid)
+        maxFrame = h2c.max_outbound_frame_size
+        if size <= window and size <= maxFrame:
+            # The common case: one frame, the caller's bytes as they are.
+            h2c.send_data(sid, data, end_stream=end)
+            if end:
+                self._sent()
+            return
+        view = memoryview(data)
+        offset = 0
+        while offset < size and window > 0:
+            n = min(size - offset, window, maxFrame)
+            last = end and offset + n == size
+            h2c.send_data(sid, view[offset:offset + n], end_stream=last)
+            offset += n
+            window -= n
+        if offset < size:
+            self.pending = deque((view[offset:],))
+            self.pendingEnd = end
+            self.conn.blocked[sid] = self
+            self._updateProducer()
+        elif end:
+            self._sent()
+
+    def _drain(self) -> None:
+        """
+        The client opened a window: send what is queued and fits.
+        """
+        pending = self.pending
+        h2c = self.conn.h2
+        sid = self.sid
+        window = h2c.local_flow_control_window(sid)
+        maxFrame = h2c.max_outbound_frame_size
+        while pending and window > 0:
+            chunk = pending[0]
+            n = len(chunk)
+            if n > window or n > maxFrame:
+                n = min(window, maxFrame)
+                pending[0] = chunk[n:]
+                chunk = chunk[:n]
+            else:
+                pending.popleft()
+            last = not pending and self.pendingEnd and self.pendingTrailers is None
+            h2c.send_data(sid, chunk, end_stream=last)
+            window -= n
+        if pending:
+            return
+        self.pending = None
+        self.conn.blocked.pop(sid, None)
+        if self.pendingTrailers is not None:
+            trailers, self.pendingTrailers = self.pendingTrailers, None
+            self._sendTrailers(trailers)
+        elif self.pendingEnd:
+            self._sent()
+        if not self.finished:
+            self._updateProducer()
+
+    def _sendTrailers(self, fields: Headers) -> None:
+        h2c = self.conn.h2
+        if fields:
+            h2c.send_headers(self.sid, fields, end_stream=True)
+        else:
+            h2c.send_data(self.sid, b"", end_stream=True)
+        self._sent()
+
+    def _updateProducer(self) -> None:
+        # Pause the upstream while anything waits for the client's window or the client's socket is full.
+        producer = self.producer
+        if producer is None:
+            return
+        blocked = bool(self.pending) or self.conn.writeBlocked
+        if blocked and not self.producerPaused:
+            self.producerPaused = True
+            producer.pauseProducing()
+        elif not blocked and self.producerPaused:
+            self.producerPaused = False
+            producer.resumeProducing()
+
+    def _sent(self) -> None:
+        # END_STREAM is queued: the response is complete on our side.
+        self.responseSent = True
+        if not self.requestEnded:
+            # The answer did not need the rest of the request: ask the client to stop sending it.
+            self.conn.h2.reset_stream(self.sid, _NO_ERROR)
+        self.conn._finishStream(self)
+
+
+@implementer(IPushProducer)
+class HTTP2Connection(protocol.Protocol):
+    """
+    One downstream HTTP/2 connection (see the module docstring). It is also its transport's producer:
+    the transport pauses it when the client stops reading.
+
+    @ivar streams: the live streams' codecs by stream id.
+    @ivar blocked: the codecs with response data waiting for the client's window, in the order they
+        blocked (served in that order when the connection window opens).
+    @ivar writeBlocked: the transport's buffer is full (the client is not reading).
+    @ivar terminated: a fatal GOAWAY was sent or the connection is gone: nothing more goes to h2.
+    """
+
+    log = Logger()
+    factory = None  # the listener's factory, told when the connection opens and closes (None when embedded)
+
+    def __init__(self, settings: HTTPSettings, httpStats: HTTPStats, h2Settings: Optional[HTTP2Settings] = None,
+                 h2Stats: Optional[HTTP2Stats] = None) -> None:
+        self.settings = settings
+        self.httpStats = httpStats
+        self.limits = h2Settings if h2Settings is not None else HTTP2Settings()
+        self.h2Stats = h2Stats if h2Stats is not None else HTTP2Stats(settings.stats.scope("http", settings.name))
+        self.h2: Optional[H2Connection] = None
+        self.streams: Dict[int, _StreamCodec] = {}
+        self.blocked: Dict[int, _StreamCodec] = {}
+        self.writeBlocked = False
+        self.readPaused = False
+        self.dispatching = False
+        self.terminated = False
+        self.disconnected = False
+        self.goingAway = False  # a graceful GOAWAY was sent: finish the streams we have, then close
+        self.lastStreamId = 0  # ... and streams above this one are refused
+        self.requests = 0
+        self.closedStreams = 0
+        self.prematureResets = 0
+        self.idleTimer = None
+        self.peer = None
+        self.peerHost = b""
+        self.forwardedProto = b"http"
+
+    # -- connection lifecycle ---------------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        if self.factory is not None:
+            self.factory.connectionOpened(self)
+        transport = self.transport
+        self.peer = transport.getPeer()
+        # A UNIX-socket peer has no address to forward: then x-forwarded-for is left as the client sent it.
+        self.peerHost = getattr(self.peer, "host", "").encode("ascii")
+        # Envoy sets x-forwarded-proto from the connection, never from what the client claims (:scheme).
+        self.forwardedProto = b"https" if ISSLTransport.providedBy(transport) else b"http"
+        self.h2Stats.downstream_cx_http2_total.value += 1
+        self.h2Stats.downstream_cx_http2_active.value += 1
+        limits = self.limits
+        maxHeaderList = limits.maxHeaderListSize or self.settings.maxHeaderBytes
+        h2c = self.h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None,
+                                                     validate_inbound_headers=True,
+                                                     normalize_inbound_headers=True))
+        # Our SETTINGS must be in force from the first frame on (a client may use them before it ACKs), so
+        # they replace h2's initial values rather than being sent as a later update.
+        h2c.local_settings = Settings(client=False, initial_values={
+            SettingCodes.MAX_CONCURRENT_STREAMS: limits.maxConcurrentStreams,
+            SettingCodes.INITIAL_WINDOW_SIZE: limits.initialStreamWindowSize,
+            SettingCodes.MAX_HEADER_LIST_SIZE: maxHeaderList,
+        })
+        # HPACK decodes every block whole, to keep its table in step; a block over our limit is answered
+        # 431 per stream, and only one far over it (a decompression bomb) is a connection error.
+        h2c.decoder.max_header_list_size = max(2 * maxHeaderList, 64 * 1024)
+        h2c.initiate_connection()
+        # The connection window starts at 64 KiB whatever SETTINGS say; only WINDOW_UPDATE widens it.
+        extra = limits.initialConnectionWindowSize - 65535
+        if extra > 0:
+            h2c.increment_flow_control_window(extra)
+        transport.registerProducer(self, True)
+        self._written()
+        timeout = self.settings.idleTimeout
+        if timeout:
+            self.idleTimer = self.settings.clock.callLater(timeout, self._idle)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.terminated:
+            return
+        if self.idleTimer is not None:
+            self.idleTimer.reset(self.settings.idleTimeout)
+        try:
+            events = self.h2.receive_data(data)
+        except ProtocolError as e:
+            # h2 has queued a GOAWAY with the error; events of this read before the bad frame are lost
+            # with the connection anyway.
+            self.log.debug("HTTP/2 protocol error from {peer}: {error}", peer=self.peer, error=e)
+            self.httpStats.downstream_cx_protocol_error.value += 1
+            self._terminate(None)
+            return
+        self.dispatching = True
+        try:
+            for event in events:
+                if self.terminated:
+                    break
+                kind = event.__class__
+                if kind is DataReceived:
+                    self._dataReceived(event)
+                elif kind is RequestReceived:
+                    self._requestReceived(event)
+                elif kind is StreamEnded:
+                    self._streamEnded(event)
+                elif kind is WindowUpdated:
+                    self._windowUpdated(event)
+                elif kind is TrailersReceived:
+                    self._trailersReceived(event)
+                elif kind is StreamReset:
+                    self._streamReset(event)
+                elif kind is RemoteSettingsChanged:
+                    if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
+                        self._windowUpdated(None)
+                elif kind is ConnectionTerminated:
+                    self._connectionTerminated(event)
+                # PING, SETTINGS ACK, PRIORITY and unknown frames need nothing: h2 answers what must be.
+        finally:
+            self.dispatching = False
+        self._written()
+
+    def connectionLost(self, reason) -> None:
+        self.disconnected = True
+        self.terminated = True
+        if self.idleTimer is not None and self.idleTimer.active():
+            self.idleTimer.cancel()
+        self.idleTimer = None
+        self.h2Stats.downstream_cx_http2_active.value -= 1
+        for codec in list(self.streams.values()):
+            stream = codec.stream
+            if not stream.responseEnded:
+                self.httpStats.downstream_rq_rx_reset.value += 1
+                stream.responseFlags.append("DC")
+                stream.responseCodeDetails = stream.responseCodeDetails or "downstream_remote_disconnect"
+            self._finishStream(codec)
+        self.blocked.clear()
+        if self.factory is not None:
+            self.factory.connectionClosed(self)
+
+    def drain(self) -> None:
+        """
+        The listener is draining: send GOAWAY(NO_ERROR), answer the streams already open, then close.
+        """
+        self._goAway()
+
+    # -- the transport's producer: the client's reading paces our writing -------------------------------------
+
+    def pauseProducing(self) -> None:
+        """
+        The client is not reading: pause every upstream, and stop reading the client (see the module
+        docstring).
+        """
+        if self.writeBlocked:
+            return
+        self.writeBlocked = True
+        for codec in list(self.streams.values()):
+            codec._updateProducer()
+        if not self.disconnected and not self.readPaused:
+            self.readPaused = True
+            self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        """
+        The client caught up: read again and resume the upstreams that have window.
+        """
+        if not self.writeBlocked:
+            return
+        self.writeBlocked = False
+        if self.readPaused and not self.disconnected:
+            self.readPaused = False
+            self.transport.resumeProducing()
+        for codec in list(self.streams.values()):
+            codec._updateProducer()
+
+    def stopProducing(self) -> None:
+        """
+        The transport is closing; L{connectionLost} cleans up.
+        """
+
+    # -- events ----------------------------------------------------------------------------------------------
+
+    def _requestReceived(self, event: RequestReceived) -> None:
+        sid = event.stream_id
+        if self.goingAway and sid > self.lastStreamId:
+            # Opened after our GOAWAY: refused, so the client may safely retry it on a new connection.
+            self.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+            return
+        settings = self.settings
+        self.requests += 1
+        stats = self.httpStats
+        stats.downstream_rq_total.value += 1
+        stats.downstream_rq_active.value += 1
+        self.h2Stats.downstream_rq_http2_total.value += 1
+        # What the HTTP/1.1 manager does (Envoy's connection manager, before any filter): pseudo-headers
+        # become the request line and authority, x-forwarded-for gets the peer, x-forwarded-proto is ours,
+        # an x-request-id is made if missing. h2 has already checked the fields (lowercase names, no
+        # connection-specific ones, te only "trailers") and joined cookie crumbs with "; " (RFC 9113
+        # section 8.2.3), as an HTTP/1.1 upstream needs them. One pass; fields are kept as h2 made them.
+        method = path = authority = host = None
+        scheme = b"http"
+        kept = []
+        peerHost = self.peerHost
+        xff = requestId = hasLength = False
+        size = 0
+        for field in event.headers:
+            name, value = field
+            size += len(name) + len(value) + 32  # RFC 7541's field size, as SETTINGS_MAX_HEADER_LIST_SIZE
+            if name[0] == 58:  # ":"
+                if name == b":method":
+                    method = value
+                elif name == b":path":
+                    path = value
+                elif name == b":authority":
+                    authority = value
+                elif name == b":scheme":
+                    scheme = value
+                continue
+            if name == b"host":
+                host = value
+                continue
+            if name == b"x-forwarded-for":
+                if not xff:
+                    if peerHost:
+                        field = (name, value + b", " + peerHost)
+                    xff = True
+            elif name == b"x-forwarded-proto":
+                continue
+            elif name == b"x-request-id":
+                requestId = True
+            elif name == b"content-length":
+                hasLength = True
+            kept.append(field)
+        count = len(kept)
+        if not xff and peerHost:
+            kept.append((b"x-forwarded-for", peerHost))
+        kept.append((b"x-forwarded-proto", self.forwardedProto))
+        if not requestId:
+            kept.append((b"x-request-id", _requestId(settings.random)))
+        refusal = None
+        if size > (self.limits.maxHeaderListSize or settings.maxHeaderBytes) or count > settings.maxHeaders:
+            refusal = (431, "http2.headers_too_large", b"Request Header Fields Too Large\n")
+        elif method == b"CONNECT":
+            refusal = (405, "connect_not_supported", b"CONNECT is not supported\n")
+        now = settings.clock.seconds()
+        codec = _StreamCodec(self, sid, now)
+        # A request the connection manager refuses itself runs no filter (as an HTTP/1.1 bad head).
+        stream = codec.stream = Stream(codec, settings.makers if refusal is None else (), settings.name,
+                                       self.peer, now)
+        self.streams[sid] = codec
+        stream.version = b"2"
+        stream.method = method or b""
+        stream.path = path or b""
+        stream.scheme = scheme
+        # RFC 9113 section 8.3.1: :authority wins; a Host field stands in for it when absent.
+        stream.authority = authority if authority is not None else (host or b"")
+        stream.requestHeaders = kept
+        if event.stream_ended is not None:
+            stream.requestEnded = codec.requestEnded = True
+        else:
+            # Without a length, an HTTP/1.1 upstream needs the body chunked.
+            stream.chunked = not hasLength
+        if refusal is not None:
+            status, details, body = refusal
+            stream.respond(status, body, details=details)
+        else:
+            stream.receiveRequestHeaders()
+        if settings.maxRequestsPerConnection and self.requests >= settings.maxRequestsPerConnection:
+            self._goAway()
+
+    def _dataReceived(self, event: DataReceived) -> None:
+        codec = self.streams.get(event.stream_id)
+        length = event.flow_controlled_length
+        if codec is None:
+            # Answered already (or refused): the bytes go nowhere, but the connection window must reopen.
+            if length:
+                self.h2.acknowledge_received_data(length, event.stream_id)
+            return
+        end = event.stream_ended is not None
+        if end:
+            codec.requestEnded = True
+        codec.stream.receiveRequestData(event.data, end)
+        if length and not codec.finished:
+            codec._received(length)
+        elif length:
+            self.h2.acknowledge_received_data(length, event.stream_id)
+
+    def _streamEnded(self, event: StreamEnded) -> None:
+        codec = self.streams.get(event.stream_id)
+        if codec is not None and not codec.requestEnded:
+            codec.requestEnded = True
+            codec.stream.receiveRequestData(b"", True)
+
+    def _trailersReceived(self, event: TrailersReceived) -> None:
+        codec = self.streams.get(event.stream_id)
+        if codec is not None and not codec.requestEnded:
+            codec.requestEnded = True
+            codec.stream.receiveRequestTrailers([f for f in event.headers if f[0][:1] != b":"])
+
+    def _streamReset(self, event: StreamReset) -> None:
+        codec = self.streams.get(event.stream_id)
+        if codec is None:
+            return
+        stream = codec.stream
+        if event.remote_reset:
+            self.httpStats.downstream_rq_rx_reset.value += 1
+            stream.responseFlags.append("DR")  # Envoy's downstream remote reset
+            stream.responseCodeDetails = stream.responseCodeDetails or "http2.remote_reset"
+            if self.settings.clock.seconds() - codec.openedAt < self.limits.prematureResetMinStreamLifetime:
+                self.prematureResets += 1
+        else:
+            # h2 reset it for a stream-level protocol error.
+            self.httpStats.downstream_rq_tx_reset.value += 1
+            stream.responseFlags.append("DPE")
+            stream.responseCodeDetails = stream.responseCodeDetails or "http2.stream_protocol_error"
+        codec.responseSent = True  # nothing more may be sent on it
+        codec.pending = None
+        self._finishStream(codec)
+        limits = self.limits
+        if (self.closedStreams >= limits.prematureResetTotalStreamCount
+                and self.prematureResets * 2 > self.closedStreams and not self.terminated):
+            self.h2Stats.downstream_rq_too_many_premature_resets.value += 1
+            self.log.info("HTTP/2 connection from {peer} reset {n} of its {total} streams prematurely: closing",
+                          peer=self.peer, n=self.prematureResets, total=self.closedStreams)
+            self._terminate(ErrorCodes.ENHANCE_YOUR_CALM)
+
+    def _windowUpdated(self, event: Optional[WindowUpdated]) -> None:
+        blocked = self.blocked
+        if not blocked:
+            return
+        sid = event.stream_id if event is not None else 0
+        if sid:
+            codec = blocked.get(sid)
+            if codec is not None:
+                codec._drain()
+            return
+        # The connection window (or every stream's) opened: serve the waiting streams in the order they
+        # blocked; one that still waits goes to the back, so no stream starves the others.
+        h2c = self.h2
+        for codec in list(blocked.values()):
+            if h2c.outbound_flow_control_window <= 0:
+                break
+            codec._drain()
+            if codec.pending:
+                del blocked[codec.sid]
+                blocked[codec.sid] = codec
+
+    def _connectionTerminated(self, event: ConnectionTerminated) -> None:
+        if event.error_code != _NO_ERROR or not self.streams:
+            self.terminated = True
+            self._close()
+            return
+        # A graceful GOAWAY from the client: it opens no more streams but still wants the answers to the
+        # ones it has. h2 forbids sending anything after a GOAWAY it received, which would leave those
+        # streams unanswered, so its connection state goes back to open (the streams' own states are
+        # untouched) and we finish them, then close.
+        self.h2.state_machine.state = ConnectionState.SERVER_OPEN
+        self.goingAway = True
+        self.lastStreamId = self.h2.highest_inbound_stream_id
+
+    # -- completion, GOAWAY, flushing ----------------------------------------------------------------------------
+
+    def _finishStream(self, codec: _StreamCodec) -> None:
+        if codec.finished:
+            return
+        codec.finished = True
+        sid = codec.sid
+        self.streams.pop(sid, None)
+        self.blocked.pop(sid, None)
+        self.closedStreams += 1
+        if codec.heldAck and not self.terminated:
+            # Bytes the stream held: the stream is gone, but the connection window must reopen.
+            codec._releaseAck()
+        codec.unregisterResponseProducer()
+        stream = codec.stream
+        stats = self.httpStats
+        stats.downstream_rq_active.value -= 1
+        status = stream.status
+        if 100 <= status < 600:
+            stats.byClass[status // 100].value += 1
+        stream.complete()
+        accessLog = self.settings.accessLog
+        if accessLog is not None:
+            accessLog.log(stream, self.settings.clock.seconds())
+        # The stream points at its codec (a router may still call it); the codec lets go of the stream, so
+        # no cycle is left for the garbage collector.
+        codec.stream = None
+        if self.goingAway and not self.streams and not self.terminated:
+            self.terminated = True
+            self._close()
+
+    def _written(self) -> None:
+        """
+        Flush what h2 has queued, unless a read is being dispatched (it flushes once at its end).
+        """
+        if self.dispatching or self.disconnected:
+            return
+        data = self.h2.data_to_send()
+        if data:
+            self.transport.write(data)
+
+    def _close(self) -> None:
+        """
+        Flush everything h2 has queued (even mid-dispatch: nothing may follow it) and close.
+        """
+        if self.disconnected:
+            return
+        data = self.h2.data_to_send()
+        if data:
+            self.transport.write(data)
+        self.transport.loseConnection()
+
+    def _goAway(self) -> None:
+        """
+        A graceful GOAWAY(NO_ERROR): streams up to the highest one seen are answered, later ones refused;
+        the connection closes when the last one is done.
+        """
+        if self.goingAway or self.terminated:
+            return
+        self.goingAway = True
+        self.lastStreamId = self.h2.highest_inbound_stream_id
+        if self.disconnected:
+            return
+        # h2's close_connection() would forbid sending anything more, even on the streams we still answer,
+        # so the frame is written directly, after whatever h2 has queued.
+        data = self.h2.data_to_send()
+        if data:
+            self.transport.write(data)
+        self.transport.write(GoAwayFrame(0, last_stream_id=self.lastStreamId, error_code=_NO_ERROR).serialize())
+        if not self.streams:
+            self.terminated = True
+            self.transport.loseConnection()
+
+    def _terminate(self, code: Optional[int]) -> None:
+        """
+        A fatal end: GOAWAY with C{code} (or the one h2 already queued when C{None}), then close. The streams
+        in flight are completed when the connection is lost.
+        """
+        if self.terminated:
+            return
+        self.terminated = True
+        if code is not None:
+            self.h2.close_connection(code)
+        self._close()
+
+    def _idle(self) -> None:
+        self.idleTimer = None
+        if self.streams or self.terminated:
+            if not self.terminated:
+                self.idleTimer = self.settings.clock.callLater(self.settings.idleTimeout, self._idle)
+            return
+        self.httpStats.downstream_cx_idle_timeout.value += 1
+        self._terminate(_NO_ERROR)
