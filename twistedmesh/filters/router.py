@@ -481,6 +481,7 @@ class RouterFilter(HTTPFilter):
         self._abandon()
         if self.responseStarted:
             self._done()
+            self.stream.responseFlags.append("SI")
             self.stream.reset("stream_idle_timeout")
         else:
             self._fail(408, "SI", "stream_idle_timeout", b"stream timeout")

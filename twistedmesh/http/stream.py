@@ -522,7 +522,7 @@ class Stream:
     def _filterMisbehaved(self, f, result) -> None:
         self.log.error("HTTP filter {filter} returned {result!r}; expected None, bytes, a Deferred or "
                        "stream.respond(...)", filter=f, result=result)
-        self.respond(500, b"internal error in a filter\n", flag="DI", details="filter_returned_invalid_value")
+        self.respond(500, b"internal error in a filter\n", details="filter_returned_invalid_value")
 
     def _filterFailed(self, failure: Failure, f) -> None:
         self.log.failure("HTTP filter {filter} failed", failure, filter=f)
