@@ -205,6 +205,120 @@ class AbortTests(unittest.TestCase):
         self.assertEqual((f.stat("faults_overflow"), f.stat("active_faults")), (0, 0))
 
 
+class GRPCAbortTests(unittest.TestCase):
+    """
+    C{abort.grpc_status} answers gRPC requests with a trailers-only gRPC reply.
+    """
+
+    GRPC = [(b"content-type", b"application/grpc+proto")]
+
+    def test_grpcAbort(self):
+        """
+        A gRPC request gets HTTP 200 with C{grpc-status} and C{grpc-message} in its headers, no body, flag
+        C{FI}, and never goes upstream.
+        """
+        f = Fault({"abort.grpc_status": "14"})
+        self.assertEqual(f.errors, [])
+        h = f.send(self.GRPC)
+        headers = dict(h.downstream.headers)
+        self.assertEqual((h.downstream.status, h.downstream.body), (200, b""))
+        self.assertEqual((headers[b"content-type"], headers[b"grpc-status"], headers[b"grpc-message"]),
+                         (b"application/grpc", b"14", b"fault filter abort"))
+        self.assertEqual(h.stream.responseFlags, ["FI"])
+        self.assertIsNone(h.upstream.method)
+        self.assertEqual(f.stat("aborts_injected"), 1)
+
+    def test_notGRPCNotAborted(self):
+        """
+        A request that is not gRPC goes on untouched.
+        """
+        f = Fault({"abort.grpc_status": "14"})
+        self.assertEqual(f.run(1, [(b"content-type", b"application/json")]), [200])
+        self.assertEqual(f.stat("aborts_injected"), 0)
+
+    def test_header(self):
+        """
+        With C{headers_control}, C{x-envoy-fault-abort-grpc-request} chooses the gRPC status.
+        """
+        f = Fault({"headers_control": "true"})
+        h = f.send(self.GRPC + [(b"x-envoy-fault-abort-grpc-request", b"8")])
+        self.assertEqual(dict(h.downstream.headers)[b"grpc-status"], b"8")
+
+    def test_bothStatusesRefused(self):
+        """
+        C{abort.http_status} and C{abort.grpc_status} exclude each other.
+        """
+        self.assertEqual(whys(Fault({"abort.http_status": "503", "abort.grpc_status": "14"}).errors),
+                         [("abort.grpc_status", "set abort.http_status or abort.grpc_status, not both")])
+
+
+class ResponseRateLimitTests(unittest.TestCase):
+    """
+    C{response_rate_limit.kbps} paces the response body on the clock.
+    """
+
+    def test_chunkHeldForItsTime(self):
+        """
+        At 2 KiB/s a 1 KiB chunk reaches the client after half a second, and the next one half a second
+        later; C{response_rl_injected} counts the stream.
+        """
+        f = Fault({"response_rate_limit.kbps": "2"})
+        self.assertEqual(f.errors, [])
+        h = f.send()
+        h.respond(200, [], [b"a" * 1024, b"b" * 1024])
+        self.assertEqual(h.downstream.body, b"")
+        f.clock.advance(0.499)
+        self.assertEqual(h.downstream.body, b"")
+        f.clock.advance(0.001)
+        self.assertEqual(h.downstream.body, b"a" * 1024)
+        f.clock.advance(0.5)
+        self.assertEqual(h.downstream.body, b"a" * 1024 + b"b" * 1024)
+        self.assertTrue(h.completed)
+        self.assertEqual((f.stat("response_rl_injected"), f.stat("active_faults")), (1, 0))
+
+    def test_header(self):
+        """
+        With C{headers_control}, C{x-envoy-fault-throughput-response} sets the rate in KiB/s.
+        """
+        f = Fault({"headers_control": "true"})
+        h = f.send([(b"x-envoy-fault-throughput-response", b"1")])
+        h.respond(200, [], [b"x" * 512])
+        f.clock.advance(0.49)
+        self.assertEqual(h.downstream.body, b"")
+        f.clock.advance(0.01)
+        self.assertEqual(h.downstream.body, b"x" * 512)
+
+    def test_percentageZero(self):
+        """
+        At 0% no response is paced.
+        """
+        f = Fault({"response_rate_limit.kbps": "1", "response_rate_limit.percentage": "0"})
+        h = f.send()
+        h.respond(200, [], [b"x" * 4096])
+        self.assertEqual(h.downstream.body, b"x" * 4096)
+
+    def test_holdBounded(self):
+        """
+        A huge chunk at a tiny rate is held at most the bound, not for its full time.
+        """
+        f = Fault({"response_rate_limit.kbps": "1"})
+        h = f.send()
+        h.respond(200, [], [b"x" * (1 << 20)])
+        f.clock.advance(60)
+        self.assertEqual(len(h.downstream.body), 1 << 20)
+
+    def test_timerCancelledOnReset(self):
+        """
+        A stream reset while a chunk is held leaves no timer behind.
+        """
+        f = Fault({"response_rate_limit.kbps": "1"})
+        h = f.send()
+        h.respond(200, [], [b"x" * 1024, b"y"])
+        h.stream.reset("downstream_remote_disconnect")
+        self.assertEqual(f.clock.getDelayedCalls(), [])
+        self.assertEqual(f.stat("active_faults"), 0)
+
+
 class HeaderControlTests(unittest.TestCase):
     """
     C{headers_control = true} obeys the C{x-envoy-fault-*} request headers.
@@ -332,7 +446,8 @@ class ConfigErrorTests(unittest.TestCase):
         A section that injects nothing is an error.
         """
         self.assertEqual(whys(Fault({}).errors), [
-            (None, "injects no fault: set delay.fixed, abort.http_status or headers_control = true"),
+            (None, "injects no fault: set delay.fixed, abort.http_status, abort.grpc_status, "
+                   "response_rate_limit.kbps or headers_control = true"),
         ])
 
     def test_badValues(self):
@@ -362,7 +477,8 @@ class ConfigErrorTests(unittest.TestCase):
         """
         f = Fault({"delay.fixed": "1s", "abort.percentage": "5"})
         self.assertEqual(whys(f.errors), [
-            ("abort.percentage", "has no effect without abort.http_status (or headers_control = true)"),
+            ("abort.percentage", "has no effect without abort.http_status or abort.grpc_status "
+                                 "(or headers_control = true)"),
         ])
 
     def test_unknownKey(self):
@@ -461,4 +577,45 @@ endpoints = tcp:127.0.0.1:{echoPort}
             body = yield response.content()
             self.assertEqual((response.code, body), (503, b"fault filter abort"))
         self.assertEqual(proxy.stats.get("http.edge.fault.aborts_injected").value, 2)
+        self.assertEqual(proxy.stats.get("cluster.echo.upstream_rq_total").value, 0)
+
+
+    @defer.inlineCallbacks
+    def test_grpcAbort(self):
+        """
+        A gRPC request through a real proxy is answered 200 with C{grpc-status: 14} and no body.
+        """
+        echo = MeshService(loadString("[mesh]\nadmin = off\n[echo:e]\nendpoint = tcp:0:interface=127.0.0.1\n"),
+                           reactor)
+        echo.startService()
+        self.addCleanup(echo.stopService)
+        yield echo.whenLive
+        echoPort = echo.echoes["e"].port.getHost().port
+        proxy = MeshService(loadString(f"""
+[mesh]
+admin = off
+[listener:edge]
+endpoint = tcp:0:interface=127.0.0.1
+protocol = http
+filters = chaos, router
+routes = main
+[route:main/all]
+prefix = /
+cluster = echo
+[filter:chaos]
+type = fault
+abort.grpc_status = 14
+[cluster:echo]
+endpoints = tcp:127.0.0.1:{echoPort}
+""", "test.ini"), reactor, seed=1)
+        proxy.startService()
+        self.addCleanup(self.stopProxy, proxy)
+        yield proxy.whenLive
+        url = f"http://127.0.0.1:{proxy.listeners['edge'].port.getHost().port}/svc.Echo/Say"
+        response = yield treq.post(url, data=b"", headers={b"content-type": [b"application/grpc"]},
+                                   persistent=False)
+        body = yield response.content()
+        self.assertEqual((response.code, body), (200, b""))
+        self.assertEqual(response.headers.getRawHeaders(b"grpc-status"), [b"14"])
+        self.assertEqual(response.headers.getRawHeaders(b"grpc-message"), [b"fault filter abort"])
         self.assertEqual(proxy.stats.get("cluster.echo.upstream_rq_total").value, 0)

@@ -167,6 +167,9 @@ class Response:
 
     @property
     def status(self) -> int:
+        """
+        The C{:status}, as an int.
+        """
         return int(dict(self.headers)[b":status"])
 
 
@@ -190,6 +193,9 @@ class Peer:
         self.pump()
 
     def pump(self) -> None:
+        """
+        Move bytes both ways until neither side has anything to say.
+        """
         while True:
             out = self.client.data_to_send()
             if out:
@@ -203,6 +209,9 @@ class Peer:
                 return
 
     def handle(self, event) -> None:
+        """
+        Record a client event on its stream's L{Response}.
+        """
         self.events.append(event)
         sid = getattr(event, "stream_id", None)
         r = self.responses.setdefault(sid, Response()) if sid else None
@@ -220,6 +229,9 @@ class Peer:
             r.reset = event.error_code
 
     def request(self, fields, body: Optional[bytes] = None, end: bool = True) -> int:
+        """
+        Open a stream with C{fields} (and C{body}); return its id once the server has had its say.
+        """
         sid = self.client.get_next_available_stream_id()
         self.client.send_headers(sid, fields, end_stream=body is None and end)
         if body is not None:
@@ -237,6 +249,9 @@ class Peer:
         self.pump()
 
     def goaway(self):
+        """
+        The GOAWAYs the client received.
+        """
         return [e for e in self.events if isinstance(e, ConnectionTerminated)]
 
 
@@ -249,6 +264,9 @@ def h2(*makers, **settings):
 
 
 def stat(stats, name: str) -> int:
+    """
+    The value of the listener's stat C{http.web.<name>}.
+    """
     return stats.get("http.web." + name).value
 
 
@@ -754,11 +772,12 @@ class GoAwayTests(unittest.TestCase):
         After the client's graceful GOAWAY, its open streams are still answered; then the connection closes.
         """
         peer, proto, clock, stats = h2(lambda s: Hold())
-        sid = peer.request(head())
+        peer.request(head())
         peer.client.close_connection()
         peer.pump()
         self.assertFalse(proto.transport.disconnecting)
         Hold.streams[0].respond(200, b"bye")
+        # (h2's client takes no frame after its own GOAWAY, so the bytes are checked as they are.)
         out = proto.transport.value()
         self.assertIn(b"bye", out)
         self.assertTrue(proto.transport.disconnecting)
@@ -851,15 +870,24 @@ class H2ClientProtocol(protocol.Protocol):
         self.closed = defer.Deferred()
 
     def connectionMade(self):
+        """
+        Send the preface.
+        """
         self.conn.initiate_connection()
         self.flush()
 
     def flush(self):
+        """
+        Write what h2 queued.
+        """
         data = self.conn.data_to_send()
         if data:
             self.transport.write(data)
 
     def request(self, path: bytes, method: bytes = b"GET", body: Optional[bytes] = None, extra=()) -> defer.Deferred:
+        """
+        Start a request; the Deferred (with the stream id as C{sid}) fires with its L{Response}.
+        """
         sid = self.conn.get_next_available_stream_id()
         self.conn.send_headers(sid, head(path, method, extra), end_stream=body is None)
         self.responses[sid] = Response()
@@ -872,10 +900,16 @@ class H2ClientProtocol(protocol.Protocol):
         return d
 
     def reset(self, sid: int) -> None:
+        """
+        Cancel stream C{sid}.
+        """
         self.conn.reset_stream(sid, ErrorCodes.CANCEL)
         self.flush()
 
     def sendBodies(self):
+        """
+        Send what the windows allow of the bodies still to send.
+        """
         for sid, body in list(self.bodies.items()):
             while body:
                 n = min(len(body), self.conn.local_flow_control_window(sid), self.conn.max_outbound_frame_size)
@@ -889,6 +923,9 @@ class H2ClientProtocol(protocol.Protocol):
                 del self.bodies[sid]
 
     def dataReceived(self, data):
+        """
+        Dispatch the server's frames.
+        """
         for event in self.conn.receive_data(data):
             sid = getattr(event, "stream_id", None)
             r = self.responses.get(sid)
@@ -910,6 +947,9 @@ class H2ClientProtocol(protocol.Protocol):
         self.flush()
 
     def connectionLost(self, reason):
+        """
+        Fire C{closed}.
+        """
         self.closed.callback(None)
 
 
@@ -922,12 +962,18 @@ class ScriptedOrigin(protocol.Protocol):
     connections: List = []
 
     def connectionMade(self):
+        """
+        Count the connection.
+        """
         self.buffer = b""
         self.lost = defer.Deferred()
         self.requests = []
         ScriptedOrigin.connections.append(self)
 
     def dataReceived(self, data):
+        """
+        Read the request (and skip its chunked body); answer C{/trailers}.
+        """
         self.buffer += data
         if self.requests and not self.bodyDone:
             # The one request's chunked body: read to its end, unparsed.
@@ -946,6 +992,9 @@ class ScriptedOrigin(protocol.Protocol):
                                      b"5\r\nhello\r\n0\r\ngrpc-status: 0\r\ngrpc-message: done\r\n\r\n")
 
     def connectionLost(self, reason):
+        """
+        Fire C{lost}.
+        """
         self.lost.callback(None)
 
 
@@ -971,11 +1020,17 @@ cluster = raw
         yield super().setUp()
 
     def startProxy(self, originPort: int, extra: str = ""):
+        """
+        The proxy of L{HTTPTestBase}, with a C{raw} cluster for the scripted origin.
+        """
         extra += f"\n[cluster:raw]\nendpoints = tcp:127.0.0.1:{self.rawPort.getHost().port}\nconnect_timeout = 1s\n"
         return super().startProxy(originPort, extra)
 
     @defer.inlineCallbacks
     def client(self) -> defer.Deferred:
+        """
+        An HTTP/2 client connected to the proxy (closed at cleanup).
+        """
         client = H2ClientProtocol()
         yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), client)
         self.addCleanup(lambda: client.closed)

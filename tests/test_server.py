@@ -420,3 +420,32 @@ class FilterFailureTests(unittest.TestCase):
         self.assertEqual(t.producerState, "producing")
         proto.dataReceived(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertTrue(t.value().endswith(b"fine"))
+
+
+class ResponseGateTests(unittest.TestCase):
+    """
+    The active response's producer is paused while the client is slow or a filter holds the response.
+    """
+
+    def test_filterHoldOutlastsTransport(self):
+        """
+        A transport that drains does not resume an upstream a response filter still holds.
+        """
+        from twisted.internet.testing import StringTransport as Upstream
+
+        Hold.streams = []
+        proto, t, clock, stats = connect(Hold)
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        [stream] = Hold.streams
+        upstream = Upstream()
+        proto.registerResponseProducer(upstream)
+        proto.pauseResponse(stream)
+        self.assertEqual(upstream.producerState, "paused")
+        proto.responseGate.pauseProducing()  # the downstream transport's buffer filled...
+        proto.responseGate.resumeProducing()  # ...and drained
+        self.assertEqual(upstream.producerState, "paused")
+        proto.resumeResponse(stream)
+        self.assertEqual(upstream.producerState, "producing")
+        proto.responseGate.pauseProducing()
+        proto.unregisterResponseProducer()
+        self.assertEqual(upstream.producerState, "producing", "a detached upstream is left reading")

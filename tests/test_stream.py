@@ -171,7 +171,9 @@ class PauseTests(unittest.TestCase):
         h.request()
         h.respond(200, body=[b"x", b"y"])
         self.assertIsNone(h.downstream.status)
+        self.assertEqual(h.codec.responsePaused, 1, "the upstream must be paused while a filter holds")
         d.callback(None)
+        self.assertEqual(h.codec.responsePaused, 0)
         self.assertEqual((h.downstream.status, h.downstream.body), (200, b"xy"))
         self.assertTrue(h.completed)
 

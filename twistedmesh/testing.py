@@ -88,6 +88,7 @@ class _Codec:
     def __init__(self, harness: "FilterHarness") -> None:
         self.harness = harness
         self.paused = 0
+        self.responsePaused = 0
         self.resets: List[str] = []
 
     def pauseRequest(self, stream: Stream) -> None:
@@ -95,6 +96,12 @@ class _Codec:
 
     def resumeRequest(self, stream: Stream) -> None:
         self.paused -= 1
+
+    def pauseResponse(self, stream: Stream) -> None:
+        self.responsePaused += 1
+
+    def resumeResponse(self, stream: Stream) -> None:
+        self.responsePaused -= 1
 
     def localReplyStarted(self, stream: Stream, body: bytes) -> None:
         pass

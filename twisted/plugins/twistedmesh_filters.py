@@ -7,12 +7,18 @@ from twistedmesh.filters.fault import FaultFactory
 from twistedmesh.filters.headers import HeadersFactory
 from twistedmesh.filters.health_check import HealthCheckFactory
 from twistedmesh.filters.ratelimit import LocalRateLimitFactory
+from twistedmesh.filters.ratelimit_global import GlobalRateLimitFactory
 from twistedmesh.filters.router import RouterFactory
+from twistedmesh.filters.tcp_fault import TCPFaultFactory
+from twistedmesh.filters.tcp_ratelimit import TCPLocalRateLimitFactory
 from twistedmesh.listener.tcp_proxy import TCPProxyFactory
 
 tcpProxy = TCPProxyFactory()
 router = RouterFactory()
 headers = HeadersFactory()
 localRateLimit = LocalRateLimitFactory()
+globalRateLimit = GlobalRateLimitFactory()
 fault = FaultFactory()
 healthCheck = HealthCheckFactory()
+tcpFault = TCPFaultFactory()
+tcpLocalRateLimit = TCPLocalRateLimitFactory()

@@ -15,10 +15,24 @@ and then goes on; the response flag C{DI} is set. An aborted request is answered
 status and the body C{fault filter abort} (flag C{FI}, details C{fault_filter_abort}). As in Envoy, the
 delay comes first and the abort is decided when it ends, so one request may get both.
 
+For gRPC requests (C{content-type: application/grpc...}), C{abort.grpc_status = N} (instead of
+C{abort.http_status}; the two exclude each other, as in Envoy) answers HTTP 200 with a trailers-only gRPC
+reply: C{content-type: application/grpc}, C{grpc-status: N}, C{grpc-message: fault filter abort} and no
+body. Requests that are not gRPC are not aborted by it.
+
+C{response_rate_limit.kbps = K} (with C{response_rate_limit.percentage}) throttles the response body of
+the chosen requests to K KiB/s: each chunk is held (the filter's C{responseData} returns a Deferred) for
+the time its bytes take at that rate, counted in C{response_rl_injected}. A chunk is paced whole: the
+granularity is the size of the chunks the upstream connection delivers (at most 64 KiB a read), and each
+chunk is held at most C{_MAX_CHUNK_HOLD} seconds (a larger chunk is sent at that bound, so a huge chunk
+at a tiny rate cannot hold the stream for hours).
+
 With C{headers_control = true} the client chooses: C{x-envoy-fault-delay-request} (milliseconds) and
 C{x-envoy-fault-abort-request} (a status) replace the configured delay and status for that request, and
 C{x-envoy-fault-delay-request-percentage} / C{x-envoy-fault-abort-request-percentage} its percentage,
-capped at the configured one (default 100). Only enable it where clients are trusted.
+capped at the configured one (default 100). C{x-envoy-fault-abort-grpc-request} (a gRPC status) asks
+for a gRPC abort, and C{x-envoy-fault-throughput-response} (KiB/s) for a response rate limit, with
+C{x-envoy-fault-throughput-response-percentage}. Only enable it where clients are trusted.
 
 Randomness comes from the injected C{context.random} and time from C{context.reactor}, so tests are exact.
 Each stream gets its own L{FaultFilter} (it holds the stream's delay timer, which C{streamComplete}
@@ -45,6 +59,12 @@ DELAY_HEADER = b"x-envoy-fault-delay-request"
 DELAY_PERCENTAGE_HEADER = b"x-envoy-fault-delay-request-percentage"
 ABORT_HEADER = b"x-envoy-fault-abort-request"
 ABORT_PERCENTAGE_HEADER = b"x-envoy-fault-abort-request-percentage"
+GRPC_ABORT_HEADER = b"x-envoy-fault-abort-grpc-request"
+THROUGHPUT_HEADER = b"x-envoy-fault-throughput-response"
+THROUGHPUT_PERCENTAGE_HEADER = b"x-envoy-fault-throughput-response-percentage"
+_GRPC_CONTENT_TYPE = b"application/grpc"
+# The longest a rate-limited response chunk is held: bounds the hold of one chunk whatever its size.
+_MAX_CHUNK_HOLD = 60.0
 _BODY = b"fault filter abort"
 _LABEL = re.compile(r"^[A-Za-z0-9_-]+$")
 # A header's milliseconds or status: a bounded run of digits (int() of a huge digit string is slow, and
@@ -61,6 +81,9 @@ class FaultSettings:
     @ivar delayPercentage: the share of requests to delay, 0 to 100.
     @ivar abortStatus: the configured abort status, or C{None}.
     @ivar abortPercentage: the share of requests to abort, 0 to 100.
+    @ivar grpcStatus: the configured gRPC abort status (for gRPC requests), or C{None}.
+    @ivar rateKbps: the configured response rate limit in KiB/s, or C{None}.
+    @ivar ratePercentage: the share of responses to rate-limit, 0 to 100.
     @ivar headersControl: whether the C{x-envoy-fault-*} request headers are obeyed.
     @ivar maxActive: at most this many streams with a fault at once, or C{None} for no limit.
     @ivar active: streams of this section with a fault now (the C{active_faults} gauge counts those of
@@ -69,19 +92,24 @@ class FaultSettings:
 
     def __init__(self, clock, random, delay: Optional[float], delayPercentage: float,
                  abortStatus: Optional[int], abortPercentage: float, headersControl: bool,
-                 maxActive: Optional[int], scope) -> None:
+                 maxActive: Optional[int], scope, grpcStatus: Optional[int] = None,
+                 rateKbps: Optional[int] = None, ratePercentage: float = 100.0) -> None:
         self.clock = clock
         self.random = random
         self.delay = delay
         self.delayPercentage = delayPercentage
         self.abortStatus = abortStatus
         self.abortPercentage = abortPercentage
+        self.grpcStatus = grpcStatus
+        self.rateKbps = rateKbps
+        self.ratePercentage = ratePercentage
         self.headersControl = headersControl
         self.maxActive = maxActive
         self.active = 0
         self.delaysInjected = scope.counter("delays_injected")
         self.abortsInjected = scope.counter("aborts_injected")
         self.faultsOverflow = scope.counter("faults_overflow")
+        self.responseRateLimited = scope.counter("response_rl_injected")
         self.activeFaults = scope.gauge("active_faults")
 
     def roll(self, percentage: float) -> bool:
@@ -130,14 +158,16 @@ class FaultFilter(HTTPFilter):
 
     @ivar timer: the pending delay's L{IDelayedCall}, or C{None}.
     @ivar active: whether this stream holds one of the section's active faults.
+    @ivar rate: this stream's response rate limit in bytes per second, or C{None}.
     """
 
-    __slots__ = ("settings", "timer", "active")
+    __slots__ = ("settings", "timer", "active", "rate")
 
     def __init__(self, settings: FaultSettings) -> None:
         self.settings = settings
         self.timer = None
         self.active = False
+        self.rate: Optional[float] = None
 
     def __repr__(self) -> str:
         return f"<FaultFilter active={self.active}>"
@@ -149,6 +179,8 @@ class FaultFilter(HTTPFilter):
         s = self.settings
         delay, delayPercentage = s.delay, s.delayPercentage
         abort, abortPercentage = s.abortStatus, s.abortPercentage
+        grpc = s.grpcStatus
+        kbps, ratePercentage = s.rateKbps, s.ratePercentage
         if s.headersControl:
             ms = _headerNumber(stream.getRequestHeader(DELAY_HEADER))
             if ms is not None:
@@ -161,6 +193,22 @@ class FaultFilter(HTTPFilter):
                 abort = status
                 abortPercentage = _headerPercentage(stream.getRequestHeader(ABORT_PERCENTAGE_HEADER),
                                                     s.abortPercentage)
+            grpcHeader = _headerNumber(stream.getRequestHeader(GRPC_ABORT_HEADER))
+            if grpcHeader is not None:
+                grpc = grpcHeader
+                abortPercentage = _headerPercentage(stream.getRequestHeader(ABORT_PERCENTAGE_HEADER),
+                                                    s.abortPercentage)
+            asked = _headerNumber(stream.getRequestHeader(THROUGHPUT_HEADER))
+            if asked:  # 0 or absent: no header-driven limit
+                kbps = asked
+                ratePercentage = _headerPercentage(stream.getRequestHeader(THROUGHPUT_PERCENTAGE_HEADER),
+                                                   s.ratePercentage)
+        if grpc is not None and _isGRPC(stream):
+            # A gRPC request is answered with its gRPC status; an HTTP status would break its client.
+            abort = ("grpc", grpc)
+        if kbps is not None and s.roll(ratePercentage) and self._activate():
+            s.responseRateLimited.value += 1
+            self.rate = kbps * 1024.0
         if delay is not None and s.roll(delayPercentage):
             if not self._activate():
                 return None
@@ -181,9 +229,10 @@ class FaultFilter(HTTPFilter):
         self.timer = None
         return self._maybeAbort(stream, abort, abortPercentage)
 
-    def _maybeAbort(self, stream: Stream, abort: Optional[int], abortPercentage: float) -> object:
+    def _maybeAbort(self, stream: Stream, abort: object, abortPercentage: float) -> object:
         """
-        Answer with C{abort} for C{abortPercentage} of requests; C{None} for the others.
+        Answer with C{abort} (an HTTP status, or C{("grpc", status)}) for C{abortPercentage} of requests;
+        C{None} for the others.
         """
         s = self.settings
         if abort is None or not s.roll(abortPercentage):
@@ -191,7 +240,32 @@ class FaultFilter(HTTPFilter):
         if not self._activate():
             return None
         s.abortsInjected.value += 1
+        if abort.__class__ is tuple:
+            # Trailers-only: the status travels in the headers of an HTTP 200 with no body.
+            return stream.respond(200, b"", [
+                (b"content-type", _GRPC_CONTENT_TYPE),
+                (b"grpc-status", b"%d" % abort[1]),
+                (b"grpc-message", _BODY),
+            ], flag="FI", details="fault_filter_abort")
         return stream.respond(abort, _BODY, flag="FI", details="fault_filter_abort")
+
+    def responseData(self, stream: Stream, data: bytes, end: bool) -> object:
+        """
+        Under a response rate limit, hold C{data} for the time its bytes take at the rate.
+        """
+        rate = self.rate
+        if rate is None or not data:
+            return None
+        d: Deferred = Deferred()
+        self.timer = self.settings.clock.callLater(min(len(data) / rate, _MAX_CHUNK_HOLD), self._released, d)
+        return d
+
+    def _released(self, d: Deferred) -> None:
+        """
+        A rate-limited chunk's time is up: let it go on.
+        """
+        self.timer = None
+        d.callback(None)
 
     def _activate(self) -> bool:
         """
@@ -211,7 +285,7 @@ class FaultFilter(HTTPFilter):
 
     def streamComplete(self, stream: Stream) -> None:
         """
-        Cancel a delay still pending (the client went away, say) and release the stream's active fault.
+        Cancel a delay (or a rate-limited chunk's hold) still pending (the client went away, say) and release the stream's active fault.
         """
         timer, self.timer = self.timer, None
         if timer is not None and timer.active():
@@ -222,6 +296,14 @@ class FaultFilter(HTTPFilter):
             s = self.settings
             s.active -= 1
             s.activeFaults.value -= 1
+
+
+def _isGRPC(stream: Stream) -> bool:
+    """
+    Whether C{stream}'s request is gRPC: its content-type is C{application/grpc} or C{application/grpc+...}.
+    """
+    value = stream.getRequestHeader(b"content-type")
+    return value is not None and value.strip().lower().startswith(_GRPC_CONTENT_TYPE)
 
 
 def _percentage(options: Options, key: str) -> float:
@@ -248,9 +330,11 @@ class FaultFactory:
     The C{fault} plugin (see the module docstring and docs/traffic.md).
 
     Options: C{delay.fixed} (a duration), C{delay.percentage} (0 to 100, default 100), C{abort.http_status}
-    (200 to 599), C{abort.percentage} (default 100), C{headers_control} (default false),
-    C{max_active_faults} (default: no limit), C{stat_prefix} (default C{fault}). At least one of
-    C{delay.fixed}, C{abort.http_status} and C{headers_control} is required.
+    (200 to 599) or C{abort.grpc_status} (0 up), C{abort.percentage} (default 100),
+    C{response_rate_limit.kbps} (KiB/s, 1 up), C{response_rate_limit.percentage} (default 100),
+    C{headers_control} (default false), C{max_active_faults} (default: no limit), C{stat_prefix} (default
+    C{fault}). At least one of C{delay.fixed}, C{abort.http_status}, C{abort.grpc_status},
+    C{response_rate_limit.kbps} and C{headers_control} is required.
     """
 
     name = "fault"
@@ -264,7 +348,10 @@ class FaultFactory:
         delay = options.duration("delay.fixed", None)
         delayPercentage = _percentage(options, "delay.percentage")
         status = options.integer("abort.http_status", None, minimum=200)
+        grpcStatus = options.integer("abort.grpc_status", None, minimum=0)
         abortPercentage = _percentage(options, "abort.percentage")
+        kbps = options.integer("response_rate_limit.kbps", None, minimum=1)
+        ratePercentage = _percentage(options, "response_rate_limit.percentage")
         headersControl = bool(options.boolean("headers_control", False))
         maxActive = options.integer("max_active_faults", None, minimum=0)
         prefix = options.string("stat_prefix", "fault")
@@ -274,19 +361,29 @@ class FaultFactory:
         if status is not None and status > 599:
             options.error("abort.http_status", f"{status} is not a status from 200 to 599")
             status = None
+        if "abort.http_status" in options and "abort.grpc_status" in options:
+            options.error("abort.grpc_status", "set abort.http_status or abort.grpc_status, not both")
         if not headersControl:
-            for key, needs in (("delay.percentage", "delay.fixed"), ("abort.percentage", "abort.http_status")):
+            for key, needs in (("delay.percentage", "delay.fixed"),
+                               ("response_rate_limit.percentage", "response_rate_limit.kbps")):
                 if key in options and needs not in options:
                     options.error(key, f"has no effect without {needs} (or headers_control = true)")
-        if not (headersControl or "delay.fixed" in options or "abort.http_status" in options):
-            options.error(None, "injects no fault: set delay.fixed, abort.http_status or headers_control = true")
+            if ("abort.percentage" in options and "abort.http_status" not in options
+                    and "abort.grpc_status" not in options):
+                options.error("abort.percentage", "has no effect without abort.http_status or abort.grpc_status "
+                                                  "(or headers_control = true)")
+        if not (headersControl or any(k in options for k in ("delay.fixed", "abort.http_status",
+                                                               "abort.grpc_status", "response_rate_limit.kbps"))):
+            options.error(None, "injects no fault: set delay.fixed, abort.http_status, abort.grpc_status, "
+                                "response_rate_limit.kbps or headers_control = true")
         if prefix is not None and not _LABEL.match(prefix):
             options.error("stat_prefix", f"{prefix!r} may hold only letters, digits, _ and -: it becomes part "
                                          "of stat names")
             prefix = "fault"
         scope = context.stats.scope("http", context.listener.name).scope(prefix or "fault")
         settings = FaultSettings(context.reactor, context.random, delay, delayPercentage, status,
-                                 abortPercentage, headersControl, maxActive, scope)
+                                 abortPercentage, headersControl, maxActive, scope, grpcStatus, kbps,
+                                 ratePercentage)
 
         def make(stream: Stream) -> FaultFilter:
             """

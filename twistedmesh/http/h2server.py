@@ -71,8 +71,8 @@ from zope.interface import implementer
 from .server import HTTPSettings, HTTPStats, _requestId
 from .stream import Headers, Stream
 
-# Connection-specific fields (RFC 9113 section 8.2.2): never sent in HTTP/2. A "te" field is allowed only as
-# "te: trailers" and is filtered separately.
+# Connection-specific fields (RFC 9113 section 8.2.2) are never sent in HTTP/2; "te" is allowed only as
+# "te: trailers" (filtered separately), and "host" has no place in a response.
 _CONNECTION_SPECIFIC = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
                                   b"upgrade", b"te", b"host"))
 _NO_BODY_STATUSES = frozenset((204, 304))
@@ -160,7 +160,7 @@ class _StreamCodec:
 
     __slots__ = ("conn", "sid", "stream", "pauses", "heldAck", "bodyPaused", "producer", "producerPaused",
                  "pending", "pendingEnd", "pendingTrailers", "bodyAllowed", "requestEnded", "responseSent",
-                 "openedAt", "finished")
+                 "openedAt", "finished", "filterHeld")
 
     def __init__(self, conn: "HTTP2Connection", sid: int, openedAt: float) -> None:
         self.conn = conn
@@ -171,6 +171,7 @@ class _StreamCodec:
         self.bodyPaused = False
         self.producer = None
         self.producerPaused = False
+        self.filterHeld = 0  # response filters holding the response (see pauseResponse)
         self.pending: Optional[Deque[memoryview]] = None
         self.pendingEnd = False
         self.pendingTrailers: Optional[Headers] = None
@@ -226,7 +227,10 @@ class _StreamCodec:
         self.resumeProducing()
 
     def _received(self, length: int) -> None:
-        # Called after a chunk was handed to the stream: ack it unless that (or anything) paused us.
+        """
+        A chunk of C{length} flow-controlled bytes was handed to the stream: acknowledge it, unless that
+        (or anything else) paused the request.
+        """
         if self.pauses:
             self.heldAck += length
         else:
@@ -235,6 +239,9 @@ class _StreamCodec:
             conn._written()
 
     def _releaseAck(self) -> None:
+        """
+        Acknowledge what was held while the request was paused.
+        """
         held, self.heldAck = self.heldAck, 0
         conn = self.conn
         if conn.terminated:
@@ -338,6 +345,18 @@ class _StreamCodec:
         self.producerPaused = False
         self._updateProducer()
 
+    def pauseResponse(self, stream: Stream) -> None:
+        """
+        A response filter holds the response: pause the upstream until it lets go.
+        """
+        self.filterHeld += 1
+        self._updateProducer()
+
+    def resumeResponse(self, stream: Stream) -> None:
+        if self.filterHeld > 0:
+            self.filterHeld -= 1
+            self._updateProducer()
+
     def unregisterResponseProducer(self) -> None:
         """
         The upstream is done with this stream. A transport we paused is resumed: it may go back to its pool,
@@ -358,6 +377,10 @@ class _StreamCodec:
     # -- sending under flow control -----------------------------------------------------------------------------
 
     def _send(self, data: bytes, end: bool) -> None:
+        """
+        Send C{data} in as many frames as the windows and the peer's frame size allow; queue the rest (and
+        the end) and pause the producer.
+        """
         h2c = self.conn.h2
         sid = self.sid
         size = len(data)
@@ -424,6 +447,9 @@ class _StreamCodec:
             self._updateProducer()
 
     def _sendTrailers(self, fields: Headers) -> None:
+        """
+        End the stream with C{fields} as trailers (with an empty DATA frame if a filter removed them all).
+        """
         h2c = self.conn.h2
         if fields:
             h2c.send_headers(self.sid, fields, end_stream=True)
@@ -432,11 +458,14 @@ class _StreamCodec:
         self._sent()
 
     def _updateProducer(self) -> None:
-        # Pause the upstream while anything waits for the client's window or the client's socket is full.
+        """
+        Pause the response producer while anything waits for the client's window or the client's socket is
+        full; resume it when neither holds.
+        """
         producer = self.producer
         if producer is None:
             return
-        blocked = bool(self.pending) or self.conn.writeBlocked
+        blocked = bool(self.pending) or self.conn.writeBlocked or self.filterHeld > 0
         if blocked and not self.producerPaused:
             self.producerPaused = True
             producer.pauseProducing()
@@ -445,7 +474,9 @@ class _StreamCodec:
             producer.resumeProducing()
 
     def _sent(self) -> None:
-        # END_STREAM is queued: the response is complete on our side.
+        """
+        END_STREAM is queued: the response is complete on our side, and so is the stream.
+        """
         self.responseSent = True
         if not self.requestEnded:
             # The answer did not need the rest of the request: ask the client to stop sending it.
@@ -496,6 +527,9 @@ class HTTP2Connection(protocol.Protocol):
     # -- connection lifecycle ---------------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        """
+        Send our SETTINGS (the limits) and open the connection window.
+        """
         if self.factory is not None:
             self.factory.connectionOpened(self)
         transport = self.transport
@@ -508,9 +542,15 @@ class HTTP2Connection(protocol.Protocol):
         self.h2Stats.downstream_cx_http2_active.value += 1
         limits = self.limits
         maxHeaderList = limits.maxHeaderListSize or self.settings.maxHeaderBytes
+        # Inbound fields are h2's to check (a client's are untrusted). Outbound checking is switched off: it
+        # costs about a tenth of a request's CPU and adds nothing, since names are lowercase by the Stream's
+        # contract, the upstream's HTTP/1.1 parser has already rejected bad characters, and
+        # _responseFields drops what HTTP/2 forbids.
         h2c = self.h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None,
                                                      validate_inbound_headers=True,
-                                                     normalize_inbound_headers=True))
+                                                     normalize_inbound_headers=True,
+                                                     validate_outbound_headers=False,
+                                                     normalize_outbound_headers=False))
         # Our SETTINGS must be in force from the first frame on (a client may use them before it ACKs), so
         # they replace h2's initial values rather than being sent as a later update.
         h2c.local_settings = Settings(client=False, initial_values={
@@ -533,6 +573,9 @@ class HTTP2Connection(protocol.Protocol):
             self.idleTimer = self.settings.clock.callLater(timeout, self._idle)
 
     def dataReceived(self, data: bytes) -> None:
+        """
+        Bytes from the client: through h2, then each event to its handler; one flush at the end.
+        """
         if self.terminated:
             return
         if self.idleTimer is not None:
@@ -575,6 +618,9 @@ class HTTP2Connection(protocol.Protocol):
         self._written()
 
     def connectionLost(self, reason) -> None:
+        """
+        The connection is gone: streams still open end as client disconnects (C{DC}).
+        """
         self.disconnected = True
         self.terminated = True
         if self.idleTimer is not None and self.idleTimer.active():
@@ -635,6 +681,9 @@ class HTTP2Connection(protocol.Protocol):
     # -- events ----------------------------------------------------------------------------------------------
 
     def _requestReceived(self, event: RequestReceived) -> None:
+        """
+        A request head: a new L{Stream} running the listener's filters (or refused, see below).
+        """
         sid = event.stream_id
         if self.goingAway and sid > self.lastStreamId:
             # Opened after our GOAWAY: refused, so the client may safely retry it on a new connection.
@@ -723,6 +772,9 @@ class HTTP2Connection(protocol.Protocol):
             self._goAway()
 
     def _dataReceived(self, event: DataReceived) -> None:
+        """
+        Request body: to the stream, then acknowledged (or held, see L{_StreamCodec._received}).
+        """
         codec = self.streams.get(event.stream_id)
         length = event.flow_controlled_length
         if codec is None:
@@ -740,18 +792,28 @@ class HTTP2Connection(protocol.Protocol):
             self.h2.acknowledge_received_data(length, event.stream_id)
 
     def _streamEnded(self, event: StreamEnded) -> None:
+        """
+        The request ended without trailers (unless its last DATA frame already said so).
+        """
         codec = self.streams.get(event.stream_id)
         if codec is not None and not codec.requestEnded:
             codec.requestEnded = True
             codec.stream.receiveRequestData(b"", True)
 
     def _trailersReceived(self, event: TrailersReceived) -> None:
+        """
+        The request ended with trailers.
+        """
         codec = self.streams.get(event.stream_id)
         if codec is not None and not codec.requestEnded:
             codec.requestEnded = True
             codec.stream.receiveRequestTrailers([f for f in event.headers if f[0][:1] != b":"])
 
     def _streamReset(self, event: StreamReset) -> None:
+        """
+        The client reset a stream (or h2 did, for a stream-level error): the stream is over, its upstream
+        abandoned by the router's C{streamComplete}; then the rapid-reset check.
+        """
         codec = self.streams.get(event.stream_id)
         if codec is None:
             return
@@ -779,6 +841,9 @@ class HTTP2Connection(protocol.Protocol):
             self._terminate(ErrorCodes.ENHANCE_YOUR_CALM)
 
     def _windowUpdated(self, event: Optional[WindowUpdated]) -> None:
+        """
+        A window opened (C{None}: every stream's, by a new SETTINGS_INITIAL_WINDOW_SIZE): send what waits.
+        """
         blocked = self.blocked
         if not blocked:
             return
@@ -800,6 +865,9 @@ class HTTP2Connection(protocol.Protocol):
                 blocked[codec.sid] = codec
 
     def _connectionTerminated(self, event: ConnectionTerminated) -> None:
+        """
+        The client sent GOAWAY.
+        """
         if event.error_code != _NO_ERROR or not self.streams:
             self.terminated = True
             self._close()
@@ -815,6 +883,10 @@ class HTTP2Connection(protocol.Protocol):
     # -- completion, GOAWAY, flushing ----------------------------------------------------------------------------
 
     def _finishStream(self, codec: _StreamCodec) -> None:
+        """
+        The stream is over, whichever way: count it out, complete it (every filter's C{streamComplete}),
+        log it; and close the connection if it was the last one a GOAWAY waited for.
+        """
         if codec.finished:
             return
         codec.finished = True
@@ -898,6 +970,9 @@ class HTTP2Connection(protocol.Protocol):
         self._close()
 
     def _idle(self) -> None:
+        """
+        The idle timeout: close the connection if no stream is open, else look again later.
+        """
         self.idleTimer = None
         if self.streams or self.terminated:
             if not self.terminated:

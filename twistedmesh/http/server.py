@@ -111,6 +111,61 @@ class _RequestBodyProducer:
         self.resumeProducing()
 
 
+@implementer(IPushProducer)
+class _ResponseGate:
+    """
+    What the downstream transport sees as the producer of the active response: the upstream connection,
+    paused while the transport's buffer is full I{or} while a response filter holds the response (a slow
+    filter must not make the proxy queue the upstream's whole body). Resumed only when neither holds.
+    """
+
+    __slots__ = ("target", "transportPaused", "held", "applied")
+
+    def __init__(self) -> None:
+        self.target = None
+        self.transportPaused = False
+        self.held = 0
+        self.applied = False  # whether we have the target paused
+
+    def attach(self, target) -> None:
+        self.target = target
+        self.transportPaused = False
+        self.held = 0
+        self.applied = False
+
+    def detach(self) -> None:
+        target, self.target = self.target, None
+        if target is not None and self.applied:
+            # It may go back to its pool, where it must read to notice the upstream closing it.
+            self.applied = False
+            target.resumeProducing()
+
+    def _sync(self) -> None:
+        target = self.target
+        if target is None:
+            return
+        want = self.transportPaused or self.held > 0
+        if want != self.applied:
+            self.applied = want
+            if want:
+                target.pauseProducing()
+            else:
+                target.resumeProducing()
+
+    def pauseProducing(self) -> None:
+        self.transportPaused = True
+        self._sync()
+
+    def resumeProducing(self) -> None:
+        self.transportPaused = False
+        self._sync()
+
+    def stopProducing(self) -> None:
+        target = self.target
+        if target is not None:
+            target.stopProducing()
+
+
 class _Pending:
     """
     A pipelined request parsed while an earlier one is still being answered.
@@ -146,6 +201,7 @@ class HTTPConnection(protocol.Protocol):
         self.idleTimer = None
         self.headersTimer = None
         self.bodyProducer = _RequestBodyProducer(self)
+        self.responseGate = _ResponseGate()
         self.awaitingHead = True  # no request head is in progress: the next byte starts one
         self.finishing = False  # answer what is queued, then close (draining, or after a malformed request)
         self.tunnel = None  # after a 101: the Tunnel that now owns both connections
@@ -471,11 +527,28 @@ class HTTPConnection(protocol.Protocol):
         The router's upstream connection produces the active response: a slow downstream pauses it.
         """
         if not self.disconnected:
-            self.transport.registerProducer(producer, True)
+            gate = self.responseGate
+            gate.attach(producer)
+            self.transport.registerProducer(gate, True)
 
     def unregisterResponseProducer(self) -> None:
-        if not self.disconnected and self.transport.producer is not None:
+        gate = self.responseGate
+        if not self.disconnected and self.transport.producer is gate:
             self.transport.unregisterProducer()
+        gate.detach()
+
+    def pauseResponse(self, stream: Stream) -> None:
+        """
+        A response filter holds the response: stop reading the upstream until it lets go.
+        """
+        self.responseGate.held += 1
+        self.responseGate._sync()
+
+    def resumeResponse(self, stream: Stream) -> None:
+        gate = self.responseGate
+        if gate.held > 0:
+            gate.held -= 1
+            gate._sync()
 
     # -- completion and the next pipelined request ------------------------------------------------------------
 

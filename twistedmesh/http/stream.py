@@ -418,9 +418,18 @@ class Stream:
 
     def _pauseResponse(self, kind, index, payload, end, d: Deferred) -> None:
         self._respPaused = True
+        # Later response events wait in _respQueue: stop the upstream meanwhile, so that queue stays small.
+        self.codec.pauseResponse(self)
+        held = [True]
+
+        def release() -> None:
+            if held:
+                held.pop()
+                self._respPaused = False
+                self.codec.resumeResponse(self)
 
         def resumed(result):
-            self._respPaused = False
+            release()
             if self._completed:
                 return
             nextPayload = payload
@@ -435,7 +444,14 @@ class Stream:
                 k, s, p, e = queue.pop(0)
                 self._response(k, s, p, e)
 
-        d.addCallbacks(resumed, self._filterFailed, errbackArgs=(self.filters[index],))
+        f = self.filters[index]
+
+        def failed(failure):
+            release()
+            if not self._completed:
+                self._filterFailed(failure, f)
+
+        d.addCallbacks(resumed, failed)
 
     # -- local replies, resets, completion -------------------------------------------------------------------
 

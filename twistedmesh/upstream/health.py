@@ -146,6 +146,7 @@ class _Attempt:
         return True
 
 
+@implementer(IHandshakeListener)
 class _HTTPCheck(protocol.Protocol):
     """
     An HTTP check on one connection: writes the request once connected and takes the verdict from the
@@ -157,6 +158,7 @@ class _HTTPCheck(protocol.Protocol):
         self.request = request
         self.config = config
         self.parser: Optional[h1.ResponseParser] = None
+        self.handshaken = False
 
     def connectionMade(self) -> None:
         """
@@ -166,6 +168,12 @@ class _HTTPCheck(protocol.Protocol):
         self.parser = h1.ResponseParser(self)
         self.parser.expectResponse(b"GET")
         self.transport.write(self.request)
+
+    def handshakeCompleted(self) -> None:
+        """
+        The TLS handshake is done (only for a TLS host): a close from now on is no handshake failure.
+        """
+        self.handshaken = True
 
     def dataReceived(self, data: bytes) -> None:
         """
@@ -209,9 +217,13 @@ class _HTTPCheck(protocol.Protocol):
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         """
-        Before the verdict the host hung up on the check; after it, this is our own close (ignored).
+        Before the verdict the host hung up on the check (or the TLS handshake failed); after it, this is
+        our own close (ignored).
         """
-        self.attempt.fail("connection closed before a response", network=True)
+        if INegotiated.providedBy(self.transport) and not self.handshaken:
+            self.attempt.fail("TLS handshake failed", network=True)
+        else:
+            self.attempt.fail("connection closed before a response", network=True)
 
 
 @implementer(IHandshakeListener)
