@@ -129,6 +129,7 @@ class MeshService(service.MultiService):
                     maxRequestsPerConnection=lconfig.max_requests_per_connection,
                     random=self.random,
                     accessLog=accessLog,
+                    forwardClientCert=lconfig.forward_client_cert,
                 )
                 factory = HTTPListenerFactory(settings, self.stats)
             if lconfig.tls is not None:

@@ -240,8 +240,8 @@ def _listener(name: str, o: Options, clusters: Dict[str, ClusterConfig], routes:
             o.error("filters", "router must be the last filter: it answers every request")
     elif "routes" in o._items:
         o.error("routes", "only HTTP listeners have routes (protocol = http)")
-    # An HTTP listener must not agree by ALPN to a protocol its codec cannot speak (no h2 codec yet).
-    spoken = ("http/1.1", "http/1.0") if protocol == "http" else None
+    # An HTTP listener must not agree by ALPN to a protocol its codecs cannot speak.
+    spoken = ("h2", "http/1.1", "http/1.0") if protocol == "http" else None
     tlsName = _tlsReference(o, tls, lambda t, o: checkServerTLS(t, o, alpnSpoken=spoken))
     return ListenerConfig(
         tls=tlsName,
@@ -259,6 +259,8 @@ def _listener(name: str, o: Options, clusters: Dict[str, ClusterConfig], routes:
         request_headers_timeout=o.duration("request_headers_timeout", 0.0),
         max_requests_per_connection=o.integer("max_requests_per_connection", 0),
         access_log=parseAccessLog(o, protocol),
+        forward_client_cert=o.string("forward_client_cert", "sanitize",
+                                     choices=("sanitize", "forward", "append", "sanitize_set")),
     )
 
 

@@ -108,6 +108,7 @@ class ListenerConfig:
     max_requests_per_connection: int = 0
     access_log: Optional[AccessLogConfig] = None
     tls: Optional[str] = None
+    forward_client_cert: str = "sanitize"
 
 
 @dataclass(frozen=True)

@@ -125,6 +125,7 @@ class RouteConfig:
     methods: Tuple[str, ...] = ()
     headers: Tuple[HeaderMatcher, ...] = ()
     query: Tuple[QueryMatcher, ...] = ()
+    peer_san: Optional[Tuple[str, str]] = None  # tls.peer_san: (exact | prefix | regex, value)
     cluster: Optional[str] = None
     clusters: Tuple[WeightedCluster, ...] = ()
     redirect: Optional[RedirectConfig] = None
@@ -157,6 +158,7 @@ def parseRoute(table: str, name: str, o: Options, clusters: Collection[str]) -> 
     prefix, path, regex = _pathMatcher(o)
     methods = _methods(o)
     headers, query = _dottedMatchers(o)
+    peerSan = _peerSan(o)
 
     cluster = o.string("cluster", None)
     if cluster is not None:
@@ -197,6 +199,7 @@ def parseRoute(table: str, name: str, o: Options, clusters: Collection[str]) -> 
         methods=methods,
         headers=headers,
         query=query,
+        peer_san=peerSan,
         cluster=cluster if written[:1] == ["cluster"] else None,
         clusters=weighted if written[:1] == ["clusters"] else (),
         redirect=redirect if written[:1] == ["redirect"] else None,
@@ -288,6 +291,23 @@ def _dottedMatchers(o: Options) -> Tuple[Tuple[HeaderMatcher, ...], Tuple[QueryM
             if parsed is not None:
                 query.append(QueryMatcher(name, *parsed))
     return tuple(headers), tuple(query)
+
+
+def _peerSan(o: Options) -> Optional[Tuple[str, str]]:
+    """
+    C{tls.peer_san = exact:V | prefix:V | regex:R}: a SAN (URI or DNS) of the client's certificate.
+    """
+    spec = o.string("tls.peer_san", None)
+    if spec is None:
+        return None
+    parsed = _matcherSpec(o, "tls.peer_san", spec, ("exact", "prefix", "regex"))
+    if parsed is None:
+        return None
+    kind, value, invert = parsed
+    if invert:
+        o.error("tls.peer_san", "cannot be negated: a route for other clients is a later route without it")
+        return None
+    return kind, value
 
 
 def _matcherSpec(o: Options, key: str, spec: str, kinds: Tuple[str, ...]):

@@ -110,7 +110,7 @@ class RouterFilter(HTTPFilter):
                  "buffered", "bufferedBytes", "replayable", "requestDone", "trailers", "timer", "tryTimer",
                  "retriesLeft", "attempts", "responseStarted", "finished", "retryTimer", "pausedForConnect",
                  "attempt", "limitExceeded", "idleTimer", "hashKey", "counted", "rqStart", "retrying",
-                 "declared", "sent")
+                 "declared", "sent", "bodyOn")
 
     def __init__(self, shared: _Shared) -> None:
         self.shared = shared
@@ -140,6 +140,7 @@ class RouterFilter(HTTPFilter):
         self.idleTimer = None  # the route's idle_timeout: no body bytes either way for that long
         self.counted = False  # holds a place in the cluster's max_requests circuit breaker
         self.rqStart = 0.0  # when the current attempt went upstream, for upstream_rq_time
+        self.bodyOn = None  # the upstream connection our request body producer is registered with
         self.retrying = False  # holds a place in its max_retries circuit breaker
         self.hashKey = None  # what ring_hash / maglev hash for this request (kept for retries)
 
@@ -312,6 +313,7 @@ class RouterFilter(HTTPFilter):
                 conn.endBody(self.chunked, self.trailers)
         else:
             conn.transport.registerProducer(stream.codec.bodyProducer, True)
+            self.bodyOn = conn
         if self.pausedForConnect:
             self.pausedForConnect = False
             stream.codec.resumeRequest(stream)
@@ -423,6 +425,7 @@ class RouterFilter(HTTPFilter):
         The upstream switched protocols: the stream becomes a tunnel, outside timeouts and retries.
         """
         self._detach()
+        self._releaseBody(conn)
         if self.finished:
             conn.abandon()
             return
@@ -582,8 +585,10 @@ class RouterFilter(HTTPFilter):
 
     def _releaseBody(self, conn) -> None:
         # Only ours: a connection already handed to the next exchange carries that exchange's producer.
+        # (Our own record, not transport.producer, which Twisted's TLS transport does not keep.)
         body = self.stream.codec.bodyProducer
-        if conn.transport.producer is body:
+        if self.bodyOn is conn:
+            self.bodyOn = None
             conn.transport.unregisterProducer()
             # Unregistering does not resume a producer the upstream had paused: do it, or the downstream
             # stays paused for good.

@@ -68,8 +68,9 @@ from twisted.internet.interfaces import IPushProducer, ISSLTransport
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from .server import HTTPSettings, HTTPStats, _requestId
+from .server import HTTPSettings, HTTPStats, newRequestId
 from .stream import Headers, Stream
+from .xfcc import XFCC_ADDS, forwardedClientCert
 
 # Connection-specific fields (RFC 9113 section 8.2.2) are never sent in HTTP/2; "te" is allowed only as
 # "te: trailers" (filtered separately), and "host" has no place in a response.
@@ -705,6 +706,7 @@ class HTTP2Connection(protocol.Protocol):
         kept = []
         peerHost = self.peerHost
         xff = requestId = hasLength = False
+        xfcc = None  # incoming x-forwarded-client-cert values, when there are any
         size = 0
         for field in event.headers:
             name, value = field
@@ -729,6 +731,11 @@ class HTTP2Connection(protocol.Protocol):
                     xff = True
             elif name == b"x-forwarded-proto":
                 continue
+            elif name == b"x-forwarded-client-cert":
+                if xfcc is None:
+                    xfcc = []
+                xfcc.append(value)
+                continue
             elif name == b"x-request-id":
                 requestId = True
             elif name == b"content-length":
@@ -738,8 +745,10 @@ class HTTP2Connection(protocol.Protocol):
         if not xff and peerHost:
             kept.append((b"x-forwarded-for", peerHost))
         kept.append((b"x-forwarded-proto", self.forwardedProto))
+        if xfcc is not None or settings.forwardClientCert in XFCC_ADDS:
+            kept.extend(forwardedClientCert(self, settings.forwardClientCert, xfcc))
         if not requestId:
-            kept.append((b"x-request-id", _requestId(settings.random)))
+            kept.append((b"x-request-id", newRequestId(settings.random)))
         refusal = None
         if size > (self.limits.maxHeaderListSize or settings.maxHeaderBytes) or count > settings.maxHeaders:
             refusal = (431, "http2.headers_too_large", b"Request Header Fields Too Large\n")

@@ -71,7 +71,7 @@ class Route:
         "name", "table", "config", "cluster", "weightedClusters", "forwards", "redirectStatus",
         "directResponse", "prefixRewrite", "regexRewrite", "hostRewrite", "timeout", "idleTimeout", "retry",
         "_names", "_cumulative", "_total", "_rScheme", "_rHost", "_rPath", "_rQuery", "_rStrip",
-        "_pathKind", "_pathValue", "_methods", "_headers", "_query",
+        "_pathKind", "_pathValue", "_methods", "_headers", "_query", "_peerSan",
     )
 
     def __init__(self, config: RouteConfig) -> None:
@@ -128,6 +128,7 @@ class Route:
         self._query: Tuple[_Matcher, ...] = tuple(
             (q.name.encode(), _KINDS[q.kind], _compileValue(q.kind, q.value), q.invert) for q in config.query
         )
+        self._peerSan = _peerSanMatcher(config.peer_san)
 
     def _compileRedirect(self, config: RouteConfig) -> None:
         redirect = config.redirect
@@ -210,6 +211,32 @@ class Route:
         return location + b"?" + query if query else location
 
 
+def _peerSanMatcher(spec: Optional[Tuple[str, str]]):
+    """
+    C{tls.peer_san} as a predicate on a L{twistedmesh.tls.PeerIdentity} (or C{None}: no match), else C{None}.
+    """
+    if spec is None:
+        return None
+    kind, value = spec
+    if kind == "exact":
+        def test(san: str) -> bool:
+            return san == value
+    elif kind == "prefix":
+        def test(san: str) -> bool:
+            return san.startswith(value)
+    else:
+        pattern = re.compile(value)
+
+        def test(san: str) -> bool:
+            return pattern.fullmatch(san) is not None
+
+    def matches(identity) -> bool:
+        if identity is None:
+            return False
+        return any(test(s) for s in identity.uriSANs) or any(test(s) for s in identity.dnsSANs)
+    return matches
+
+
 def _compileValue(kind: str, value: Optional[str]) -> object:
     if value is None:
         return None
@@ -271,7 +298,8 @@ class RouteTable:
         self.routes: Tuple[Route, ...] = tuple(Route(config) for config in routes)
         groups: Dict[str, List[tuple]] = {}
         for route in self.routes:
-            entry = (route, route._pathKind, route._pathValue, route._methods, route._headers, route._query)
+            entry = (route, route._pathKind, route._pathValue, route._methods, route._headers, route._query,
+                     route._peerSan)
             for host in route.config.hosts:
                 groups.setdefault(host, []).append(entry)
         vhosts = {host: _VirtualHost(entries) for host, entries in groups.items()}
@@ -363,7 +391,7 @@ class RouteTable:
             entries = vhost.buckets.get(path[1:end] if end > 0 else path[1:], entries)
         method = stream.method
         params = None
-        for route, kind, value, methods, headers, queryMatchers in entries:
+        for route, kind, value, methods, headers, queryMatchers, peerSan in entries:
             if kind == _PREFIX:
                 if not path.startswith(value):
                     continue
@@ -381,6 +409,8 @@ class RouteTable:
                     params = parseQuery(query)
                 if not _queryMatch(queryMatchers, params):
                     continue
+            if peerSan is not None and not peerSan(stream.peerIdentity):
+                continue
             return route
         return None
 

@@ -24,9 +24,10 @@ from zope.interface import implementer
 
 from . import h1
 from .stream import Stream
+from .xfcc import XFCC_ADDS, forwardedClientCert
 
 
-def _requestId(random) -> bytes:
+def newRequestId(random) -> bytes:
     """
     A random (version 4) UUID as bytes, from the injected random; cheaper than building a C{uuid.UUID}.
     """
@@ -42,11 +43,13 @@ class HTTPSettings:
     """
 
     __slots__ = ("name", "makers", "maxHeaderBytes", "maxHeaders", "idleTimeout", "requestHeadersTimeout",
-                 "maxRequestsPerConnection", "stats", "clock", "random", "accessLog")
+                 "maxRequestsPerConnection", "stats", "clock", "random", "accessLog", "forwardClientCert")
 
     def __init__(self, name: str, makers: Sequence[Callable], stats, clock, maxHeaderBytes: int = 60 * 1024,
                  maxHeaders: int = 100, idleTimeout: float = 3600.0, requestHeadersTimeout: float = 0.0,
-                 maxRequestsPerConnection: int = 0, random=None, accessLog=None) -> None:
+                 maxRequestsPerConnection: int = 0, random=None, accessLog=None,
+                 forwardClientCert: str = "sanitize") -> None:
+        self.forwardClientCert = forwardClientCert  # x-forwarded-client-cert: see twistedmesh.http.xfcc
         self.random = random if random is not None else _random.Random()
         self.accessLog = accessLog
         self.name = name
@@ -119,9 +122,10 @@ class _ResponseGate:
     filter must not make the proxy queue the upstream's whole body). Resumed only when neither holds.
     """
 
-    __slots__ = ("target", "transportPaused", "held", "applied")
+    __slots__ = ("target", "transportPaused", "held", "applied", "registered")
 
     def __init__(self) -> None:
+        self.registered = False  # registered with the downstream transport
         self.target = None
         self.transportPaused = False
         self.held = 0
@@ -295,9 +299,14 @@ class HTTPConnection(protocol.Protocol):
         peerHost = self.peerHost
         xff = False
         requestId = False
+        xfcc = None  # incoming x-forwarded-client-cert values, when there are any
         for name, value in h1.stripHopByHop(headers):
             if name == b"host":
                 authority = value
+            elif name == b"x-forwarded-client-cert":
+                if xfcc is None:
+                    xfcc = []
+                xfcc.append(value)
             elif name == b"x-forwarded-for":
                 if not xff:
                     if peerHost:
@@ -314,9 +323,11 @@ class HTTPConnection(protocol.Protocol):
         if not xff and peerHost:
             kept.append((b"x-forwarded-for", peerHost))
         kept.append((b"x-forwarded-proto", self.scheme))
+        if xfcc is not None or settings.forwardClientCert in XFCC_ADDS:
+            kept.extend(forwardedClientCert(self, settings.forwardClientCert, xfcc))
         stream.scheme = self.scheme
         if not requestId:
-            kept.append((b"x-request-id", _requestId(settings.random)))
+            kept.append((b"x-request-id", newRequestId(settings.random)))
         connect = False
         if upgrade:
             if method == b"CONNECT":
@@ -395,6 +406,7 @@ class HTTPConnection(protocol.Protocol):
         """
         from .tunnel import Tunnel
 
+        self.unregisterResponseProducer()
         tunnel = self.tunnel = upstream.tunnel = Tunnel(self, upstream, stream)
         stream.responseEnded = True  # the HTTP part is over; a close from now on is no reset
         early, self.early = self.early or [], None
@@ -528,13 +540,20 @@ class HTTPConnection(protocol.Protocol):
         """
         if not self.disconnected:
             gate = self.responseGate
+            if gate.registered:
+                self.transport.unregisterProducer()
             gate.attach(producer)
             self.transport.registerProducer(gate, True)
+            gate.registered = True
 
     def unregisterResponseProducer(self) -> None:
+        # Our own flag, not transport.producer: Twisted's TLS transport keeps its producer elsewhere, and a
+        # producer left registered there keeps the TLS connection from ever closing.
         gate = self.responseGate
-        if not self.disconnected and self.transport.producer is gate:
-            self.transport.unregisterProducer()
+        if gate.registered:
+            gate.registered = False
+            if not self.disconnected:
+                self.transport.unregisterProducer()
         gate.detach()
 
     def pauseResponse(self, stream: Stream) -> None:

@@ -1,7 +1,7 @@
 """
 L{Stream}: one HTTP request/response exchange, and the HTTP filter chain that runs over it.
 
-The codec (HTTP/1.1 today) turns wire events into calls on the stream (L{Stream.receiveRequestHeaders},
+The codec (HTTP/1.1 or HTTP/2) turns wire events into calls on the stream (L{Stream.receiveRequestHeaders},
 L{Stream.receiveRequestData}, ...). The stream runs request hooks first to last; the last filter (the
 router) sends the request upstream and, when the answer comes, calls L{Stream.sendResponseHeaders} and
 friends, which run response hooks last to first and then hand the result to the codec. A filter can stop
@@ -23,10 +23,13 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ..tls import peerIdentity as _peerIdentity
+
 Headers = List[Tuple[bytes, bytes]]
 
 _REQUEST_HEADERS, _REQUEST_DATA, _REQUEST_TRAILERS = 0, 1, 2
 _RESPONSE_HEADERS, _RESPONSE_DATA, _RESPONSE_TRAILERS = 0, 1, 2
+_UNSTATED = object()  # a codec without a peerIdentity attribute of its own
 
 
 class LocalReply:
@@ -124,7 +127,8 @@ class Stream:
 
     def __init__(self, codec, makers: Sequence, listener: str, downstreamAddress, startTime: float) -> None:
         """
-        @param codec: the connection the stream belongs to (what it writes the response to).
+        @param codec: what the stream writes its response to: the HTTP/1.1 connection, or for HTTP/2 the
+            stream's own L{twistedmesh.http.h2server._StreamCodec}.
         @param makers: the listener's filter makers, first to last: each is called with this stream and
             returns its filter (a new one, or a shared stateless one).
         """
@@ -167,6 +171,25 @@ class Stream:
         self._replying = False
         self._buffering = None  # [limit, size so far, unused, Deferred] while bufferRequestBody waits
         self._waiting = None  # the Deferred a request hook paused the chain on
+
+    @property
+    def peerIdentity(self):
+        """
+        The L{twistedmesh.tls.PeerIdentity} the client proved with its TLS certificate, or C{None} (plaintext,
+        or TLS without a client certificate). Worked out once per connection (L{twistedmesh.tls.peerIdentity}
+        keeps it on the connection's TLS transport); a codec (or a test's) may also state it as its own
+        C{peerIdentity} attribute.
+        """
+        codec = self.codec
+        stated = getattr(codec, "peerIdentity", _UNSTATED)
+        if stated is not _UNSTATED:
+            return stated
+        transport = getattr(codec, "transport", None)
+        if transport is None:
+            transport = getattr(getattr(codec, "conn", None), "transport", None)
+        if transport is None:
+            return None
+        return _peerIdentity(transport)
 
     # -- header helpers for filters ---------------------------------------------------------------------
 

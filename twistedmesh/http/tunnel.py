@@ -33,9 +33,7 @@ class Tunnel:
         """
         down = self.downstream.transport
         up = self.upstream.transport
-        for transport in (down, up):
-            if transport.producer is not None:
-                transport.unregisterProducer()
+        # The HTTP exchange's producers are gone by now (the codec and router unregister theirs).
         up.registerProducer(down, True)
         down.registerProducer(up, True)
         if fromUpstream:
@@ -77,6 +75,6 @@ class Tunnel:
 
     @staticmethod
     def _unregister(transport) -> None:
-        # A paused producer left registered would keep Twisted from ever closing the transport.
-        if transport.producer is not None:
-            transport.unregisterProducer()
+        # A paused producer left registered would keep Twisted from ever closing the transport. Both were
+        # registered in start(); unregistering twice is harmless.
+        transport.unregisterProducer()

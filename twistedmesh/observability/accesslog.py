@@ -577,6 +577,24 @@ def _stateEntry(key: str) -> Callable[[Optional[str], Optional[int]], ValueGette
     return make
 
 
+def _peerUriSan(arg: Optional[str], maxLen: Optional[int]) -> ValueGetter:
+    """
+    The client certificate's URI SANs: C{state["peerUriSan"]} when something recorded it, else the
+    record's C{peerIdentity} (a stream's, worked out once per connection, only when a format asks).
+    """
+    fromState = _stateEntry("peerUriSan")(arg, maxLen)
+
+    def get(r: Any, e: float) -> Optional[str]:
+        v = fromState(r, e)
+        if v is not None:
+            return v
+        identity = getattr(r, "peerIdentity", None)
+        if identity is None or not identity.uriSANs:
+            return None
+        return ",".join(identity.uriSANs)
+    return get
+
+
 def _nameOf(attr: str) -> Callable[[Optional[str], Optional[int]], ValueGetter]:
     """
     The factory of a getter of C{record.<attr>.name} (a cluster's), C{None} when unset.
@@ -648,7 +666,7 @@ def _operators() -> Mapping[str, _Operator]:
         _Operator("UPSTREAM_TRANSPORT_FAILURE_REASON", "str", "none", False, False,
                   _stateEntry("upstreamTransportFailureReason")),
         _Operator("DOWNSTREAM_REMOTE_ADDRESS", "str", "none", False, False, _remoteAddress),
-        _Operator("DOWNSTREAM_PEER_URI_SAN", "str", "none", False, False, _stateEntry("peerUriSan")),
+        _Operator("DOWNSTREAM_PEER_URI_SAN", "str", "none", False, False, _peerUriSan),
         _Operator("REQUEST_ID", "str", "none", False, True, requestId, requestIdText),
         _Operator("ROUTE_NAME", "str", "none", False, True, _routeName),
         _Operator("CONNECTION_TERMINATION_DETAILS", "str", "none", False, False, _terminationDetails),
