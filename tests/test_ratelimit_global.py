@@ -656,21 +656,23 @@ class RedisServerCase(unittest.TestCase):
     if REDIS_SERVER is None:
         skip = NO_REDIS
 
-    def setUp(self) -> None:
+    @defer.inlineCallbacks
+    def setUp(self):
         self.port = freePort()
         self.process = subprocess.Popen(
             [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.addCleanup(self.stopRedis)
-        deadline = time.monotonic() + 10
-        while True:
+        # Wait for it to listen, on the reactor (bounded: 10 s), not by sleeping.
+        for _ in range(500):
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
                 return
             except OSError:
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    self.fail(f"redis-server did not start on port {self.port}")
-                time.sleep(0.02)
+                if self.process.poll() is not None:
+                    break
+                yield deferLater(reactor, 0.02, lambda: None)
+        self.fail(f"redis-server did not start on port {self.port}")
 
     def stopRedis(self) -> None:
         """
