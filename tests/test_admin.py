@@ -583,8 +583,8 @@ class ConfigDumpTests(AdminTestCase):
         """The whole effective configuration, with its file name, as plain JSON."""
         dump = self.dump()
         self.assertEqual(dump["file"], "etc/mesh.ini")
-        self.assertEqual(dump["mesh"], {"admin": "tcp:9901:interface=127.0.0.1", "drain_timeout": 10.0,
-                                        "workers": 1})
+        self.assertEqual(dump["mesh"], {"admin": "tcp:9901:interface=127.0.0.1", "admin_tls": None,
+                                        "drain_timeout": 10.0, "workers": 1})
         self.assertEqual(dump["clusters"]["api"]["endpoints"], [
             {"endpoint": "tcp:127.0.0.1:9001", "weight": 1}, {"endpoint": "tcp:127.0.0.1:9002", "weight": 3},
         ])

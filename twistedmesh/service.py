@@ -94,6 +94,7 @@ class MeshService(service.MultiService):
         self.serverTLS: Dict[str, ServerTLS] = {}
         self.echoes: Dict[str, Listening] = {}
         self.admin: Optional[Listening] = None
+        self.adminTLS: Optional[ServerTLS] = None
         errors: List[ConfigError] = []
         self.accessLogSinks = AccessLogSinks(reactor, reactor, self.stats.counter("access_log.dropped"))
         if config.mesh.workers != 1:
@@ -150,7 +151,16 @@ class MeshService(service.MultiService):
         if config.mesh.admin is not None:
             from .admin import makeAdminSite
 
-            self.admin = self._listen("admin", config.mesh.admin, makeAdminSite(self, reactor))
+            factory = makeAdminSite(self, reactor)
+            if config.mesh.admin_tls is not None:
+                # Like a listener's: the admin's ssl.* stats go under admin., its files are reloaded too.
+                try:
+                    self.adminTLS = ServerTLS(config.tls[config.mesh.admin_tls], reactor,
+                                              self.stats.root.scope("admin"))
+                except ValueError as e:  # the files changed since the config was loaded
+                    raise ConfigErrors([ConfigError(config.file, f"tls:{config.mesh.admin_tls}", None, str(e))])
+                factory = self.adminTLS.wrapFactory(factory, reactor)
+            self.admin = self._listen("admin", config.mesh.admin, factory)
 
     def _listen(self, label: str, endpoint: str, factory) -> Listening:
         listening = Listening(label, endpoint, factory, self.reactor)
@@ -174,6 +184,8 @@ class MeshService(service.MultiService):
                           policy=cluster.config.lb_policy)
         for tls in self.serverTLS.values():
             tls.startReloading()
+        if self.adminTLS is not None:
+            self.adminTLS.startReloading()
         for cluster in self.clusters.values():
             if cluster.tls is not None:
                 cluster.tls.startReloading()
@@ -209,6 +221,8 @@ class MeshService(service.MultiService):
         self.running = 0
         for tls in self.serverTLS.values():
             tls.stopReloading()
+        if self.adminTLS is not None:
+            self.adminTLS.stopReloading()
         for cluster in self.clusters.values():
             if cluster.tls is not None:
                 cluster.tls.stopReloading()

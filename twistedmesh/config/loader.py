@@ -94,8 +94,8 @@ def loadString(text: str, file: str = "<string>") -> Config:
         sections[kind][name] = Options(file, title, dict(parser.items(title)), errors)
 
     meshOptions = sections["mesh"].get("") or Options(file, "mesh", {}, errors)
-    mesh = _mesh(meshOptions)
     tls = {name: parseTLS(name, o) for name, o in sections["tls"].items()}
+    mesh = _mesh(meshOptions, tls)
     clusters = {name: _cluster(name, o, tls) for name, o in sections["cluster"].items()}
     filters = {name: _filter(name, o) for name, o in sections["filter"].items()}
     echoes = {name: _echo(name, o) for name, o in sections["echo"].items()}
@@ -122,13 +122,24 @@ def loadString(text: str, file: str = "<string>") -> Config:
     )
 
 
-def _mesh(o: Options) -> MeshConfig:
+def _mesh(o: Options, tls: Dict[str, TLSConfig]) -> MeshConfig:
     admin = o.serverEndpoint("admin", DEFAULT_ADMIN)
     if "admin" in o and o._items["admin"].strip().lower() == "off":
         admin = None
         o.errors[:] = [e for e in o.errors if not (e.section == o.section and e.key == "admin")]
+    # `admin_tls = NAME`: the admin endpoint behind [tls:NAME] (with client_ca, only operators' certificates).
+    adminTLS = o.string("admin_tls", None)
+    if adminTLS is not None:
+        if adminTLS not in tls:
+            o.error("admin_tls", f"names no [tls:{adminTLS}] section{suggest(adminTLS, tls)}")
+            adminTLS = None
+        elif admin is None:
+            o.error("admin_tls", "has no effect with admin = off")
+        else:
+            checkServerTLS(tls[adminTLS], o, key="admin_tls", alpnSpoken=("http/1.1", "http/1.0"))
     return MeshConfig(
         admin=admin,
+        admin_tls=adminTLS,
         drain_timeout=o.duration("drain_timeout", 10.0),
         workers=o.integer("workers", 1, minimum=1),
     )

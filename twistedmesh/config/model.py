@@ -26,6 +26,7 @@ class MeshConfig:
     """
 
     admin: Optional[str] = DEFAULT_ADMIN
+    admin_tls: Optional[str] = None  # a [tls:NAME] section the admin endpoint is served over
     drain_timeout: float = 10.0
     workers: int = 1
 
