@@ -347,9 +347,8 @@ verify_san = {BACKEND}
             port = service.listeners["edge"].port.getHost().port
             failed = yield self.get(port, self.creator("frontend"))
             self.assertTrue(failed.startswith(b"HTTP/1.1 503"), failed)
-            # Envoy says UF (connection_failure, TLS_error) here; the pool counts a TCP connection as made
-            # before its handshake, so this proxy reports the handshake's failure as a reset (UC).
-            self.assertIn(b"upstream connect error or disconnect/reset before headers", failed)
+            # As Envoy reports it: a connection failure whose transport failure reason is TLS.
+            self.assertIn(b"reset reason: connection failure, transport failure reason: TLS_error", failed)
         self.assertEqual(self.upstream.xfcc, [])
 
     # -- rotation --

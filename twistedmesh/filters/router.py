@@ -455,6 +455,15 @@ class RouterFilter(HTTPFilter):
             envoyReason = _RESET_REASONS.get(reason.partition(":")[0], reason)
             self.stream.reset("upstream_reset_after_response_started{" + envoyReason + "}")
             return
+        if reason == "tls_handshake_failed":
+            # Envoy's view: the connection to the upstream failed, and TLS is why.
+            self.stream.state["upstreamTransportFailureReason"] = "TLS_error"
+            if self._retry("connect-failure"):
+                return
+            self._fail(503, "UF", "upstream_reset_before_response_started{connection_failure,TLS_error}",
+                       b"upstream connect error or disconnect/reset before headers. reset reason: "
+                       b"connection failure, transport failure reason: TLS_error")
+            return
         if self._retry("reset"):
             return
         envoyReason = _RESET_REASONS.get(reason.partition(":")[0], reason)

@@ -30,7 +30,9 @@ from collections import deque
 from typing import Deque, Dict, List, Optional, Set
 
 from twisted.internet import protocol
+from twisted.internet.interfaces import IHandshakeListener, ISSLTransport
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from ..http import h1
 
@@ -71,6 +73,7 @@ class Exchange:
         """
 
 
+@implementer(IHandshakeListener)
 class UpstreamConnection(protocol.Protocol):
     """
     One connection to an upstream host, speaking HTTP/1.1, carrying one exchange at a time.
@@ -245,12 +248,26 @@ class UpstreamConnection(protocol.Protocol):
         if exchange is not None:
             exchange.upstreamFailed(reason, self.headersReceived)
 
+    handshaken = False  # the TLS handshake completed (only meaningful on a TLS transport)
+
+    def handshakeCompleted(self) -> None:
+        """
+        The TLS handshake with the upstream succeeded (TLS clusters only).
+        """
+        self.handshaken = True
+
     def connectionLost(self, reason) -> None:
         self.closed = self.closing = True
         self.keepAlive = False
         self.pool.lost(self)
         if self.tunnel is not None:
             self.tunnel.upstreamLost()
+            return
+        if self.exchange is not None and not self.handshaken and ISSLTransport.providedBy(self.transport):
+            # The TLS handshake failed (untrusted certificate, wrong identity...): a connection failure,
+            # as Envoy reports it, not a reset of a request the upstream never saw.
+            exchange, self.exchange = self.exchange, None
+            exchange.upstreamFailed("tls_handshake_failed", False)
             return
         if self.exchange is not None:
             # A response read until close ends here (upstreamEnd); any other framing was cut short
