@@ -449,3 +449,20 @@ class ResponseGateTests(unittest.TestCase):
         proto.responseGate.pauseProducing()
         proto.unregisterResponseProducer()
         self.assertEqual(upstream.producerState, "producing", "a detached upstream is left reading")
+
+
+class LastRequestTests(unittest.TestCase):
+    """
+    Requests pipelined behind the last one a connection may answer are ignored, not counted.
+    """
+
+    def test_behindMaxRequests(self):
+        """
+        With C{max_requests_per_connection = 1}, a second pipelined request is neither answered nor counted.
+        """
+        proto, t, clock, stats = connect(maxRequestsPerConnection=1)
+        proto.dataReceived(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(t.value().count(b"HTTP/1.1 200"), 1)
+        self.assertEqual(stats.get("http.web.downstream_rq_total").value, 1)
+        self.assertEqual(stats.get("http.web.downstream_rq_active").value, 0)
+        self.assertTrue(t.disconnecting)

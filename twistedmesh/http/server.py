@@ -208,6 +208,7 @@ class HTTPConnection(protocol.Protocol):
         self.responseGate = _ResponseGate()
         self.awaitingHead = True  # no request head is in progress: the next byte starts one
         self.finishing = False  # answer what is queued, then close (draining, or after a malformed request)
+        self.lastRequest = False  # the last request this connection answers has been parsed
         self.tunnel = None  # after a 101: the Tunnel that now owns both connections
         self.early: Optional[List[bytes]] = None  # bytes after an upgrade request, before the 101
         self._head = False
@@ -276,9 +277,10 @@ class HTTPConnection(protocol.Protocol):
         if self.headersTimer is not None:
             self.headersTimer.cancel()
             self.headersTimer = None
-        if self.closing:
-            # Pipelined behind a response that closes the connection: never answered, so never counted
-            # or routed (its body and end are dropped: requestData/requestEnd ignore a None target).
+        if self.closing or self.lastRequest:
+            # Pipelined behind a response that closes the connection (or behind the last request
+            # max_requests_per_connection allows): never answered, so never counted or routed (its body
+            # and end are dropped: requestData/requestEnd ignore a None target).
             self.receiving = None
             return
         self.requests += 1
@@ -354,6 +356,7 @@ class HTTPConnection(protocol.Protocol):
             stream.keepAlive = False
         if settings.maxRequestsPerConnection and self.requests >= settings.maxRequestsPerConnection:
             stream.keepAlive = False
+            self.lastRequest = True
         if self.active is None:
             self.active = stream
             self.receiving = stream
