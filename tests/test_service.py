@@ -246,6 +246,37 @@ endpoints = tcp:127.0.0.1:{port(echo.echoes['e'])}
         with open(path) as f:
             self.assertEqual(f.read(), "40 40 echo -\n")
 
+    @defer.inlineCallbacks
+    def test_stopClosesFilters(self):
+        """
+        Stopping the service calls close() on filter makers that have one (filters keeping connections).
+        """
+        clock = MemoryReactorClock()
+        service = MeshService(loadString("""
+[mesh]
+admin = off
+drain_timeout = 1s
+[listener:web]
+endpoint = tcp:0:interface=127.0.0.1
+protocol = http
+filters = authz, router
+routes = main
+[filter:authz]
+type = ext_authz
+uri = http://127.0.0.1:1/check
+[route:main/all]
+prefix = /
+cluster = c
+[cluster:c]
+endpoints = tcp:127.0.0.1:1
+"""), clock)
+        closed = []
+        [maker] = [m for m in service.filterMakers if hasattr(m, "close")]
+        maker.close = lambda: closed.append(True)
+        service.startService()
+        yield service.stopService()
+        self.assertEqual(closed, [True])
+
     def test_badConfigNamesPlugin(self):
         """
         A chain naming a filter no plugin provides is a config error with a suggestion.

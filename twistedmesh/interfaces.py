@@ -180,7 +180,9 @@ class IHTTPFilterFactory(Interface):
         Validate C{options} once, at config load.
 
         @return: a callable taking a stream and returning an L{IHTTPFilter} for it (a new one, or one
-            shared stateless instance).
+            shared stateless instance). If the callable has a C{close} attribute, the service calls it
+            (with no arguments; it may return a Deferred) when it stops: the place to close connections a
+            filter keeps (to a rate-limit or authorization service, say).
         @raise twistedmesh.config.ConfigError: when an option is missing or invalid.
         """
 

@@ -90,6 +90,7 @@ class MeshService(service.MultiService):
         self.random = random.Random(seed)
         self.state = "STARTING"
         self.healthCheckFailed = False
+        self.filterMakers: List = []  # every listener's filter makers, for their close() at stop
         self.listeners: Dict[str, Listening] = {}
         self.serverTLS: Dict[str, ServerTLS] = {}
         self.echoes: Dict[str, Listening] = {}
@@ -109,6 +110,7 @@ class MeshService(service.MultiService):
             context = FilterContext(reactor, self.stats, self.clusters, lconfig, self.random, routes,
                                     healthState=ServerHealthState(self))
             makers = buildChain(config, lconfig, factories, context, errors)
+            self.filterMakers.extend(makers)
             accessLog = None
             if lconfig.access_log is not None:
                 try:
@@ -248,8 +250,10 @@ class MeshService(service.MultiService):
                 if cluster.outlier is not None:
                     cluster.outlier.stop()
                 cluster.pools.closeAll()
+            # Filters that keep connections of their own (rate-limit, authorization services) close them.
+            closing = [defer.maybeDeferred(m.close) for m in self.filterMakers if hasattr(m, "close")]
             return defer.gatherResults(
-                [defer.maybeDeferred(s.stopService) for s in list(self)] + [self.accessLogSinks.close()],
+                [defer.maybeDeferred(s.stopService) for s in list(self)] + [self.accessLogSinks.close()] + closing,
                 consumeErrors=True,
             )
 

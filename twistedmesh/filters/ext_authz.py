@@ -346,4 +346,6 @@ class ExtAuthzFactory:
             """
             return shared
 
+        # The service calls this when it stops (see IHTTPFilterFactory.configure).
+        maker.close = shared.close  # type: ignore[attr-defined]
         return maker

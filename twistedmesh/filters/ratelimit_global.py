@@ -362,4 +362,6 @@ class GlobalRateLimitFactory:
             """
             return shared
 
+        # The service calls this when it stops (see IHTTPFilterFactory.configure).
+        make.close = client.close  # type: ignore[attr-defined]
         return make
