@@ -466,3 +466,34 @@ class LastRequestTests(unittest.TestCase):
         self.assertEqual(stats.get("http.web.downstream_rq_total").value, 1)
         self.assertEqual(stats.get("http.web.downstream_rq_active").value, 0)
         self.assertTrue(t.disconnecting)
+
+
+class TracePropagationTests(unittest.TestCase):
+    """
+    With C{trace_sampling} set, the connection manager propagates trace context to the upstream.
+    """
+
+    def test_childSpanForUpstream(self):
+        """
+        An incoming traceparent reaches the filters (and so the upstream) with the proxy's own span as parent.
+        """
+        Hold.streams = []
+        proto, t, clock, stats = connect(Hold, traceSampleRate=0.01)
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n"
+                           b"traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n\r\n")
+        [stream] = Hold.streams
+        value = stream.getRequestHeader(b"traceparent")
+        version, traceId, parent, flags = value.split(b"-")
+        self.assertEqual((version, traceId, flags), (b"00", b"0af7651916cd43dd8448eb211c80319c", b"01"))
+        self.assertNotEqual(parent, b"b7ad6b7169203331")
+        self.assertEqual(stream.state["trace"].parentId, b"b7ad6b7169203331")
+
+    def test_offByDefault(self):
+        """
+        Without C{trace_sampling}, no trace header is added.
+        """
+        Hold.streams = []
+        proto, t, clock, stats = connect(Hold)
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        [stream] = Hold.streams
+        self.assertIsNone(stream.getRequestHeader(b"traceparent"))

@@ -133,6 +133,7 @@ class MeshService(service.MultiService):
                     random=self.random,
                     accessLog=accessLog,
                     forwardClientCert=lconfig.forward_client_cert,
+                    traceSampleRate=None if lconfig.trace_sampling is None else lconfig.trace_sampling / 100.0,
                 )
                 factory = HTTPListenerFactory(settings, self.stats)
             if lconfig.tls is not None:

@@ -272,6 +272,7 @@ def _listener(name: str, o: Options, clusters: Dict[str, ClusterConfig], routes:
         access_log=parseAccessLog(o, protocol),
         forward_client_cert=o.string("forward_client_cert", "sanitize",
                                      choices=("sanitize", "forward", "append", "sanitize_set")),
+        trace_sampling=o.percentage("trace_sampling", None),
     )
 
 

@@ -110,6 +110,7 @@ class ListenerConfig:
     access_log: Optional[AccessLogConfig] = None
     tls: Optional[str] = None
     forward_client_cert: str = "sanitize"
+    trace_sampling: Optional[float] = None  # percent; set: propagate W3C/B3 trace context
 
 
 @dataclass(frozen=True)

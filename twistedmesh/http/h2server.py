@@ -68,6 +68,7 @@ from twisted.internet.interfaces import IPushProducer, ISSLTransport
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ..observability.tracing import propagate
 from .server import HTTPSettings, HTTPStats, newRequestId
 from .stream import Headers, Stream
 from .xfcc import XFCC_ADDS, forwardedClientCert
@@ -749,6 +750,9 @@ class HTTP2Connection(protocol.Protocol):
             kept.extend(forwardedClientCert(self, settings.forwardClientCert, xfcc))
         if not requestId:
             kept.append((b"x-request-id", newRequestId(settings.random)))
+        trace = None
+        if settings.traceSampleRate is not None:
+            trace = propagate(kept, settings.random, settings.traceSampleRate)
         refusal = None
         if size > (self.limits.maxHeaderListSize or settings.maxHeaderBytes) or count > settings.maxHeaders:
             refusal = (431, "http2.headers_too_large", b"Request Header Fields Too Large\n")
@@ -761,6 +765,8 @@ class HTTP2Connection(protocol.Protocol):
                                        self.peer, now)
         self.streams[sid] = codec
         stream.version = b"2"
+        if trace is not None:
+            stream.state["trace"] = trace
         stream.method = method or b""
         stream.path = path or b""
         stream.scheme = scheme

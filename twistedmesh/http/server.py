@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from . import h1
+from ..observability.tracing import propagate
 from .stream import Stream
 from .xfcc import XFCC_ADDS, forwardedClientCert
 
@@ -43,12 +44,14 @@ class HTTPSettings:
     """
 
     __slots__ = ("name", "makers", "maxHeaderBytes", "maxHeaders", "idleTimeout", "requestHeadersTimeout",
-                 "maxRequestsPerConnection", "stats", "clock", "random", "accessLog", "forwardClientCert")
+                 "maxRequestsPerConnection", "stats", "clock", "random", "accessLog", "forwardClientCert",
+                 "traceSampleRate")
 
     def __init__(self, name: str, makers: Sequence[Callable], stats, clock, maxHeaderBytes: int = 60 * 1024,
                  maxHeaders: int = 100, idleTimeout: float = 3600.0, requestHeadersTimeout: float = 0.0,
                  maxRequestsPerConnection: int = 0, random=None, accessLog=None,
-                 forwardClientCert: str = "sanitize") -> None:
+                 forwardClientCert: str = "sanitize", traceSampleRate: Optional[float] = None) -> None:
+        self.traceSampleRate = traceSampleRate  # None: no trace-context propagation
         self.forwardClientCert = forwardClientCert  # x-forwarded-client-cert: see twistedmesh.http.xfcc
         self.random = random if random is not None else _random.Random()
         self.accessLog = accessLog
@@ -330,6 +333,8 @@ class HTTPConnection(protocol.Protocol):
         stream.scheme = self.scheme
         if not requestId:
             kept.append((b"x-request-id", newRequestId(settings.random)))
+        if settings.traceSampleRate is not None:
+            stream.state["trace"] = propagate(kept, settings.random, settings.traceSampleRate)
         connect = False
         if upgrade:
             if method == b"CONNECT":

@@ -1,0 +1,311 @@
+"""
+Tests for trace-context propagation (L{twistedmesh.observability.tracing}).
+"""
+
+from __future__ import annotations
+
+import random
+
+from twisted.trial import unittest
+
+from twistedmesh.observability.tracing import (
+    FORMAT_B3,
+    FORMAT_B3_MULTI,
+    FORMAT_W3C,
+    TraceContext,
+    capTracestate,
+    parseB3,
+    parseB3Multi,
+    parseTraceparent,
+    propagate,
+)
+
+TRACE = b"0af7651916cd43dd8448eb211c80319c"
+SPAN = b"b7ad6b7169203331"
+PARENT = b"00f067aa0ba902b7"
+TP = b"00-" + TRACE + b"-" + SPAN + b"-01"
+# What random.Random(1) gives, in propagate's order.
+SEED1_TRACE = b"cd613e30d8f16adf91b7584a2265b1f5"
+SEED1_SPAN = b"1027c4d1c386bbc4"  # the span id after SEED1_TRACE
+SEED1_FIRST_SPAN = b"91b7584a2265b1f5"  # the span id when no trace id is drawn first
+
+
+class TraceparentTests(unittest.TestCase):
+    """
+    L{parseTraceparent}.
+    """
+
+    def test_valid(self):
+        """
+        A well-formed version 00 value gives its trace id, the sender's span and the sampled flag.
+        """
+        self.assertEqual(parseTraceparent(TP), TraceContext(TRACE, SPAN, None, True, FORMAT_W3C))
+        self.assertIs(parseTraceparent(TP[:-2] + b"00").sampled, False)
+        self.assertIs(parseTraceparent(TP[:-2] + b"03").sampled, True)
+
+    def test_wrongLengths(self):
+        """
+        A trace id, parent id or flags field of the wrong length is refused.
+        """
+        for value in (b"00-" + TRACE[:-1] + b"-" + SPAN + b"-01", b"00-" + TRACE + b"-" + SPAN + b"0-01",
+                      b"00-" + TRACE + b"-" + SPAN + b"-1", b"0-" + TRACE + b"-" + SPAN + b"-01", b"", TP[:-1]):
+            self.assertIsNone(parseTraceparent(value), value)
+
+    def test_notHex(self):
+        """
+        Non-hex characters (uppercase included, as the spec requires lowercase) are refused.
+        """
+        for value in (TP.replace(b"0af7", b"0ag7"), TP.upper(), TP[:-2] + b"0x",
+                      TP.replace(b"-", b"_"), b"00-" + TRACE + b"--" + SPAN[1:] + b"-01"):
+            self.assertIsNone(parseTraceparent(value), value)
+
+    def test_allZeros(self):
+        """
+        An all-zero trace id or parent id is invalid.
+        """
+        self.assertIsNone(parseTraceparent(b"00-" + b"0" * 32 + b"-" + SPAN + b"-01"))
+        self.assertIsNone(parseTraceparent(b"00-" + TRACE + b"-" + b"0" * 16 + b"-01"))
+
+    def test_versionFF(self):
+        """
+        Version ff is invalid.
+        """
+        self.assertIsNone(parseTraceparent(b"ff" + TP[2:]))
+
+    def test_extraFields(self):
+        """
+        Version 00 with extra fields is refused; a future version with extra fields is read.
+        """
+        self.assertIsNone(parseTraceparent(TP + b"-what"))
+        self.assertIsNone(parseTraceparent(TP + b"x"))
+        self.assertEqual(parseTraceparent(b"cc" + TP[2:] + b"-what"),
+                         TraceContext(TRACE, SPAN, None, True, FORMAT_W3C))
+        self.assertIsNone(parseTraceparent(b"cc" + TP[2:] + b"what"))
+
+
+class B3Tests(unittest.TestCase):
+    """
+    L{parseB3} and L{parseB3Multi}.
+    """
+
+    def test_single(self):
+        """
+        The B3 single header is read with and without sampling and parent, and with a 64-bit trace id.
+        """
+        self.assertEqual(parseB3(TRACE + b"-" + SPAN), TraceContext(TRACE, SPAN, None, None, FORMAT_B3))
+        self.assertEqual(parseB3(TRACE + b"-" + SPAN + b"-0"), TraceContext(TRACE, SPAN, None, False, FORMAT_B3))
+        self.assertEqual(parseB3(TRACE + b"-" + SPAN + b"-1-" + PARENT),
+                         TraceContext(TRACE, SPAN, PARENT, True, FORMAT_B3))
+        self.assertEqual(parseB3(TRACE[16:] + b"-" + SPAN + b"-1"),
+                         TraceContext(TRACE[16:], SPAN, None, True, FORMAT_B3))
+
+    def test_singleDebugAndLoneDecision(self):
+        """
+        C{d} means debug (sampled), and a lone C{0} is a decision without ids.
+        """
+        self.assertEqual(parseB3(TRACE + b"-" + SPAN + b"-d"),
+                         TraceContext(TRACE, SPAN, None, True, FORMAT_B3, debug=True))
+        self.assertEqual(parseB3(b"0"), TraceContext(b"", b"", None, False, FORMAT_B3))
+
+    def test_singleMalformed(self):
+        """
+        Bad ids, sampling values or field counts are refused.
+        """
+        for value in (b"", b"x", b"2", TRACE, TRACE + b"-" + SPAN + b"-2", TRACE[:20] + b"-" + SPAN,
+                      TRACE + b"-" + SPAN[:-1], TRACE + b"-" + SPAN + b"-1-" + PARENT + b"-x",
+                      b"0" * 32 + b"-" + SPAN, TRACE + b"-" + SPAN + b"-1-zz"):
+            self.assertIsNone(parseB3(value), value)
+
+    def test_multi(self):
+        """
+        The x-b3-* values are read, x-b3-flags 1 meaning debug, and ids without the other are refused.
+        """
+        self.assertEqual(parseB3Multi(TRACE, SPAN, PARENT, b"1", None),
+                         TraceContext(TRACE, SPAN, PARENT, True, FORMAT_B3_MULTI))
+        self.assertEqual(parseB3Multi(TRACE, SPAN, None, None, b"1"),
+                         TraceContext(TRACE, SPAN, None, True, FORMAT_B3_MULTI, debug=True))
+        self.assertEqual(parseB3Multi(None, None, None, b"0", None),
+                         TraceContext(b"", b"", None, False, FORMAT_B3_MULTI))
+        self.assertIsNone(parseB3Multi(TRACE, None, None, b"1", None))
+        self.assertIsNone(parseB3Multi(TRACE, SPAN, None, b"yes", None))
+
+
+class TracestateTests(unittest.TestCase):
+    """
+    L{capTracestate}.
+    """
+
+    def test_cap(self):
+        """
+        A value over 512 bytes keeps its whole members that fit; a short value is returned itself.
+        """
+        short = b"a=1,b=2"
+        self.assertIs(capTracestate(short), short)
+        member = b"k%03d=" + b"v" * 94  # 100 bytes
+        long = b",".join(member % i for i in range(8))
+        self.assertEqual(capTracestate(long), b",".join(member % i for i in range(5)))
+        self.assertIsNone(capTracestate(b"k=" + b"v" * 600))
+
+
+class PropagateTests(unittest.TestCase):
+    """
+    L{propagate}: the context returned and the headers rewritten for the upstream.
+    """
+
+    def test_nothingIncoming(self):
+        """
+        Without a trace field, a new trace starts and a W3C traceparent is appended, other tuples untouched.
+        """
+        other = (b"accept", b"*/*")
+        headers = [other]
+        context = propagate(headers, random.Random(1), 1.0)
+        self.assertEqual(context, TraceContext(SEED1_TRACE, SEED1_SPAN, None, True, FORMAT_W3C))
+        self.assertEqual(headers, [other, (b"traceparent", b"00-" + SEED1_TRACE + b"-" + SEED1_SPAN + b"-01")])
+        self.assertIs(headers[0], other)
+
+    def test_traceparentRewritten(self):
+        """
+        An incoming traceparent is replaced in place with our span as the parent; tracestate is kept as is.
+        """
+        state = (b"tracestate", b"congo=t61rcWkgMzE")
+        other = (b"accept", b"*/*")
+        headers = [(b"traceparent", TP), other, state]
+        listId = id(headers)
+        context = propagate(headers, random.Random(1), 0.0)
+        self.assertEqual(context, TraceContext(TRACE, SEED1_FIRST_SPAN, SPAN, True, FORMAT_W3C))
+        self.assertEqual(headers, [(b"traceparent", b"00-" + TRACE + b"-" + SEED1_FIRST_SPAN + b"-01"), other,
+                                   state])
+        # No allocation beyond the rewritten tuple: same list, same other tuples.
+        self.assertEqual(id(headers), listId)
+        self.assertIs(headers[1], other)
+        self.assertIs(headers[2], state)
+
+    def test_tracestateCappedAndJoined(self):
+        """
+        Several tracestate fields become one, capped to 512 bytes of whole members.
+        """
+        member = b"k%03d=" + b"v" * 94
+        headers = [(b"traceparent", TP), (b"tracestate", member % 0 + b"," + member % 1),
+                   (b"tracestate", b",".join(member % i for i in range(2, 8)))]
+        propagate(headers, random.Random(1), 0.0)
+        self.assertEqual(headers[1], (b"tracestate", b",".join(member % i for i in range(5))))
+        self.assertEqual(len(headers), 2)
+
+    def test_malformedTraceparent(self):
+        """
+        A malformed traceparent starts a new trace, replaced in place, and its tracestate is dropped.
+        """
+        headers = [(b"traceparent", b"ff" + TP[2:]), (b"tracestate", b"a=1")]
+        context = propagate(headers, random.Random(1), 0.0)
+        self.assertEqual(context, TraceContext(SEED1_TRACE, SEED1_SPAN, None, False, FORMAT_W3C))
+        self.assertEqual(headers, [(b"traceparent", b"00-" + SEED1_TRACE + b"-" + SEED1_SPAN + b"-00")])
+
+    def test_repeatedTraceparent(self):
+        """
+        Two traceparent fields are invalid: a new trace replaces the first and the second goes.
+        """
+        headers = [(b"traceparent", TP), (b"traceparent", TP)]
+        context = propagate(headers, random.Random(1), 1.0)
+        self.assertIsNone(context.parentId)
+        self.assertEqual(headers, [(b"traceparent", b"00-" + SEED1_TRACE + b"-" + SEED1_SPAN + b"-01")])
+
+    def test_b3Single(self):
+        """
+        A B3 single header is rewritten as B3 single: our span, its sampling, the incoming span as parent.
+        """
+        headers = [(b"b3", TRACE[16:] + b"-" + SPAN + b"-0-" + PARENT)]
+        context = propagate(headers, random.Random(1), 1.0)
+        self.assertEqual(context, TraceContext(TRACE[16:], SEED1_FIRST_SPAN, SPAN, False, FORMAT_B3))
+        self.assertEqual(headers, [(b"b3", TRACE[16:] + b"-" + SEED1_FIRST_SPAN + b"-0-" + SPAN)])
+
+    def test_b3SingleDebug(self):
+        """
+        The debug flag is honoured as sampled and passed on as C{d}.
+        """
+        headers = [(b"b3", TRACE + b"-" + SPAN + b"-d")]
+        context = propagate(headers, random.Random(1), 0.0)
+        self.assertTrue(context.sampled)
+        self.assertEqual(headers, [(b"b3", TRACE + b"-" + SEED1_FIRST_SPAN + b"-d-" + SPAN)])
+
+    def test_b3LoneZero(self):
+        """
+        A lone C{b3: 0} is honoured: a new unsampled trace, still in B3 single.
+        """
+        headers = [(b"b3", b"0")]
+        context = propagate(headers, random.Random(1), 1.0)
+        self.assertEqual(context, TraceContext(SEED1_TRACE, SEED1_SPAN, None, False, FORMAT_B3))
+        self.assertEqual(headers, [(b"b3", SEED1_TRACE + b"-" + SEED1_SPAN + b"-0")])
+
+    def test_b3Multi(self):
+        """
+        B3 multi fields are rewritten as B3 multi, in place, with the parent and sampling added.
+        """
+        traceField = (b"x-b3-traceid", TRACE)
+        headers = [traceField, (b"x-b3-spanid", SPAN), (b"x-b3-parentspanid", PARENT)]
+        context = propagate(headers, random.Random(3), 0.5)
+        self.assertEqual(context.parentId, SPAN)
+        self.assertIs(context.format, FORMAT_B3_MULTI)
+        self.assertEqual(headers, [traceField, (b"x-b3-spanid", context.spanId), (b"x-b3-parentspanid", SPAN),
+                                   (b"x-b3-sampled", b"0")])
+        self.assertIs(context.sampled, False)
+        self.assertIs(headers[0], traceField)
+
+    def test_b3MultiDebug(self):
+        """
+        With x-b3-flags 1 the request is sampled, the flag stays and no x-b3-sampled is sent.
+        """
+        headers = [(b"x-b3-traceid", TRACE), (b"x-b3-spanid", SPAN), (b"x-b3-flags", b"1"),
+                   (b"x-b3-sampled", b"0")]
+        context = propagate(headers, random.Random(1), 0.0)
+        self.assertTrue(context.sampled)
+        self.assertEqual(headers, [(b"x-b3-traceid", TRACE), (b"x-b3-spanid", SEED1_FIRST_SPAN),
+                                   (b"x-b3-flags", b"1"), (b"x-b3-parentspanid", SPAN)])
+
+    def test_precedence(self):
+        """
+        A valid traceparent wins over B3, whose fields are removed; a malformed one loses to a valid b3.
+        """
+        headers = [(b"b3", PARENT + b"-" + PARENT + b"-0"), (b"traceparent", TP), (b"x-b3-traceid", PARENT),
+                   (b"x-b3-spanid", PARENT)]
+        context = propagate(headers, random.Random(1), 0.0)
+        self.assertEqual(context, TraceContext(TRACE, SEED1_FIRST_SPAN, SPAN, True, FORMAT_W3C))
+        self.assertEqual(headers, [(b"traceparent", b"00-" + TRACE + b"-" + SEED1_FIRST_SPAN + b"-01")])
+
+        headers = [(b"traceparent", b"junk"), (b"tracestate", b"a=1"), (b"b3", TRACE + b"-" + SPAN + b"-1")]
+        context = propagate(headers, random.Random(1), 0.0)
+        self.assertIs(context.format, FORMAT_B3)
+        self.assertEqual(headers, [(b"b3", TRACE + b"-" + SEED1_FIRST_SPAN + b"-1-" + SPAN)])
+
+    def test_samplingHonoured(self):
+        """
+        An incoming decision wins over the rate, and draws nothing from the random for sampling.
+        """
+        rng = random.Random(1)
+        context = propagate([(b"traceparent", TP[:-2] + b"00")], rng, 1.0)
+        self.assertIs(context.sampled, False)
+        reference = random.Random(1)
+        reference.getrandbits(64)
+        self.assertEqual(rng.random(), reference.random())
+
+    def test_samplingDecided(self):
+        """
+        Without an incoming decision, sampling is random() < sampleRate, after the ids are drawn.
+        """
+        # After the ids, Random(3) draws 0.6039... and Random(1) 0.2550...; after a span id alone, Random(3) 0.5442...
+        self.assertIs(propagate([], random.Random(3), 0.5).sampled, False)
+        self.assertIs(propagate([], random.Random(1), 0.5).sampled, True)
+        self.assertIs(propagate([(b"b3", TRACE + b"-" + SPAN)], random.Random(3), 0.75).sampled, True)
+        self.assertIs(propagate([], random.Random(1), 0.0).sampled, False)
+
+    def test_neverRaises(self):
+        """
+        Garbage in any trace field never raises and always yields a valid traceparent or b3 upstream.
+        """
+        rng = random.Random(7)
+        for name in (b"traceparent", b"tracestate", b"b3", b"x-b3-traceid", b"x-b3-sampled", b"x-b3-flags",
+                     b"x-b3-parentspanid"):
+            for value in (b"", b"-", b"\xff\x00", b"0-0-0-0-0", TP + b"-", b"a" * 2000):
+                headers = [(name, value)]
+                context = propagate(headers, rng, 0.5)
+                self.assertEqual(len(context.spanId), 16)
+                self.assertIsNotNone(parseTraceparent(dict(headers).get(b"traceparent", TP)))

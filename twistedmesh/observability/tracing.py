@@ -1,0 +1,409 @@
+"""
+Trace-context propagation: the proxy reads the incoming trace context (W3C C{traceparent}/C{tracestate},
+B3 single C{b3}, or B3 multi C{x-b3-*}), makes its own span a child of the incoming one, decides sampling,
+and rewrites the request's headers in place for the upstream.
+
+Rules:
+  - Precedence: a valid C{traceparent} wins; then a valid C{b3}; then valid C{x-b3-*}; then a B3
+    sampling decision without ids (C{b3: 0}, a lone C{x-b3-sampled}); then nothing (a new trace).
+  - The headers of the format that wins are rewritten in that format (our span id, the incoming span
+    as parent); the other formats' headers are removed, so the upstream sees one consistent context.
+  - A malformed header never raises: it is as if absent. When every present header is malformed, a new
+    trace starts in the format of the first of them in precedence order (a bad C{traceparent} is
+    replaced by a new one); when nothing came in, a new C{traceparent} is added (W3C is the default).
+  - C{tracestate} is passed through unchanged (several fields are joined into one) with a valid
+    C{traceparent} only, and at most 512 bytes of it are kept, whole list members only (W3C section
+    3.3.1.5); without a valid C{traceparent} it is dropped, as the W3C spec requires.
+  - Sampling: an incoming decision is honoured (W3C flag bit 0; B3 C{1}/C{0}/C{d}, C{x-b3-sampled},
+    C{x-b3-flags: 1}); otherwise the request is sampled with probability C{sampleRate}.
+  - Randomness comes from the injected C{random}, in this order: trace id (new traces only, 128 bits),
+    span id (64 bits), sampling (C{random.random()}, only when there is no incoming decision and
+    C{0 < sampleRate < 1}).
+
+Ids are lowercase hex bytes, as on the wire; a 64-bit B3 trace id stays 16 characters.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+Headers = List[Tuple[bytes, bytes]]
+
+TRACEPARENT = b"traceparent"
+TRACESTATE = b"tracestate"
+B3 = b"b3"
+X_B3_TRACEID = b"x-b3-traceid"
+X_B3_SPANID = b"x-b3-spanid"
+X_B3_PARENTSPANID = b"x-b3-parentspanid"
+X_B3_SAMPLED = b"x-b3-sampled"
+X_B3_FLAGS = b"x-b3-flags"
+
+FORMAT_W3C = "w3c"
+FORMAT_B3 = "b3"
+FORMAT_B3_MULTI = "b3multi"
+
+TRACESTATE_MAX = 512
+
+_NAMES = frozenset((TRACEPARENT, TRACESTATE, B3, X_B3_TRACEID, X_B3_SPANID, X_B3_PARENTSPANID, X_B3_SAMPLED,
+                    X_B3_FLAGS))
+_MULTI = (X_B3_TRACEID, X_B3_SPANID, X_B3_PARENTSPANID, X_B3_SAMPLED, X_B3_FLAGS)
+_HEX = b"0123456789abcdef"
+_HEX_DASH = b"0123456789abcdef-"
+_ODD = b"13579bdf"  # last hex digit of a flags byte with bit 0 (sampled) set
+_ZERO16 = b"0" * 16
+_ZERO32 = b"0" * 32
+_DASH = 45  # ord("-")
+_B3_SAMPLING = {b"1": True, b"0": False, b"d": True}
+_MULTI_SAMPLED = {b"1": True, b"0": False, b"true": True, b"false": False}
+
+
+class TraceContext:
+    """
+    One request's trace context. After L{propagate}: C{spanId} is the proxy's span, C{parentId} the
+    incoming span (None for a new trace), C{sampled} the decision, C{format} the one written upstream
+    (C{FORMAT_W3C}, C{FORMAT_B3} or C{FORMAT_B3_MULTI}), C{debug} the B3 debug flag. As returned by the
+    C{parse*} functions, it is the sender's context: C{spanId} the sender's span, C{parentId} its parent
+    when stated, C{sampled} None when no decision was stated.
+    """
+
+    __slots__ = ("traceId", "spanId", "parentId", "sampled", "format", "debug")
+
+    def __init__(self, traceId: bytes, spanId: bytes, parentId: Optional[bytes], sampled: Optional[bool],
+                 format: str, debug: bool = False) -> None:
+        self.traceId = traceId
+        self.spanId = spanId
+        self.parentId = parentId
+        self.sampled = sampled
+        self.format = format
+        self.debug = debug
+
+    def __repr__(self) -> str:
+        return (f"TraceContext(traceId={self.traceId!r}, spanId={self.spanId!r}, parentId={self.parentId!r}, "
+                f"sampled={self.sampled!r}, format={self.format!r}, debug={self.debug!r})")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TraceContext):
+            return NotImplemented
+        return (self.traceId == other.traceId and self.spanId == other.spanId and self.parentId == other.parentId
+                and self.sampled == other.sampled and self.format == other.format and self.debug == other.debug)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _isId(value: bytes, size: int, zero: bytes) -> bool:
+    """
+    Whether C{value} is C{size} lowercase hex digits, not all zero.
+    """
+    return len(value) == size and not value.translate(None, _HEX) and value != zero
+
+
+def _isTraceId(value: bytes) -> bool:
+    """
+    Whether C{value} is a B3 trace id: 16 or 32 lowercase hex digits, not all zero.
+    """
+    size = len(value)
+    if size == 32:
+        return _isId(value, 32, _ZERO32)
+    return size == 16 and _isId(value, 16, _ZERO16)
+
+
+def parseTraceparent(value: bytes) -> Optional[TraceContext]:
+    """
+    The context of a W3C C{traceparent} value, or None when it is malformed.
+    """
+    size = len(value)
+    if size < 55:
+        return None
+    if size == 55:
+        if value[:2] == b"ff" or value.count(b"-") != 3 or value.translate(None, _HEX_DASH):
+            return None
+    else:
+        # A future version may append fields ("-..."); version 00 may not.
+        if value[55] != _DASH or value[:2] in (b"00", b"ff"):
+            return None
+        head = value[:55]
+        if head.count(b"-") != 3 or head.translate(None, _HEX_DASH):
+            return None
+    if value[2] != _DASH or value[35] != _DASH or value[52] != _DASH:
+        return None
+    traceId = value[3:35]
+    parentId = value[36:52]
+    if traceId == _ZERO32 or parentId == _ZERO16:
+        return None
+    return TraceContext(traceId, parentId, None, value[54] in _ODD, FORMAT_W3C)
+
+
+def parseB3(value: bytes) -> Optional[TraceContext]:
+    """
+    The context of a B3 single-header value, or None when it is malformed. A sampling decision alone
+    (C{0}, C{1}, C{d}) gives a context with empty ids.
+    """
+    if len(value) == 1:
+        sampled = _B3_SAMPLING.get(value)
+        if sampled is None:
+            return None
+        return TraceContext(b"", b"", None, sampled, FORMAT_B3, value == b"d")
+    parts = value.split(b"-")
+    count = len(parts)
+    if count < 2 or count > 4:
+        return None
+    traceId = parts[0]
+    spanId = parts[1]
+    if not _isTraceId(traceId) or not _isId(spanId, 16, _ZERO16):
+        return None
+    sampled = None
+    debug = False
+    parentId = None
+    if count >= 3:
+        flag = parts[2]
+        sampled = _B3_SAMPLING.get(flag)
+        if sampled is None:
+            return None
+        debug = flag == b"d"
+        if count == 4:
+            parentId = parts[3]
+            if not _isId(parentId, 16, _ZERO16):
+                return None
+    return TraceContext(traceId, spanId, parentId, sampled, FORMAT_B3, debug)
+
+
+def parseB3Multi(traceId: Optional[bytes], spanId: Optional[bytes], parentId: Optional[bytes],
+                 sampled: Optional[bytes], flags: Optional[bytes]) -> Optional[TraceContext]:
+    """
+    The context of B3 multi-header values (None for an absent header), or None when they are malformed.
+    A sampling decision without ids gives a context with empty ids.
+    """
+    decision: Optional[bool] = None
+    debug = False
+    if flags is not None:
+        if flags == b"1":
+            debug = True
+            decision = True
+        elif flags != b"0":
+            return None
+    if sampled is not None:
+        stated = _MULTI_SAMPLED.get(sampled)
+        if stated is None:
+            return None
+        if not debug:
+            decision = stated
+    if traceId is None and spanId is None:
+        if decision is None:
+            return None
+        return TraceContext(b"", b"", None, decision, FORMAT_B3_MULTI, debug)
+    if traceId is None or spanId is None or not _isTraceId(traceId) or not _isId(spanId, 16, _ZERO16):
+        return None
+    if parentId is not None and not _isId(parentId, 16, _ZERO16):
+        return None
+    return TraceContext(traceId, spanId, parentId, decision, FORMAT_B3_MULTI, debug)
+
+
+def capTracestate(value: bytes) -> Optional[bytes]:
+    """
+    C{value} itself when it fits in 512 bytes; else its longest prefix of whole list members that fits,
+    or None when not even the first one does.
+    """
+    if len(value) <= TRACESTATE_MAX:
+        return value
+    cut = value.rfind(b",", 0, TRACESTATE_MAX + 1)
+    if cut <= 0:
+        return None
+    value = value[:cut].rstrip(b" \t,")
+    return value or None
+
+
+def _newSpanId(random) -> bytes:
+    """
+    A new, non-zero 64-bit span id as 16 hex digits.
+    """
+    bits = random.getrandbits(64)
+    while not bits:
+        bits = random.getrandbits(64)
+    return b"%016x" % bits
+
+
+def _newTraceId(random) -> bytes:
+    """
+    A new, non-zero 128-bit trace id as 32 hex digits.
+    """
+    bits = random.getrandbits(128)
+    while not bits:
+        bits = random.getrandbits(128)
+    return b"%032x" % bits
+
+
+def propagate(headers: Headers, random, sampleRate: float) -> TraceContext:
+    """
+    Read the incoming trace context from C{headers}, make the proxy's span its child, decide sampling
+    (an incoming decision wins; else C{random.random() < sampleRate}), and rewrite C{headers} in place for
+    the upstream (see the module docstring for the rules). Never raises on header values.
+
+    @param headers: the request's fields, lowercased names; changed in place (only trace fields are
+        replaced, removed or appended; the other tuples stay where and what they are).
+    @param random: a L{random.Random}-like source (C{getrandbits}, C{random}).
+    @param sampleRate: the probability, from 0 to 1, of sampling a request with no incoming decision.
+    @return: the proxy's trace context.
+    """
+    # One pass; the common case (no trace field) allocates nothing here.
+    found: Optional[List[int]] = None
+    index = 0
+    for field in headers:
+        if field[0] in _NAMES:
+            if found is None:
+                found = [index]
+            else:
+                found.append(index)
+        index += 1
+
+    if found is None:
+        traceId = _newTraceId(random)
+        spanId = _newSpanId(random)
+        sampled = sampleRate >= 1.0 or (sampleRate > 0.0 and random.random() < sampleRate)
+        headers.append((TRACEPARENT, b"00-%s-%s-%s" % (traceId, spanId, b"01" if sampled else b"00")))
+        return TraceContext(traceId, spanId, None, sampled, FORMAT_W3C)
+    return _propagateFound(headers, found, random, sampleRate)
+
+
+def _propagateFound(headers: Headers, found: List[int], random, sampleRate: float) -> TraceContext:
+    """
+    L{propagate} when some trace fields came in (their indices in C{found}).
+    """
+    tpCount = 0
+    tpAt = b3At = -1
+    states: List[int] = []
+    multi = {}
+    remove: List[int] = []
+    for i in found:
+        name, value = headers[i]
+        if name == TRACEPARENT:
+            tpCount += 1
+            if tpAt < 0:
+                tpAt = i
+            else:
+                remove.append(i)
+        elif name == TRACESTATE:
+            states.append(i)
+        elif name == B3:
+            if b3At < 0:
+                b3At = i
+            else:
+                remove.append(i)
+        elif name in multi:
+            remove.append(i)  # a repeated x-b3-* field: the first one counts
+        else:
+            multi[name] = i
+
+    incoming = None
+    if tpAt >= 0 and tpCount == 1:  # several traceparent fields are invalid (W3C section 3.2)
+        incoming = parseTraceparent(headers[tpAt][1])
+    decisionOnly = None
+    if incoming is None and b3At >= 0:
+        parsed = parseB3(headers[b3At][1])
+        if parsed is not None:
+            if parsed.traceId:
+                incoming = parsed
+            else:
+                decisionOnly = parsed
+    if incoming is None and multi:
+        parsed = parseB3Multi(*[headers[multi[n]][1] if n in multi else None for n in _MULTI])
+        if parsed is not None:
+            if parsed.traceId:
+                incoming = parsed
+            elif decisionOnly is None:
+                decisionOnly = parsed
+
+    if incoming is not None:
+        context = incoming
+        context.parentId = context.spanId
+        context.spanId = _newSpanId(random)
+        fmt = context.format
+    else:
+        if decisionOnly is not None:
+            fmt = decisionOnly.format
+        elif tpAt >= 0:
+            fmt = FORMAT_W3C
+        elif b3At >= 0:
+            fmt = FORMAT_B3
+        elif multi.keys() - {X_B3_PARENTSPANID}:
+            fmt = FORMAT_B3_MULTI
+        else:
+            fmt = FORMAT_W3C  # only tracestate or a stray x-b3-parentspanid came in
+        traceId = _newTraceId(random)
+        context = TraceContext(traceId, _newSpanId(random), None,
+                               decisionOnly.sampled if decisionOnly is not None else None, fmt,
+                               decisionOnly.debug if decisionOnly is not None else False)
+    if context.sampled is None:
+        context.sampled = sampleRate >= 1.0 or (sampleRate > 0.0 and random.random() < sampleRate)
+    sampled = context.sampled
+
+    append: Headers = []
+    # W3C fields.
+    if fmt == FORMAT_W3C:
+        value = b"00-%s-%s-%s" % (context.traceId, context.spanId, b"01" if sampled else b"00")
+        if tpAt >= 0:
+            headers[tpAt] = (TRACEPARENT, value)
+        else:
+            append.append((TRACEPARENT, value))
+    elif tpAt >= 0:
+        remove.append(tpAt)
+    if states:
+        if incoming is not None and fmt == FORMAT_W3C:
+            first = states[0]
+            if len(states) == 1:
+                state: Optional[bytes] = headers[first][1]
+            else:
+                state = b",".join([headers[i][1] for i in states])
+                remove.extend(states[1:])
+            capped = capTracestate(state)  # type: ignore[arg-type]
+            if capped is None:
+                remove.append(first)
+            elif capped is not headers[first][1]:
+                headers[first] = (TRACESTATE, capped)
+        else:
+            remove.extend(states)
+    # B3 single.
+    if fmt == FORMAT_B3:
+        flag = b"d" if context.debug else (b"1" if sampled else b"0")
+        if context.parentId is not None:
+            value = b"%s-%s-%s-%s" % (context.traceId, context.spanId, flag, context.parentId)
+        else:
+            value = b"%s-%s-%s" % (context.traceId, context.spanId, flag)
+        headers[b3At] = (B3, value)
+    elif b3At >= 0:
+        remove.append(b3At)
+    # B3 multi.
+    if fmt == FORMAT_B3_MULTI:
+        _setMulti(headers, multi, append, remove, X_B3_TRACEID, context.traceId)
+        _setMulti(headers, multi, append, remove, X_B3_SPANID, context.spanId)
+        _setMulti(headers, multi, append, remove, X_B3_PARENTSPANID, context.parentId)
+        if context.debug:
+            # Debug implies sampling: B3 says not to send x-b3-sampled with it.
+            _setMulti(headers, multi, append, remove, X_B3_SAMPLED, None)
+        else:
+            _setMulti(headers, multi, append, remove, X_B3_SAMPLED, b"1" if sampled else b"0")
+            _setMulti(headers, multi, append, remove, X_B3_FLAGS, None)
+    else:
+        remove.extend(multi.values())
+
+    if remove:
+        for i in sorted(remove, reverse=True):
+            del headers[i]
+    if append:
+        headers.extend(append)
+    return context
+
+
+def _setMulti(headers: Headers, multi: dict, append: Headers, remove: List[int], name: bytes,
+              value: Optional[bytes]) -> None:
+    """
+    Make the B3 multi field C{name} say C{value} (remove it for None), in place when it came in; a value
+    that is already there keeps its tuple.
+    """
+    at = multi.get(name)
+    if value is None:
+        if at is not None:
+            remove.append(at)
+    elif at is None:
+        append.append((name, value))
+    elif headers[at][1] != value:
+        headers[at] = (name, value)
