@@ -324,9 +324,10 @@ def _descriptorKey(options: Options, key: str) -> Optional[Tuple[int, Optional[b
     return _HEADER, name.encode("ascii")
 
 
-def _descriptors(options: Options) -> Tuple[_Descriptor, ...]:
+def _descriptorLabels(options: Options, usage: str) -> List[str]:
     """
-    Read every C{descriptor.<N>.*} group, in the order their first key appears in the section.
+    The N of every C{descriptor.<N>.*} key, in the order each first appears; a malformed key is reported
+    with C{usage} (the keys a group takes).
     """
     labels: List[str] = []
     for key in options.keys():
@@ -335,11 +336,19 @@ def _descriptors(options: Options) -> Tuple[_Descriptor, ...]:
         label, dot, rest = key[len("descriptor."):].partition(".")
         if not dot or not rest or not _LABEL.match(label):
             options.string(key, None)  # known now: this error is the one to report, not "unknown key"
-            options.error(key, "write descriptor.N.key, descriptor.N.max_tokens, descriptor.N.tokens_per_fill "
-                               "and descriptor.N.fill_interval (N: letters, digits, _ or -)")
+            options.error(key, f"write {usage} (N: letters, digits, _ or -)")
             continue
         if label not in labels:
             labels.append(label)
+    return labels
+
+
+def _descriptors(options: Options) -> Tuple[_Descriptor, ...]:
+    """
+    Read every C{descriptor.<N>.*} group, in the order their first key appears in the section.
+    """
+    labels = _descriptorLabels(options, "descriptor.N.key, descriptor.N.max_tokens, descriptor.N.tokens_per_fill "
+                                        "and descriptor.N.fill_interval")
     descriptors: List[_Descriptor] = []
     seen: List[Tuple[int, Optional[bytes]]] = []
     for label in labels:

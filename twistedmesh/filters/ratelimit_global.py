@@ -49,7 +49,7 @@ from ..config import Options, suggest
 from ..http.stream import HTTPFilter, Stream
 from ..interfaces import IFilterContext, IHTTPFilterFactory
 from ..redis import RedisClient
-from .ratelimit import _HEADER, _LABEL, _REMOTE_ADDRESS, _Descriptor, _descriptorKey
+from .ratelimit import _HEADER, _LABEL, _REMOTE_ADDRESS, _Descriptor, _descriptorKey, _descriptorLabels
 
 __all__ = ["GlobalRateLimitFactory", "GlobalRateLimitFilter", "UNITS"]
 
@@ -279,18 +279,7 @@ def _descriptors(options: Options) -> Tuple[GlobalDescriptor, ...]:
     """
     Read every C{descriptor.<N>.*} group, in the order their first key appears; at least one is required.
     """
-    labels: List[str] = []
-    for key in options.keys():
-        if not key.startswith("descriptor."):
-            continue
-        label, dot, rest = key[len("descriptor."):].partition(".")
-        if not dot or not rest or not _LABEL.match(label):
-            options.string(key, None)  # known now: this error is the one to report, not "unknown key"
-            options.error(key, "write descriptor.N.key, descriptor.N.requests_per_unit and descriptor.N.unit "
-                               "(N: letters, digits, _ or -)")
-            continue
-        if label not in labels:
-            labels.append(label)
+    labels = _descriptorLabels(options, "descriptor.N.key, descriptor.N.requests_per_unit and descriptor.N.unit")
     if not labels:
         options.error("descriptor.N.key", "at least one descriptor is required (descriptor.N.key, "
                                           "descriptor.N.requests_per_unit, descriptor.N.unit)")

@@ -265,6 +265,22 @@ def _connectionTokens(value: bytes) -> Tuple[bool, bool]:
     return close, keepAlive
 
 
+def _addTrailer(parser, name: bytes, value: bytes, status: int, side: str) -> None:
+    """
+    Add a trailer field to C{parser}'s trailers, within the same budgets as its head (a budget of their own).
+    """
+    trailers = parser._trailers
+    if trailers is None:
+        trailers = parser._trailers = []
+        parser._headerBytes = 0
+    parser._headerBytes += len(name) + len(value)
+    if parser._headerBytes > parser._maxHeaderBytes:
+        raise _Reject(status, f"{side} trailer fields too large")
+    if len(trailers) >= parser._maxHeaders:
+        raise _Reject(status, f"too many {side} trailer fields")
+    trailers.append((name, value))
+
+
 class RequestParser:
     """
     Parses the requests of one downstream connection and reports them to a L{RequestHandler}.
@@ -533,16 +549,7 @@ class RequestParser:
             self._expectContinue = value.lower() == b"100-continue"
 
     def _trailer(self, name: bytes, value: bytes) -> None:
-        trailers = self._trailers
-        if trailers is None:
-            trailers = self._trailers = []
-            self._headerBytes = 0
-        self._headerBytes += len(name) + len(value)
-        if self._headerBytes > self._maxHeaderBytes:
-            raise _Reject(431, "request trailer fields too large")
-        if len(trailers) >= self._maxHeaders:
-            raise _Reject(431, "too many request trailer fields")
-        trailers.append((name, value))
+        _addTrailer(self, name, value, 431, "request")
 
     def _feedSpecial(self, data: bytes) -> None:
         state = self._state
@@ -840,16 +847,7 @@ class ResponseParser:
     # -- internals -------------------------------------------------------------------------------------
 
     def _trailer(self, name: bytes, value: bytes) -> None:
-        trailers = self._trailers
-        if trailers is None:
-            trailers = self._trailers = []
-            self._headerBytes = 0
-        self._headerBytes += len(name) + len(value)
-        if self._headerBytes > self._maxHeaderBytes:
-            raise _Reject(0, "response trailers too large")
-        if len(trailers) >= self._maxHeaders:
-            raise _Reject(0, "too many response trailer fields")
-        trailers.append((name, value))
+        _addTrailer(self, name, value, 0, "response")
 
     def _feed(self, data: bytes) -> None:
         state = self._state

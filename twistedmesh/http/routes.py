@@ -195,12 +195,7 @@ class Route:
         request's when the URL is a path; the URL's path, or the request's when an absolute URL has none;
         the URL's query if it has one, else the request's unless C{redirect.strip_query}.
         """
-        target = stream.path
-        i = target.find(b"?")
-        if i >= 0:
-            path, query = target[:i], target[i + 1:]
-        else:
-            path, query = target, b""
+        path, query = splitTarget(stream.path)
         if self._rPath is not None:
             path = self._rPath
         if self._rQuery is not None:
@@ -285,6 +280,14 @@ def _segmentKey(kind: int, value: object) -> Optional[bytes]:
         end = value.find(b"/", 1)  # type: ignore[union-attr]
         return value[1:end] if end > 0 else None  # type: ignore[index]
     return None
+
+
+def splitTarget(target: bytes) -> Tuple[bytes, bytes]:
+    """
+    A request target as its path and its query (without the C{?}; C{b""} when there is none).
+    """
+    path, _, query = target.partition(b"?")
+    return path, query
 
 
 class RouteTable:
@@ -379,12 +382,7 @@ class RouteTable:
         C{NR} flag).
         """
         vhost = self._group(stream.authority)
-        target = stream.path
-        i = target.find(b"?")
-        if i >= 0:
-            path, query = target[:i], target[i + 1:]
-        else:
-            path, query = target, b""
+        path, query = splitTarget(stream.path)
         entries = vhost.fallback
         if vhost.buckets:
             end = path.find(b"/", 1)
