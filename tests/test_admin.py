@@ -584,7 +584,8 @@ class ConfigDumpTests(AdminTestCase):
         dump = self.dump()
         self.assertEqual(dump["file"], "etc/mesh.ini")
         self.assertEqual(dump["mesh"], {"admin": "tcp:9901:interface=127.0.0.1", "admin_tls": None,
-                                        "drain_timeout": 10.0, "workers": 1})
+                                        "drain_timeout": 10.0, "workers": 1,
+                                        "workers_sharing": "reuseport", "xds": None, "tracing": None})
         self.assertEqual(dump["clusters"]["api"]["endpoints"], [
             {"endpoint": "tcp:127.0.0.1:9001", "weight": 1}, {"endpoint": "tcp:127.0.0.1:9002", "weight": 3},
         ])
@@ -683,8 +684,8 @@ class IndexTests(AdminTestCase):
              "/stats", "/stats/prometheus"]
 
     def test_home(self) -> None:
-        """C{GET /} lists every endpoint."""
-        request = self.get("/")
+        """C{GET /help} lists every endpoint (C{GET /} is the HTML dashboard: tests/test_dashboard.py)."""
+        request = self.get("/help")
         self.assertEqual(request.responseCode, 200)
         body = request.body.decode()
         for path in self.PATHS:

@@ -28,6 +28,15 @@ from h2.events import (
     WindowUpdated,
 )
 from h2.settings import SettingCodes, Settings
+from hyperframe.frame import (
+    ContinuationFrame,
+    DataFrame,
+    HeadersFrame,
+    PingFrame,
+    PriorityFrame,
+    SettingsFrame,
+    WindowUpdateFrame,
+)
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
@@ -36,12 +45,17 @@ from twisted.internet.testing import StringTransport
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
+from twistedmesh.config import loadString
+from twistedmesh.config.errors import ConfigErrors
+from twistedmesh.http.h2server import HTTP2Settings
 from twistedmesh.http.server import HTTPSettings
 from twistedmesh.http.stream import HTTPFilter
-from twistedmesh.listener.http import PREFACE, HTTPListenerFactory
+from twistedmesh.listener.http import PREFACE, HTTPListenerFactory, http2Settings
 from twistedmesh.observability.stats import StatsStore
 
-from .test_http import HTTPTestBase
+from twistedmesh.service import MeshService
+
+from .test_http import HTTPTestBase, StallingOrigin
 
 GET = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"example.com")]
 
@@ -160,7 +174,7 @@ class Response:
 
     def __init__(self):
         self.headers = None
-        self.data = b""
+        self.data = bytearray()  # (appending to bytes would be quadratic on large bodies)
         self.trailers = None
         self.ended = False
         self.reset = None
@@ -179,10 +193,15 @@ class Peer:
     both ways until both are quiet. With C{autoAck}, received data is acknowledged as it arrives.
     """
 
-    def __init__(self, proto, transport, window: Optional[int] = None, autoAck: bool = True):
+    def __init__(self, proto, transport, window: Optional[int] = None, autoAck: bool = True, lax: bool = False):
+        """
+        With C{lax}, the client sends whatever fields it is given (to test malformed requests).
+        """
         self.proto = proto
         self.transport = transport
-        self.client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        self.client = H2Connection(H2Configuration(client_side=True, header_encoding=None,
+                                                   validate_outbound_headers=not lax,
+                                                   normalize_outbound_headers=not lax))
         if window is not None:
             self.client.local_settings = Settings(client=True, initial_values={
                 SettingCodes.INITIAL_WINDOW_SIZE: window})
@@ -641,27 +660,68 @@ class ResetTests(unittest.TestCase):
         sid = peer.request(head(b"/again"))
         self.assertEqual(peer.responses[sid].status, 403)
 
-    def test_rapidReset(self):
+    def openAndReset(self, peer, n: int) -> None:
         """
-        A client that opens and at once resets more than half of its streams past 500 gets
-        GOAWAY(ENHANCE_YOUR_CALM) and is closed.
+        Open C{n} streams and reset each at once.
         """
-        peer, proto, clock, stats = h2(lambda s: Hold())
-        for i in range(499):
+        for i in range(n):
             sid = peer.client.get_next_available_stream_id()
             peer.client.send_headers(sid, head(), end_stream=True)
             peer.client.reset_stream(sid, ErrorCodes.CANCEL)
             peer.pump()
+
+    def test_rapidReset(self):
+        """
+        Before the 500-stream floor, a client whose premature resets alone pass half the floor (251) gets
+        GOAWAY(ENHANCE_YOUR_CALM) and is closed: the verdict at the floor could no longer change.
+        """
+        peer, proto, clock, stats = h2(lambda s: Hold())
+        self.openAndReset(peer, 250)
         self.assertFalse(proto.transport.disconnecting)
         self.assertEqual(peer.goaway(), [])
-        sid = peer.client.get_next_available_stream_id()
-        peer.client.send_headers(sid, head(), end_stream=True)
-        peer.client.reset_stream(sid, ErrorCodes.CANCEL)
-        peer.pump()
+        self.openAndReset(peer, 1)
         [goaway] = peer.goaway()
         self.assertEqual(goaway.error_code, ErrorCodes.ENHANCE_YOUR_CALM)
         self.assertTrue(proto.transport.disconnecting)
         self.assertEqual(stat(stats, "downstream_rq_too_many_premature_resets"), 1)
+        self.assertEqual(stat(stats, "http2.rx_reset"), 251)
+        self.assertEqual(stat(stats, "http2.goaway_sent"), 1)
+        # A client that does not read the GOAWAY does not keep the connection: aborted after 1 s.
+        self.assertFalse(proto.transport.disconnected)
+        clock.advance(1)
+        self.assertTrue(proto.transport.disconnected)
+
+    def test_rapidResetPastFloor(self):
+        """
+        Past the floor, the rule is more than half of the closed streams: after 260 answered streams, the
+        260th premature reset (half of 520) is tolerated, the 261st is not.
+        """
+        peer, proto, clock, stats = h2()
+        for i in range(260):
+            peer.request(head())
+        self.openAndReset(peer, 260)
+        self.assertEqual(peer.goaway(), [])
+        self.openAndReset(peer, 1)
+        self.assertEqual([g.error_code for g in peer.goaway()], [ErrorCodes.ENHANCE_YOUR_CALM])
+        self.assertTrue(proto.transport.disconnecting)
+
+    def test_rapidResetConfigured(self):
+        """
+        The floor and the premature lifetime are the listener's: with a floor of 10, after 4 resets past the
+        lifetime (which do not count), the 6th instant reset closes the connection.
+        """
+        peer, proto, clock, stats = h2(lambda s: Hold(), http2=HTTP2Settings(
+            prematureResetTotalStreamCount=10, prematureResetMinStreamLifetime=0.5))
+        for i in range(4):
+            sid = peer.request(head())
+            clock.advance(0.6)
+            peer.client.reset_stream(sid, ErrorCodes.CANCEL)
+            peer.pump()
+        self.assertEqual(peer.goaway(), [])
+        self.openAndReset(peer, 5)
+        self.assertEqual(peer.goaway(), [])
+        self.openAndReset(peer, 1)
+        self.assertEqual([g.error_code for g in peer.goaway()], [ErrorCodes.ENHANCE_YOUR_CALM])
 
     def test_slowResetsAreNotPremature(self):
         """
@@ -853,6 +913,501 @@ class DetectionTests(unittest.TestCase):
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 OK"))
 
 
+class AbuseTests(unittest.TestCase):
+    """
+    Each flood limit closes the connection with GOAWAY(ENHANCE_YOUR_CALM) within bounded memory, moves its
+    counter, and does not leave the connection open for a client that stops reading.
+    """
+
+    def setUp(self):
+        Hold.streams = []
+
+    def assertCalmedDown(self, peer, proto, stats, counter: str) -> None:
+        """
+        The connection got GOAWAY(ENHANCE_YOUR_CALM) and is closing, C{counter} moved once, and a client
+        that does not read is dropped after the delayed-close timeout.
+        """
+        events = peer.client.receive_data(proto.transport.value()) if proto.transport.value() else []
+        goaways = [e for e in peer.events + events if isinstance(e, ConnectionTerminated)]
+        self.assertEqual([g.error_code for g in goaways], [ErrorCodes.ENHANCE_YOUR_CALM])
+        self.assertTrue(proto.transport.disconnecting)
+        self.assertEqual(stat(stats, "http2." + counter), 1)
+        self.assertEqual(stat(stats, "downstream_cx_protocol_error"), 0)
+        self.assertFalse(proto.transport.disconnected)
+        proto.http2.settings.clock.advance(1)
+        self.assertTrue(proto.transport.disconnected)
+
+    def test_continuationFlood(self):
+        """
+        A HEADERS frame followed by CONTINUATION frames that never end the block is cut off once the block
+        passes its bound (twice the header list limit, 120 KiB): the compressed bytes held never exceed it.
+        """
+        peer, proto, clock, stats = h2(lambda s: Hold())
+        h2c = proto.http2.h2
+        limit = proto.http2.inbound.blockLimit
+        self.assertEqual(limit, 120 * 1024)
+        proto.dataReceived(HeadersFrame(1, data=b"\x82" * 16384).serialize())  # no END_HEADERS
+        held = sent = 0
+        while not proto.transport.disconnecting and sent < 1000:
+            proto.dataReceived(ContinuationFrame(1, data=b"\x82" * 16384).serialize())
+            sent += 1
+            held = max(held, sum(len(f.data) for f in h2c.incoming_buffer._headers_buffer))
+        self.assertLessEqual(held, limit)
+        self.assertEqual(sent, limit // 16384)  # the frame that would pass the bound was refused
+        self.assertEqual(Hold.streams, [])
+        self.assertCalmedDown(peer, proto, stats, "header_overflow")
+
+    def test_continuationFrameCount(self):
+        """
+        Tiny CONTINUATION frames are bounded by count as well (64 per block).
+        """
+        peer, proto, clock, stats = h2()
+        proto.dataReceived(HeadersFrame(1, data=b"\x82").serialize())
+        for i in range(100):
+            proto.dataReceived(ContinuationFrame(1, data=b"\x84").serialize())
+        self.assertCalmedDown(peer, proto, stats, "header_overflow")
+
+    def test_continuationNormal(self):
+        """
+        A header block split over a few CONTINUATION frames is a request like any other.
+        """
+        peer, proto, clock, stats = h2()
+        peer.client.send_headers(1, head(b"/split"), end_stream=True)
+        block = peer.client.data_to_send()[9:]  # one HEADERS frame (no padding, no priority): its block
+        proto.dataReceived(HeadersFrame(1, data=block[:3], flags=["END_STREAM"]).serialize()
+                           + ContinuationFrame(1, data=block[3:6]).serialize()
+                           + ContinuationFrame(1, data=block[6:], flags=["END_HEADERS"]).serialize())
+        peer.pump()
+        self.assertEqual(peer.responses[1].data, b"GET /split 0")
+
+    def test_hpackBomb(self):
+        """
+        A small header block that decodes to far more than the limit (one large field in the dynamic table,
+        then referenced a hundred times) is a connection error, counted as a header overflow.
+        """
+        peer, proto, clock, stats = h2()
+        peer.client.send_headers(1, head(extra=[(b"x-big", b"b" * 4000)] * 100), end_stream=True)
+        wire = peer.client.data_to_send()
+        self.assertLess(len(wire), 8000)
+        proto.dataReceived(wire)
+        self.assertCalmedDown(peer, proto, stats, "header_overflow")
+
+    def test_pingFlood(self):
+        """
+        1000 PINGs in one read are answered; 1001 (more acknowledgements queued than the limit) close the
+        connection.
+        """
+        ping = PingFrame(0, opaque_data=b"12345678").serialize()
+        peer, proto, clock, stats = h2()
+        proto.dataReceived(ping * 1000)
+        self.assertFalse(proto.transport.disconnecting)
+        proto.dataReceived(ping * 1000)  # the client read the answers to the first batch: fine again
+        self.assertFalse(proto.transport.disconnecting)
+        peer, proto, clock, stats = h2()
+        proto.dataReceived(ping * 1001)
+        self.assertCalmedDown(peer, proto, stats, "outbound_control_flood")
+
+    def test_pingFloodWhileNotReading(self):
+        """
+        While the client's socket is full, acknowledgements queued over several reads add up.
+        """
+        ping = PingFrame(0, opaque_data=b"12345678").serialize()
+        peer, proto, clock, stats = h2()
+        proto.http2.pauseProducing()  # the transport says: the client is not reading
+        proto.dataReceived(ping * 600)
+        self.assertFalse(proto.transport.disconnecting)
+        proto.dataReceived(ping * 600)
+        self.assertTrue(proto.transport.disconnecting)
+        self.assertEqual(stat(stats, "http2.outbound_control_flood"), 1)
+
+    def test_settingsFlood(self):
+        """
+        SETTINGS frames are acknowledged, so a flood of them is an outbound control flood too.
+        """
+        peer, proto, clock, stats = h2(http2=HTTP2Settings(maxOutboundControlFrames=50))
+        proto.dataReceived(SettingsFrame(0, settings={SettingCodes.ENABLE_PUSH: 0}).serialize() * 51)
+        self.assertCalmedDown(peer, proto, stats, "outbound_control_flood")
+
+    def test_resetStreamsFlood(self):
+        """
+        Frames on streams the client reset make h2 answer RST_STREAM each time: counted the same way.
+        """
+        peer, proto, clock, stats = h2(lambda s: Hold(), http2=HTTP2Settings(maxOutboundControlFrames=20))
+        sid = peer.request(head(b"/up", b"POST"), end=False)
+        peer.client.reset_stream(sid, ErrorCodes.CANCEL)
+        peer.pump()
+        proto.dataReceived(DataFrame(sid, data=b"x").serialize() * 21)
+        self.assertCalmedDown(peer, proto, stats, "outbound_control_flood")
+
+    def test_emptyDataFlood(self):
+        """
+        One empty DATA frame without END_STREAM is tolerated; two in a row close the connection. A frame
+        with a payload in between starts the count again.
+        """
+        peer, proto, clock, stats = h2(lambda s: Hold())
+        sid = peer.request(head(b"/up", b"POST"), end=False)
+        empty = DataFrame(sid).serialize()
+        proto.dataReceived(empty + DataFrame(sid, data=b"x").serialize() + empty)
+        self.assertFalse(proto.transport.disconnecting)
+        proto.dataReceived(empty)
+        self.assertCalmedDown(peer, proto, stats, "inbound_empty_frames_flood")
+        self.assertEqual(b"".join(Hold.streams[0].state["hold"].body), b"x")
+
+    def test_emptyContinuationFlood(self):
+        """
+        Empty HEADERS and CONTINUATION frames count as empty frames too.
+        """
+        peer, proto, clock, stats = h2()
+        proto.dataReceived(HeadersFrame(1, data=b"\x82").serialize() + ContinuationFrame(1).serialize() * 2)
+        self.assertCalmedDown(peer, proto, stats, "inbound_empty_frames_flood")
+
+    def test_priorityFlood(self):
+        """
+        PRIORITY frames are allowed 100 per stream opened (plus 100): the 101st on a fresh connection closes it.
+        """
+        peer, proto, clock, stats = h2()
+        priority = PriorityFrame(1, depends_on=0, stream_weight=16).serialize()
+        proto.dataReceived(priority * 100)
+        self.assertFalse(proto.transport.disconnecting)
+        proto.dataReceived(priority)
+        self.assertCalmedDown(peer, proto, stats, "inbound_priority_frames_flood")
+
+    def test_windowUpdateFlood(self):
+        """
+        WINDOW_UPDATE frames are allowed 10 per DATA frame sent (plus 10).
+        """
+        peer, proto, clock, stats = h2()
+        update = WindowUpdateFrame(0, window_increment=1).serialize()
+        proto.dataReceived(update * 10)
+        self.assertFalse(proto.transport.disconnecting)
+        peer.request(head())  # one DATA frame sent: ten more allowed
+        proto.dataReceived(update * 10)
+        self.assertFalse(proto.transport.disconnecting)
+        proto.dataReceived(update)
+        self.assertCalmedDown(peer, proto, stats, "inbound_window_update_frames_flood")
+
+    def test_oversizedFrame(self):
+        """
+        A frame larger than our SETTINGS_MAX_FRAME_SIZE is a FRAME_SIZE_ERROR; a larger configured size
+        admits it.
+        """
+        peer, proto, clock, stats = h2(lambda s: Hold())
+        sid = peer.request(head(b"/up", b"POST"), end=False)
+        proto.dataReceived(DataFrame(sid, data=b"x" * 20000).serialize())
+        self.assertTrue(proto.transport.disconnecting)
+        self.assertEqual(stat(stats, "downstream_cx_protocol_error"), 1)
+        Hold.streams = []
+        peer, proto, clock, stats = h2(lambda s: Hold(), http2=HTTP2Settings(maxFrameSize=32768))
+        self.assertEqual(peer.client.remote_settings.max_frame_size, 32768)
+        sid = peer.request(head(b"/up", b"POST"), end=False)
+        proto.dataReceived(DataFrame(sid, data=b"x" * 20000).serialize())
+        self.assertFalse(proto.transport.disconnecting)
+        self.assertEqual(len(b"".join(Hold.streams[0].state["hold"].body)), 20000)
+
+
+class MalformedRequestTests(unittest.TestCase):
+    """
+    A malformed request (RFC 9113 section 8.1.1) is a stream error, RST_STREAM(PROTOCOL_ERROR): the
+    connection and its other streams carry on.
+    """
+
+    def setUp(self):
+        Hold.streams = []
+
+    def assertMalformed(self, fields, details: str = "http2.violation.of.messaging.rule") -> None:
+        """
+        C{fields} on a lax client's stream get RST_STREAM(PROTOCOL_ERROR), the stream completes flagged
+        DPE with C{details}, no filter sees it, and the next request on the connection is answered.
+        """
+        logged = []
+
+        class Log:
+            def log(self, stream, now):
+                logged.append((stream.responseFlags, stream.responseCodeDetails))
+
+        proto, transport, clock, stats = serve(lambda s: Hold(), accessLog=Log())
+        peer = Peer(proto, transport, lax=True)
+        sid = peer.request(fields)
+        self.assertEqual(peer.responses[sid].reset, ErrorCodes.PROTOCOL_ERROR)
+        self.assertEqual(Hold.streams, [])
+        self.assertEqual(logged, [(["DPE"], details)])
+        self.assertEqual(stat(stats, "http2.rx_messaging_error"), 1)
+        self.assertEqual(stat(stats, "http2.tx_reset"), 1)
+        self.assertEqual(stat(stats, "downstream_rq_active"), 0)
+        later = peer.request(head(b"/next"))
+        self.assertIsNone(getattr(peer.responses.get(later), "reset", None))
+        self.assertEqual(len(Hold.streams), 1)
+        self.assertEqual(peer.goaway(), [])
+        self.assertFalse(proto.transport.disconnecting)
+
+    def test_connectionSpecific(self):
+        """
+        Connection-specific fields (RFC 9113 section 8.2.2) are malformed in a request.
+        """
+        for name in (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"):
+            Hold.streams = []
+            self.assertMalformed(head(extra=[(name, b"x")]), "http2.invalid.header.field")
+
+    def test_te(self):
+        """
+        C{te} other than C{trailers} is malformed; C{te: trailers} is forwarded.
+        """
+        self.assertMalformed(head(extra=[(b"te", b"gzip")]), "http2.invalid.header.field")
+        peer, proto, clock, stats = h2(lambda s: Hold())
+        peer.request(head(extra=[(b"te", b"trailers")]))
+        self.assertIn((b"te", b"trailers"), Hold.streams[-1].requestHeaders)
+
+    def test_uppercaseName(self):
+        """
+        A field name with uppercase letters is malformed in HTTP/2.
+        """
+        self.assertMalformed(head(extra=[(b"X-Upper", b"1")]), "http2.invalid.header.field")
+
+    def test_invalidValue(self):
+        """
+        CR, LF or NUL in a value, or whitespace around it, is malformed (never smuggled to an HTTP/1.1
+        upstream).
+        """
+        for value in (b"a\r\nx-injected: 1", b"a\x00b", b" padded", b"padded\t"):
+            Hold.streams = []
+            self.assertMalformed(head(extra=[(b"x-v", value)]), "http2.invalid.header.field")
+
+    def test_missingPseudoHeaders(self):
+        """
+        Without :method, :scheme or :path (or with an empty :path) the request is malformed.
+        """
+        full = head()
+        for missing in (b":method", b":scheme", b":path"):
+            Hold.streams = []
+            self.assertMalformed([f for f in full if f[0] != missing])
+        Hold.streams = []
+        self.assertMalformed([(b":path", b"") if f[0] == b":path" else f for f in full])
+
+    def test_badPseudoHeaders(self):
+        """
+        A repeated, unknown or response pseudo-header, or one after a regular field, is malformed.
+        """
+        for fields in (head() + [(b":path", b"/again")], head() + [(b":protocol", b"websocket")],
+                       head() + [(b":status", b"200")], [(b"x-first", b"1")] + head()):
+            Hold.streams = []
+            self.assertMalformed(fields)
+
+    def test_authority(self):
+        """
+        Neither :authority nor Host is malformed; so are the two disagreeing. Host alone stands in for
+        :authority, and never reaches the filters as a field.
+        """
+        bare = [f for f in head() if f[0] != b":authority"]
+        self.assertMalformed(bare)
+        Hold.streams = []
+        self.assertMalformed(head(extra=[(b"host", b"other.example")]))
+        Hold.streams = []
+        peer, proto, clock, stats = h2(lambda s: Hold())
+        peer.request(bare + [(b"host", b"via-host.example")])
+        [stream] = Hold.streams
+        self.assertEqual(stream.authority, b"via-host.example")
+        self.assertNotIn(b"host", [name for name, _ in stream.requestHeaders])
+
+    def test_badTrailers(self):
+        """
+        A pseudo-header or an invalid field in the request's trailers is malformed too.
+        """
+        peer, proto, clock, stats = serve(lambda s: Hold())[0], None, None, None
+        proto, transport, clock, stats = serve(lambda s: Hold())
+        peer = Peer(proto, transport, lax=True)
+        sid = peer.request(head(b"/up", b"POST"), b"body", end=False)
+        peer.client.send_headers(sid, [(b":path", b"/x")], end_stream=True)
+        peer.pump()
+        self.assertEqual(peer.responses[sid].reset, ErrorCodes.PROTOCOL_ERROR)
+        self.assertEqual(Hold.streams[0].responseFlags, ["DPE"])
+        self.assertEqual(stat(stats, "http2.rx_messaging_error"), 1)
+        self.assertFalse(proto.transport.disconnecting)
+
+    def test_cookieCrumbs(self):
+        """
+        Cookie crumbs are joined with "; " into one field where the first was, for the filters and an
+        HTTP/1.1 upstream (RFC 9113 section 8.2.3).
+        """
+        peer, proto, clock, stats = h2(lambda s: Hold())
+        peer.request(head(extra=[(b"cookie", b"a=1"), (b"x-mid", b"m"), (b"cookie", b"b=2"),
+                                 (b"cookie", b"c=3")]))
+        fields = Hold.streams[0].requestHeaders
+        self.assertEqual([f for f in fields if f[0] in (b"cookie", b"x-mid")],
+                         [(b"cookie", b"a=1; b=2; c=3"), (b"x-mid", b"m")])
+
+    def test_malformedFloodIsRapidReset(self):
+        """
+        Malformed requests make us reset streams at the client's will: they count as premature resets.
+        """
+        proto, transport, clock, stats = serve(lambda s: Hold())
+        peer = Peer(proto, transport, lax=True)
+        for i in range(251):
+            peer.request(head(extra=[(b"connection", b"close")]))
+        self.assertEqual([g.error_code for g in peer.goaway()], [ErrorCodes.ENHANCE_YOUR_CALM])
+        self.assertEqual(stat(stats, "downstream_rq_too_many_premature_resets"), 1)
+
+
+class SettingsTests(unittest.TestCase):
+    """
+    The listener's C{http2.*} keys: validated when the config loads, announced in SETTINGS.
+    """
+
+    base = """
+[listener:web]
+endpoint = tcp:0:interface=127.0.0.1
+protocol = http
+filters = router
+routes = main
+{keys}
+[route:main/all]
+prefix = /
+direct_response.status = 200
+"""
+
+    def load(self, keys: str):
+        return loadString(self.base.format(keys=keys), "mesh.ini")
+
+    def test_defaults(self):
+        """
+        Without keys, Envoy's edge values, and HTTP/2 on.
+        """
+        c = self.load("").listeners["web"].http2
+        self.assertEqual((c.enabled, c.max_concurrent_streams, c.initial_stream_window_size,
+                          c.initial_connection_window_size, c.max_frame_size, c.max_header_list_size,
+                          c.max_outbound_control_frames, c.max_consecutive_inbound_frames_with_empty_payload,
+                          c.max_inbound_priority_frames_per_stream,
+                          c.max_inbound_window_update_frames_per_data_frame_sent,
+                          c.premature_reset_total_stream_count, c.premature_reset_min_stream_lifetime),
+                         (True, 100, 65536, 1 << 20, 16384, None, 1000, 1, 100, 10, 500, 1.0))
+
+    def test_keysReachTheWire(self):
+        """
+        Configured values are what the client is told in SETTINGS and what the connection enforces.
+        """
+        config = self.load("http2.max_concurrent_streams = 7\nhttp2.initial_stream_window_size = 128KiB\n"
+                           "http2.initial_connection_window_size = 4MiB\nhttp2.max_frame_size = 65536\n"
+                           "http2.max_header_list_size = 16KiB\nhttp2.max_outbound_control_frames = 5\n"
+                           "http2.premature_reset_min_stream_lifetime = 250ms\n")
+        limits = http2Settings(config.listeners["web"].http2)
+        self.assertEqual((limits.maxOutboundControlFrames, limits.prematureResetMinStreamLifetime), (5, 0.25))
+        peer, proto, clock, stats = h2(http2=limits)
+        remote = peer.client.remote_settings
+        self.assertEqual((remote.max_concurrent_streams, remote.initial_window_size, remote.max_frame_size,
+                          remote.max_header_list_size), (7, 128 * 1024, 65536, 16 * 1024))
+        self.assertEqual(peer.client.outbound_flow_control_window, 4 << 20)
+        sid = peer.request(head(extra=[(b"x-big", b"b" * 17000)]))
+        self.assertEqual(peer.responses[sid].status, 431)
+
+    def test_outOfRange(self):
+        """
+        Values outside RFC 9113's ranges (or Envoy's) are errors naming the file, section and key.
+        """
+        cases = {
+            "http2.initial_stream_window_size = 2GiB": "http2.initial_stream_window_size",
+            "http2.initial_connection_window_size = 1000": "http2.initial_connection_window_size",
+            "http2.max_frame_size = 8KiB": "http2.max_frame_size",
+            "http2.max_frame_size = 16MiB": "http2.max_frame_size",
+            "http2.max_concurrent_streams = 0": "http2.max_concurrent_streams",
+            "http2.max_header_list_size = 100": "http2.max_header_list_size",
+            "http2.max_outbound_control_frames = 0": "http2.max_outbound_control_frames",
+            "http2.max_inbound_window_update_frames_per_data_frame_sent = 0":
+                "http2.max_inbound_window_update_frames_per_data_frame_sent",
+            "http2.premature_reset_min_stream_lifetime = soon": "http2.premature_reset_min_stream_lifetime",
+            "http2.max_concurent_streams = 5": "http2.max_concurent_streams",
+            "http2 = maybe": "http2",
+        }
+        for line, key in cases.items():
+            e = self.assertRaises(ConfigErrors, self.load, line)
+            text = str(e)
+            self.assertIn("mesh.ini", text, line)
+            self.assertIn("[listener:web]", text, line)
+            self.assertIn(key, text, line)
+        self.assertIn("from 16384 bytes to 16777215 bytes",
+                      str(self.assertRaises(ConfigErrors, self.load, "http2.max_frame_size = 8KiB")))
+        self.assertIn("2147483647", str(self.assertRaises(ConfigErrors, self.load,
+                                                           "http2.initial_stream_window_size = 2GiB")))
+
+    def test_tcpListener(self):
+        """
+        The keys belong to HTTP listeners: on a TCP listener they are unknown.
+        """
+        e = self.assertRaises(ConfigErrors, loadString, """
+[listener:raw]
+endpoint = tcp:0:interface=127.0.0.1
+protocol = tcp
+cluster = c
+http2.max_concurrent_streams = 5
+[cluster:c]
+endpoints = tcp:127.0.0.1:1
+""", "mesh.ini")
+        self.assertIn("http2.max_concurrent_streams", str(e))
+
+    def test_off(self):
+        """
+        C{http2 = off} serves HTTP/1.1 only: the preface is not recognised.
+        """
+        config = self.load("http2 = off")
+        self.assertIs(http2Settings(config.listeners["web"].http2), False)
+        proto, transport, clock, stats = serve(http2=http2Settings(config.listeners["web"].http2))
+        proto.dataReceived(PREFACE)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 4"), transport.value())
+
+
+class AcknowledgementOrderTests(unittest.TestCase):
+    """
+    Request data is acknowledged to the client only after the upstream side accepted it.
+    """
+
+    def test_ackAfterUpstreamAccepted(self):
+        """
+        The WINDOW_UPDATE for a chunk is queued only after the chunk was written upstream; a write that
+        fills the upstream's buffer (it pauses the body producer) holds the acknowledgement until the
+        upstream drains.
+        """
+        order = []
+
+        class Upstream(HTTPFilter):
+            """
+            Plays the router: writes each chunk to an upstream transport that pauses the producer once
+            its buffer passes 40000 bytes.
+            """
+
+            def requestHeaders(self, stream):
+                self.buffered = 0
+                self.producer = stream.codec.bodyProducer
+                Hold.streams.append(stream)
+
+            def requestData(self, stream, data, end):
+                self.buffered += len(data)
+                order.append(("upstream", len(data)))
+                if self.buffered > 40000:
+                    self.producer.pauseProducing()
+
+        Hold.streams = []
+        peer, proto, clock, stats = h2(lambda s: Upstream())
+        h2c = proto.http2.h2
+        acknowledge = h2c.acknowledge_received_data
+
+        def spy(n, sid):
+            order.append(("ack", n))
+            return acknowledge(n, sid)
+
+        h2c.acknowledge_received_data = spy
+        sid = peer.request(head(b"/up", b"POST"), end=False)
+        peer.send(sid, b"a" * 16384)
+        peer.send(sid, b"b" * 16384)
+        peer.send(sid, b"c" * 16384)
+        self.assertEqual(order, [("upstream", 16384), ("ack", 16384), ("upstream", 16384), ("ack", 16384),
+                                 ("upstream", 16384)])
+        # Two chunks acknowledged (h2 sends one WINDOW_UPDATE per half window), the third held.
+        self.assertEqual(peer.client.local_flow_control_window(sid), 65536 - 3 * 16384 + 2 * 16384)
+        filt = Hold.streams[0]
+        filt.codec.bodyProducer.resumeProducing()
+        peer.pump()
+        self.assertEqual(order[-1], ("ack", 16384))
+        self.assertEqual(sum(n for kind, n in order if kind == "ack"), 3 * 16384)
+
+
 # -- integration: the real thing on loopback ---------------------------------------------------------------------
 
 
@@ -862,11 +1417,19 @@ class H2ClientProtocol(protocol.Protocol):
     are sent as the server's windows allow.
     """
 
-    def __init__(self):
+    def __init__(self, window: Optional[int] = None):
+        """
+        @param window: the stream and connection windows to announce (h2's 64 KiB by default).
+        """
         self.conn = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        if window is not None:
+            self.conn.local_settings = Settings(client=True, initial_values={
+                SettingCodes.INITIAL_WINDOW_SIZE: window})
+        self.window = window
         self.responses: Dict[int, Response] = {}
         self.waiting: Dict[int, defer.Deferred] = {}
         self.bodies: Dict[int, bytes] = {}
+        self.goaways: List[ConnectionTerminated] = []
         self.closed = defer.Deferred()
 
     def connectionMade(self):
@@ -874,6 +1437,8 @@ class H2ClientProtocol(protocol.Protocol):
         Send the preface.
         """
         self.conn.initiate_connection()
+        if self.window is not None:
+            self.conn.increment_flow_control_window(self.window - 65535)
         self.flush()
 
     def flush(self):
@@ -908,9 +1473,10 @@ class H2ClientProtocol(protocol.Protocol):
 
     def sendBodies(self):
         """
-        Send what the windows allow of the bodies still to send.
+        Send what the windows allow of the bodies still to send (C{bodies} keeps what is left, as views).
         """
         for sid, body in list(self.bodies.items()):
+            body = memoryview(body)
             while body:
                 n = min(len(body), self.conn.local_flow_control_window(sid), self.conn.max_outbound_frame_size)
                 if n <= 0:
@@ -944,6 +1510,11 @@ class H2ClientProtocol(protocol.Protocol):
                 self.waiting.pop(sid).callback(r)
             elif isinstance(event, WindowUpdated):
                 self.sendBodies()
+            elif isinstance(event, ConnectionTerminated):
+                self.goaways.append(event)
+                if event.error_code == 0:
+                    # h2 takes nothing more after a GOAWAY; the streams it names are still to be answered.
+                    self.conn.state_machine.state = self.conn.state_machine.state.CLIENT_OPEN
         self.flush()
 
     def connectionLost(self, reason):
@@ -1027,12 +1598,12 @@ cluster = raw
         return super().startProxy(originPort, extra)
 
     @defer.inlineCallbacks
-    def client(self) -> defer.Deferred:
+    def client(self, port: Optional[int] = None, window: Optional[int] = None) -> defer.Deferred:
         """
         An HTTP/2 client connected to the proxy (closed at cleanup).
         """
-        client = H2ClientProtocol()
-        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), client)
+        client = H2ClientProtocol(window)
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port or self.port), client)
         self.addCleanup(lambda: client.closed)
         self.addCleanup(client.transport.loseConnection)
         return client
@@ -1140,3 +1711,300 @@ cluster = raw
             self.assertIsNotNone(match, out)
             self.assertEqual(match.group(4), b"200", out)
             self.assertIn(b"status codes: 200 2xx", out)
+
+    @defer.inlineCallbacks
+    def test_nghttpTrailers(self):
+        """
+        nghttp (h2c, verbose) sees the upstream's trailers as a trailing HEADERS frame with END_STREAM.
+        """
+        nghttp = shutil.which("nghttp")
+        if nghttp is None:
+            raise unittest.SkipTest("nghttp is not installed (Debian package nghttp2-client)")
+        out, err, code = yield getProcessOutputAndValue(
+            nghttp, ["-v", "-H", "te: trailers", self.url + "/raw/trailers"])
+        self.assertEqual(code, 0, err)
+        self.assertRegex(out, rb"recv \(stream_id=\d+\) grpc-status: 0\n.*recv \(stream_id=\d+\) grpc-message: done\n"
+                              rb".*recv HEADERS frame <length=\d+, flags=0x05, stream_id=\d+>")  # END_STREAM|END_HEADERS
+        self.assertIn(b"hello", out)
+
+    @defer.inlineCallbacks
+    def test_upstreamDiesAfterHeaders(self):
+        """
+        An upstream that dies after the response started: the client gets RST_STREAM(INTERNAL_ERROR), never
+        a clean end, and the connection carries on.
+        """
+        client = yield self.client()
+        r = yield client.request(b"/die")
+        self.assertEqual(r.status, 200)
+        self.assertEqual(r.reset, ErrorCodes.INTERNAL_ERROR)
+        self.assertFalse(r.ended)
+        again = yield client.request(b"/after")
+        self.assertTrue(again.ended)
+        self.assertEqual(self.stat("http.web.http2.tx_reset"), 1)
+
+    @defer.inlineCallbacks
+    def test_resetReasonLogged(self):
+        """
+        RST_STREAM from the client abandons the upstream request, and the access log (written at
+        C{streamComplete}) says why: flag DR, details http2.remote_reset.
+        """
+        path = os.path.abspath(self.mktemp())
+        service = self.startProxy(self.originPort.getHost().port,
+                                  f"access_log = {path}\naccess_log.format = %REQ(:PATH)% %RESPONSE_FLAGS% "
+                                  f"%RESPONSE_CODE_DETAILS%")
+        yield service.whenLive
+        client = yield self.client(service.listeners["web"].port.getHost().port)
+        d = client.request(b"/raw/slow")
+        for _ in range(100):
+            if ScriptedOrigin.connections and ScriptedOrigin.connections[0].requests:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        client.reset(d.sid)
+        yield ScriptedOrigin.connections[0].lost
+        yield self._stop(service)
+        with open(path) as f:
+            self.assertEqual(f.read(), "/slow DR http2.remote_reset\n")  # (the path as rewritten)
+
+    @defer.inlineCallbacks
+    def test_drainSendsGoAway(self):
+        """
+        Draining the listener sends GOAWAY(NO_ERROR) naming the last stream; that stream is still answered
+        (here by the route's timeout) and the connection closes after it.
+        """
+        client = yield self.client()
+        d = client.request(b"/quick/slow")
+        for _ in range(100):
+            if self.origin.requests:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.service.listeners["web"].factory.drain()
+        for _ in range(100):
+            if client.goaways:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        [goaway] = client.goaways
+        self.assertEqual((goaway.error_code, goaway.last_stream_id), (0, d.sid))
+        self.assertFalse(client.closed.called)
+        r = yield d
+        self.assertEqual(r.status, 504)
+        self.assertTrue(r.ended)
+        yield client.closed
+
+    @defer.inlineCallbacks
+    def test_slowClientHundredMiB(self):
+        """
+        A 100 MiB response to a client that opened huge windows but stops reading: the proxy stops reading
+        the upstream (the socket is the backpressure once flow control is not), its buffers stay bounded,
+        and the body then arrives whole.
+        """
+        size = 100 << 20
+        client = yield self.client(window=2 ** 31 - 1)
+        d = client.request(b"/size/%d" % size)
+        client.transport.pauseProducing()
+        factory = self.service.listeners["web"].factory
+        peak = 0
+        for _ in range(20):
+            yield deferLater(reactor, 0.05, lambda: None)
+            for conn in factory.connections:
+                t = conn.transport
+                queued = sum(len(c) for codec in conn.http2.streams.values() for c in codec.pending or ())
+                peak = max(peak, len(t.dataBuffer) + t._tempDataLen + queued)
+        # Without backpressure the proxy would hold most of the 100 MiB within a second.
+        self.assertLess(peak, 8 << 20)
+        client.transport.resumeProducing()
+        r = yield d
+        self.assertEqual(len(r.data), size)
+        self.assertTrue(r.ended)
+
+
+class UploadTests(HTTPTestBase):
+    """
+    A 100 MiB HTTP/2 upload to an upstream that stops reading: the proxy's windows hold the client back.
+    """
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        StallingOrigin.instances = []
+        factory = protocol.Factory.forProtocol(StallingOrigin)
+        self.originPort = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        self.addCleanup(self.originPort.stopListening)
+        # Larger windows than the defaults (fewer round trips for 100 MiB), still far below the body.
+        self.service = self.startProxy(self.originPort.getHost().port,
+                                       "http2.initial_stream_window_size = 1MiB\n"
+                                       "http2.initial_connection_window_size = 2MiB")
+        yield self.service.whenLive
+        self.port = self.service.listeners["web"].port.getHost().port
+
+    @defer.inlineCallbacks
+    def test_stalledUpstreamHundredMiB(self):
+        """
+        While the upstream reads nothing, the proxy acknowledges nothing more: the proxy's buffers (and the
+        bytes the client got to send) stay bounded; once the upstream reads, the 100 MiB arrive whole.
+        """
+        size = 100 << 20
+        client = H2ClientProtocol()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), client)
+        self.addCleanup(lambda: client.closed)
+        self.addCleanup(client.transport.loseConnection)
+        d = client.request(b"/up", b"POST", b"u" * size, [(b"content-length", b"%d" % size)])
+        cluster = self.service.clusters["origin"]
+        peak = 0
+        for _ in range(20):
+            yield deferLater(reactor, 0.05, lambda: None)
+            for pool in cluster.pools.pools.values():
+                for conn in pool.connections:
+                    t = conn.transport
+                    peak = max(peak, len(t.dataBuffer) + t._tempDataLen)
+        self.assertLess(peak, 8 << 20)
+        sent = size - len(client.bodies.get(d.sid, b""))
+        self.assertLess(sent, 16 << 20)  # the windows held the client back
+        for origin in StallingOrigin.instances:
+            origin.transport.resumeProducing()
+        r = yield d
+        self.assertEqual(r.data, b"%d" % size)
+
+
+class EchoTests(unittest.TestCase):
+    """
+    HTTP/2 clients through the proxy to the demo echo upstream (C{[echo:NAME]}), with real tools.
+    """
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        echo = MeshService(loadString("[mesh]\nadmin = off\n[echo:e]\nendpoint = tcp:0:interface=127.0.0.1\n"),
+                           reactor)
+        echo.startService()
+        self.addCleanup(echo.stopService)
+        yield echo.whenLive
+        echoPort = echo.echoes["e"].port.getHost().port
+        self.proxy = MeshService(loadString(f"""
+[mesh]
+admin = off
+drain_timeout = 1s
+[listener:edge]
+endpoint = tcp:0:interface=127.0.0.1
+protocol = http
+routes = main
+http2.max_concurrent_streams = 50
+http2.initial_stream_window_size = 256KiB
+[route:main/all]
+prefix = /
+cluster = echo
+[cluster:echo]
+endpoints = tcp:127.0.0.1:{echoPort}
+""", "test.ini"), reactor, seed=3)
+        self.proxy.startService()
+        self.addCleanup(self.stopProxy)
+        yield self.proxy.whenLive
+        self.url = f"http://127.0.0.1:{self.proxy.listeners['edge'].port.getHost().port}"
+
+    def stopProxy(self):
+        d = self.proxy.stopService()
+        for cluster in self.proxy.clusters.values():
+            cluster.pools.closeAll()
+        return d.addCallback(lambda _: deferLater(reactor, 0.01, lambda: None))
+
+    def stat(self, name: str) -> int:
+        return self.proxy.stats.get(name).value
+
+    @defer.inlineCallbacks
+    def test_h2load(self):
+        """
+        A bounded h2load run (500 requests, 4 connections, 10 streams each) through the proxy to the echo:
+        every request succeeds, and the HTTP/2 stats count them.
+        """
+        h2load = shutil.which("h2load")
+        if h2load is None:
+            raise unittest.SkipTest("h2load is not installed (Debian package nghttp2-client)")
+        out, err, code = yield getProcessOutputAndValue(
+            h2load, ["-n", "500", "-c", "4", "-m", "10", self.url + "/load"])
+        self.assertEqual(code, 0, err)
+        match = re.search(rb"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed",
+                          out)
+        self.assertIsNotNone(match, out)
+        self.assertEqual((match.group(4), match.group(5)), (b"500", b"0"), out)
+        self.assertIn(b"status codes: 500 2xx", out)
+        self.assertEqual(self.stat("http.edge.downstream_rq_http2_total"), 500)
+        self.assertEqual(self.stat("http.edge.downstream_cx_http2_total"), 4)
+
+    @defer.inlineCallbacks
+    def test_curl(self):
+        """
+        curl with prior knowledge reaches the echo over HTTP/2 and sees its own request described; the
+        proxy announced the configured SETTINGS (nghttp -v shows them when installed).
+        """
+        curl = shutil.which("curl")
+        if curl is None:
+            raise unittest.SkipTest("curl is not installed")
+        out, err, code = yield getProcessOutputAndValue(
+            curl, ["-sS", "--http2-prior-knowledge", "-w", "\\n%{http_version}", "-H", "cookie: a=1",
+                   "-H", "cookie: b=2", self.url + "/echo/me"])
+        self.assertEqual(code, 0, err)
+        self.assertTrue(out.endswith(b"\n2"), out)
+        self.assertIn(b"/echo/me", out)
+        self.assertEqual(self.stat("http.edge.downstream_cx_http2_active"), 0)
+        nghttp = shutil.which("nghttp")
+        if nghttp is None:
+            return
+        out, err, code = yield getProcessOutputAndValue(nghttp, ["-v", self.url + "/s"])
+        self.assertEqual(code, 0, err)
+        self.assertIn(b"[SETTINGS_MAX_CONCURRENT_STREAMS(0x03):50]", out)
+        self.assertIn(b"[SETTINGS_INITIAL_WINDOW_SIZE(0x04):262144]", out)
+
+
+
+class TLSTests(unittest.TestCase):
+    """
+    ALPN on a TLS listener picks HTTP/2 or HTTP/1.1, with real certificates made for the test.
+    """
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        from .test_tls import standardPKI
+
+        self.pki = standardPKI(self.mktemp())
+        self.proxy = MeshService(loadString(f"""
+[mesh]
+admin = off
+[listener:secure]
+endpoint = tcp:0:interface=127.0.0.1
+protocol = http
+tls = secure
+routes = main
+[tls:secure]
+certificate = {self.pki.path("server.pem")}
+private_key = {self.pki.path("server.key")}
+alpn = h2, http/1.1
+[route:main/all]
+prefix = /
+direct_response.status = 200
+direct_response.body = over tls
+""", "test.ini"), reactor, seed=5)
+        self.proxy.startService()
+        self.addCleanup(self.proxy.stopService)
+        yield self.proxy.whenLive
+        self.url = f"https://localhost:{self.proxy.listeners['secure'].port.getHost().port}/tls"
+
+    @defer.inlineCallbacks
+    def test_curlALPN(self):
+        """
+        curl offering h2 gets HTTP/2 (ALPN); forced to HTTP/1.1 it gets HTTP/1.1 on the same listener.
+        """
+        curl = shutil.which("curl")
+        if curl is None:
+            raise unittest.SkipTest("curl is not installed")
+        for flag, version in (("--http2", b"2"), ("--http1.1", b"1.1")):
+            out, err, code = yield getProcessOutputAndValue(
+                curl, ["-sS", flag, "--cacert", self.pki.ca, "-w", "\\n%{http_version}", self.url])
+            self.assertEqual(code, 0, err)
+            self.assertEqual(out, b"over tls\n" + version)
+        stats = self.proxy.stats
+        self.assertEqual(stats.get("http.secure.downstream_cx_http2_total").value, 1)
+        self.assertEqual(stats.get("http.secure.downstream_rq_http2_total").value, 1)
+        self.assertEqual(stats.get("http.secure.downstream_rq_http1_total").value, 1)

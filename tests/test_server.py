@@ -470,7 +470,7 @@ class LastRequestTests(unittest.TestCase):
 
 class TracePropagationTests(unittest.TestCase):
     """
-    With C{trace_sampling} set, the connection manager propagates trace context to the upstream.
+    With C{tracing.sample_rate} set, the connection manager propagates trace context to the upstream.
     """
 
     def test_childSpanForUpstream(self):
@@ -490,7 +490,7 @@ class TracePropagationTests(unittest.TestCase):
 
     def test_offByDefault(self):
         """
-        Without C{trace_sampling}, no trace header is added.
+        Without C{tracing.sample_rate}, no trace header is added.
         """
         Hold.streams = []
         proto, t, clock, stats = connect(Hold)

@@ -1,58 +1,118 @@
 """
 L{MeshService}: a whole proxy built from a L{Config} — clusters, listeners, demo upstreams and the admin
-endpoint — started and drained as one Twisted service.
+endpoint — started, hot-reloaded and drained as one Twisted service.
+
+A configuration becomes live objects in one place, L{MeshService._build}, used alike at startup and by
+L{MeshService.reload}: a new file is built completely (the kept pieces reused, see L{twistedmesh.reload})
+before anything is swapped, so a file that does not build leaves the running proxy untouched.
 """
 
 from __future__ import annotations
 
 import random
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, protocol
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 
-from .config import Config, ConfigError, ConfigErrors
+from .config import Config, ConfigError, ConfigErrors, loadFile
 from .demo import makeEchoFactory
 from .filters.health_check import ServerHealthState
 from .http.routes import RouteTable
 from .http.server import HTTPSettings
-from .listener.http import HTTPListenerFactory
+from .listener.http import HTTPListenerFactory, http2Settings
 from .listener.tcp import TCPListenerFactory
+from .reload import ConfigDiff, ReloadResult, diffConfigs, drainCluster
 from .tls import ServerTLS
 from .observability.accesslog import AccessLogger, AccessLogSinks
 from .observability.stats import StatsStore
+from .config.tracing import listenerSampleRate
+from .observability.export import buildExporter
+from .observability.tracing import SpanRecorder
 from .plugins import FilterContext, buildChain, factoriesFor
 from .upstream.cluster import Cluster, buildClusters
+
+
+class _Front(protocol.Factory):
+    """
+    What a listening port actually listens with: it hands each accepted connection to the factory serving
+    the listener now, so a reload can change that factory without closing the socket (no connection is
+    refused while it happens).
+    """
+
+    noisy = False
+
+    def __init__(self, served: protocol.Factory) -> None:
+        self.served = served
+        self.listening = False
+
+    def doStart(self) -> None:
+        self.listening = True
+        self.served.doStart()
+
+    def doStop(self) -> None:
+        self.listening = False
+        self.served.doStop()
+
+    def buildProtocol(self, addr):
+        return self.served.buildProtocol(addr)
 
 
 class Listening(service.Service):
     """
     One listening socket: an endpoint string and the factory that serves it. Unlike Twisted's
     C{StreamServerEndpointService} it keeps the port so that draining can stop accepting while the
-    factory's connections live on.
+    factory's connections live on, and a reload can hand the socket's new connections to another factory
+    (L{switch}).
+
+    @ivar whenListening: the L{Deferred} of the last L{startService}: fires with the port, or fails.
     """
 
     log = Logger()
 
-    def __init__(self, label: str, endpoint: str, factory, reactor) -> None:
+    def __init__(self, label: str, endpoint: str, factory, reactor, serverEndpoint=None) -> None:
         self.label = label
         self.endpointString = endpoint
-        self.endpoint = serverFromString(reactor, endpoint)
-        self.factory = factory
+        # serverEndpoint: an IStreamServerEndpoint to use instead of parsing the string (a worker process
+        # listens on a socket its supervisor made; see twistedmesh.workers).
+        self.endpoint = serverEndpoint if serverEndpoint is not None else serverFromString(reactor, endpoint)
+        self.front = _Front(factory)
         self.port = None
+        self.whenListening: Optional[defer.Deferred] = None
+
+    @property
+    def factory(self):
+        """
+        The factory serving new connections.
+        """
+        return self.front.served
+
+    def switch(self, factory) -> None:
+        """
+        Serve new connections with C{factory} from now on; the previous factory's connections are left to
+        it (the caller drains them).
+        """
+        front = self.front
+        previous, front.served = front.served, factory
+        if front.listening:
+            factory.doStart()
+            previous.doStop()
 
     def startService(self) -> defer.Deferred:
         super().startService()
-        d = self.endpoint.listen(self.factory)
+        d = self.endpoint.listen(self.front)
 
         def listening(port):
             self.port = port
             self.log.info("{label} listening on {address}", label=self.label, address=port.getHost())
             return port
 
-        return d.addCallback(listening)
+        d.addCallback(listening)
+        self.whenListening = d
+        return d
 
     def stopListening(self) -> defer.Deferred:
         """
@@ -68,49 +128,206 @@ class Listening(service.Service):
         return self.stopListening()
 
 
+def _outcome(what: str, listening: defer.Deferred) -> defer.Deferred:
+    """
+    A L{Deferred} firing with C{(what, None)} once C{listening} fires, or C{(what, failure)} if it fails
+    (the failure is then handled here: the reload reports it).
+    """
+    outcome = defer.Deferred()
+
+    def listened(port):
+        outcome.callback((what, None))
+        return port
+
+    def failed(failure) -> None:
+        outcome.callback((what, failure))
+
+    listening.addCallbacks(listened, failed)
+    return outcome
+
+
+class _BuiltListener:
+    """
+    One listener as L{MeshService._build} made it: the factory that counts and drains its connections,
+    what its socket serves (that factory, or it behind TLS), its TLS and its filter makers.
+    """
+
+    def __init__(self, config, factory, served, serverTLS: Optional[ServerTLS], makers: List) -> None:
+        self.config = config
+        self.factory = factory
+        self.served = served
+        self.serverTLS = serverTLS
+        self.makers = makers
+        self.closed = False
+
+    def close(self) -> defer.Deferred:
+        """
+        Close the makers that hold resources of their own (once), now that no stream uses them.
+        """
+        if self.closed:
+            return defer.succeed(None)
+        self.closed = True
+        return defer.gatherResults([defer.maybeDeferred(m.close) for m in self.makers if hasattr(m, "close")],
+                                   consumeErrors=True)
+
+
+class _Build:
+    """
+    Everything a configuration builds before it serves: the clusters, the listeners, the admin site and
+    the span exporter. Pieces a reload kept are the running ones, not copies.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.clusters: Dict[str, Cluster] = {}
+        self.fresh: List[str] = []  # the clusters built anew
+        self.listeners: Dict[str, _BuiltListener] = {}
+        self.freshListeners: List[_BuiltListener] = []  # the listeners built anew (not kept)
+        self.admin = None  # (site, ServerTLS or None) when the admin endpoint is (re)built
+        self.spanExporter = None
+        self.freshExporter = False
+
+    def discard(self) -> None:
+        """
+        The build failed: close what it opened (filter makers of new listeners, a new span exporter).
+        """
+        for built in self.freshListeners:
+            built.close()
+        if self.freshExporter and self.spanExporter is not None:
+            self.spanExporter.close()
+
+
 class MeshService(service.MultiService):
     """
     The proxy. Construction builds and checks everything (so it doubles as the deep part of
     C{--validate}: plugins found and configured, endpoints parsed); L{startService} listens;
-    L{stopService} drains.
+    L{reload} swaps in a new configuration file; L{drain} and L{stopService} drain.
 
     @ivar state: C{"STARTING"}, C{"LIVE"} or C{"DRAINING"}, as the admin C{/ready} reports it.
     @ivar healthCheckFailed: set by the admin C{/healthcheck/fail} so that health checks of this proxy fail.
+    @ivar lastReload: the L{ReloadResult} of the last L{reload}, or C{None}.
     """
 
     log = Logger()
 
-    def __init__(self, config: Config, reactor=None, seed: Optional[int] = None) -> None:
+    def __init__(self, config: Config, reactor=None, seed: Optional[int] = None,
+                 listenerEndpoint: Optional[Callable[[str, str], IStreamServerEndpoint]] = None) -> None:
+        """
+        @param listenerEndpoint: given a listener's name and endpoint string, the endpoint it listens on;
+            by default the string parsed. A worker process passes one that adopts a shared socket.
+        @raise ConfigErrors: with every error the build found.
+        """
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
+        self.listenerEndpoint = listenerEndpoint
+        # What reload reads a file with; a worker process's drops what its supervisor runs (twistedmesh.workers).
+        self.loadConfig: Callable[[str], Config] = loadFile
         self.config = config
         self.reactor = reactor
         self.stats = StatsStore()
         self.random = random.Random(seed)
         self.state = "STARTING"
         self.healthCheckFailed = False
-        self.filterMakers: List = []  # every listener's filter makers, for their close() at stop
+        self.lastReload: Optional[ReloadResult] = None
         self.listeners: Dict[str, Listening] = {}
-        self.serverTLS: Dict[str, ServerTLS] = {}
         self.echoes: Dict[str, Listening] = {}
         self.admin: Optional[Listening] = None
         self.adminTLS: Optional[ServerTLS] = None
-        errors: List[ConfigError] = []
+        self.spanExporter = None
+        self.clusters: Dict[str, Cluster] = {}
+        self._built: Dict[str, _BuiltListener] = {}
+        self._retiring: List[_BuiltListener] = []  # replaced or removed by a reload, still draining
+        self._drainTimer = None  # aborts what a drain left open after [mesh] drain_timeout
+        root = self.stats.root
+        self.reloadSuccess = root.counter("server.reload.success")
+        self.reloadFailure = root.counter("server.reload.failure")
+        manager = self.stats.root.scope("listener_manager")
+        self.listenerStats = {kind: manager.counter(f"listener_{kind}") for kind in ("added", "modified", "removed")}
+        self.listenersDraining = manager.gauge("total_listeners_draining")
+        manager = self.stats.root.scope("cluster_manager")
+        self.clusterStats = {kind: manager.counter(f"cluster_{kind}") for kind in ("added", "modified", "removed")}
         self.accessLogSinks = AccessLogSinks(reactor, reactor, self.stats.counter("access_log.dropped"))
-        if config.mesh.workers != 1:
-            errors.append(ConfigError(config.file, "mesh", "workers", "only 1 worker is supported so far"))
-        self.clusters: Dict[str, Cluster] = buildClusters(config.clusters, reactor, self.stats, self.random,
-                                                          config.tls)
+        build = self._build(config, None)
+        self.clusters = build.clusters
+        self.spanExporter = build.spanExporter
+        self._built = build.listeners
+        for name, built in build.listeners.items():
+            self.listeners[name] = self._listen(f"listener {name}", built.config.endpoint, built.served, name)
+        for name, econfig in config.echoes.items():
+            self.echoes[name] = self._listen(f"echo {name}", econfig.endpoint, makeEchoFactory(econfig))
+        if build.admin is not None:
+            site, self.adminTLS = build.admin
+            self.admin = self._listen("admin", config.mesh.admin, site)
+        self.listenerStats["added"].value += len(build.listeners)
+        self.clusterStats["added"].value += len(build.clusters)
+
+    # -- building -----------------------------------------------------------------------------------------------
+
+    @property
+    def filterMakers(self) -> List:
+        """
+        Every current listener's filter makers, first listener first.
+        """
+        return [m for built in self._built.values() for m in built.makers]
+
+    @property
+    def serverTLS(self) -> Dict[str, ServerTLS]:
+        """
+        The downstream TLS of each current listener that has one, by listener name.
+        """
+        return {name: b.serverTLS for name, b in self._built.items() if b.serverTLS is not None}
+
+    def _build(self, config: Config, diff: Optional[ConfigDiff]) -> _Build:
+        """
+        Build C{config}: with C{diff} (a reload), only what changed; the kept clusters and listeners are
+        the running ones. Nothing is started and nothing listens.
+
+        @raise ConfigErrors: with every error found; what the build opened is closed again.
+        """
+        build = _Build(config)
+        errors: List[ConfigError] = []
+        try:
+            self._buildInto(build, config, diff, errors)
+        except BaseException:
+            build.discard()
+            raise
+        if errors:
+            build.discard()
+            raise ConfigErrors(errors)
+        return build
+
+    def _buildInto(self, build: _Build, config: Config, diff: Optional[ConfigDiff], errors: List[ConfigError]) -> None:
+        reactor = self.reactor
+        tracingKept = diff is not None and getattr(self.config.mesh, "tracing", None) == config.mesh.tracing
+        if tracingKept:
+            build.spanExporter = self.spanExporter
+        else:
+            # [mesh] tracing.provider: one exporter for every listener's spans, flushed when the service stops.
+            build.spanExporter = buildExporter(config.mesh.tracing, reactor, self.stats)
+            build.freshExporter = True
+        spanExporter = build.spanExporter
+        kept = frozenset(diff.clusters.kept) if diff is not None else frozenset()
+        fresh = {name: c for name, c in config.clusters.items() if name not in kept}
+        made = buildClusters(fresh, reactor, self.stats, self.random, config.tls, xds=config.mesh.xds,
+                             existing=self.clusters)
+        build.fresh = list(made)
+        # In the file's order; a kept cluster is the running object (pools, health, outlier state, stats).
+        build.clusters = {name: made[name] if name in made else self.clusters[name] for name in config.clusters}
+        keptListeners = frozenset(diff.listeners.kept) if diff is not None else frozenset()
         for name, lconfig in config.listeners.items():
+            if name in keptListeners:
+                build.listeners[name] = self._built[name]
+                continue
             factories = factoriesFor(lconfig.protocol, errors, config.file)
             routes = None
             if lconfig.routes is not None:
                 routes = RouteTable(config.routes[lconfig.routes])
-            context = FilterContext(reactor, self.stats, self.clusters, lconfig, self.random, routes,
+            # Each build's filters get the build's own cluster mapping: a stream that started before a
+            # reload keeps finding the clusters it started with.
+            context = FilterContext(reactor, self.stats, build.clusters, lconfig, self.random, routes,
                                     healthState=ServerHealthState(self))
             makers = buildChain(config, lconfig, factories, context, errors)
-            self.filterMakers.extend(makers)
             accessLog = None
             if lconfig.access_log is not None:
                 try:
@@ -131,11 +348,13 @@ class MeshService(service.MultiService):
                     requestHeadersTimeout=lconfig.request_headers_timeout,
                     maxRequestsPerConnection=lconfig.max_requests_per_connection,
                     random=self.random,
-                    accessLog=accessLog,
+                    accessLog=accessLog if spanExporter is None else SpanRecorder(
+                        spanExporter, accessLog, config.mesh.tracing.node_id or config.mesh.tracing.service_name),
                     forwardClientCert=lconfig.forward_client_cert,
-                    traceSampleRate=None if lconfig.trace_sampling is None else lconfig.trace_sampling / 100.0,
+                    traceSampleRate=listenerSampleRate(config.mesh.tracing, lconfig.tracing_sample_rate),
                 )
-                factory = HTTPListenerFactory(settings, self.stats)
+                factory = HTTPListenerFactory(settings, self.stats, http2Settings(lconfig.http2))
+            served, serverTLS = factory, None
             if lconfig.tls is not None:
                 # One ServerTLS per listener: its contexts are built here, once; its ssl.* stats are the
                 # listener's.
@@ -143,32 +362,60 @@ class MeshService(service.MultiService):
                     serverTLS = ServerTLS(config.tls[lconfig.tls], reactor, self.stats.scope("listener", name))
                 except ValueError as e:  # the files changed since the config was loaded
                     errors.append(ConfigError(config.file, f"tls:{lconfig.tls}", None, str(e)))
+                    build.freshListeners.append(_BuiltListener(lconfig, factory, factory, None, makers))
                     continue
-                self.serverTLS[name] = serverTLS
-                factory = serverTLS.wrapFactory(factory, reactor)
-            self.listeners[name] = self._listen(f"listener {name}", lconfig.endpoint, factory)
-        if errors:
-            raise ConfigErrors(errors)
-        for name, econfig in config.echoes.items():
-            self.echoes[name] = self._listen(f"echo {name}", econfig.endpoint, makeEchoFactory(econfig))
-        if config.mesh.admin is not None:
+                served = serverTLS.wrapFactory(factory, reactor)
+            built = build.listeners[name] = _BuiltListener(lconfig, factory, served, serverTLS, makers)
+            build.freshListeners.append(built)
+        if config.mesh.admin is not None and (diff is None or diff.admin):
             from .admin import makeAdminSite
 
-            factory = makeAdminSite(self, reactor)
+            site = makeAdminSite(self, reactor)
+            adminTLS = None
             if config.mesh.admin_tls is not None:
                 # Like a listener's: the admin's ssl.* stats go under admin., its files are reloaded too.
                 try:
-                    self.adminTLS = ServerTLS(config.tls[config.mesh.admin_tls], reactor,
-                                              self.stats.root.scope("admin"))
+                    adminTLS = ServerTLS(config.tls[config.mesh.admin_tls], reactor, self.stats.root.scope("admin"))
                 except ValueError as e:  # the files changed since the config was loaded
-                    raise ConfigErrors([ConfigError(config.file, f"tls:{config.mesh.admin_tls}", None, str(e))])
-                factory = self.adminTLS.wrapFactory(factory, reactor)
-            self.admin = self._listen("admin", config.mesh.admin, factory)
+                    errors.append(ConfigError(config.file, f"tls:{config.mesh.admin_tls}", None, str(e)))
+                    return
+                site = adminTLS.wrapFactory(site, reactor)
+            build.admin = (site, adminTLS)
 
-    def _listen(self, label: str, endpoint: str, factory) -> Listening:
-        listening = Listening(label, endpoint, factory, self.reactor)
+    def _listening(self, label: str, endpoint: str, factory, listener: Optional[str] = None) -> Listening:
+        serverEndpoint = None
+        if listener is not None and self.listenerEndpoint is not None:
+            serverEndpoint = self.listenerEndpoint(listener, endpoint)
+        return Listening(label, endpoint, factory, self.reactor, serverEndpoint)
+
+    def _listen(self, label: str, endpoint: str, factory, listener: Optional[str] = None) -> Listening:
+        listening = self._listening(label, endpoint, factory, listener)
         listening.setServiceParent(self)
         return listening
+
+    # -- starting -----------------------------------------------------------------------------------------------
+
+    def _startCluster(self, cluster: Cluster) -> None:
+        if cluster.healthChecker is not None:
+            cluster.healthChecker.start()
+        if cluster.outlier is not None:
+            cluster.outlier.start()
+        if cluster.tls is not None:
+            cluster.tls.startReloading()
+        start = getattr(cluster, "start", None)  # discovery (DNS, xDS)
+        if start is not None:
+            start()
+
+    def _stopCluster(self, cluster: Cluster) -> None:
+        if cluster.healthChecker is not None:
+            cluster.healthChecker.stop()
+        if cluster.outlier is not None:
+            cluster.outlier.stop()
+        if cluster.tls is not None:
+            cluster.tls.stopReloading()
+        stop = getattr(cluster, "stop", None)
+        if stop is not None:
+            stop()
 
     def startService(self) -> None:
         """
@@ -176,12 +423,8 @@ class MeshService(service.MultiService):
         cannot listen (address in use, say) stops the process: a proxy missing a listener is not healthy.
         """
         service.Service.startService(self)
-        for cluster in self.clusters.values():
-            if cluster.healthChecker is not None:
-                cluster.healthChecker.start()
-            if cluster.outlier is not None:
-                cluster.outlier.start()
         for name, cluster in self.clusters.items():
+            self._startCluster(cluster)
             self.log.info("cluster {name}: {hosts} ({policy})", name=name,
                           hosts=", ".join(f"{h.endpoint} weight={h.weight}" for h in cluster.hosts),
                           policy=cluster.config.lb_policy)
@@ -189,9 +432,6 @@ class MeshService(service.MultiService):
             tls.startReloading()
         if self.adminTLS is not None:
             self.adminTLS.startReloading()
-        for cluster in self.clusters.values():
-            if cluster.tls is not None:
-                cluster.tls.startReloading()
         ds = [defer.maybeDeferred(s.startService) for s in self]
         d = defer.gatherResults(ds, consumeErrors=True)
         d.addCallbacks(self._live, self._cannotListen)
@@ -209,6 +449,228 @@ class MeshService(service.MultiService):
             self.reactor.stop()
         return failure
 
+    # -- hot reload ---------------------------------------------------------------------------------------------
+
+    def reload(self, path: Optional[str] = None) -> defer.Deferred:
+        """
+        Load the configuration file at C{path} (by default the file in effect, read again), build it as
+        startup does and, if it builds, swap it in (SIGHUP and the admin C{POST /reload} call this; so may
+        a supervisor over AMP). Never fails: the outcome is the result.
+
+          - A file that does not load or build changes nothing: the previous configuration keeps serving,
+            the errors are logged and counted (C{server.reload.failure}).
+          - Otherwise, at once (within this call): unchanged clusters and listeners are kept as they are
+            (same objects: pools, health and outlier state, connections, stats); a modified listener keeps
+            its socket and serves new connections, and new requests on its idle keep-alive connections,
+            with the new build, while the streams in flight finish on the build they started with and its
+            busy connections are drained (see L{twistedmesh.listener.http.HTTPListenerFactory.adoptIdle});
+            changed and removed clusters are retired (health checking stopped, idle connections closed,
+            busy ones closed when their request ends); removed listeners stop accepting and drain (aborted
+            after C{[mesh] drain_timeout}); filter makers of a retired listener are closed once its
+            connections are gone.
+          - Then new sockets listen (listeners added or moved to another endpoint, once the sockets they
+            replace are closed).
+
+        @param path: the file to read; C{None} for C{self.config.file}.
+        @return: a L{Deferred} firing with a L{ReloadResult} once new sockets listen (C{ok} false, with the
+            messages, if one could not); it is also kept as L{lastReload}.
+        """
+        path = path if path is not None else self.config.file
+        now = self.reactor.seconds()
+        if self.state == "DRAINING":
+            return defer.succeed(self._reloaded(ReloadResult(False, False, ("the server is draining",), now, path)))
+        diff = None
+        try:
+            config = self.loadConfig(path)
+            diff = diffConfigs(self.config, config)
+            build = self._build(config, diff)
+        except ConfigErrors as e:
+            return defer.succeed(self._reloaded(
+                ReloadResult(False, False, tuple(str(err) for err in e.errors), now, path, diff)))
+        except Exception as e:  # a plugin's bug must not take the running proxy down with it
+            self.log.failure("reload of {file} failed", file=path)
+            return defer.succeed(self._reloaded(ReloadResult(False, False, (f"{type(e).__name__}: {e}",), now, path, diff)))
+        listening = self._swap(build, diff)
+
+        def done(results) -> ReloadResult:
+            errors = tuple(f"{what} cannot listen: {f.getErrorMessage()}" for what, f in results if f is not None)
+            return self._reloaded(ReloadResult(not errors, True, errors, now, path, diff))
+
+        return listening.addCallback(done)
+
+    def _reloaded(self, result: ReloadResult) -> ReloadResult:
+        self.lastReload = result
+        if result.ok:
+            self.reloadSuccess.value += 1
+            self.log.info("reloaded {file}: {changes}", file=result.file, changes=result.diff.summary())
+        else:
+            self.reloadFailure.value += 1
+            self.log.error("reload of {file} failed{kept}:\n{errors}", file=result.file,
+                           kept="" if result.applied else ", the previous configuration stays in effect",
+                           errors="\n".join(result.errors))
+        return result
+
+    def _swap(self, build: _Build, diff: ConfigDiff) -> defer.Deferred:
+        """
+        Put C{build} in effect (see L{reload}). Synchronous up to the new sockets: the returned L{Deferred}
+        fires with a list of C{(what, failure or None)} once they listen.
+        """
+        config = build.config
+        running = self.running
+        oldClusters, oldExporter = self.clusters, self.spanExporter
+        self.config = config
+        self.clusters = build.clusters
+        self.spanExporter = build.spanExporter
+        for name in diff.clusters.modified + diff.clusters.removed:
+            cluster = oldClusters[name]
+            self._stopCluster(cluster)
+            drainCluster(cluster)
+        if running:
+            for name in build.fresh:
+                self._startCluster(build.clusters[name])
+        for kind in ("modified", "added", "removed"):
+            self.clusterStats[kind].value += len(getattr(diff.clusters, kind))
+            self.listenerStats[kind].value += len(getattr(diff.listeners, kind))
+
+        oldBuilt, self._built = self._built, build.listeners
+        retired: List[defer.Deferred] = []
+        stopping: List[defer.Deferred] = []
+        for name in diff.listeners.modified:
+            new, old = build.listeners[name], oldBuilt[name]
+            self.listeners[name].switch(new.served)
+            if running and new.serverTLS is not None:
+                new.serverTLS.startReloading()
+            # An idle HTTP/1.1 connection carries on under the new build rather than being closed under a
+            # client that may be sending on it right now.
+            if (isinstance(new.factory, HTTPListenerFactory) and isinstance(old.factory, HTTPListenerFactory)
+                    and (old.config.tls is None) == (new.config.tls is None)):
+                new.factory.adoptIdle(old.factory)
+            retired.append(self._retire(old))
+        for name in diff.listeners.removed:
+            listening = self.listeners.pop(name)
+            stopping.append(listening.stopListening())
+            if listening.parent is not None:
+                listening.disownServiceParent()
+            retired.append(self._retire(oldBuilt[name]))
+        for name in diff.echoes.modified:
+            self.echoes[name].switch(makeEchoFactory(config.echoes[name]))
+        for name in diff.echoes.removed:
+            listening = self.echoes.pop(name)
+            stopping.append(listening.stopListening())
+            if listening.parent is not None:
+                listening.disownServiceParent()
+        if diff.admin:
+            if self.adminTLS is not None:
+                self.adminTLS.stopReloading()
+            if self.admin is not None:
+                stopping.append(self.admin.stopListening())
+                if self.admin.parent is not None:
+                    self.admin.disownServiceParent()
+            self.admin, self.adminTLS = None, None
+        if oldExporter is not None and oldExporter is not self.spanExporter:
+            # Spans of streams still running on the old listeners go to the old exporter: close it after.
+            defer.gatherResults(retired).addCallback(lambda _: oldExporter.close()).addErrback(
+                lambda f: self.log.failure("closing the previous span exporter", f))
+
+        # New sockets, once the sockets they may replace (same address, another name) are closed.
+        pending: List[tuple] = []
+        for name in diff.listeners.added:
+            built = build.listeners[name]
+            listening = self._listening(f"listener {name}", built.config.endpoint, built.served, name)
+            self.listeners[name] = listening
+            pending.append((f"listener {name}", self.listeners, name, listening, built.serverTLS))
+        for name in diff.echoes.added:
+            econfig = config.echoes[name]
+            listening = self._listening(f"echo {name}", econfig.endpoint, makeEchoFactory(econfig))
+            self.echoes[name] = listening
+            pending.append((f"echo {name}", self.echoes, name, listening, None))
+        if build.admin is not None:
+            site, self.adminTLS = build.admin
+            self.admin = self._listening("admin", config.mesh.admin, site)
+            pending.append(("admin", None, None, self.admin, self.adminTLS))
+        if not pending:
+            return defer.succeed([])
+
+        def listen(_) -> defer.Deferred:
+            ds = []
+            for what, where, name, listening, tls in pending:
+                current = self.admin if where is None else where.get(name)
+                if current is not listening or listening.parent is not None:
+                    continue  # replaced by a later reload meanwhile
+                listening.setServiceParent(self)  # listens now if the service runs
+                if self.running:
+                    if tls is not None:
+                        tls.startReloading()
+                    ds.append(_outcome(what, listening.whenListening))
+            return defer.gatherResults(ds)
+
+        return defer.gatherResults(stopping, consumeErrors=True).addBoth(listen)
+
+    def _retire(self, built: _BuiltListener) -> defer.Deferred:
+        """
+        Drain a listener build that a reload replaced or removed: its HTTP connections finish what they
+        have and close (HTTP/2 with GOAWAY), what is left after C{[mesh] drain_timeout} is aborted, and
+        then its filter makers are closed. Fires when that is done.
+        """
+        if built.serverTLS is not None:
+            built.serverTLS.stopReloading()
+        self._retiring.append(built)
+        self.listenersDraining.value += 1
+        factory = built.factory
+        factory.drain()
+        timer = self.reactor.callLater(self.config.mesh.drain_timeout, factory.abortAll)
+
+        def drained(_) -> defer.Deferred:
+            if timer.active():
+                timer.cancel()
+            if built in self._retiring:
+                self._retiring.remove(built)
+                self.listenersDraining.value -= 1
+            return built.close()
+
+        d = factory.whenDrained().addCallback(drained)
+        d.addErrback(lambda f: self.log.failure("closing the filters of listener {name}", f, name=built.config.name))
+        return d
+
+    # -- draining and stopping ----------------------------------------------------------------------------------
+
+    def drain(self, graceful: bool = True) -> defer.Deferred:
+        """
+        Drain every listener (the admin endpoint excepted), as SIGTERM, C{/quitquitquit} and the admin
+        C{POST /drain_listeners} do: the state turns C{DRAINING} (C{/ready} answers 503) and the listeners
+        stop accepting. With C{graceful}, live HTTP connections are also asked to finish what they have and
+        close (C{connection: close} on their last response, HTTP/2 GOAWAY), and whatever is still open after
+        C{[mesh] drain_timeout} is aborted; without, the connections are left to end by themselves. A
+        drained server does not come back (reloads are refused); stopping it follows.
+
+        @return: a L{Deferred} that fires with C{None} once no downstream connection is left.
+        """
+        first = self.state != "DRAINING"
+        self.state = "DRAINING"
+        stopped = [l.stopListening() for l in self.listeners.values()]
+        factories = [b.factory for b in self._built.values()] + [b.factory for b in self._retiring]
+        if graceful:
+            for factory in factories:
+                factory.drain()
+            timer = self._drainTimer
+            if timer is None or not timer.active():
+                def tooLong() -> None:
+                    for b in list(self._built.values()) + list(self._retiring):
+                        b.factory.abortAll()
+
+                self._drainTimer = self.reactor.callLater(self.config.mesh.drain_timeout, tooLong)
+        if first:
+            self.log.info("draining{how}", how=" gracefully" if graceful else "")
+        drained = [f.whenDrained() for f in factories]
+
+        def done(result):
+            timer = self._drainTimer
+            if timer is not None and timer.active() and not any(f.connections for f in factories):
+                timer.cancel()
+            return None
+
+        return defer.gatherResults(drained + stopped, consumeErrors=True).addBoth(done)
+
     def shutdown(self) -> None:
         """
         Stop the process (admin C{/quitquitquit}); the reactor's shutdown runs L{stopService}, which drains.
@@ -217,44 +679,26 @@ class MeshService(service.MultiService):
 
     def stopService(self) -> defer.Deferred:
         """
-        Drain: stop accepting on every listener, give open connections up to C{[mesh] drain_timeout} to
-        finish, abort what is left, then stop the echo and admin services.
+        Drain (L{drain}: stop accepting on every listener, give open connections up to C{[mesh]
+        drain_timeout} to finish, abort what is left), then stop the clusters, the filters, the echo and
+        admin services.
         """
-        self.state = "DRAINING"
         self.running = 0
         for tls in self.serverTLS.values():
             tls.stopReloading()
         if self.adminTLS is not None:
             self.adminTLS.stopReloading()
-        for cluster in self.clusters.values():
-            if cluster.tls is not None:
-                cluster.tls.stopReloading()
-        stopped = [l.stopListening() for l in self.listeners.values()]
-        for l in self.listeners.values():
-            l.factory.drain()
-        drained = [l.factory.whenDrained() for l in self.listeners.values()]
-        done = defer.gatherResults(drained + stopped, consumeErrors=True)
-        timeout = self.config.mesh.drain_timeout
-
-        def tooLong() -> None:
-            for l in self.listeners.values():
-                l.factory.abortAll()
-
-        timer = self.reactor.callLater(timeout, tooLong)
+        done = self.drain(graceful=True)
 
         def finished(result):
-            if timer.active():
-                timer.cancel()
             for cluster in self.clusters.values():
-                if cluster.healthChecker is not None:
-                    cluster.healthChecker.stop()
-                if cluster.outlier is not None:
-                    cluster.outlier.stop()
+                self._stopCluster(cluster)
                 cluster.pools.closeAll()
             # Filters that keep connections of their own (rate-limit, authorization services) close them.
-            closing = [defer.maybeDeferred(m.close) for m in self.filterMakers if hasattr(m, "close")]
+            closing = [b.close() for b in list(self._built.values()) + list(self._retiring)]
             return defer.gatherResults(
-                [defer.maybeDeferred(s.stopService) for s in list(self)] + [self.accessLogSinks.close()] + closing,
+                [defer.maybeDeferred(s.stopService) for s in list(self)] + [self.accessLogSinks.close()] + closing
+                + ([self.spanExporter.close()] if self.spanExporter is not None else []),
                 consumeErrors=True,
             )
 

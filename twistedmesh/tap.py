@@ -55,8 +55,10 @@ class Options(usage.Options):
 
 class _Signals(service.MultiService):
     """
-    Makes SIGTERM and SIGINT a drain-and-exit-0, as operators of Envoy and nginx expect, and SIGUSR1 a
-    reopen of the access logs (for logrotate).
+    Makes SIGTERM and SIGINT a drain-and-exit-0, as operators of Envoy and nginx expect, SIGUSR1 a
+    reopen of the access logs (for logrotate), and SIGHUP a hot reload of the configuration file
+    (L{twistedmesh.service.MeshService.reload}; as with nginx, a file that does not build is logged and
+    the running configuration stays).
 
     The reactor's own handlers stop it too, but twistd then re-raises the signal on its way out so the exit
     status says "killed by SIGTERM"; a proxy that drained cleanly should say 0. So once the reactor runs
@@ -80,9 +82,14 @@ class _Signals(service.MultiService):
                 # logrotate moved the access logs away: write to new files of the same names.
                 reactor.callFromThread(self.mesh.accessLogSinks.reopen)
 
+            def reload(signum, frame) -> None:
+                reactor.callFromThread(self.mesh.reload)
+
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, stop)
             signal.signal(signal.SIGUSR1, reopen)
+            if hasattr(self.mesh, "reload"):
+                signal.signal(signal.SIGHUP, reload)
 
         reactor.callWhenRunning(install)
 
@@ -98,4 +105,9 @@ def makeService(options: Options) -> service.IService:
     """
     from .service import MeshService
 
+    if options.meshConfig.mesh.workers > 1:
+        # [mesh] workers = N: this process supervises N worker processes (docs/workers.md).
+        from .workers import Supervisor
+
+        return _Signals(Supervisor(options.meshConfig))
     return _Signals(MeshService(options.meshConfig))

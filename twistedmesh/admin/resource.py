@@ -15,17 +15,20 @@ import re
 from collections.abc import Mapping
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Protocol, Tuple
 
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from ..config import Config
 from ..observability.prometheus import CONTENT_TYPE as PROMETHEUS_CONTENT_TYPE
 from ..observability.prometheus import PrometheusExporter
 from ..observability.stats import Histogram, Stat, StatsStore
 from ..upstream.cluster import Cluster, Host
+from .dashboard import CONTENT_SECURITY_POLICY, DEFAULT_REFRESH, RateSampler, renderDashboard
 
 TEXT = b"text/plain; charset=utf-8"
+HTML = b"text/html; charset=utf-8"
 JSON = b"application/json"
 REDACTED = "[redacted]"
 
@@ -48,6 +51,10 @@ class AdminServer(Protocol):
     @ivar config: the configuration in effect, if any.
     @ivar state: C{"STARTING"}, C{"LIVE"} or C{"DRAINING"}.
     @ivar healthCheckFailed: set by C{/healthcheck/fail}, cleared by C{/healthcheck/ok}.
+
+    A server may also have C{reload()} (for C{POST /reload}: a result or Deferred of one with C{asJSON()}),
+    C{drain(graceful)} (for C{POST /drain_listeners}) and C{lastReload} (shown by C{/config_dump}), as
+    L{twistedmesh.service.MeshService} does; the endpoints exist only when it does.
     """
 
     stats: StatsStore
@@ -81,8 +88,11 @@ class AdminResource(Resource):
         self.server = server
         self.reactor = reactor
         self.prometheus = PrometheusExporter(server.stats)
+        # The dashboard's rates; the site starts and stops its timer as it starts and stops listening.
+        self.rates = RateSampler(server, reactor)
         self.endpoints: Dict[bytes, _Endpoint] = {
-            b"/": _Endpoint(b"GET", self.renderHome, "this list of admin commands"),
+            b"/": _Endpoint(b"GET", self.renderHome, "the dashboard (HTML): listeners, clusters, health, rates"),
+            b"/help": _Endpoint(b"GET", self.renderHelp, "this list of admin commands"),
             b"/clusters": _Endpoint(b"GET", self.renderClusters,
                                     "upstream cluster status (?format=json)"),
             b"/config_dump": _Endpoint(b"GET", self.renderConfigDump,
@@ -92,12 +102,20 @@ class AdminResource(Resource):
             b"/healthcheck/ok": _Endpoint(b"POST", self.renderHealthCheckOk,
                                           "make this proxy's health checks pass again"),
             b"/quitquitquit": _Endpoint(b"POST", self.renderQuit, "drain and exit the server"),
-            b"/ready": _Endpoint(b"GET", self.renderReady, "LIVE if the server is ready, 503 otherwise"),
+            b"/ready": _Endpoint(b"GET", self.renderReady, "LIVE if the server is ready, 503 otherwise (DRAINING while it drains)"),
             b"/stats": _Endpoint(b"GET", self.renderStats,
                                  "the stats (?filter=REGEX, ?usedonly, ?format=json|prometheus)"),
             b"/stats/prometheus": _Endpoint(b"GET", self.renderPrometheus,
                                             "the stats in Prometheus format (?filter=REGEX, ?usedonly)"),
         }
+        # Servers that can reload and drain (twistedmesh.service.MeshService) get the endpoints for it.
+        if hasattr(server, "reload"):
+            self.endpoints[b"/reload"] = _Endpoint(
+                b"POST", self.renderReload, "load the configuration file again and swap it in (JSON result)")
+        if hasattr(server, "drain"):
+            self.endpoints[b"/drain_listeners"] = _Endpoint(
+                b"POST", self.renderDrainListeners,
+                "stop accepting on every listener (?graceful: also close connections as they finish)")
 
     def render(self, request: Request) -> bytes:
         """
@@ -114,11 +132,44 @@ class AdminResource(Resource):
             request.setHeader(b"Allow", b", ".join(allowed))
             return _respond(request, 405, TEXT,
                             b"method not allowed: use " + b" or ".join(allowed) + b"\n")
+        collect = getattr(self.server, "collectStats", None)
+        if collect is not None and endpoint.render in (self.renderStats, self.renderPrometheus):
+            return self._renderCollected(request, endpoint, collect)
         body = endpoint.render(request)
         if method == b"HEAD":
             request.setHeader(b"Content-Length", b"%d" % (len(body),))
             return b""
         return body
+
+    def _renderCollected(self, request: Request, endpoint: _Endpoint, collect) -> Any:
+        """
+        Stats of a server of several processes (L{twistedmesh.workers.Supervisor}): gathered from its workers
+        first (summed, or one worker's with C{?worker=N}), then rendered.
+        """
+        try:
+            d = collect(_arg(request, b"worker"))
+        except ValueError as e:
+            return _respond(request, 400, TEXT, f"{e}\n".encode())
+        gone: List[bool] = []
+        request.notifyFinish().addErrback(lambda f: gone.append(True))
+
+        def rendered(stats: StatsStore) -> None:
+            if gone:
+                return
+            body = endpoint.render(request, stats)
+            if request.method == b"HEAD":
+                request.setHeader(b"Content-Length", b"%d" % (len(body),))
+            else:
+                request.write(body)
+            request.finish()
+
+        def failed(failure) -> None:
+            if not gone:
+                request.write(_respond(request, 500, TEXT, f"cannot gather stats: {failure.getErrorMessage()}\n".encode()))
+                request.finish()
+
+        d.addCallback(rendered).addErrback(failed)
+        return NOT_DONE_YET
 
     def _help(self) -> bytes:
         lines = ["admin commands are:"]
@@ -129,7 +180,25 @@ class AdminResource(Resource):
 
     def renderHome(self, request: Request) -> bytes:
         """
-        C{GET /}: the list of admin commands.
+        C{GET /}: the dashboard (L{twistedmesh.admin.dashboard}), reloading itself every C{?refresh=N}
+        seconds (default 5, 0 for never).
+        """
+        refresh = _arg(request, b"refresh")
+        try:
+            seconds = DEFAULT_REFRESH if refresh is None else int(refresh)
+        except ValueError:
+            seconds = -1
+        if not 0 <= seconds <= 3600:
+            return _respond(request, 400, TEXT, b"refresh must be a whole number of seconds, 0 to 3600\n")
+        endpoints = [(path.decode(), endpoint.method.decode(), endpoint.help)
+                     for path, endpoint in sorted(self.endpoints.items())]
+        body = renderDashboard(self.server, self.rates, endpoints, redactEndpoint, _health, seconds)
+        request.setHeader(b"Content-Security-Policy", CONTENT_SECURITY_POLICY)
+        return _respond(request, 200, HTML, body)
+
+    def renderHelp(self, request: Request) -> bytes:
+        """
+        C{GET /help}: the list of admin commands, as text.
         """
         return _respond(request, 200, TEXT, self._help())
 
@@ -140,26 +209,26 @@ class AdminResource(Resource):
         state = self.server.state
         return _respond(request, 200 if state == "LIVE" else 503, TEXT, f"{state}\n".encode())
 
-    def renderStats(self, request: Request) -> bytes:
+    def renderStats(self, request: Request, source: Optional[StatsStore] = None) -> bytes:
         """
         C{GET /stats}: C{name: value} lines sorted by name, then (as Envoy orders them) one line per histogram
         with its estimated quantiles, C{name: P0(x) P25(x) ... P100(x)} (see L{Histogram.quantile}), or
         C{name: No recorded values}. Envoy prints each quantile as C{(interval,cumulative)}; only the
         cumulative figure is kept here. With C{?format=json}, C{{"stats": [{"name", "value"}, ...],
         "histograms": [{"name", "quantiles", "count", "sum"}, ...]}}, quantiles C{null} while a histogram
-        is empty. C{?format=prometheus} is L{renderPrometheus}.
+        is empty. C{?format=prometheus} is L{renderPrometheus}. C{source}: the stats to show, if not the server's.
         """
         include, error = _statsFilter(request)
         if error is not None:
             return _respond(request, 400, TEXT, error)
         fmt = _arg(request, b"format")
         if fmt == "prometheus":
-            return self.renderPrometheus(request)
+            return self.renderPrometheus(request, source)
         if fmt not in (None, "text", "json"):
             return _respond(request, 400, TEXT, b"format must be text, json or prometheus\n")
         stats: List[Stat] = []
         histograms: List[Histogram] = []
-        for s in self.server.stats:
+        for s in self.server.stats if source is None else source:
             if include is None or include(s):
                 (histograms if s.kind == "histogram" else stats).append(s)
         if fmt == "json":
@@ -172,14 +241,15 @@ class AdminResource(Resource):
         lines.extend(f"{h.name}: {_histogramText(h)}\n" for h in histograms)
         return _respond(request, 200, TEXT, "".join(lines).encode())
 
-    def renderPrometheus(self, request: Request) -> bytes:
+    def renderPrometheus(self, request: Request, source: Optional[StatsStore] = None) -> bytes:
         """
-        C{GET /stats/prometheus}: the Prometheus text exposition.
+        C{GET /stats/prometheus}: the Prometheus text exposition (of C{source}, if not the server's stats).
         """
         include, error = _statsFilter(request)
         if error is not None:
             return _respond(request, 400, TEXT, error)
-        return _respond(request, 200, PROMETHEUS_CONTENT_TYPE.encode(), self.prometheus.generate(include))
+        exporter = self.prometheus if source is None else PrometheusExporter(source)
+        return _respond(request, 200, PROMETHEUS_CONTENT_TYPE.encode(), exporter.generate(include))
 
     def renderClusters(self, request: Request) -> bytes:
         """
@@ -211,7 +281,51 @@ class AdminResource(Resource):
         redacted (see L{redact}).
         """
         config = self.server.config
-        return _respond(request, 200, JSON, _json(redact(config) if config is not None else {}))
+        dump = redact(config) if config is not None else {}
+        if hasattr(self.server, "lastReload"):
+            # The outcome of the last hot reload (None before any): a file that did not build is reported
+            # here while the configuration above stays in effect.
+            last = self.server.lastReload
+            dump["last_reload"] = last.asJSON() if hasattr(last, "asJSON") else last
+        return _respond(request, 200, JSON, _json(dump))
+
+    def renderReload(self, request: Request) -> Any:
+        """
+        C{POST /reload}: read the configuration file again and swap it in (see
+        L{twistedmesh.service.MeshService.reload}); answer, once the new sockets listen, 200 with the
+        result as JSON, or 400 with the errors when the file did not build (the previous configuration
+        stays in effect), or 500 when it was swapped in but a new listener cannot listen.
+        """
+        gone: List[bool] = []
+        request.notifyFinish().addErrback(lambda f: gone.append(True))
+
+        def done(result) -> None:
+            if gone:
+                return
+            body = result.asJSON() if hasattr(result, "asJSON") else result
+            code = 200 if body.get("ok") else 400 if not body.get("applied") else 500
+            request.write(_respond(request, code, JSON, _json(body)))
+            request.finish()
+
+        def failed(failure) -> None:
+            if not gone:
+                request.write(_respond(request, 500, TEXT, f"reload failed: {failure.getErrorMessage()}\n".encode()))
+                request.finish()
+
+        defer.maybeDeferred(self.server.reload).addCallback(done).addErrback(failed)
+        return NOT_DONE_YET
+
+    def renderDrainListeners(self, request: Request) -> bytes:
+        """
+        C{POST /drain_listeners}: stop accepting on every listener (the admin endpoint excepted) and turn
+        C{/ready} to 503 C{DRAINING}; with C{?graceful}, also ask live connections to finish and close,
+        aborting what is left after C{[mesh] drain_timeout} (see L{twistedmesh.service.MeshService.drain}).
+        Answers at once; the draining goes on.
+        """
+        d = defer.maybeDeferred(self.server.drain, _flag(request, b"graceful"))
+        d.addErrback(lambda f: self.server.log.failure("draining the listeners", f)
+                     if hasattr(self.server, "log") else None)
+        return _respond(request, 200, TEXT, b"OK\n")
 
     def renderHealthCheckFail(self, request: Request) -> bytes:
         """
@@ -249,6 +363,20 @@ class AdminSite(Site):
         """
         Log nothing for each request.
         """
+
+    def startFactory(self) -> None:
+        """
+        Start the dashboard's rate readings along with listening.
+        """
+        super().startFactory()
+        self.resource.rates.start()
+
+    def stopFactory(self) -> None:
+        """
+        Stop the dashboard's rate readings when no longer listening.
+        """
+        self.resource.rates.stop()
+        super().stopFactory()
 
 
 def makeAdminSite(server: AdminServer, reactor: IReactorTime) -> Site:

@@ -5,11 +5,14 @@ INI text to a validated L{Config}: stdlib configparser with interpolation off, e
 from __future__ import annotations
 
 import configparser
+import dataclasses
+import os
 import re
 from types import MappingProxyType
 from typing import Dict, List, Optional, Tuple
 
 from .accesslog import parseAccessLog
+from .discovery import discoveryType, parseDiscovery, parseXDS
 from .outlier import parseOutlier
 from .errors import ConfigError, ConfigErrors, suggest
 from .model import (
@@ -20,14 +23,19 @@ from .model import (
     EchoConfig,
     FilterConfig,
     HostConfig,
+    HTTP2ClusterConfig,
+    HTTP2ListenerConfig,
     ListenerConfig,
     MeshConfig,
 )
 from .health import parseHealth
 from .lb import parseLB
-from .options import Options, checkClientEndpoint
+from .options import REQUIRED, Options, checkClientEndpoint
 from .tls import TLSConfig, checkClientTLS, checkServerTLS, parseTLS
+from .tracing import parseListenerTracing, parseMeshTracing
 
+#: How worker processes share a listener's port; the first is the default (docs/workers.md says why).
+WORKERS_SHARING = ("reuseport", "inherit")
 SECTION_KINDS = ("mesh", "listener", "route", "cluster", "filter", "echo", "tls")
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 _ROUTE_NAME = re.compile(r"^[A-Za-z0-9_-]+/[A-Za-z0-9_-]+$")
@@ -97,6 +105,7 @@ def loadString(text: str, file: str = "<string>") -> Config:
     tls = {name: parseTLS(name, o) for name, o in sections["tls"].items()}
     mesh = _mesh(meshOptions, tls)
     clusters = {name: _cluster(name, o, tls) for name, o in sections["cluster"].items()}
+    mesh = dataclasses.replace(mesh, xds=parseXDS(meshOptions, clusters))
     filters = {name: _filter(name, o) for name, o in sections["filter"].items()}
     echoes = {name: _echo(name, o) for name, o in sections["echo"].items()}
     routes = _routes(sections["route"], clusters)
@@ -105,6 +114,12 @@ def loadString(text: str, file: str = "<string>") -> Config:
         for o in group.values():
             o.finish()
     _checkEndpointsUnique(file, sections, listeners, echoes, mesh, errors)
+    if mesh.workers > 1:
+        # Worker processes share a listener's TCP port (SO_REUSEPORT or an inherited socket): nothing else.
+        for n, l in listeners.items():
+            if l.endpoint is not None and not re.match(r"^tcp6?:", l.endpoint):
+                errors.append(ConfigError(file, sections["listener"][n].section, "endpoint",
+                                          "must be a tcp: or tcp6: endpoint when [mesh] workers > 1"))
     if errors:
         # Report in file order, the order a user fixes them in.
         order = {title: i for i, title in enumerate(parser.sections())}
@@ -141,13 +156,26 @@ def _mesh(o: Options, tls: Dict[str, TLSConfig]) -> MeshConfig:
         admin=admin,
         admin_tls=adminTLS,
         drain_timeout=o.duration("drain_timeout", 10.0),
-        workers=o.integer("workers", 1, minimum=1),
+        workers=_workers(o),
+        workers_sharing=o.string("workers.sharing", WORKERS_SHARING[0], choices=WORKERS_SHARING),
+        tracing=parseMeshTracing(o),
     )
+
+
+def _workers(o: Options) -> int:
+    # `auto`: one worker per core this process may run on (its CPU affinity, not the machine's count).
+    if "workers" in o and o._items["workers"].strip().lower() == "auto":
+        try:
+            return len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            return os.cpu_count() or 1
+    return o.integer("workers", 1, minimum=1)
 
 
 def _cluster(name: str, o: Options, tls: Dict[str, TLSConfig]) -> ClusterConfig:
     hosts: List[HostConfig] = []
-    raw = o.string("endpoints")
+    discovery = discoveryType(o)
+    raw = o.string("endpoints", None if discovery == "xds" else REQUIRED)
     for line in (raw or "").replace(",", "\n").splitlines():
         line = line.strip()
         if not line:
@@ -174,6 +202,7 @@ def _cluster(name: str, o: Options, tls: Dict[str, TLSConfig]) -> ClusterConfig:
     if raw is not None and not hosts and not any(e.key == "endpoints" and e.section == o.section for e in o.errors):
         o.error("endpoints", "names no endpoint")
     lb = parseLB(o)
+    protocol = o.string("protocol", "http1", choices=("http1", "http2", "tcp"))
     return ClusterConfig(
         tls=_tlsReference(o, tls, checkClientTLS),
         name=name,
@@ -181,10 +210,44 @@ def _cluster(name: str, o: Options, tls: Dict[str, TLSConfig]) -> ClusterConfig:
         lb_policy=lb.policy,
         lb=lb,
         health=parseHealth(o, name),
-        protocol=o.string("protocol", "http1", choices=("http1", "tcp")),
+        protocol=protocol,
+        http2=_http2(o, protocol),
         connect_timeout=o.duration("connect_timeout", 5.0),
         breaker=_breaker(o),
         outlier=parseOutlier(o),
+        discovery=parseDiscovery(o, discovery, hosts),
+    )
+
+
+def _http2(o: Options, protocol: str) -> HTTP2ClusterConfig:
+    """
+    The C{http2.*} keys of a cluster; they mean something only with C{protocol = http2}.
+    """
+    d = HTTP2ClusterConfig()
+    if protocol != "http2":
+        for key in o.keys():
+            if key.startswith("http2.") and key in o:  # (`in` marks it known: one error, not two)
+                o.error(key, "applies only to clusters with protocol = http2")
+        return d
+    streamWindow = o.size("http2.initial_stream_window_size", d.initial_stream_window_size)
+    connectionWindow = o.size("http2.initial_connection_window_size", d.initial_connection_window_size)
+    # RFC 9113 section 6.9: windows run from the 65,535-byte initial value up to 2^31-1.
+    for key, value in (("http2.initial_stream_window_size", streamWindow),
+                       ("http2.initial_connection_window_size", connectionWindow)):
+        if value is not None and not 65535 <= value <= 2 ** 31 - 1:
+            o.error(key, f"must be from 65535 bytes to 2GiB-1, not {value}")
+    interval = o.duration("http2.keepalive_interval", None)
+    timeout = o.duration("http2.keepalive_timeout", d.keepalive_timeout)
+    if interval is not None and interval <= 0:
+        o.error("http2.keepalive_interval", "must be more than 0 (leave it out to send no PINGs)")
+    if timeout is not None and timeout <= 0:
+        o.error("http2.keepalive_timeout", "must be more than 0")
+    return HTTP2ClusterConfig(
+        max_concurrent_streams=o.integer("http2.max_concurrent_streams", d.max_concurrent_streams, minimum=1),
+        initial_stream_window_size=streamWindow or d.initial_stream_window_size,
+        initial_connection_window_size=connectionWindow or d.initial_connection_window_size,
+        keepalive_interval=interval or None,
+        keepalive_timeout=timeout or d.keepalive_timeout,
     )
 
 
@@ -252,7 +315,10 @@ def _listener(name: str, o: Options, clusters: Dict[str, ClusterConfig], routes:
     elif "routes" in o._items:
         o.error("routes", "only HTTP listeners have routes (protocol = http)")
     # An HTTP listener must not agree by ALPN to a protocol its codecs cannot speak.
-    spoken = ("h2", "http/1.1", "http/1.0") if protocol == "http" else None
+    http2 = _listenerHTTP2(o) if protocol == "http" else HTTP2ListenerConfig()
+    spoken = None
+    if protocol == "http":
+        spoken = ("h2", "http/1.1", "http/1.0") if http2.enabled else ("http/1.1", "http/1.0")
     tlsName = _tlsReference(o, tls, lambda t, o: checkServerTLS(t, o, alpnSpoken=spoken))
     return ListenerConfig(
         tls=tlsName,
@@ -272,7 +338,53 @@ def _listener(name: str, o: Options, clusters: Dict[str, ClusterConfig], routes:
         access_log=parseAccessLog(o, protocol),
         forward_client_cert=o.string("forward_client_cert", "sanitize",
                                      choices=("sanitize", "forward", "append", "sanitize_set")),
-        trace_sampling=o.percentage("trace_sampling", None),
+        http2=http2,
+        tracing_sample_rate=parseListenerTracing(o, protocol),
+    )
+
+
+def _listenerHTTP2(o: Options) -> HTTP2ListenerConfig:
+    """
+    The C{http2} switch and C{http2.*} keys of an HTTP listener, each checked against its range: RFC 9113's
+    for the SETTINGS (with Envoy's 65,535-byte floor for windows), Envoy's for the rest.
+    """
+    d = HTTP2ListenerConfig()
+
+    def ranged(key: str, value, low: int, high: int, default, unit: str = ""):
+        if value is not None and not low <= value <= high:
+            o.error(key, f"must be from {low}{unit} to {high}{unit}, not {value}{unit}")
+            return default
+        return default if value is None else value
+
+    most = 2 ** 31 - 1
+    return HTTP2ListenerConfig(
+        enabled=o.boolean("http2", True),
+        max_concurrent_streams=ranged("http2.max_concurrent_streams", o.integer(
+            "http2.max_concurrent_streams", d.max_concurrent_streams), 1, most, d.max_concurrent_streams),
+        initial_stream_window_size=ranged("http2.initial_stream_window_size", o.size(
+            "http2.initial_stream_window_size", d.initial_stream_window_size), 65535, most,
+            d.initial_stream_window_size, " bytes"),
+        initial_connection_window_size=ranged("http2.initial_connection_window_size", o.size(
+            "http2.initial_connection_window_size", d.initial_connection_window_size), 65535, most,
+            d.initial_connection_window_size, " bytes"),
+        max_frame_size=ranged("http2.max_frame_size", o.size("http2.max_frame_size", d.max_frame_size),
+                              16384, 16777215, d.max_frame_size, " bytes"),
+        max_header_list_size=ranged("http2.max_header_list_size", o.size("http2.max_header_list_size", None),
+                                    1024, 8 << 20, None, " bytes"),
+        max_outbound_control_frames=o.integer("http2.max_outbound_control_frames",
+                                              d.max_outbound_control_frames, minimum=1),
+        max_consecutive_inbound_frames_with_empty_payload=o.integer(
+            "http2.max_consecutive_inbound_frames_with_empty_payload",
+            d.max_consecutive_inbound_frames_with_empty_payload),
+        max_inbound_priority_frames_per_stream=o.integer("http2.max_inbound_priority_frames_per_stream",
+                                                         d.max_inbound_priority_frames_per_stream),
+        max_inbound_window_update_frames_per_data_frame_sent=o.integer(
+            "http2.max_inbound_window_update_frames_per_data_frame_sent",
+            d.max_inbound_window_update_frames_per_data_frame_sent, minimum=1),
+        premature_reset_total_stream_count=o.integer("http2.premature_reset_total_stream_count",
+                                                     d.premature_reset_total_stream_count, minimum=1),
+        premature_reset_min_stream_lifetime=o.duration("http2.premature_reset_min_stream_lifetime",
+                                                       d.premature_reset_min_stream_lifetime),
     )
 
 

@@ -13,8 +13,10 @@ from .health import HealthConfig
 from .lb import LBConfig
 
 from .accesslog import AccessLogConfig
+from .discovery import DiscoveryConfig, XDSConfig
 from .outlier import OutlierConfig
 from .tls import TLSConfig
+from .tracing import TracingConfig
 
 DEFAULT_ADMIN = "tcp:9901:interface=127.0.0.1"
 
@@ -28,7 +30,10 @@ class MeshConfig:
     admin: Optional[str] = DEFAULT_ADMIN
     admin_tls: Optional[str] = None  # a [tls:NAME] section the admin endpoint is served over
     drain_timeout: float = 10.0
-    workers: int = 1
+    workers: int = 1  # worker processes (`auto` in the file: one per core available to the process)
+    workers_sharing: str = "reuseport"  # how workers share a listener's port: reuseport | inherit
+    xds: Optional[XDSConfig] = None  # the xds.* keys: where the control plane is; None: no xDS
+    tracing: Optional[TracingConfig] = None  # the tracing.* keys (config/tracing.py); None: none written
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,21 @@ class BreakerConfig:
 
 
 @dataclass(frozen=True)
+class HTTP2ClusterConfig:
+    """
+    A C{protocol = http2} cluster's C{http2.*} keys: the cap on streams per connection (the peer's
+    SETTINGS_MAX_CONCURRENT_STREAMS lowers it), the receive windows we announce, and PING keep-alive
+    (off without an interval).
+    """
+
+    max_concurrent_streams: int = 100
+    initial_stream_window_size: int = 64 * 1024
+    initial_connection_window_size: int = 1024 * 1024
+    keepalive_interval: Optional[float] = None
+    keepalive_timeout: float = 20.0
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     """
     A C{[cluster:NAME]} section.
@@ -73,6 +93,8 @@ class ClusterConfig:
     health: Optional[HealthConfig] = None  # active health checking (config/health.py); None: off
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
     outlier: Optional[OutlierConfig] = None  # the outlier.* keys; None: no outlier detection
+    http2: HTTP2ClusterConfig = field(default_factory=HTTP2ClusterConfig)  # protocol = http2 only
+    discovery: Optional[DiscoveryConfig] = None  # discovery = strict_dns | logical_dns | xds; None: static
 
 
 @dataclass(frozen=True)
@@ -86,6 +108,29 @@ class FilterConfig:
     type: str
     items: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     section: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class HTTP2ListenerConfig:
+    """
+    An HTTP listener's C{http2} switch and C{http2.*} keys: the SETTINGS it announces to clients and its
+    abuse limits (twistedmesh/http/h2server.py C{HTTP2Settings} says what each does). The defaults are
+    Envoy's edge recommendations and flood defaults; C{max_header_list_size} C{None} is the listener's
+    C{max_request_headers_size}.
+    """
+
+    enabled: bool = True
+    max_concurrent_streams: int = 100
+    initial_stream_window_size: int = 64 * 1024
+    initial_connection_window_size: int = 1024 * 1024
+    max_frame_size: int = 16384
+    max_header_list_size: Optional[int] = None
+    max_outbound_control_frames: int = 1000
+    max_consecutive_inbound_frames_with_empty_payload: int = 1
+    max_inbound_priority_frames_per_stream: int = 100
+    max_inbound_window_update_frames_per_data_frame_sent: int = 10
+    premature_reset_total_stream_count: int = 500
+    premature_reset_min_stream_lifetime: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -110,7 +155,8 @@ class ListenerConfig:
     access_log: Optional[AccessLogConfig] = None
     tls: Optional[str] = None
     forward_client_cert: str = "sanitize"
-    trace_sampling: Optional[float] = None  # percent; set: propagate W3C/B3 trace context
+    http2: HTTP2ListenerConfig = field(default_factory=HTTP2ListenerConfig)  # protocol = http only
+    tracing_sample_rate: Optional[float] = None  # percent: overrides [mesh] tracing.sample_rate
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,9 @@ RETRY_ON = (
     "5xx", "gateway-error", "connect-failure", "reset", "retriable-4xx", "retriable-status-codes",
     "refused-stream",
 )
+#: What C{retry.grpc_on} may name (Envoy's C{x-envoy-retry-grpc-on} names): gRPC statuses that arrive in
+#: a response's headers (a trailers-only response).
+GRPC_RETRY_ON = ("cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable")
 REDIRECT_STATUSES = ("301", "302", "303", "307", "308")
 HEADER_KINDS = ("exact", "regex", "prefix", "present", "absent")
 QUERY_KINDS = ("exact", "regex", "present")
@@ -92,7 +95,7 @@ class DirectResponseConfig:
 @dataclass(frozen=True)
 class RetryPolicy:
     """
-    The C{retry.*} keys. An empty C{on} means no retries.
+    The C{retry.*} keys. Empty C{on} and C{grpc_on} mean no retries.
     """
 
     on: Tuple[str, ...] = ()
@@ -100,6 +103,7 @@ class RetryPolicy:
     per_try_timeout: Optional[float] = None
     retriable_status_codes: Tuple[int, ...] = ()
     replay_buffer: int = 64 * 1024
+    grpc_on: Tuple[str, ...] = ()  # names from GRPC_RETRY_ON
 
 
 @dataclass(frozen=True)
@@ -184,7 +188,7 @@ def parseRoute(table: str, name: str, o: Options, clusters: Collection[str]) -> 
     if written and not forwards:
         # These only make sense for a request that goes upstream: say so rather than ignore them.
         for key in ("prefix_rewrite", "regex_rewrite", "regex_rewrite.substitution", "host_rewrite", "timeout",
-                    "idle_timeout", "retry.on", "retry.num", "retry.per_try_timeout",
+                    "idle_timeout", "retry.on", "retry.grpc_on", "retry.num", "retry.per_try_timeout",
                     "retry.retriable_status_codes", "retry.replay_buffer"):
             if key in o:
                 o.error(key, f"only applies to a route with cluster or clusters, not with {written[0]}")
@@ -456,6 +460,13 @@ def _retry(o: Options) -> RetryPolicy:
             o.error("retry.on", f"{item!r} is not one of {', '.join(RETRY_ON)}{suggest(item, RETRY_ON)}")
         elif item not in on:
             on.append(item)
+    grpcOn: List[str] = []
+    for item in o.list("retry.grpc_on"):
+        if item not in GRPC_RETRY_ON:
+            o.error("retry.grpc_on", f"{item!r} is not one of {', '.join(GRPC_RETRY_ON)}"
+                                     f"{suggest(item, GRPC_RETRY_ON)}")
+        elif item not in grpcOn:
+            grpcOn.append(item)
     num = o.integer("retry.num", 1)
     perTry = o.duration("retry.per_try_timeout", None)
     codes: List[int] = []
@@ -474,12 +485,13 @@ def _retry(o: Options) -> RetryPolicy:
         o.error("retry.retriable_status_codes", "is required when retry.on includes retriable-status-codes")
     elif "retry.retriable_status_codes" in o and "retriable-status-codes" not in on:
         o.error("retry.retriable_status_codes", "has no effect unless retry.on includes retriable-status-codes")
-    if "retry.on" not in o:
+    if "retry.on" not in o and "retry.grpc_on" not in o:
         for key in ("retry.num", "retry.per_try_timeout", "retry.replay_buffer"):
             if key in o:
-                o.error(key, "has no effect without retry.on")
+                o.error(key, "has no effect without retry.on or retry.grpc_on")
     return RetryPolicy(
         on=tuple(on),
+        grpc_on=tuple(grpcOn),
         num=num if num is not None else 1,
         per_try_timeout=perTry or None,
         retriable_status_codes=tuple(codes),

@@ -18,7 +18,8 @@ delay comes first and the abort is decided when it ends, so one request may get 
 For gRPC requests (C{content-type: application/grpc...}), C{abort.grpc_status = N} (instead of
 C{abort.http_status}; the two exclude each other, as in Envoy) answers HTTP 200 with a trailers-only gRPC
 reply: C{content-type: application/grpc}, C{grpc-status: N}, C{grpc-message: fault filter abort} and no
-body. Requests that are not gRPC are not aborted by it.
+body. Requests that are not gRPC are not aborted by it. (An C{abort.http_status} abort of a gRPC request is
+trailers-only too, as every local reply to one is, with the gRPC status its HTTP status maps to.)
 
 C{response_rate_limit.kbps = K} (with C{response_rate_limit.percentage}) throttles the response body of
 the chosen requests to K KiB/s: each chunk is held (the filter's C{responseData} returns a Deferred) for
@@ -50,6 +51,7 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from ..config import Options
+from ..http.grpc import isGRPC
 from ..http.stream import HTTPFilter, Stream
 from ..interfaces import IFilterContext, IHTTPFilterFactory
 
@@ -62,7 +64,6 @@ ABORT_PERCENTAGE_HEADER = b"x-envoy-fault-abort-request-percentage"
 GRPC_ABORT_HEADER = b"x-envoy-fault-abort-grpc-request"
 THROUGHPUT_HEADER = b"x-envoy-fault-throughput-response"
 THROUGHPUT_PERCENTAGE_HEADER = b"x-envoy-fault-throughput-response-percentage"
-_GRPC_CONTENT_TYPE = b"application/grpc"
 # The longest a rate-limited response chunk is held: bounds the hold of one chunk whatever its size.
 _MAX_CHUNK_HOLD = 60.0
 _BODY = b"fault filter abort"
@@ -241,12 +242,8 @@ class FaultFilter(HTTPFilter):
             return None
         s.abortsInjected.value += 1
         if abort.__class__ is tuple:
-            # Trailers-only: the status travels in the headers of an HTTP 200 with no body.
-            return stream.respond(200, b"", [
-                (b"content-type", _GRPC_CONTENT_TYPE),
-                (b"grpc-status", b"%d" % abort[1]),
-                (b"grpc-message", _BODY),
-            ], flag="FI", details="fault_filter_abort")
+            # The stream makes a reply to a gRPC request trailers-only; this one carries our status.
+            return stream.respond(200, _BODY, flag="FI", details="fault_filter_abort", grpcStatus=abort[1])
         return stream.respond(abort, _BODY, flag="FI", details="fault_filter_abort")
 
     def responseData(self, stream: Stream, data: bytes, end: bool) -> object:
@@ -300,10 +297,9 @@ class FaultFilter(HTTPFilter):
 
 def _isGRPC(stream: Stream) -> bool:
     """
-    Whether C{stream}'s request is gRPC: its content-type is C{application/grpc} or C{application/grpc+...}.
+    Whether C{stream}'s request is gRPC (see L{twistedmesh.http.grpc.isGRPC}).
     """
-    value = stream.getRequestHeader(b"content-type")
-    return value is not None and value.strip().lower().startswith(_GRPC_CONTENT_TYPE)
+    return isGRPC(stream.getRequestHeader(b"content-type"))
 
 
 def _percentage(options: Options, key: str) -> float:

@@ -8,7 +8,11 @@ upstream connection's exchange, so a proxied request costs one object here, not 
 
 Response flags and details follow Envoy's: C{NR} C{route_not_found}, C{UH} C{no_healthy_upstream},
 C{UF} C{upstream_reset_before_response_started{connection_failure}}, C{UT} C{upstream_response_timeout},
-C{UC}/C{UR} for upstream resets, C{URX} when retries ran out.
+C{UC}/C{UR} for upstream resets, C{URX} when retries ran out; an upstream's answer that ends without
+incident has no flag and details C{via_upstream}.
+
+gRPC (docs/grpc.md): a gRPC request's C{grpc-timeout} is its timeout, capped by the route's; a timeout
+answers it C{DEADLINE_EXCEEDED}; C{retry.grpc_on} retries on the C{grpc-status} of a trailers-only response.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from ..http import h1
+from ..http.grpc import DEADLINE_EXCEEDED, RETRY_ON_STATUSES, encodeTimeout, isGRPC, parseTimeout
 from ..http.stream import HTTPFilter, Stream
 from ..interfaces import IHTTPFilterFactory
 from ..upstream.lb import requestHashKey
@@ -27,12 +32,14 @@ from ..upstream.lb import requestHashKey
 # The pool's failure reasons as Envoy's %RESPONSE_CODE_DETAILS% name them.
 _RESET_REASONS = {"upstream_reset": "connection_termination", "protocol_error": "protocol_error"}
 _BACKOFF_BASE = 0.025  # Envoy's: fully jittered exponential back-off from 25 ms, capped at 10x
+# retry.grpc_on's names by the gRPC status they stand for.
+_GRPC_RETRY_NAMES = {code: name for name, code in RETRY_ON_STATUSES.items()}
 
 
 def _allows(on, codes, why: str, status: int) -> bool:
     """
     Whether a route's C{retry.on} list allows a retry for C{why} (C{"connect-failure"}, C{"reset"},
-    C{"per-try-timeout"}, or C{"status"} with the upstream's C{status}).
+    C{"refused-stream"}, C{"per-try-timeout"}, or C{"status"} with the upstream's C{status}).
     """
     if why == "status":
         return (("5xx" in on and status >= 500)
@@ -43,9 +50,23 @@ def _allows(on, codes, why: str, status: int) -> bool:
         return "connect-failure" in on or "5xx" in on or "gateway-error" in on or "reset" in on
     if why == "reset":
         return "reset" in on or "5xx" in on or "gateway-error" in on
+    if why == "refused-stream":
+        # An HTTP/2 stream the upstream refused (or never processed, past its GOAWAY): safe to retry.
+        return "refused-stream" in on or "reset" in on or "5xx" in on or "gateway-error" in on
     if why == "per-try-timeout":
         return "5xx" in on or "gateway-error" in on
     return False
+
+
+def _grpcStatus(headers: list) -> int:
+    """
+    The C{grpc-status} in a response's headers (a trailers-only gRPC response), or -1.
+    """
+    for name, value in headers:
+        if name == b"grpc-status":
+            value = value.strip()
+            return int(value) if value.isdigit() and len(value) <= 3 else -1
+    return -1
 
 
 class _Shared:
@@ -172,16 +193,41 @@ class RouterFilter(HTTPFilter):
         route.rewrite(stream)
         if cluster.hashPolicy is not None:
             self.hashKey = requestHashKey(cluster.hashPolicy, stream)
+        timeout = route.timeout
+        deadline = stream.getRequestHeader(b"grpc-timeout")
+        if deadline is not None:
+            # Before the head is encoded: the upstream may have to be told a shorter deadline.
+            timeout = self._grpcTimeout(stream, deadline, timeout)
         self.head, self.chunked, self.hasBody = self._encodeHead(stream)
         self.requestDone = not self.hasBody
         retry = route.retry
-        self.retriesLeft = retry.num if retry.on else 0
+        self.retriesLeft = retry.num if retry.on or retry.grpc_on else 0
         if route.idleTimeout:
             self.idleTimer = shared.clock.callLater(route.idleTimeout, self._idle)
-        if route.timeout:
-            self.timer = shared.clock.callLater(route.timeout, self._timedOut)
+        if timeout:
+            self.timer = shared.clock.callLater(timeout, self._timedOut)
         self._attempt()
         return None
+
+    def _grpcTimeout(self, stream: Stream, value: bytes, routeTimeout: Optional[float]) -> Optional[float]:
+        """
+        The timeout of a request with a C{grpc-timeout} header: the client's deadline, capped by the route's
+        C{timeout} when it has one (Envoy's C{max_grpc_timeout}); the route's own when the request is not
+        gRPC or the value is malformed. When the cap shortens the deadline, the header sent upstream says so,
+        so the server does not work for a caller the proxy will have answered already.
+        """
+        if not isGRPC(stream.getRequestHeader(b"content-type")):
+            return routeTimeout
+        asked = parseTimeout(value)
+        if asked is None:
+            return routeTimeout
+        if routeTimeout is None or asked <= routeTimeout:
+            return asked
+        headers = stream.requestHeaders
+        for i, (name, _) in enumerate(headers):
+            if name == b"grpc-timeout":
+                headers[i] = (name, encodeTimeout(routeTimeout))
+        return routeTimeout
 
     def _encodeHead(self, stream: Stream):
         # Framing comes from what the client declared (chunked, or a content-length), never from how much
@@ -197,6 +243,9 @@ class RouterFilter(HTTPFilter):
             hasBody = length is not None and length != b"0"
             if hasBody:
                 self.declared = int(length)
+        if self.cluster.http2:
+            # An HTTP/2 upstream takes the fields themselves (h2 encodes them), pseudo-headers first.
+            return self.cluster.pools.requestFields(stream), chunked, hasBody
         # The connection manager already added the forwarding headers; Host goes first, as clients send it.
         headers = [(b"host", stream.authority)]
         headers += stream.requestHeaders
@@ -338,7 +387,11 @@ class RouterFilter(HTTPFilter):
         Start another attempt if the route's policy allows it for C{why}; return whether it did.
         """
         retry = self.route.retry
-        if not retry.on or not _allows(retry.on, retry.retriable_status_codes, why, status):
+        if why == "grpc":
+            # status is the response's grpc-status here.
+            if _GRPC_RETRY_NAMES.get(status) not in retry.grpc_on:
+                return False
+        elif not retry.on or not _allows(retry.on, retry.retriable_status_codes, why, status):
             return False
         if self.retriesLeft <= 0:
             self.limitExceeded = True  # Envoy's URX: the policy would retry, the limit says no
@@ -377,7 +430,8 @@ class RouterFilter(HTTPFilter):
         if outlier is not None:
             # Before the retry decision, so that a retry already avoids a host this answer ejected.
             outlier.onResponse(self.host, status)
-        if self._retry("status", status):
+        if self._retry("status", status) or (self.route.retry.grpc_on and
+                                             self._retry("grpc", _grpcStatus(headers))):
             self._cancelTryTimer()
             self.host.rq_error += 1
             return
@@ -464,10 +518,12 @@ class RouterFilter(HTTPFilter):
                        b"upstream connect error or disconnect/reset before headers. reset reason: "
                        b"connection failure, transport failure reason: TLS_error")
             return
-        if self._retry("reset"):
+        # An HTTP/2 upstream's RST_STREAM (reasons "remote_...") is Envoy's UR; a closed connection UC.
+        remote = reason[:7] == "remote_"
+        if self._retry("refused-stream" if reason == "remote_refused_stream_reset" else "reset"):
             return
         envoyReason = _RESET_REASONS.get(reason.partition(":")[0], reason)
-        self._fail(503, "UC", "upstream_reset_before_response_started{" + envoyReason + "}",
+        self._fail(503, "UR" if remote else "UC", "upstream_reset_before_response_started{" + envoyReason + "}",
                    b"upstream connect error or disconnect/reset before headers. reset reason: " +
                    envoyReason.encode("utf-8", "replace"))
 
@@ -485,7 +541,7 @@ class RouterFilter(HTTPFilter):
             self.stream.responseFlags.append("UT")
             self.stream.reset("upstream_response_timeout")
         else:
-            self._fail(504, "UT", "upstream_response_timeout", b"upstream request timeout")
+            self._fail(504, "UT", "upstream_response_timeout", b"upstream request timeout", DEADLINE_EXCEEDED)
 
     def _idle(self) -> None:
         # Envoy's stream idle timeout: 408 while nothing was answered yet, a reset after that.
@@ -507,16 +563,18 @@ class RouterFilter(HTTPFilter):
         if self._retry("per-try-timeout"):
             return
         self._abandon()
-        self._fail(504, "UT", "upstream_per_try_timeout", b"upstream request timeout")
+        self._fail(504, "UT", "upstream_per_try_timeout", b"upstream request timeout", DEADLINE_EXCEEDED)
 
-    def _fail(self, status: int, flag: str, details: str, body: bytes) -> None:
+    def _fail(self, status: int, flag: str, details: str, body: bytes, grpcStatus: Optional[int] = None) -> None:
+        # grpcStatus: what a gRPC client gets instead of the one status maps to (a timeout is
+        # DEADLINE_EXCEEDED, as in Envoy, not the UNAVAILABLE of a 504, which invites a retry).
         self._done()
         self.cluster.byClass[status // 100].value += 1
         flags = self.stream.responseFlags
         flags.append(flag)
         if self.limitExceeded:
             flags.append("URX")
-        self.stream.respond(status, body + b"\n", details=details)
+        self.stream.respond(status, body + b"\n", details=details, grpcStatus=grpcStatus)
 
     def _done(self) -> None:
         if self.finished:
@@ -610,6 +668,9 @@ class RouterFilter(HTTPFilter):
     def streamComplete(self, stream: Stream) -> None:
         if self.stream is None:
             return
+        if self.responseStarted and not stream.responseCodeDetails:
+            # Envoy's %RESPONSE_CODE_DETAILS% for an answer from the upstream that nothing else explains.
+            stream.responseCodeDetails = "via_upstream"
         # The downstream went away (or was reset) mid-exchange: that connection's state is unknown.
         self._abandon()
         if not self.finished and self.cluster is not None:

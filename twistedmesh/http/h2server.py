@@ -36,10 +36,31 @@ read what we write (the transport's buffer is full), every stream's response pro
 stop reading the socket: a client that sends PINGs, SETTINGS or resets without reading the answers cannot
 make us queue more than one read's worth of replies.
 
-Limits (Envoy's edge recommendations, see L{HTTP2Settings}): 100 concurrent streams, 64 KiB stream window,
-1 MiB connection window, a 60 KiB header list; and rapid-reset protection (CVE-2023-44487) as Envoy does it:
-once a connection has closed 500 streams, if more than half of them were reset by the client within a
-second of opening, it gets GOAWAY(ENHANCE_YOUR_CALM) and is closed.
+Limits (the listener's C{http2.*} keys, see L{HTTP2Settings}; by default Envoy's edge recommendations and
+flood limits): 100 concurrent streams, 64 KiB stream window, 1 MiB connection window, a 60 KiB header list.
+
+Abuse is met as Envoy meets it
+==============================
+
+Every limit below ends the connection with GOAWAY(ENHANCE_YOUR_CALM), then closes it; a client that does
+not read the GOAWAY is aborted a second later, so no abusive connection stays open. Each has a counter.
+
+  - Rapid reset (CVE-2023-44487): once a connection has closed 500 streams, more than half of them reset
+    by the client within a second of opening (or refused as malformed, which the client provoked) closes
+    it; before that floor, so do premature resets that alone pass half of it.
+  - Inbound frames are counted as h2's frame buffer parses them, before h2 acts on them (L{_InboundFrames}):
+    a header block still arriving in CONTINUATION frames is bounded in compressed bytes and frames (so is
+    the decoded list, by HPACK: bombs), empty HEADERS/CONTINUATION/DATA frames in a row, PRIORITY frames
+    per stream opened, WINDOW_UPDATE frames per DATA frame sent.
+  - Outbound control frames (PING and SETTINGS acknowledgements, RST_STREAMs) are counted while they are
+    not yet with a writing transport (L{_Engine}): the answers to one read, plus everything queued while
+    the client's socket is full. A client that floods us with frames whose answers it does not read is cut
+    off at 1000.
+
+A malformed request (an uppercase or invalid field name, a connection-specific field, a bad pseudo-header
+set) is a stream error, RST_STREAM(PROTOCOL_ERROR), as RFC 9113 section 8.1.1 has it: the connection's
+other streams carry on. The fields are checked in the pass that translates them anyway (h2's own inbound
+validation is off: it would make each of these a connection error).
 """
 
 from __future__ import annotations
@@ -60,9 +81,17 @@ from h2.events import (
     TrailersReceived,
     WindowUpdated,
 )
-from h2.exceptions import H2Error, ProtocolError
+from h2.exceptions import DenialOfServiceError, H2Error, ProtocolError, StreamClosedError
+from h2.frame_buffer import CONTINUATION_BACKLOG, FrameBuffer
 from h2.settings import SettingCodes, Settings
-from hyperframe.frame import GoAwayFrame
+from hyperframe.frame import (
+    ContinuationFrame,
+    DataFrame,
+    GoAwayFrame,
+    HeadersFrame,
+    PriorityFrame,
+    WindowUpdateFrame,
+)
 from twisted.internet import protocol
 from twisted.internet.interfaces import IPushProducer, ISSLTransport
 from twisted.logger import Logger
@@ -77,46 +106,185 @@ from .xfcc import XFCC_ADDS, forwardedClientCert
 # "te: trailers" (filtered separately), and "host" has no place in a response.
 _CONNECTION_SPECIFIC = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
                                   b"upgrade", b"te", b"host"))
+# In a request, the same minus "te" (checked on its own) and "host" (a stand-in for :authority).
+_CONNECTION_SPECIFIC_REQUEST = frozenset((b"connection", b"keep-alive", b"proxy-connection",
+                                          b"transfer-encoding", b"upgrade"))
 _NO_BODY_STATUSES = frozenset((204, 304))
 _NO_ERROR = ErrorCodes.NO_ERROR
 _INTERNAL_ERROR = ErrorCodes.INTERNAL_ERROR
+_PROTOCOL_ERROR = ErrorCodes.PROTOCOL_ERROR
+
+# Request field checks (RFC 9113 section 8.2), each one C-level bytes.translate: deleting every allowed
+# byte leaves nothing when the whole name or value is allowed. A name is a lowercase token (RFC 9110
+# section 5.6.2; uppercase is malformed in HTTP/2); a value may hold anything but NUL, CR and LF, and may not
+# start or end with whitespace.
+_NAME_BYTES = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
+_VALUE_BYTES = bytes(b for b in range(256) if b not in (0, 10, 13))
+_OWS = (32, 9)
+_MALFORMED_FIELD = "http2.invalid.header.field"
+_MALFORMED_MESSAGE = "http2.violation.of.messaging.rule"
+
+
+def _badField(name: bytes, value: bytes) -> bool:
+    """
+    Whether a regular (not pseudo) request field is malformed in HTTP/2: an invalid or uppercase name, a
+    connection-specific field, C{te} other than C{trailers}, or an invalid value.
+    """
+    if not name or name.translate(None, _NAME_BYTES) or name in _CONNECTION_SPECIFIC_REQUEST:
+        return True
+    if name == b"te" and value.lower() != b"trailers":
+        return True
+    return bool(value) and (value.translate(None, _VALUE_BYTES) != b"" or value[0] in _OWS or value[-1] in _OWS)
+
+
+class _Abuse(DenialOfServiceError):
+    """
+    A client passed one of the listener's abuse limits: GOAWAY(ENHANCE_YOUR_CALM), then the connection is
+    closed. C{stat} names the L{HTTP2Stats} counter that says which limit.
+    """
+
+    def __init__(self, stat: str, why: str) -> None:
+        super().__init__(why)
+        self.stat = stat
+
+
+class _InboundFrames(FrameBuffer):
+    """
+    h2's inbound frame buffer, with the inbound abuse limits counted as each frame is parsed (before h2
+    dispatches it): a header block in pieces is bounded in bytes and frames (CONTINUATION floods), and
+    empty frames, PRIORITY and WINDOW_UPDATE frames are counted as Envoy counts them. A limit passed raises
+    L{_Abuse}, which h2 turns into GOAWAY(ENHANCE_YOUR_CALM).
+
+    @ivar streamsOpened: streams the client has opened (kept by the connection).
+    @ivar dataFramesSent: DATA frames we have sent (kept by the connection).
+    """
+
+    def __init__(self, limits: "HTTP2Settings", blockLimit: int) -> None:
+        super().__init__(server=True)
+        self.blockLimit = blockLimit
+        self.blockBytes = 0
+        self.emptyLimit = limits.maxConsecutiveInboundFramesWithEmptyPayload
+        self.empty = 0
+        self.priorityPerStream = limits.maxInboundPriorityFramesPerStream
+        self.priorityFrames = 0
+        self.windowUpdatesPerData = limits.maxInboundWindowUpdateFramesPerDataFrameSent
+        self.windowUpdates = 0
+        self.streamsOpened = 0
+        self.dataFramesSent = 0
+
+    def _update_header_buffer(self, f):
+        kind = f.__class__
+        if kind is DataFrame or kind is HeadersFrame or kind is ContinuationFrame:
+            # Envoy's empty-frame rule: no payload and no END_STREAM has no use but to burn our CPU.
+            if f.body_len == 0 and "END_STREAM" not in f.flags:
+                self.empty += 1
+                if self.empty > self.emptyLimit:
+                    raise _Abuse("inbound_empty_frames_flood", "too many consecutive empty frames")
+            else:
+                self.empty = 0
+            if kind is not DataFrame and (self._headers_buffer or "END_HEADERS" not in f.flags):
+                # h2 keeps a header block's frames until END_HEADERS: bound them before they are kept.
+                self.blockBytes += f.body_len
+                if self.blockBytes > self.blockLimit or len(self._headers_buffer) >= CONTINUATION_BACKLOG:
+                    raise _Abuse("header_overflow", "header block too large")
+        elif kind is PriorityFrame:
+            self.priorityFrames += 1
+            if self.priorityFrames > self.priorityPerStream * (1 + self.streamsOpened):
+                raise _Abuse("inbound_priority_frames_flood", "too many PRIORITY frames")
+        elif kind is WindowUpdateFrame:
+            self.windowUpdates += 1
+            if self.windowUpdates > self.windowUpdatesPerData * (1 + self.dataFramesSent):
+                raise _Abuse("inbound_window_update_frames_flood", "too many WINDOW_UPDATE frames")
+        f = super()._update_header_buffer(f)
+        if self.blockBytes and not self._headers_buffer:
+            self.blockBytes = 0
+        return f
+
+
+class _Engine(H2Connection):
+    """
+    h2's connection, counting the control frames it queues in answer to the client's frames (PING and
+    SETTINGS acknowledgements, RST_STREAMs for frames on reset streams): C{controlPending} of them not yet
+    handed to a transport that is writing (see L{HTTP2Connection.dataReceived}); past C{controlLimit}, the
+    client is flooding us with work it does not read the answers to.
+    """
+
+    controlPending = 0
+    controlLimit = 1000
+
+    def _receive_frame(self, frame):
+        before = len(self._data_to_send)
+        events = H2Connection._receive_frame(self, frame)
+        if len(self._data_to_send) != before:
+            self.controlPending += 1
+            if self.controlPending > self.controlLimit:
+                raise _Abuse("outbound_control_flood", "too many control frames queued")
+        return events
 
 
 class HTTP2Settings:
     """
-    A listener's HTTP/2 limits, resolved once. The defaults are Envoy's recommendations for an edge proxy
-    (its built-in defaults are far larger: 2^31-1 streams and 256 MiB windows, tuned for a trusted mesh).
+    A listener's HTTP/2 limits, resolved once (the C{http2.*} keys of its section). The defaults are Envoy's
+    recommendations for an edge proxy (its built-in defaults are far larger: 2^31-1 streams and 256 MiB
+    windows, tuned for a trusted mesh); the flood limits are Envoy's defaults.
 
     @ivar maxConcurrentStreams: SETTINGS_MAX_CONCURRENT_STREAMS: streams a client may have open at once.
     @ivar initialStreamWindowSize: SETTINGS_INITIAL_WINDOW_SIZE: request-body bytes a client may send a
         stream ahead of our acknowledgement (and so what a paused stream may cost us).
     @ivar initialConnectionWindowSize: the same over all streams of the connection.
+    @ivar maxFrameSize: SETTINGS_MAX_FRAME_SIZE: the largest frame payload a client may send us.
     @ivar maxHeaderListSize: SETTINGS_MAX_HEADER_LIST_SIZE, or C{None} for the listener's
-        C{max_request_headers_size}; a request over it is answered 431.
+        C{max_request_headers_size}; a request over it is answered 431, and a header block (HEADERS and
+        its CONTINUATION frames, still compressed) over twice it (at least 64 KiB) closes the connection.
+    @ivar maxOutboundControlFrames: PING and SETTINGS acknowledgements and RST_STREAMs queued for a client
+        that does not read them (within one read, or while its socket is full); beyond, the connection is
+        closed (C{http2.outbound_control_flood}).
+    @ivar maxConsecutiveInboundFramesWithEmptyPayload: HEADERS, CONTINUATION and DATA frames in a row with
+        no payload and no END_STREAM; beyond, the connection is closed (C{http2.inbound_empty_frames_flood}).
+    @ivar maxInboundPriorityFramesPerStream: PRIORITY frames allowed per stream opened (plus one stream's
+        worth); beyond, the connection is closed (C{http2.inbound_priority_frames_flood}).
+    @ivar maxInboundWindowUpdateFramesPerDataFrameSent: WINDOW_UPDATE frames allowed per DATA frame we sent
+        (plus one's worth); beyond, the connection is closed (C{http2.inbound_window_update_frames_flood}).
     @ivar prematureResetMinStreamLifetime: a stream the client resets sooner than this (seconds) after
         opening it counts as a premature reset.
-    @ivar prematureResetTotalStreamCount: the rapid-reset check starts once a connection has closed this
-        many streams; from then on, more than half of them premature closes the connection.
+    @ivar prematureResetTotalStreamCount: the rapid-reset floor: once a connection has closed this many
+        streams, more than half of them premature closes it; before, so does a premature count that alone is
+        more than half of the floor (the outcome is decided already).
+    @ivar delayedCloseTimeout: after a GOAWAY for abuse, how long (seconds) the client has to read it before
+        the connection is aborted.
     """
 
     __slots__ = ("maxConcurrentStreams", "initialStreamWindowSize", "initialConnectionWindowSize",
-                 "maxHeaderListSize", "prematureResetMinStreamLifetime", "prematureResetTotalStreamCount")
+                 "maxFrameSize", "maxHeaderListSize", "maxOutboundControlFrames",
+                 "maxConsecutiveInboundFramesWithEmptyPayload", "maxInboundPriorityFramesPerStream",
+                 "maxInboundWindowUpdateFramesPerDataFrameSent", "prematureResetMinStreamLifetime",
+                 "prematureResetTotalStreamCount", "delayedCloseTimeout")
 
     def __init__(self, maxConcurrentStreams: int = 100, initialStreamWindowSize: int = 64 * 1024,
-                 initialConnectionWindowSize: int = 1024 * 1024, maxHeaderListSize: Optional[int] = None,
-                 prematureResetMinStreamLifetime: float = 1.0, prematureResetTotalStreamCount: int = 500) -> None:
+                 initialConnectionWindowSize: int = 1024 * 1024, maxFrameSize: int = 16384,
+                 maxHeaderListSize: Optional[int] = None, maxOutboundControlFrames: int = 1000,
+                 maxConsecutiveInboundFramesWithEmptyPayload: int = 1, maxInboundPriorityFramesPerStream: int = 100,
+                 maxInboundWindowUpdateFramesPerDataFrameSent: int = 10,
+                 prematureResetMinStreamLifetime: float = 1.0, prematureResetTotalStreamCount: int = 500,
+                 delayedCloseTimeout: float = 1.0) -> None:
         self.maxConcurrentStreams = maxConcurrentStreams
         self.initialStreamWindowSize = initialStreamWindowSize
         self.initialConnectionWindowSize = initialConnectionWindowSize
+        self.maxFrameSize = maxFrameSize
         self.maxHeaderListSize = maxHeaderListSize
+        self.maxOutboundControlFrames = maxOutboundControlFrames
+        self.maxConsecutiveInboundFramesWithEmptyPayload = maxConsecutiveInboundFramesWithEmptyPayload
+        self.maxInboundPriorityFramesPerStream = maxInboundPriorityFramesPerStream
+        self.maxInboundWindowUpdateFramesPerDataFrameSent = maxInboundWindowUpdateFramesPerDataFrameSent
         self.prematureResetMinStreamLifetime = prematureResetMinStreamLifetime
         self.prematureResetTotalStreamCount = prematureResetTotalStreamCount
+        self.delayedCloseTimeout = delayedCloseTimeout
 
 
 class HTTP2Stats:
     """
-    The listener's HTTP/2 stats (C{http.<listener>.*}, Envoy's names), next to the L{HTTPStats} that both
-    codecs share.
+    The listener's HTTP/2 stats (Envoy's names): C{http.<listener>.*} next to the L{HTTPStats} both codecs
+    share, and the codec's own under C{http.<listener>.http2.*}.
     """
 
     def __init__(self, scope) -> None:
@@ -124,6 +292,17 @@ class HTTP2Stats:
         self.downstream_cx_http2_total = scope.counter("downstream_cx_http2_total")
         self.downstream_cx_http2_active = scope.gauge("downstream_cx_http2_active")
         self.downstream_rq_too_many_premature_resets = scope.counter("downstream_rq_too_many_premature_resets")
+        codec = scope.scope("http2")
+        self.rx_reset = codec.counter("rx_reset")  # RST_STREAM received
+        self.tx_reset = codec.counter("tx_reset")  # RST_STREAM sent
+        self.rx_messaging_error = codec.counter("rx_messaging_error")  # malformed requests (stream errors)
+        self.header_overflow = codec.counter("header_overflow")
+        self.outbound_control_flood = codec.counter("outbound_control_flood")
+        self.inbound_empty_frames_flood = codec.counter("inbound_empty_frames_flood")
+        self.inbound_priority_frames_flood = codec.counter("inbound_priority_frames_flood")
+        self.inbound_window_update_frames_flood = codec.counter("inbound_window_update_frames_flood")
+        self.trailers = codec.counter("trailers")  # requests that ended with trailers
+        self.goaway_sent = codec.counter("goaway_sent")
 
 
 def _responseFields(headers: Headers) -> Headers:
@@ -276,6 +455,10 @@ class _StreamCodec:
         headers += _responseFields(stream.responseHeaders)
         try:
             conn.h2.send_headers(self.sid, headers, end_stream=end)
+        except StreamClosedError:
+            # The client reset it in the read being dispatched: its StreamReset event, still to come,
+            # ends the stream (and counts toward the rapid-reset defence). So below.
+            return
         except (H2Error, ValueError, TypeError):
             # A field h2 will not encode (an illegal character from an upstream, say): never half a head.
             conn.log.failure("HTTP/2 stream {sid}: cannot send response headers", sid=self.sid)
@@ -303,7 +486,10 @@ class _StreamCodec:
             if end:
                 self.pendingEnd = True
             return
-        self._send(data, end)
+        try:
+            self._send(data, end)
+        except StreamClosedError:
+            return
         conn._written()
 
     def writeTrailers(self, stream: Stream, trailers: Headers) -> None:
@@ -318,7 +504,10 @@ class _StreamCodec:
             self.pendingTrailers = fields
             self.pendingEnd = True
             return
-        self._sendTrailers(fields)
+        try:
+            self._sendTrailers(fields)
+        except StreamClosedError:
+            return
         conn._written()
 
     def resetStream(self, stream: Stream, reason: str) -> None:
@@ -335,6 +524,8 @@ class _StreamCodec:
                 conn.h2.reset_stream(self.sid, _INTERNAL_ERROR)
             except H2Error:
                 pass  # already closed on the wire (the client reset it first): nothing left to abort
+            else:
+                conn.h2Stats.tx_reset.value += 1
             conn._written()
         conn._finishStream(self)
 
@@ -383,12 +574,14 @@ class _StreamCodec:
         Send C{data} in as many frames as the windows and the peer's frame size allow; queue the rest (and
         the end) and pause the producer.
         """
-        h2c = self.conn.h2
+        conn = self.conn
+        h2c = conn.h2
         sid = self.sid
         size = len(data)
         if not size:
             if end:
                 h2c.send_data(sid, b"", end_stream=True)
+                conn.inbound.dataFramesSent += 1
                 self._sent()
             return
         window = h2c.local_flow_control_window(sid)
@@ -396,6 +589,7 @@ class _StreamCodec:
         if size <= window and size <= maxFrame:
             # The common case: one frame, the caller's bytes as they are.
             h2c.send_data(sid, data, end_stream=end)
+            conn.inbound.dataFramesSent += 1
             if end:
                 self._sent()
             return
@@ -405,12 +599,13 @@ class _StreamCodec:
             n = min(size - offset, window, maxFrame)
             last = end and offset + n == size
             h2c.send_data(sid, view[offset:offset + n], end_stream=last)
+            conn.inbound.dataFramesSent += 1
             offset += n
             window -= n
         if offset < size:
             self.pending = deque((view[offset:],))
             self.pendingEnd = end
-            self.conn.blocked[sid] = self
+            conn.blocked[sid] = self
             self._updateProducer()
         elif end:
             self._sent()
@@ -420,6 +615,7 @@ class _StreamCodec:
         The client opened a window: send what is queued and fits.
         """
         pending = self.pending
+        inbound = self.conn.inbound
         h2c = self.conn.h2
         sid = self.sid
         window = h2c.local_flow_control_window(sid)
@@ -435,6 +631,7 @@ class _StreamCodec:
                 pending.popleft()
             last = not pending and self.pendingEnd and self.pendingTrailers is None
             h2c.send_data(sid, chunk, end_stream=last)
+            inbound.dataFramesSent += 1
             window -= n
         if pending:
             return
@@ -457,6 +654,7 @@ class _StreamCodec:
             h2c.send_headers(self.sid, fields, end_stream=True)
         else:
             h2c.send_data(self.sid, b"", end_stream=True)
+            self.conn.inbound.dataFramesSent += 1
         self._sent()
 
     def _updateProducer(self) -> None:
@@ -481,8 +679,13 @@ class _StreamCodec:
         """
         self.responseSent = True
         if not self.requestEnded:
-            # The answer did not need the rest of the request: ask the client to stop sending it.
-            self.conn.h2.reset_stream(self.sid, _NO_ERROR)
+            # The answer did not need the rest of the request: ask the client to stop sending it, unless
+            # its END_STREAM is already parsed in this read (h2 has closed the stream; we are told later).
+            h2c = self.conn.h2
+            h2s = h2c.streams.get(self.sid)
+            if h2s is not None and not h2s.closed:
+                h2c.reset_stream(self.sid, _NO_ERROR)
+                self.conn.h2Stats.tx_reset.value += 1
         self.conn._finishStream(self)
 
 
@@ -522,6 +725,8 @@ class HTTP2Connection(protocol.Protocol):
         self.closedStreams = 0
         self.prematureResets = 0
         self.idleTimer = None
+        self.closeTimer = None  # aborts a connection whose client does not read our fatal GOAWAY
+        self.inbound: Optional[_InboundFrames] = None
         self.peer = None
         self.peerHost = b""
         self.forwardedProto = b"http"
@@ -544,25 +749,32 @@ class HTTP2Connection(protocol.Protocol):
         self.h2Stats.downstream_cx_http2_active.value += 1
         limits = self.limits
         maxHeaderList = limits.maxHeaderListSize or self.settings.maxHeaderBytes
-        # Inbound fields are h2's to check (a client's are untrusted). Outbound checking is switched off: it
-        # costs about a tenth of a request's CPU and adds nothing, since names are lowercase by the Stream's
-        # contract, the upstream's HTTP/1.1 parser has already rejected bad characters, and
-        # _responseFields drops what HTTP/2 forbids.
-        h2c = self.h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None,
-                                                     validate_inbound_headers=True,
-                                                     normalize_inbound_headers=True,
-                                                     validate_outbound_headers=False,
-                                                     normalize_outbound_headers=False))
+        # Inbound fields are checked by _requestReceived in its one pass (a malformed request is a stream
+        # error there, where h2's own check would end the whole connection), and cookie crumbs joined there.
+        # Outbound checking is switched off: it costs about a tenth of a request's CPU and adds nothing, since
+        # names are lowercase by the Stream's contract, the upstream's HTTP/1.1 parser has already rejected
+        # bad characters, and _responseFields drops what HTTP/2 forbids.
+        h2c = self.h2 = _Engine(H2Configuration(client_side=False, header_encoding=None,
+                                                validate_inbound_headers=False,
+                                                normalize_inbound_headers=False,
+                                                validate_outbound_headers=False,
+                                                normalize_outbound_headers=False))
+        h2c.controlLimit = limits.maxOutboundControlFrames
         # Our SETTINGS must be in force from the first frame on (a client may use them before it ACKs), so
         # they replace h2's initial values rather than being sent as a later update.
         h2c.local_settings = Settings(client=False, initial_values={
             SettingCodes.MAX_CONCURRENT_STREAMS: limits.maxConcurrentStreams,
             SettingCodes.INITIAL_WINDOW_SIZE: limits.initialStreamWindowSize,
+            SettingCodes.MAX_FRAME_SIZE: limits.maxFrameSize,
             SettingCodes.MAX_HEADER_LIST_SIZE: maxHeaderList,
         })
+        h2c.max_inbound_frame_size = limits.maxFrameSize
         # HPACK decodes every block whole, to keep its table in step; a block over our limit is answered
-        # 431 per stream, and only one far over it (a decompression bomb) is a connection error.
-        h2c.decoder.max_header_list_size = max(2 * maxHeaderList, 64 * 1024)
+        # 431 per stream, and only one far over it (a decompression bomb) is a connection error. The block's
+        # compressed frames are bounded the same way before they are decoded (CONTINUATION floods).
+        blockLimit = max(2 * maxHeaderList, 64 * 1024)
+        h2c.decoder.max_header_list_size = blockLimit
+        self.inbound = h2c.incoming_buffer = _InboundFrames(limits, blockLimit)
         h2c.initiate_connection()
         # The connection window starts at 64 KiB whatever SETTINGS say; only WINDOW_UPDATE widens it.
         extra = limits.initialConnectionWindowSize - 65535
@@ -582,13 +794,20 @@ class HTTP2Connection(protocol.Protocol):
             return
         if self.idleTimer is not None:
             self.idleTimer.reset(self.settings.idleTimeout)
+        h2c = self.h2
         try:
-            events = self.h2.receive_data(data)
+            events = h2c.receive_data(data)
         except ProtocolError as e:
             # h2 has queued a GOAWAY with the error; events of this read before the bad frame are lost
             # with the connection anyway.
-            self.log.debug("HTTP/2 protocol error from {peer}: {error}", peer=self.peer, error=e)
-            self.httpStats.downstream_cx_protocol_error.value += 1
+            if isinstance(e, DenialOfServiceError):
+                # One of the abuse limits (an HPACK bomb is h2's own: the decoded list was far too large).
+                counter = getattr(self.h2Stats, getattr(e, "stat", "header_overflow"))
+                counter.value += 1
+                self.log.info("HTTP/2 connection from {peer} closed: {error}", peer=self.peer, error=e)
+            else:
+                self.log.debug("HTTP/2 protocol error from {peer}: {error}", peer=self.peer, error=e)
+                self.httpStats.downstream_cx_protocol_error.value += 1
             self._terminate(None)
             return
         self.dispatching = True
@@ -618,6 +837,10 @@ class HTTP2Connection(protocol.Protocol):
         finally:
             self.dispatching = False
         self._written()
+        if not self.writeBlocked:
+            # What h2 queued in answer to this read is now with a transport that is writing: no longer
+            # pending (see _Engine).
+            h2c.controlPending = 0
 
     def connectionLost(self, reason) -> None:
         """
@@ -628,6 +851,9 @@ class HTTP2Connection(protocol.Protocol):
         if self.idleTimer is not None and self.idleTimer.active():
             self.idleTimer.cancel()
         self.idleTimer = None
+        if self.closeTimer is not None and self.closeTimer.active():
+            self.closeTimer.cancel()
+        self.closeTimer = None
         self.h2Stats.downstream_cx_http2_active.value -= 1
         for codec in list(self.streams.values()):
             stream = codec.stream
@@ -669,6 +895,8 @@ class HTTP2Connection(protocol.Protocol):
         if not self.writeBlocked:
             return
         self.writeBlocked = False
+        if self.h2 is not None:
+            self.h2.controlPending = 0  # the client read what was queued
         if self.readPaused and not self.disconnected:
             self.readPaused = False
             self.transport.resumeProducing()
@@ -684,12 +912,16 @@ class HTTP2Connection(protocol.Protocol):
 
     def _requestReceived(self, event: RequestReceived) -> None:
         """
-        A request head: a new L{Stream} running the listener's filters (or refused, see below).
+        A request head: a new L{Stream} running the listener's filters (or refused, or reset as malformed,
+        see below).
         """
         sid = event.stream_id
+        inbound = self.inbound
+        inbound.streamsOpened += 1
         if self.goingAway and sid > self.lastStreamId:
             # Opened after our GOAWAY: refused, so the client may safely retry it on a new connection.
             self.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+            self._queuedControl()
             return
         settings = self.settings
         self.requests += 1
@@ -699,33 +931,53 @@ class HTTP2Connection(protocol.Protocol):
         self.h2Stats.downstream_rq_http2_total.value += 1
         # What the HTTP/1.1 manager does (Envoy's connection manager, before any filter): pseudo-headers
         # become the request line and authority, x-forwarded-for gets the peer, x-forwarded-proto is ours,
-        # an x-request-id is made if missing. h2 has already checked the fields (lowercase names, no
-        # connection-specific ones, te only "trailers") and joined cookie crumbs with "; " (RFC 9113
-        # section 8.2.3), as an HTTP/1.1 upstream needs them. One pass; fields are kept as h2 made them.
-        method = path = authority = host = None
-        scheme = b"http"
+        # an x-request-id is made if missing. The same pass checks the fields (RFC 9113 section 8.2: a
+        # malformed request is a stream error, the connection carries on) and joins cookie crumbs with "; "
+        # (section 8.2.3), as an HTTP/1.1 upstream needs them. Fields are kept as h2 made them.
+        method = path = authority = host = scheme = None
         kept = []
         peerHost = self.peerHost
-        xff = requestId = hasLength = False
+        xff = requestId = hasLength = regular = False
         xfcc = None  # incoming x-forwarded-client-cert values, when there are any
+        crumbs = None  # cookie values, when there are any; joined at cookieAt
+        cookieAt = 0
+        malformed = None
         size = 0
         for field in event.headers:
             name, value = field
             size += len(name) + len(value) + 32  # RFC 7541's field size, as SETTINGS_MAX_HEADER_LIST_SIZE
-            if name[0] == 58:  # ":"
-                if name == b":method":
+            if name[:1] == b":":
+                # Pseudo-headers: each known one at most once, all before the first regular field.
+                if regular or (value and value.translate(None, _VALUE_BYTES)):
+                    malformed = _MALFORMED_MESSAGE
+                    break
+                if name == b":method" and method is None:
                     method = value
-                elif name == b":path":
+                elif name == b":path" and path is None:
                     path = value
-                elif name == b":authority":
+                elif name == b":authority" and authority is None:
                     authority = value
-                elif name == b":scheme":
+                elif name == b":scheme" and scheme is None:
                     scheme = value
+                else:
+                    malformed = _MALFORMED_MESSAGE  # repeated, unknown, or a response's (:status)
+                    break
                 continue
+            regular = True
+            if _badField(name, value):
+                malformed = _MALFORMED_FIELD
+                break
             if name == b"host":
                 host = value
                 continue
-            if name == b"x-forwarded-for":
+            if name == b"cookie":
+                if crumbs is None:
+                    crumbs = [value]
+                    cookieAt = len(kept)
+                else:
+                    crumbs.append(value)
+                    continue
+            elif name == b"x-forwarded-for":
                 if not xff:
                     if peerHost:
                         field = (name, value + b", " + peerHost)
@@ -742,34 +994,48 @@ class HTTP2Connection(protocol.Protocol):
             elif name == b"content-length":
                 hasLength = True
             kept.append(field)
+        if malformed is None:
+            if method == b"CONNECT":
+                pass  # refused below; its form (no :path, no :scheme) is not checked
+            elif method is None or scheme is None or not path or (path[0] != 47 and path != b"*"):
+                malformed = _MALFORMED_MESSAGE  # a required pseudo-header missing or empty (section 8.3.1)
+            elif authority is None and host is None:
+                malformed = _MALFORMED_MESSAGE  # no authority at all: nothing to route on or forward
+            elif authority is not None and host is not None and host != authority:
+                malformed = _MALFORMED_MESSAGE  # two authorities that disagree (section 8.3.1)
+        if crumbs is not None and len(crumbs) > 1:
+            kept[cookieAt] = (b"cookie", b"; ".join(crumbs))
         count = len(kept)
-        if not xff and peerHost:
-            kept.append((b"x-forwarded-for", peerHost))
-        kept.append((b"x-forwarded-proto", self.forwardedProto))
-        if xfcc is not None or settings.forwardClientCert in XFCC_ADDS:
-            kept.extend(forwardedClientCert(self, settings.forwardClientCert, xfcc))
-        if not requestId:
-            kept.append((b"x-request-id", newRequestId(settings.random)))
+        if malformed is None:
+            if not xff and peerHost:
+                kept.append((b"x-forwarded-for", peerHost))
+            kept.append((b"x-forwarded-proto", self.forwardedProto))
+            if xfcc is not None or settings.forwardClientCert in XFCC_ADDS:
+                kept.extend(forwardedClientCert(self, settings.forwardClientCert, xfcc))
+            if not requestId:
+                kept.append((b"x-request-id", newRequestId(settings.random)))
         trace = None
-        if settings.traceSampleRate is not None:
+        if settings.traceSampleRate is not None and malformed is None:
             trace = propagate(kept, settings.random, settings.traceSampleRate)
         refusal = None
-        if size > (self.limits.maxHeaderListSize or settings.maxHeaderBytes) or count > settings.maxHeaders:
+        if malformed is not None:
+            pass
+        elif size > (self.limits.maxHeaderListSize or settings.maxHeaderBytes) or count > settings.maxHeaders:
             refusal = (431, "http2.headers_too_large", b"Request Header Fields Too Large\n")
         elif method == b"CONNECT":
             refusal = (405, "connect_not_supported", b"CONNECT is not supported\n")
         now = settings.clock.seconds()
         codec = _StreamCodec(self, sid, now)
         # A request the connection manager refuses itself runs no filter (as an HTTP/1.1 bad head).
-        stream = codec.stream = Stream(codec, settings.makers if refusal is None else (), settings.name,
-                                       self.peer, now)
+        plain = refusal is None and malformed is None
+        stream = codec.stream = Stream(codec, settings.makers if plain else (), settings.name, self.peer, now)
         self.streams[sid] = codec
         stream.version = b"2"
         if trace is not None:
             stream.state["trace"] = trace
         stream.method = method or b""
         stream.path = path or b""
-        stream.scheme = scheme
+        stream.scheme = scheme or b"http"
         # RFC 9113 section 8.3.1: :authority wins; a Host field stands in for it when absent.
         stream.authority = authority if authority is not None else (host or b"")
         stream.requestHeaders = kept
@@ -778,13 +1044,34 @@ class HTTP2Connection(protocol.Protocol):
         else:
             # Without a length, an HTTP/1.1 upstream needs the body chunked.
             stream.chunked = not hasLength
-        if refusal is not None:
+        if malformed is not None:
+            self._malformed(codec, malformed)
+        elif refusal is not None:
             status, details, body = refusal
             stream.respond(status, body, details=details)
         else:
             stream.receiveRequestHeaders()
         if settings.maxRequestsPerConnection and self.requests >= settings.maxRequestsPerConnection:
             self._goAway()
+
+    def _malformed(self, codec: _StreamCodec, details: str) -> None:
+        """
+        The request on C{codec}'s stream is malformed (RFC 9113 section 8.1.1): RST_STREAM(PROTOCOL_ERROR)
+        for that stream alone; it completes flagged C{DPE} with C{details}. A client that makes us reset its
+        streams is resetting them itself, as far as the rapid-reset defence is concerned.
+        """
+        stream = codec.stream
+        stream.responseFlags.append("DPE")
+        stream.responseCodeDetails = stream.responseCodeDetails or details
+        self.h2Stats.rx_messaging_error.value += 1
+        self.httpStats.downstream_rq_tx_reset.value += 1
+        codec.responseSent = True
+        codec.pending = None
+        self.h2.reset_stream(codec.sid, _PROTOCOL_ERROR)
+        self._queuedControl()
+        self._finishStream(codec)
+        self.prematureResets += 1
+        self._checkPrematureResets()
 
     def _dataReceived(self, event: DataReceived) -> None:
         """
@@ -822,13 +1109,23 @@ class HTTP2Connection(protocol.Protocol):
         codec = self.streams.get(event.stream_id)
         if codec is not None and not codec.requestEnded:
             codec.requestEnded = True
-            codec.stream.receiveRequestTrailers([f for f in event.headers if f[0][:1] != b":"])
+            self.h2Stats.trailers.value += 1
+            for name, value in event.headers:
+                if name[:1] == b":" or _badField(name, value):
+                    # Trailers carry no pseudo-headers and follow the same rules as any field.
+                    self._malformed(codec, _MALFORMED_FIELD)
+                    return
+            codec.stream.receiveRequestTrailers(event.headers)
 
     def _streamReset(self, event: StreamReset) -> None:
         """
         The client reset a stream (or h2 did, for a stream-level error): the stream is over, its upstream
         abandoned by the router's C{streamComplete}; then the rapid-reset check.
         """
+        if event.remote_reset:
+            self.h2Stats.rx_reset.value += 1
+        else:
+            self.h2Stats.tx_reset.value += 1
         codec = self.streams.get(event.stream_id)
         if codec is None:
             return
@@ -847,12 +1144,35 @@ class HTTP2Connection(protocol.Protocol):
         codec.responseSent = True  # nothing more may be sent on it
         codec.pending = None
         self._finishStream(codec)
-        limits = self.limits
-        if (self.closedStreams >= limits.prematureResetTotalStreamCount
-                and self.prematureResets * 2 > self.closedStreams and not self.terminated):
-            self.h2Stats.downstream_rq_too_many_premature_resets.value += 1
-            self.log.info("HTTP/2 connection from {peer} reset {n} of its {total} streams prematurely: closing",
-                          peer=self.peer, n=self.prematureResets, total=self.closedStreams)
+        self._checkPrematureResets()
+
+    def _checkPrematureResets(self) -> None:
+        """
+        The rapid-reset defence (CVE-2023-44487), Envoy's rule: once the connection has closed the floor's
+        number of streams, more than half of them reset prematurely closes it; before the floor, so do
+        premature resets that alone are more than half of the floor (the verdict at the floor is decided).
+        """
+        floor = self.limits.prematureResetTotalStreamCount
+        closed = self.closedStreams
+        premature = self.prematureResets * 2
+        if self.terminated or (premature <= closed if closed >= floor else premature <= floor):
+            return
+        self.h2Stats.downstream_rq_too_many_premature_resets.value += 1
+        self.log.info("HTTP/2 connection from {peer} reset {n} of its {total} streams prematurely: closing",
+                      peer=self.peer, n=self.prematureResets, total=closed)
+        self._terminate(ErrorCodes.ENHANCE_YOUR_CALM)
+
+    def _queuedControl(self) -> None:
+        """
+        We queued a control frame of our own (an RST_STREAM for a malformed or refused stream): it counts
+        toward the outbound control frame limit as h2's answers do.
+        """
+        h2c = self.h2
+        self.h2Stats.tx_reset.value += 1
+        h2c.controlPending += 1
+        if h2c.controlPending > h2c.controlLimit and not self.terminated:
+            self.h2Stats.outbound_control_flood.value += 1
+            self.log.info("HTTP/2 connection from {peer} closed: too many control frames queued", peer=self.peer)
             self._terminate(ErrorCodes.ENHANCE_YOUR_CALM)
 
     def _windowUpdated(self, event: Optional[WindowUpdated]) -> None:
@@ -866,7 +1186,7 @@ class HTTP2Connection(protocol.Protocol):
         if sid:
             codec = blocked.get(sid)
             if codec is not None:
-                codec._drain()
+                self._drain(codec)
             return
         # The connection window (or every stream's) opened: serve the waiting streams in the order they
         # blocked; one that still waits goes to the back, so no stream starves the others.
@@ -874,10 +1194,21 @@ class HTTP2Connection(protocol.Protocol):
         for codec in list(blocked.values()):
             if h2c.outbound_flow_control_window <= 0:
                 break
-            codec._drain()
+            self._drain(codec)
             if codec.pending:
                 del blocked[codec.sid]
                 blocked[codec.sid] = codec
+
+    def _drain(self, codec: _StreamCodec) -> None:
+        """
+        Send what C{codec} has queued and now fits.
+        """
+        try:
+            codec._drain()
+        except StreamClosedError:
+            # The client reset it later in the read being dispatched: its StreamReset event ends it.
+            codec.pending = None
+            self.blocked.pop(codec.sid, None)
 
     def _connectionTerminated(self, event: ConnectionTerminated) -> None:
         """
@@ -968,6 +1299,7 @@ class HTTP2Connection(protocol.Protocol):
         if data:
             self.transport.write(data)
         self.transport.write(GoAwayFrame(0, last_stream_id=self.lastStreamId, error_code=_NO_ERROR).serialize())
+        self.h2Stats.goaway_sent.value += 1
         if not self.streams:
             self.terminated = True
             self.transport.loseConnection()
@@ -982,7 +1314,20 @@ class HTTP2Connection(protocol.Protocol):
         self.terminated = True
         if code is not None:
             self.h2.close_connection(code)
+        self.h2Stats.goaway_sent.value += 1
         self._close()
+        if not self.disconnected and self.closeTimer is None:
+            # The GOAWAY is flushed first; a client that does not read it is not left holding the
+            # connection open (Envoy's delayed close).
+            self.closeTimer = self.settings.clock.callLater(self.limits.delayedCloseTimeout, self._abort)
+
+    def _abort(self) -> None:
+        """
+        The client did not read our GOAWAY in time: drop the connection.
+        """
+        self.closeTimer = None
+        if not self.disconnected:
+            self.transport.abortConnection()
 
     def _idle(self) -> None:
         """

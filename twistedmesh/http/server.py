@@ -51,9 +51,11 @@ class HTTPSettings:
                  maxHeaders: int = 100, idleTimeout: float = 3600.0, requestHeadersTimeout: float = 0.0,
                  maxRequestsPerConnection: int = 0, random=None, accessLog=None,
                  forwardClientCert: str = "sanitize", traceSampleRate: Optional[float] = None) -> None:
-        self.traceSampleRate = traceSampleRate  # None: no trace-context propagation
+        self.traceSampleRate = traceSampleRate  # 0 to 1; None: no trace-context propagation
         self.forwardClientCert = forwardClientCert  # x-forwarded-client-cert: see twistedmesh.http.xfcc
         self.random = random if random is not None else _random.Random()
+        # Told of each finished stream, log(stream, endTime): an AccessLogger, or a tracing SpanRecorder
+        # (which records the spans of sampled requests and passes every stream on to the access logger).
         self.accessLog = accessLog
         self.name = name
         self.makers = makers

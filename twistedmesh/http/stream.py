@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..tls import peerIdentity as _peerIdentity
+from . import grpc as _grpc
 
 Headers = List[Tuple[bytes, bytes]]
 
@@ -479,12 +480,17 @@ class Stream:
     # -- local replies, resets, completion -------------------------------------------------------------------
 
     def respond(self, status: int, body: bytes = b"", headers: Sequence[Tuple[bytes, bytes]] = (),
-                flag: Optional[str] = None, details: str = "") -> LocalReply:
+                flag: Optional[str] = None, details: str = "", grpcStatus: Optional[int] = None) -> LocalReply:
         """
         Answer the request from the proxy itself (a "local reply"): C{status}, C{body} and C{headers}
         (C{content-type} defaults to text/plain). Request processing stops; the reply runs through the
         response hooks of the filters before the one replying, last to first. C{flag} is an Envoy response flag
         (C{"NR"}, C{"UF"}, ...) and C{details} the C{%RESPONSE_CODE_DETAILS%} string.
+
+        A gRPC request (see L{twistedmesh.http.grpc.isGRPC}) gets the reply as gRPC: HTTP 200, no body, and
+        C{grpc-status} (C{grpcStatus} if given, else the one C{status} maps to) with C{grpc-message} (the
+        body) in the headers, which end the stream (a trailers-only response). C{status} then only chooses
+        the gRPC status: the access log shows the 200 sent, C{details} and C{flag} say why.
 
         If the response has already started, the stream is reset instead (a half-sent response must not
         look complete).
@@ -502,12 +508,20 @@ class Stream:
             return LOCAL_REPLY
         self._replying = True
         self._reqQueue.clear()
+        hdrs: Headers
+        if _grpc.isGRPC(self.getRequestHeader(b"content-type")):
+            # A gRPC client reads the outcome from grpc-status, and takes a non-200 or a body it cannot
+            # decode as a protocol error: the reply is made trailers-only (no content-length either, as
+            # Envoy sends it; the HTTP/1.1 codec frames an empty reply itself).
+            hdrs = _grpc.localReplyHeaders(status, body, headers, grpcStatus)
+            status, body = 200, b""
+        else:
+            hdrs = list(headers)
+            if body or status not in (204, 304):
+                if not any(k == b"content-type" for k, _ in hdrs):
+                    hdrs.append((b"content-type", b"text/plain"))
+                hdrs.append((b"content-length", b"%d" % len(body)))
         self.status = status
-        hdrs: Headers = list(headers)
-        if body or status not in (204, 304):
-            if not any(k == b"content-type" for k, _ in hdrs):
-                hdrs.append((b"content-type", b"text/plain"))
-            hdrs.append((b"content-length", b"%d" % len(body)))
         self.responseHeaders = hdrs
         self.codec.localReplyStarted(self, body)
         self._respLimit = self._reqIndex

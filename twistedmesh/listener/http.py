@@ -23,6 +23,7 @@ from typing import Optional, Union
 from twisted.internet.interfaces import IAddress, IHandshakeListener
 from zope.interface import implementer
 
+from ..config.model import HTTP2ListenerConfig
 from ..http.h2server import HTTP2Connection, HTTP2Settings, HTTP2Stats
 from ..http.server import HTTPConnection, HTTPSettings, HTTPStats
 from ..observability.stats import StatsStore
@@ -122,6 +123,27 @@ class DetectingHTTPConnection(HTTPConnection):
             super().drain()
 
 
+def http2Settings(config: HTTP2ListenerConfig) -> Union[HTTP2Settings, bool]:
+    """
+    A listener's C{http2*} keys as the limits its factory takes: C{False} when HTTP/2 is switched off.
+    """
+    if not config.enabled:
+        return False
+    return HTTP2Settings(
+        maxConcurrentStreams=config.max_concurrent_streams,
+        initialStreamWindowSize=config.initial_stream_window_size,
+        initialConnectionWindowSize=config.initial_connection_window_size,
+        maxFrameSize=config.max_frame_size,
+        maxHeaderListSize=config.max_header_list_size,
+        maxOutboundControlFrames=config.max_outbound_control_frames,
+        maxConsecutiveInboundFramesWithEmptyPayload=config.max_consecutive_inbound_frames_with_empty_payload,
+        maxInboundPriorityFramesPerStream=config.max_inbound_priority_frames_per_stream,
+        maxInboundWindowUpdateFramesPerDataFrameSent=config.max_inbound_window_update_frames_per_data_frame_sent,
+        prematureResetTotalStreamCount=config.premature_reset_total_stream_count,
+        prematureResetMinStreamLifetime=config.premature_reset_min_stream_lifetime,
+    )
+
+
 class HTTPListenerFactory(ListenerFactory):
     """
     Builds the connection managers of one C{protocol = http} listener; C{http.<name>.*} stats are shared by
@@ -154,3 +176,37 @@ class HTTPListenerFactory(ListenerFactory):
             conn = DetectingHTTPConnection(self.settings, self.httpStats, self.http2, self.http2Stats)
         conn.factory = self
         return conn
+
+    def adoptIdle(self, previous: "HTTPListenerFactory") -> int:
+        """
+        Take over the idle HTTP/1.1 connections of C{previous}, the factory this one replaces on the same
+        listening socket after a reload: their next request runs on this factory's settings (routes,
+        filters, access log), and the keep-alive connection is not closed under a client that may be
+        sending on it at that very moment. A connection with a request in progress, an HTTP/2 connection
+        or a tunnel stays with C{previous} (to be drained: its streams finish on the configuration they
+        started with). The parser's header limits are the connection's and stay as they were.
+
+        @return: how many connections were taken over.
+        """
+        taken = 0
+        for conn in list(previous.connections):
+            if not _idleHTTP1(conn) or (self.http2 is None and not getattr(conn, "decided", True)):
+                continue
+            previous.handOver(conn, self)
+            conn.settings = self.settings
+            conn.httpStats = self.httpStats
+            if isinstance(conn, DetectingHTTPConnection):
+                conn.h2Settings = self.http2 if self.http2 is not None else conn.h2Settings
+                conn.h2Stats = self.http2Stats if self.http2Stats is not None else conn.h2Stats
+            taken += 1
+        return taken
+
+
+def _idleHTTP1(conn: HTTPConnection) -> bool:
+    """
+    Whether C{conn} speaks (or may yet speak) HTTP/1.1 and has no request in progress: nothing being
+    answered or queued, no request head complete and unanswered, not closing, not a tunnel.
+    """
+    return (getattr(conn, "http2", None) is None and conn.active is None and not conn.pending
+            and conn.awaitingHead and conn.tunnel is None and conn.early is None and not conn.closing
+            and not conn.finishing and not conn.lastRequest and not conn.disconnected)

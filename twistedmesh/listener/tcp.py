@@ -81,6 +81,22 @@ class ListenerFactory(protocol.Factory):
         self._drainWaiters.append(d)
         return d
 
+    def handOver(self, conn: protocol.Protocol, successor: "ListenerFactory") -> None:
+        """
+        Make C{conn} a connection of C{successor}, the factory a reload put in this one's place on the same
+        listener (see L{twistedmesh.listener.http.HTTPListenerFactory.adoptIdle}): it stays counted once (the
+        stats are the listener's, shared by both), and this factory's L{whenDrained} no longer waits for it.
+        """
+        if conn not in self.connections:
+            return
+        self.connections.discard(conn)
+        successor.connections.add(conn)
+        conn.factory = successor
+        if not self.connections and self._drainWaiters:
+            waiters, self._drainWaiters = self._drainWaiters, []
+            for d in waiters:
+                d.callback(None)
+
     def drain(self) -> None:
         """
         Ask every live connection that knows how (HTTP ones) to finish what it has and close; TCP

@@ -21,11 +21,20 @@ Rules:
     C{0 < sampleRate < 1}).
 
 Ids are lowercase hex bytes, as on the wire; a 64-bit B3 trace id stays 16 characters.
+
+Spans: a L{SpanRecorder} is told of every finished stream (it stands where the listener's access logger
+stands, and passes each stream on to it); for a sampled one it records one L{Span}, the proxy's ingress
+span (kind SERVER) whose id is the parent id sent upstream, tagged as Envoy tags its spans, and hands it
+to an exporter (L{twistedmesh.observability.export}).
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
+
+from twisted.logger import Logger
+
+from .accesslog import _PROTOCOLS, _addressText, _endpointAddress
 
 Headers = List[Tuple[bytes, bytes]]
 
@@ -407,3 +416,140 @@ def _setMulti(headers: Headers, multi: dict, append: Headers, remove: List[int],
         append.append((name, value))
     elif headers[at][1] != value:
         headers[at] = (name, value)
+
+
+class Span:
+    """
+    One finished span, as the exporters encode it.
+
+    @ivar traceId: 32 (or, from B3, 16) hex digits, as bytes; C{spanId}, C{parentId} (None for a root
+        span) 16.
+    @ivar name: the operation name.
+    @ivar start: when it began, in seconds since the epoch (the injected clock's C{seconds()}).
+    @ivar duration: how long it lasted, in seconds.
+    @ivar tags: C{(key, value)} text pairs, in the order they were set.
+    @ivar error: whether the request failed (a 5xx or a reset).
+    @ivar remote: the downstream peer as C{(ip, port)}, or None.
+    @ivar debug: the B3 debug flag.
+    """
+
+    __slots__ = ("traceId", "spanId", "parentId", "name", "start", "duration", "tags", "error", "remote",
+                 "debug")
+
+    def __init__(self, traceId: bytes, spanId: bytes, parentId: Optional[bytes], name: str, start: float,
+                 duration: float, tags: List[Tuple[str, str]], error: bool = False,
+                 remote: Optional[Tuple[str, int]] = None, debug: bool = False) -> None:
+        self.traceId = traceId
+        self.spanId = spanId
+        self.parentId = parentId
+        self.name = name
+        self.start = start
+        self.duration = duration
+        self.tags = tags
+        self.error = error
+        self.remote = remote
+        self.debug = debug
+
+    def __repr__(self) -> str:
+        return f"Span({self.name!r}, traceId={self.traceId!r}, spanId={self.spanId!r}, parentId={self.parentId!r})"
+
+
+def _text(value: bytes) -> str:
+    """
+    Header bytes as text that stays valid UTF-8 whatever a client sent.
+    """
+    return value.decode("utf-8", "backslashreplace")
+
+
+class SpanRecorder:
+    """
+    What a listener's connection manager tells of each finished stream (C{log(stream, endTime)}, the
+    access logger's method): the access logger first, when there is one, then, for a sampled request, a
+    span to C{exporter}. An unsampled request costs one dictionary lookup and one attribute check.
+
+    @ivar exporter: where spans go: anything with an C{add(span)} method (an
+        L{twistedmesh.observability.export.SpanExporter}).
+    @ivar accessLog: the listener's access logger, or None.
+    """
+
+    logger = Logger()  # not `log`: that is the hot-path method here
+
+    def __init__(self, exporter: Any, accessLog: Any = None, nodeId: str = "twistedmesh") -> None:
+        self.exporter = exporter
+        self.accessLog = accessLog
+        self.nodeId = nodeId
+        self._addresses: Dict[str, str] = {}  # upstream endpoint string -> host:port, parsed once each
+
+    def log(self, stream: Any, endTime: float) -> None:
+        """
+        A stream finished (called after C{stream.complete()}): log it, and record its span if it was sampled.
+
+        @param stream: the L{twistedmesh.http.stream.Stream}.
+        @param endTime: when it ended (the clock's C{seconds()}).
+        """
+        accessLog = self.accessLog
+        if accessLog is not None:
+            accessLog.log(stream, endTime)
+        trace = stream.state.get("trace")
+        if trace is not None and trace.sampled:
+            try:
+                self.exporter.add(self.span(stream, trace, endTime))
+            except Exception:
+                # A span is worth less than the connection this runs on: never let it raise there.
+                self.logger.failure("recording a span for listener {listener} failed", listener=stream.listener)
+
+    def span(self, stream: Any, trace: TraceContext, endTime: float) -> Span:
+        """
+        The proxy's span for a finished C{stream} whose trace context is C{trace}.
+        """
+        status = stream.status
+        # A reset (upstream or downstream) leaves the response unfinished: Envoy tags that as an error too.
+        error = status >= 500 or status < 100 or not stream.responseEnded
+        method = _text(stream.method)
+        authority = stream.authority
+        url = "%s://%s%s" % (_text(stream.scheme or b"http"), _text(authority), _text(stream.path))
+        version = stream.version
+        requestId = userAgent = None
+        for name, value in stream.requestHeaders:
+            if name == b"x-request-id":
+                if requestId is None:
+                    requestId = _text(value)
+            elif name == b"user-agent":
+                if userAgent is None:
+                    userAgent = _text(value)
+        tags = [
+            ("component", "proxy"),
+            ("node_id", self.nodeId),
+            ("http.method", method),
+            ("http.url", url),
+            ("http.protocol", _PROTOCOLS.get(version) or ("HTTP/" + _text(version) if version else "-")),
+            ("http.status_code", str(status)),
+            ("response_flags", ",".join(stream.responseFlags) or "-"),
+            ("upstream_cluster", stream.upstreamCluster.name if stream.upstreamCluster is not None else "-"),
+        ]
+        host = stream.upstreamHost
+        if host is not None:
+            endpoint = host.endpoint
+            address = self._addresses.get(endpoint)
+            if address is None:
+                address = _endpointAddress(endpoint)
+                if len(self._addresses) < 4096:  # dynamic hosts come and go: stay bounded
+                    self._addresses[endpoint] = address
+            tags.append(("upstream_address", address))
+        peer = stream.downstreamAddress
+        peerText = _addressText(peer)
+        if peerText is not None:
+            tags.append(("peer.address", peerText))
+        tags.append(("guid:x-request-id", requestId or "-"))
+        tags.append(("user_agent", userAgent or "-"))
+        tags.append(("request_size", str(stream.bytesReceived)))
+        tags.append(("response_size", str(stream.bytesSent)))
+        if error:
+            tags.append(("error", "true"))
+        route = stream.route
+        remote = None
+        if peer is not None and getattr(peer, "host", None) is not None:
+            remote = (peer.host, peer.port)
+        return Span(trace.traceId, trace.spanId, trace.parentId,
+                    "%s/%s" % (route.table, route.name) if route is not None else "ingress",
+                    stream.startTime, endTime - stream.startTime, tags, error, remote, trace.debug)

@@ -4,21 +4,27 @@ Clusters and their hosts: named groups of upstream endpoints with a load balance
 
 from __future__ import annotations
 
+import dataclasses
 from random import Random
 from types import MappingProxyType
-from typing import Dict, Mapping, Optional, Set, Tuple
+from typing import Dict, Iterable, Mapping, Optional, Set, Tuple
 
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.logger import Logger
 
 from ..config import ClusterConfig
+from ..config.discovery import XDSConfig
+from ..config.model import HostConfig
 from ..config.tls import TLSConfig
 from ..tls import ClientTLS, endpointHost
 from ..config.lb import LBConfig
 from ..observability.stats import StatsStore
 from .breaker import CircuitBreaker
+from .discovery import DiscoveredHost, makeDiscovery
 from .outlier import OutlierDetector
 from .http1 import ClusterPools
+from .http2 import H2ClusterPools, H2HostPool
 from .health import HealthChecker
 from .lb import POLICIES
 
@@ -81,8 +87,11 @@ class Host:
 class Cluster:
     """
     A named set of L{Host}s, a load balancer over them, and the cluster's stats (Envoy's names, under
-    C{cluster.<name>.}).
+    C{cluster.<name>.}). The set is fixed for a static cluster and changes through L{updateHosts} for a
+    discovered one.
     """
+
+    log = Logger()
 
     def __init__(self, config: ClusterConfig, reactor, stats: StatsStore, random: Optional[Random] = None,
                  tls: Optional[TLSConfig] = None) -> None:
@@ -90,12 +99,21 @@ class Cluster:
         self.name = config.name
         self.connectTimeout = config.connect_timeout
         self.stats = scope = stats.scope("cluster", config.name)
+        #: The cluster speaks HTTP/2 to its hosts (the router hands its pools header lists, not heads).
+        self.http2 = config.protocol == "http2"
+        if self.http2 and tls is not None and not tls.alpn:
+            # HTTP/2 over TLS is negotiated by ALPN: offer h2 unless the section says what to offer.
+            tls = dataclasses.replace(tls, alpn=("h2",))
         # Upstream TLS: one ClientTLS per cluster; each host's endpoint gets TLS on top, with a context built
         # here, once per server name.
         self.tls = ClientTLS(tls, reactor) if tls is not None else None
-        self.hosts: Tuple[Host, ...] = tuple(
-            Host(h.endpoint, self._client(reactor, h.endpoint), h.weight) for h in config.endpoints
+        self.reactor = reactor
+        # A discovered cluster (DNS, xDS) starts empty: its hosts arrive with the first update.
+        self.hosts: Tuple[Host, ...] = () if config.discovery is not None else tuple(
+            self._makeHost(h) for h in config.endpoints
         )
+        #: Where the hosts come from when they change at run time (upstream/discovery.py), or None.
+        self.discovery = None
         lbConfig = config.lb if config.lb is not None else LBConfig(policy=config.lb_policy)
         #: What the router (or tcp_proxy) hashes for ring_hash and maglev, or None.
         self.hashPolicy = lbConfig.hash_policy
@@ -109,6 +127,7 @@ class Cluster:
         self.upstream_cx_tx_bytes_total = scope.counter("upstream_cx_tx_bytes_total")
         self.upstream_cx_none_healthy = scope.counter("upstream_cx_none_healthy")
         self.upstream_cx_http1_total = scope.counter("upstream_cx_http1_total")
+        self.upstream_cx_http2_total = scope.counter("upstream_cx_http2_total")
         self.upstream_rq_total = scope.counter("upstream_rq_total")
         self.upstream_rq_active = scope.gauge("upstream_rq_active")
         self.upstream_rq_retry = scope.counter("upstream_rq_retry")
@@ -117,9 +136,11 @@ class Cluster:
         self.byClass = (None,) + tuple(scope.counter(f"upstream_rq_{n}xx") for n in range(1, 6))
         self.upstream_rq_time = scope.histogram("upstream_rq_time")
         self.upstream_cx_length_ms = scope.histogram("upstream_cx_length_ms")
-        # HTTP/1.1 keep-alive pools, one per host, made on first use.
+        # Connection pools (HTTP/1.1 keep-alive, or HTTP/2 multiplexed), one per host, made on first use.
         self.breaker = CircuitBreaker(config.breaker, scope)
-        self.pools = ClusterPools(self, reactor)
+        self.pools = (H2ClusterPools(self, reactor, config.http2, b"https" if tls is not None else b"http")
+                      if self.http2 else ClusterPools(self, reactor))
+        self.membership_change = scope.counter("membership_change")
         self.membership_total = scope.gauge("membership_total")
         self.membership_healthy = scope.gauge("membership_healthy")
         self.membership_total.value = len(self.hosts)
@@ -135,14 +156,88 @@ class Cluster:
             self.healthChecker = HealthChecker(self, config.health, reactor,
                                                random if random is not None else Random())
 
-    def _client(self, reactor, endpoint: str) -> IStreamClientEndpoint:
+    def clientFor(self, reactor, endpoint: str, serverName: Optional[str] = None) -> IStreamClientEndpoint:
         """
-        The client endpoint of one host: C{endpoint} parsed, with TLS on top when the cluster has C{tls}.
+        The client endpoint of one host: C{endpoint} parsed, with TLS on top when the cluster has C{tls}
+        (for C{serverName}, else the endpoint's host: a resolved address keeps its DNS name's SNI and
+        certificate check).
         """
         client = clientFromString(reactor, endpoint)
         if self.tls is None:
             return client
-        return self.tls.wrapEndpoint(client, endpointHost(endpoint))
+        return self.tls.wrapEndpoint(client, serverName or endpointHost(endpoint))
+
+    def _makeHost(self, config: "HostConfig | DiscoveredHost") -> Host:
+        # A discovered host may connect to another endpoint than the one it is named by (a logical DNS host
+        # named by its DNS name connects to an address) and keep the TLS server name it was resolved from.
+        connect = getattr(config, "connect", None) or config.endpoint
+        serverName = getattr(config, "server_name", None)
+        return Host(config.endpoint, self.clientFor(self.reactor, connect, serverName), config.weight)
+
+    def updateHosts(self, configs: "Iterable[HostConfig | DiscoveredHost]") -> bool:
+        """
+        Replace the cluster's hosts with C{configs} (a discovery source's latest answer), by endpoint string:
+        a host whose endpoint stays keeps its L{Host} (its health, outlier state, pool and figures) and takes
+        the new weight; new endpoints become new hosts (pending their first health check when active health
+        checking runs, as in Envoy); hosts that left are forgotten by health checking and outlier detection,
+        their idle connections closed while requests in flight on them finish. The load balancer rebuilds
+        once. An endpoint listed twice counts once (the first).
+
+        @return: whether anything changed (membership or a weight).
+        """
+        wanted: Dict[str, "HostConfig | DiscoveredHost"] = {}
+        for c in configs:
+            wanted.setdefault(c.endpoint, c)
+        # Hosts that stay keep their place and new ones go last, so that an answer listing the same hosts in
+        # another order (DNS servers rotate them) changes nothing.
+        kept = []
+        removed = []
+        reweighted = False
+        for host in self.hosts:
+            c = wanted.pop(host.endpoint, None)
+            if c is None:
+                removed.append(host)
+                continue
+            if host.weight != c.weight:
+                host.weight = c.weight
+                reweighted = True
+            kept.append(host)
+        added = [self._makeHost(c) for c in wanted.values()]
+        kept.extend(added)
+        if not added and not removed:
+            if reweighted:
+                self.lb.rebuild()
+            return reweighted
+        self.hosts = tuple(kept)
+        self.membership_change.value += 1
+        self.membership_total.value = len(kept)
+        if self.healthChecker is not None:
+            self.healthChecker.hostsChanged(added, removed)
+        if self.outlier is not None:
+            self.outlier.hostsChanged(added, removed)
+        for host in removed:
+            pool = self.pools.pools.pop(host, None)
+            if pool is not None:
+                _drainPool(pool)
+        self.log.info("cluster {name}: {added} host(s) added, {removed} removed, {total} in all",
+                      name=self.name, added=len(added), removed=len(removed), total=len(kept))
+        self.membership_healthy.value = sum(1 for h in kept if h.healthy)
+        self.lb.rebuild(kept)
+        return True
+
+    def start(self) -> None:
+        """
+        Start finding hosts (a discovery source, if any). The service calls it when it starts.
+        """
+        if self.discovery is not None:
+            self.discovery.start()
+
+    def stop(self) -> None:
+        """
+        Stop finding hosts. The service calls it when it stops; the hosts stay as they are.
+        """
+        if self.discovery is not None:
+            self.discovery.stop()
 
     def pick(self, exclude: "Host | None" = None, hashKey: "bytes | None" = None) -> "Host | None":
         """
@@ -159,11 +254,55 @@ class Cluster:
         self.lb.rebuild()
 
 
+def _drainPool(pool) -> None:
+    """
+    A removed host's pool: close its idle connections now and every busy one when its request ends (a pool
+    that keeps no idle connection closes what is released to it).
+    """
+    drain = getattr(pool, "drain", None)
+    if drain is not None:
+        drain()
+        return
+    if isinstance(pool, H2HostPool):
+        # HTTP/2: no new streams on any connection; an idle one goes now (GOAWAY, close), a busy one when
+        # its last stream ends (a connection going away closes then).
+        for conn in list(pool.connections):
+            if conn.closing:
+                continue
+            if conn.streams or conn.reserved:
+                conn.goingAway = True
+                pool._goingAway(conn)
+            else:
+                conn._idle()
+        return
+    pool.maxIdle = 0
+    idle = list(pool.idle)
+    del pool.idle[:]
+    for conn in idle:
+        conn._close(False)
+
+
 def buildClusters(
     configs: Dict[str, ClusterConfig], reactor, stats: StatsStore, random: Optional[Random] = None,
-    tls: Mapping[str, TLSConfig] = MappingProxyType({}),
+    tls: Mapping[str, TLSConfig] = MappingProxyType({}), xds: Optional[XDSConfig] = None, resolver=None,
+    existing: Mapping[str, "Cluster"] = MappingProxyType({}),
 ) -> Dict[str, Cluster]:
     """
-    One L{Cluster} per config section; C{random} (the service's) drives the load balancers.
+    One L{Cluster} per config section; C{random} (the service's) drives the load balancers. A cluster
+    with C{discovery} gets its source (L{Cluster.discovery}): DNS through C{resolver} (an
+    L{twisted.internet.interfaces.IResolver}; twisted.names' system resolver if C{None}), xDS through one
+    client of the control plane C{xds} names, shared by every xDS cluster built here (the control plane's
+    cluster may be one of C{existing}, the running clusters a reload keeps).
     """
-    return {name: Cluster(c, reactor, stats, random, tls[c.tls] if c.tls else None) for name, c in configs.items()}
+    clusters = {name: Cluster(c, reactor, stats, random, tls[c.tls] if c.tls else None)
+                for name, c in configs.items()}
+    rand = random if random is not None else Random()
+    xdsClient = None
+    if xds is not None and any(c.discovery is not None and c.discovery.type == "xds" for c in configs.values()):
+        from .xds import XDSClient
+
+        controlPlane = clusters.get(xds.cluster) or existing[xds.cluster]
+        xdsClient = XDSClient(xds, controlPlane, reactor, rand)
+    for cluster in clusters.values():
+        cluster.discovery = makeDiscovery(cluster, reactor, rand, resolver, xdsClient)
+    return clusters

@@ -592,6 +592,25 @@ class HealthChecker:
         for checker in self.checkers.values():
             checker.stop()
 
+    def hostsChanged(self, added, removed) -> None:
+        """
+        The cluster's membership changed (L{Cluster.updateHosts}): a removed host's checks stop; an added
+        host starts as Envoy's do, unhealthy and pending its first check, which runs at once (or up to
+        C{initial_jitter} later) when checking is running. The caller rebuilds the load balancer.
+        """
+        for host in removed:
+            checker = self.checkers.pop(host, None)
+            if checker is not None:
+                checker.stop()
+        jitter = self.config.initial_jitter
+        for host in added:
+            host.setHealthFlag(FAILED_ACTIVE_HC, True)
+            host.setHealthFlag(PENDING_ACTIVE_HC, True, reason=_PENDING_REASON)
+            if self.running:
+                checker = self.checkers[host] = HostHealthChecker(self, host)
+                checker.schedule(self.random.random() * jitter if jitter else 0.0)
+        self._updateGauge()
+
     def setFailed(self, host: "Host", failed: bool, reason: str) -> None:
         """
         Set or clear C{host}'s C{failed_active_hc} flag (clearing C{pending_active_hc}) with C{reason}, and

@@ -267,6 +267,19 @@ class OutlierDetector:
         if state is not None and state.ejected and "failed_active_hc" not in host.healthFlags:
             self._uneject(host, state, "an active health check passed")
 
+    def hostsChanged(self, added, removed) -> None:
+        """
+        The cluster's membership changed (L{Cluster.updateHosts}): forget the removed hosts (an ejected one
+        no longer counts as active) and watch the added ones. The caller rebuilds the load balancer.
+        """
+        states = self._states
+        for host in removed:
+            state = states.pop(host, None)
+            if state is not None and state.ejected:
+                self.ejections_active.value -= 1
+        for host in added:
+            states.setdefault(host, HostOutlierState())
+
     # -- inspection ---------------------------------------------------------------------------------------
 
     def stateOf(self, host: "Host") -> Optional[HostOutlierState]:

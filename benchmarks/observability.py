@@ -1,0 +1,375 @@
+#!/usr/bin/env python3
+"""
+What observability costs: twistedmesh with an access log (to a file) and tracing (1% sampled, spans
+exported to a Zipkin collector) against the same proxy with both off, in one run, on one machine, measured
+with wrk the way benchmarks/http1.py measures (its helpers are imported, not copied).
+
+    python3 benchmarks/observability.py [--duration 5] [--rounds 3] [--connections 50]
+
+Both proxies run at once, each pinned to CPU 1 (the origin, nginx, and wrk on CPU 0); wrk loads one at a
+time, alternating (off, on, on, off, off, on, ...) so that a drift of the machine's speed falls on both.
+Each proxy's figure is the median of its runs; the overhead is C{(off - on) / off}.
+
+Stats cannot be turned off (every stat is an attribute the hot path increments), so they are on in both
+proxies, and their cost is measured separately, without sockets, as benchmarks/hotpath.py measures the
+hot path: one request through memory transports is run with every stat counting its updates, and that
+many counter increments and histogram records are then timed alone and set against hotpath.py's cost of a
+whole request.
+
+Standard library and Twisted only, like http1.py. Everything listens on 127.0.0.1; every file is in a
+temporary directory removed at the end; every process started is stopped on the way out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from twisted.internet.testing import MemoryReactorClock
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import http1  # noqa: E402  (benchmarks/http1.py: processes, origin, wrk)
+from http1 import LOG_TAIL_LINES, PROXY_CPU, BenchError, Proc, Procs, freePort, pinned, tail, twistdScript  # noqa: E402
+
+TARGET_OVERHEAD = 10.0  # percent: the goal for access log + tracing + stats together
+
+MESH_CONF = """\
+[mesh]
+admin = tcp:{admin}:interface=127.0.0.1
+drain_timeout = 2s
+{tracing}
+[listener:web]
+endpoint = tcp:{port}:interface=127.0.0.1
+protocol = http
+routes = main
+{accessLog}
+[route:main/all]
+prefix = /
+cluster = origin
+
+[cluster:origin]
+endpoints = tcp:127.0.0.1:{origin}
+"""
+
+# 1% of requests sampled; spans batched and posted to the origin, which answers any POST with 200 (nginx's
+# `return 200` ignores the method), so the exporter does its whole job.
+TRACING = """\
+tracing.provider = zipkin
+tracing.collector = http://127.0.0.1:{origin}/api/v2/spans
+tracing.sample_rate = 1
+"""
+
+ACCESS_LOG = "access_log = {path}\n"
+
+
+def startMesh(bench: http1.Bench, procs: Procs, tmp: str, name: str, observed: bool) -> Tuple[Proc, int]:
+    """
+    Start a twistedmesh in front of the origin, with the access log and tracing (C{observed}) or without.
+    """
+    port, admin = freePort(), freePort()
+    conf = os.path.join(tmp, f"mesh-{name}.ini")
+    accessLog = os.path.join(tmp, f"access-{name}.log")
+    with open(conf, "w") as f:
+        f.write(MESH_CONF.format(
+            admin=admin, port=port, origin=bench.originPort,
+            tracing=TRACING.format(origin=bench.originPort) if observed else "",
+            accessLog=ACCESS_LOG.format(path=accessLog) if observed else "",
+        ))
+    argv = [sys.executable, twistdScript(), "-n", "--pidfile=", "twistedmesh", "--config", conf]
+    p = procs.start(f"twistedmesh ({name})", pinned(bench.cpu(PROXY_CPU), argv),
+                    os.path.join(tmp, f"twistd-{name}.log"), tmp)
+    http1.waitReady(p, port)
+    return p, port
+
+
+def accessLogLines(tmp: str) -> int:
+    path = os.path.join(tmp, "access-on.log")
+    if not os.path.exists(path):
+        return 0
+    with open(path, "rb") as f:
+        return sum(1 for _ in f)
+
+
+# -- stats, without sockets --------------------------------------------------------------------------------
+
+
+def statsCost(requests: int) -> Dict[str, float]:
+    """
+    Per request: how many stat updates the hot path makes, what they cost alone (in µs), and what the whole
+    request costs in benchmarks/hotpath.py (in µs).
+    """
+    import hotpath
+    from twistedmesh import service as serviceModule
+    from twistedmesh.observability import stats as statsModule
+
+    counts = {"counter": 0, "record": 0}
+
+    class CountingCounter(statsModule.Counter):
+        __slots__ = ()
+
+        def _get(self):
+            return statsModule.Counter.value.__get__(self)
+
+        def _set(self, v):
+            counts["counter"] += 1
+            statsModule.Counter.value.__set__(self, v)
+
+        value = property(_get, _set)
+
+    class CountingGauge(statsModule.Gauge):
+        __slots__ = ()
+        value = CountingCounter.value
+
+    class CountingHistogram(statsModule.Histogram):
+        __slots__ = ()
+
+        def record(self, value: float) -> None:
+            counts["record"] += 1
+            statsModule.Histogram.record(self, value)
+
+    kinds = {statsModule.Counter: CountingCounter, statsModule.Gauge: CountingGauge,
+             statsModule.Histogram: CountingHistogram}
+
+    class CountingStore(statsModule.StatsStore):
+        def _get(self, kind, name, tagName, labels):
+            return super()._get(kinds.get(kind, kind), name, tagName, labels)
+
+    # Count one request's updates on a proxy whose every stat counts (this process only).
+    original = serviceModule.StatsStore
+    serviceModule.StatsStore = CountingStore
+    try:
+        down, downT, up, upT = hotpath.setup()
+    finally:
+        serviceModule.StatsStore = original
+    hotpath.run(100, down, downT, up, upT)
+    counts["counter"] = counts["record"] = 0
+    hotpath.run(1000, down, downT, up, upT)
+    perCounter = counts["counter"] / 1000.0
+    perRecord = counts["record"] / 1000.0
+
+    # Those updates alone, as the hot path makes them: an attribute of a resolved object, then `.value += 1`.
+    class Holder:
+        pass
+
+    store = statsModule.StatsStore()
+    holder = Holder()
+    holder.counter = store.counter("bench.counter")
+    holder.histogram = store.histogram("bench.histogram")
+    nCounter, nRecord = round(perCounter), round(perRecord)
+
+    def updates(n: int) -> None:
+        h = holder
+        for _ in range(n):
+            for _ in range(nCounter):
+                h.counter.value += 1
+            for _ in range(nRecord):
+                h.histogram.record(3.25)
+
+    def empty(n: int) -> None:
+        # The same loops without the updates: their cost is taken off.
+        for _ in range(n):
+            for _ in range(nCounter):
+                pass
+            for _ in range(nRecord):
+                pass
+
+    updates(1000)
+    t0 = time.perf_counter()
+    updates(requests)
+    t1 = time.perf_counter()
+    empty(requests)
+    t2 = time.perf_counter()
+    statsUs = max((t1 - t0) - (t2 - t1), 0.0) / requests * 1e6
+
+    down, downT, up, upT = hotpath.setup()
+    hotpath.run(1000, down, downT, up, upT)
+    t0 = time.perf_counter()
+    hotpath.run(requests, down, downT, up, upT)
+    requestUs = (time.perf_counter() - t0) / requests * 1e6
+    return {"counters": perCounter, "records": perRecord, "statsUs": statsUs, "requestUs": requestUs}
+
+
+def hotPathCost(tmp: str, requests: int, rounds: int) -> Dict[str, float]:
+    """
+    benchmarks/hotpath.py's request (memory transports, no reactor) on a proxy without and with the access
+    log and 1% tracing, alternating; the median µs per request of each. The access log's file writes happen
+    on its writer thread, as in the real proxy; spans are exported to a collector that is never reached
+    (the memory reactor connects nowhere), which costs what queueing them costs.
+    """
+    import hotpath
+
+    observed = hotpath.CONFIG.replace("[mesh]\n", "[mesh]\n" + TRACING.format(origin=9), 1).replace(
+        "routes = main\n", "routes = main\n" + ACCESS_LOG.format(path=os.path.join(tmp, "hotpath.log")), 1)
+    if observed.count("tracing.") != 3 or "access_log" not in observed:
+        raise BenchError("benchmarks/hotpath.py's CONFIG changed: cannot add the access log and tracing to it")
+    reports: "queue.SimpleQueue" = queue.SimpleQueue()
+
+    class Reactor(MemoryReactorClock):
+        # The access log's writer thread reports each written batch through callFromThread; they are run
+        # between chunks of requests, as a reactor would run them between events.
+        def callFromThread(self, f, *args, **kwargs) -> None:
+            reports.put((f, args, kwargs))
+
+    def drain() -> None:
+        while not reports.empty():
+            f, args, kwargs = reports.get()
+            f(*args, **kwargs)
+
+    def timed(setup, n: int) -> float:
+        elapsed = 0.0
+        while n > 0:
+            chunk = min(n, 2000)
+            t0 = time.perf_counter()
+            hotpath.run(chunk, *setup)
+            elapsed += time.perf_counter() - t0
+            drain()
+            n -= chunk
+        return elapsed
+
+    setups = {}
+    original = hotpath.CONFIG, hotpath.MemoryReactorClock
+    for name, config in (("off", original[0]), ("on", observed)):
+        hotpath.CONFIG, hotpath.MemoryReactorClock = config, Reactor  # hotpath.setup() reads them when called
+        try:
+            setups[name] = hotpath.setup()
+        finally:
+            hotpath.CONFIG, hotpath.MemoryReactorClock = original
+        timed(setups[name], 1000)
+    times: Dict[str, List[float]] = {"off": [], "on": []}
+    for i in range(rounds):
+        for name in (("off", "on") if i % 2 == 0 else ("on", "off")):
+            times[name].append(timed(setups[name], requests) / requests * 1e6)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+# -- main --------------------------------------------------------------------------------------------------
+
+
+def parseArgs(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--duration", type=int, default=5, help="seconds per measured wrk run (default 5)")
+    p.add_argument("--rounds", type=int, default=3, help="runs of each proxy, alternating (default 3)")
+    p.add_argument("--connections", type=int, default=50, help="wrk -c (default 50)")
+    p.add_argument("--requests", type=int, default=50000, help="requests for the stats measurement")
+    p.add_argument("--wrk", default="/usr/bin/wrk", help="the wrk binary (default /usr/bin/wrk)")
+    p.add_argument("--nginx", default="/usr/sbin/nginx", help="the nginx binary (default /usr/sbin/nginx)")
+    opts = p.parse_args(argv)
+    if opts.duration < 1 or opts.rounds < 1 or opts.connections < 1 or opts.requests < 1000:
+        p.error("--duration, --rounds and --connections must be >= 1, --requests >= 1000")
+    opts.repeat = 1
+    return opts
+
+
+def run(opts: argparse.Namespace, tmp: str, procs: Procs) -> int:
+    bench = http1.Bench(opts, tmp, procs)
+    if not os.access(opts.wrk, os.X_OK):
+        raise BenchError(f"wrk not found at {opts.wrk}")
+    if (os.cpu_count() or 1) < 2 and bench.pin:
+        bench.pin = False
+    print("twistedmesh observability overhead")
+    print(f"  CPU {http1.cpuModel()}, {os.cpu_count()} CPUs; "
+          + ("origin + wrk on CPU 0, both proxies on CPU 1" if bench.pin else "NOT PINNED (taskset missing)"))
+    print(f"  wrk -t1 -c{opts.connections} -d{opts.duration}s, {opts.rounds} alternating runs per proxy, "
+          f"{http1.WARMUP_SECONDS}s warm-up each")
+    print("  off: stats only (they cannot be turned off); on: stats + access log to a file + tracing "
+          "at 1% (Zipkin export)")
+
+    origin = bench.startOrigin()
+    print(f"\norigin: {bench.originName} on 127.0.0.1:{bench.originPort}")
+    proxies: Dict[str, Tuple[Proc, int]] = {}
+    for name, observed in (("off", False), ("on", True)):
+        proxies[name] = startMesh(bench, procs, tmp, name, observed)
+        if not bench.checkAnswer(proxies[name][0], proxies[name][1], f"twistedmesh ({name})"):
+            raise BenchError(f"twistedmesh ({name}) does not proxy correctly")
+
+    runs: Dict[str, List[float]] = {"off": [], "on": []}
+    print("\nmeasuring")
+    for name, (proc, port) in proxies.items():
+        bench.wrk(port, opts.connections, http1.WARMUP_SECONDS)
+    for i in range(opts.rounds):
+        order = ("off", "on") if i % 2 == 0 else ("on", "off")
+        for name in order:
+            proc, port = proxies[name]
+            r = bench.wrk(port, opts.connections, opts.duration)
+            if r["errors"]:
+                bench.failures.append(f"{name} run {i + 1}: {'; '.join(r['errors'])}")
+            if not proc.alive():
+                raise BenchError(f"{proc.name} died.\n--- last {LOG_TAIL_LINES} lines ---\n{tail(proc.log)}")
+            runs[name].append(r["rps"])
+            print(f"  round {i + 1}, {name}: {r['rps']:,.0f} req/s", flush=True)
+    for name, (proc, port) in proxies.items():
+        bench.checkAnswer(proc, port, f"twistedmesh ({name}) after the load")
+        status = procs.stop(proc)
+        if status not in (0, None):
+            print(f"  {proc.name} exited with status {status}\n--- last {LOG_TAIL_LINES} lines ---\n"
+                  f"{tail(proc.log)}")
+    lines = accessLogLines(tmp)  # after the stop, which flushes the log
+    procs.stop(origin)
+
+    off, on = statistics.median(runs["off"]), statistics.median(runs["on"])
+    overhead = 100.0 * (off - on) / off if off else float("nan")
+    print("\n| proxy | req/s (median) | runs |\n|---|---:|---|")
+    for name, label in (("off", "stats only"), ("on", "stats + access log + tracing 1%")):
+        print(f"| {label} | {statistics.median(runs[name]):,.0f} | "
+              f"{', '.join(f'{x:,.0f}' for x in runs[name])} |")
+    print(f"\naccess log + tracing 1% overhead: {overhead:.1f}% of req/s "
+          f"({lines:,} access-log lines written by the 'on' proxy)")
+
+    print("\nstats, without sockets (benchmarks/hotpath.py's request)")
+    s = statsCost(opts.requests)
+    share = 100.0 * s["statsUs"] / s["requestUs"]
+    print(f"  per request: {s['counters']:.0f} counter/gauge updates and {s['records']:.0f} histogram records,"
+          f" {s['statsUs']:.2f} us of {s['requestUs']:.2f} us ({share:.1f}% of the proxy's own work)")
+    hot = hotPathCost(tmp, max(opts.requests // 5, 1000), 5)
+    hotOverhead = 100.0 * (hot["on"] - hot["off"]) / hot["on"]
+    print(f"\naccess log + tracing 1%, without sockets (benchmarks/hotpath.py's request, median of 5 alternating"
+          f" runs):\n  off {hot['off']:.2f} us, on {hot['on']:.2f} us per request: {hot['on'] - hot['off']:.2f} us"
+          f" more, {hotOverhead:.1f}% of the requests/s the proxy's own work allows")
+    total = overhead + share
+    verdict = "within" if total < TARGET_OVERHEAD else "OVER"
+    print(f"\nall three together, under load: about {total:.1f}% ({verdict} the {TARGET_OVERHEAD:.0f}% target); "
+          "figures on a shared machine are noisy: compare runs of one invocation only")
+    if bench.failures:
+        print("\nFAILURES:")
+        for f in bench.failures:
+            print(f"  {f}")
+        return 1
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    opts = parseArgs(argv)
+
+    def onTerm(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, onTerm)
+    procs = Procs()
+    tmp = tempfile.mkdtemp(prefix="twistedmesh-obs-bench-")
+    try:
+        return run(opts, tmp, procs)
+    except BenchError as e:
+        print(f"\nERROR: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping everything", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        procs.stopAll()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,875 @@
+"""
+Tests for L{twistedmesh.workers}: the config keys, stats across processes, the AMP control protocol over
+an in-memory pair, the supervisor's back-off and fan-out with a L{Clock} and a fake process spawner, and
+(integration) C{twistd -n twistedmesh} with C{workers = 2} as real processes on loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from typing import Dict, List, Optional
+
+from twisted.internet import defer, reactor
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.task import deferLater
+from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.threads import deferToThread
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+from twisted.test import iosim
+from twisted.trial import unittest
+from twisted.web.test.requesthelper import DummyRequest
+
+from twistedmesh.admin.resource import AdminResource
+from twistedmesh.config import ConfigErrors, loadString
+from twistedmesh.observability.stats import StatsStore
+from twistedmesh.reload import ReloadResult
+from twistedmesh.workers import BackOff, Supervisor
+from twistedmesh.workers.child import listenerEndpoints, workerConfig
+from twistedmesh.workers.protocol import Drain, JSONValue, Reload, Stats, SupervisorControl, WorkerControl
+from twistedmesh.workers.sockets import (InheritedEndpoint, ReusePortEndpoint, SocketAddress, makeSocket,
+                                         parseAddress)
+from twistedmesh.workers.stats import merge, snapshot, withoutGauges
+
+from .test_service import Twistd, freePort
+
+
+CONFIG = """
+[mesh]
+admin = off
+workers = {workers}
+drain_timeout = 2s
+[listener:edge]
+endpoint = tcp:0:interface=127.0.0.1
+cluster = web
+[cluster:web]
+endpoints = tcp:127.0.0.1:1
+"""
+
+
+def config(workers: int = 2, extra: str = ""):
+    return loadString(CONFIG.format(workers=workers) + extra, "mesh.ini")
+
+
+class ConfigTests(unittest.TestCase):
+    """
+    C{[mesh] workers} and C{workers.sharing}.
+    """
+
+    def test_defaults(self):
+        """One worker, sharing by SO_REUSEPORT, unless the file says otherwise."""
+        mesh = loadString("[mesh]\n").mesh
+        self.assertEqual((mesh.workers, mesh.workers_sharing), (1, "reuseport"))
+
+    def test_countAndSharing(self):
+        """A number of workers and either sharing are taken."""
+        mesh = loadString("[mesh]\nworkers = 3\nworkers.sharing = inherit\n").mesh
+        self.assertEqual((mesh.workers, mesh.workers_sharing), (3, "inherit"))
+
+    def test_auto(self):
+        """C{auto} is one worker per core the process may run on."""
+        self.assertEqual(loadString("[mesh]\nworkers = auto\n").mesh.workers, len(os.sched_getaffinity(0)))
+
+    def test_badValues(self):
+        """A bad count or sharing names the file, section and key."""
+        e = self.assertRaises(ConfigErrors, loadString, "[mesh]\nworkers = 0\nworkers.sharing = fork\n", "m.ini")
+        text = str(e)
+        self.assertIn("m.ini: [mesh] workers:", text)
+        self.assertIn("m.ini: [mesh] workers.sharing: 'fork' is not one of reuseport, inherit", text)
+
+    def test_onlyTCPListenersWithWorkers(self):
+        """With several workers a listener must be TCP (a UNIX socket cannot be shared by port)."""
+        text = "[mesh]\nworkers = 2\n[listener:a]\nendpoint = unix:/tmp/x.sock\ncluster = c\n" \
+               "[cluster:c]\nendpoints = tcp:127.0.0.1:1\n"
+        e = self.assertRaises(ConfigErrors, loadString, text, "m.ini")
+        self.assertIn("[listener:a] endpoint: must be a tcp: or tcp6: endpoint when [mesh] workers > 1", str(e))
+        loadString(text.replace("workers = 2", "workers = 1"))  # one process: anything goes
+
+    def test_workerConfig(self):
+        """A worker runs neither the admin endpoint nor the demo upstreams: the parent does."""
+        c = loadString(CONFIG.format(workers=2).replace("admin = off", "admin = tcp:0") +
+                       "[echo:e]\nendpoint = tcp:0\n")
+        w = workerConfig(c)
+        self.assertIsNone(w.mesh.admin)
+        self.assertEqual(dict(w.echoes), {})
+        self.assertEqual(w.listeners, c.listeners)
+
+
+class SocketTests(unittest.TestCase):
+    """
+    Addresses from endpoint strings, and the shared sockets.
+    """
+
+    def test_parseAddress(self):
+        """Port, interface and backlog come from Twisted's own parsing of the string."""
+        self.assertEqual(parseAddress("tcp:8080:interface=127.0.0.1:backlog=7"),
+                         SocketAddress(socket.AF_INET, "127.0.0.1", 8080, 7))
+        self.assertEqual(parseAddress("tcp:80").host, "0.0.0.0")
+        self.assertEqual(parseAddress("tcp6:80:interface=\\:\\:1").family, socket.AF_INET6)
+        self.assertRaises(ValueError, parseAddress, "unix:/tmp/x")
+
+    def test_reusePortGroup(self):
+        """
+        A bound C{SO_REUSEPORT} socket holds the port (port 0 resolved); workers' sockets join it on the
+        same port, and a socket without the option cannot.
+        """
+        holder = makeSocket(SocketAddress(socket.AF_INET, "127.0.0.1", 0, 5), reusePort=True, listen=False)
+        self.addCleanup(holder.close)
+        port = holder.getsockname()[1]
+        address = SocketAddress(socket.AF_INET, "127.0.0.1", port, 5)
+        first = makeSocket(address, reusePort=True, listen=True)
+        self.addCleanup(first.close)
+        second = makeSocket(address, reusePort=True, listen=True)
+        self.addCleanup(second.close)
+        from twisted.internet.error import CannotListenError
+
+        self.assertRaises(CannotListenError, makeSocket, address, False, True)
+
+    @defer.inlineCallbacks
+    def test_inheritedEndpointListensAgain(self):
+        """
+        An endpoint on an inherited descriptor adopts a duplicate each time, so closing one port leaves
+        the descriptor open for the next listen (a reload).
+        """
+        from twisted.internet.protocol import Factory, Protocol
+
+        sock = makeSocket(SocketAddress(socket.AF_INET, "127.0.0.1", 0, 5), reusePort=False, listen=True)
+        self.addCleanup(sock.close)
+        endpoint = InheritedEndpoint(reactor, sock.fileno(), socket.AF_INET)
+        port = yield endpoint.listen(Factory.forProtocol(Protocol))
+        self.assertEqual(port.getHost().port, sock.getsockname()[1])
+        yield port.stopListening()
+        port = yield endpoint.listen(Factory.forProtocol(Protocol))
+        yield port.stopListening()
+        os.fstat(sock.fileno())  # still open
+
+    @defer.inlineCallbacks
+    def test_reusePortEndpoint(self):
+        """A C{reuseport} endpoint listens on the address the parent reserved."""
+        from twisted.internet.protocol import Factory, Protocol
+
+        holder = makeSocket(SocketAddress(socket.AF_INET, "127.0.0.1", 0, 5), reusePort=True, listen=False)
+        self.addCleanup(holder.close)
+        address = SocketAddress(socket.AF_INET, "127.0.0.1", holder.getsockname()[1], 5)
+        port = yield ReusePortEndpoint(reactor, address).listen(Factory.forProtocol(Protocol))
+        self.assertEqual(port.getHost().port, address.port)
+        yield port.stopListening()
+
+    def test_listenerEndpoints(self):
+        """
+        A worker listens on what the parent made for a listener; a listener the parent made nothing for
+        (added by a reload) gets a socket of its own with reuseport, and cannot listen with inherit.
+        """
+        spec = {"sharing": "inherit", "listeners": {
+            "a": {"endpoint": "tcp:0", "address": [socket.AF_INET, "0.0.0.0", 4000, 50], "fd": 7}}}
+        endpointFor = listenerEndpoints(reactor, spec)
+        self.assertIsInstance(endpointFor("a", "tcp:0"), InheritedEndpoint)
+        self.assertEqual(endpointFor("a", "tcp:0").fd, 7)
+        failure = self.failureResultOf(endpointFor("b", "tcp:9").listen(None))
+        self.assertIn("takes a restart", failure.getErrorMessage())
+        spec["sharing"] = "reuseport"
+        spec["listeners"]["a"]["fd"] = None
+        self.assertEqual(endpointFor("a", "tcp:0").address.port, 4000)
+        self.assertEqual(endpointFor("b", "tcp:9").address.port, 9)
+
+
+def filledStore(requests: int, active: int, times=()) -> StatsStore:
+    store = StatsStore()
+    scope = store.scope("listener", "edge")
+    scope.counter("downstream_cx_total").value = requests
+    scope.gauge("downstream_cx_active").value = active
+    histogram = store.scope("cluster", "web").histogram("upstream_rq_time")
+    for t in times:
+        histogram.record(t)
+    return store
+
+
+class StatsTests(unittest.TestCase):
+    """
+    Snapshots of a worker's stats, and their sum.
+    """
+
+    def test_snapshotIsJSON(self):
+        """A snapshot survives JSON, names, Prometheus tags and labels included."""
+        data = json.loads(json.dumps(snapshot(filledStore(3, 1, [2.0]))))
+        merged = merge([data])
+        counter = merged.get("listener.edge.downstream_cx_total")
+        self.assertEqual((counter.kind, counter.value), ("counter", 3))
+        self.assertEqual(counter.labels, (("envoy_listener_address", "edge"),))
+        self.assertEqual(counter.tagName, "listener_downstream_cx_total")
+
+    def test_sum(self):
+        """Counters and gauges are summed; histograms merge bucket by bucket."""
+        merged = merge([snapshot(filledStore(3, 1, [0.3, 7.0])), snapshot(filledStore(4, 2, [7.0, 70000.0]))])
+        self.assertEqual(merged.get("listener.edge.downstream_cx_total").value, 7)
+        self.assertEqual(merged.get("listener.edge.downstream_cx_active").value, 3)
+        h = merged.get("cluster.web.upstream_rq_time")
+        self.assertEqual((h.count, h.sum), (4, 0.3 + 7.0 + 7.0 + 70000.0))
+        alone = StatsStore().histogram("x")
+        for t in (0.3, 7.0, 7.0, 70000.0):
+            alone.record(t)
+        self.assertEqual(h.buckets, alone.buckets)
+
+    def test_kindClashIgnored(self):
+        """A stat that is a counter in one snapshot and a gauge in another keeps the first kind."""
+        a = [["c", "x", "x", [], 1]]
+        b = [["g", "x", "x", [], 5]]
+        self.assertEqual(merge([a, b]).get("x").value, 1)
+
+    def test_withoutGauges(self):
+        """What a dead worker leaves behind: its counts, not its active figures."""
+        kinds = {entry[0] for entry in withoutGauges(snapshot(filledStore(1, 1, [1.0])))}
+        self.assertEqual(kinds, {"c", "h"})
+
+    def test_replace(self):
+        """A merged store can be refilled in place (the admin's exporter keeps a reference to it)."""
+        merged = merge([snapshot(filledStore(1, 1))])
+        merged.replace([snapshot(filledStore(5, 0))])
+        self.assertEqual(merged.get("listener.edge.downstream_cx_total").value, 5)
+
+
+class FakeMesh:
+    """
+    What L{WorkerControl} needs of a L{MeshService}.
+    """
+
+    def __init__(self, requests: int = 0) -> None:
+        self.stats = filledStore(requests, 1)
+        self.drains: List[bool] = []
+        self.healthCheckFailed = False
+        self.reloads: List[Optional[str]] = []
+        self.reloadWith = None
+
+    def drain(self, graceful: bool = True):
+        self.drains.append(graceful)
+        return defer.succeed(None)
+
+
+def controlPair(mesh: FakeMesh, slot=None):
+    """
+    A worker's L{WorkerControl} and the parent's end connected in memory; the pump moves the bytes.
+    """
+    exits: List[bool] = []
+    lost: List[bool] = []
+
+    def reloadConfig(path):
+        mesh.reloads.append(path)
+        return mesh.reloadWith
+
+    worker = WorkerControl(mesh, exit=lambda: exits.append(True), reloadConfig=reloadConfig,
+                           lost=lambda: lost.append(True))
+    parent = SupervisorControl(slot) if slot is not None else amp.AMP()
+    client, server, pump = iosim.connectedServerAndClient(lambda: worker, lambda: parent)
+    return parent, worker, pump, exits, lost
+
+
+class ProtocolTests(unittest.TestCase):
+    """
+    The control commands over a real AMP connection in memory.
+    """
+
+    def test_stats(self):
+        """C{Stats} answers with the worker's snapshot."""
+        parent, worker, pump, _, _ = controlPair(FakeMesh(requests=9))
+        d = parent.callRemote(Stats)
+        pump.flush()
+        data = self.successResultOf(d)["stats"]
+        self.assertEqual(merge([data]).get("listener.edge.downstream_cx_total").value, 9)
+
+    def test_bigValues(self):
+        """A value over AMP's 64 KiB limit is split over several keys and joined again."""
+        mesh = FakeMesh()
+        for i in range(3000):
+            mesh.stats.scope("cluster", f"c{i}").counter("upstream_rq_total").value = i
+        parent, worker, pump, _, _ = controlPair(mesh)
+        d = parent.callRemote(Stats)
+        pump.flush()
+        data = self.successResultOf(d)["stats"]
+        self.assertGreater(len(json.dumps(data)), 3 * amp.MAX_VALUE_LENGTH)
+        self.assertEqual(merge([data]).get("cluster.c2999.upstream_rq_total").value, 2999)
+
+    def test_jsonValueChunks(self):
+        """The chunks are NAME, NAME.1, NAME.2...: each within AMP's limit."""
+        box: Dict[bytes, bytes] = {}
+        JSONValue().toBox(b"v", box, {"v": "x" * (amp.MAX_VALUE_LENGTH * 2)}, None)
+        self.assertEqual(sorted(box), [b"v", b"v.1", b"v.2"])
+        self.assertTrue(all(len(v) <= amp.MAX_VALUE_LENGTH for v in box.values()))
+        out: Dict[str, object] = {}
+        JSONValue().fromBox(b"v", dict(box), out, None)
+        self.assertEqual(out["v"], "x" * (amp.MAX_VALUE_LENGTH * 2))
+
+    def test_reload(self):
+        """C{Reload} runs the worker's reload with the path and answers with its outcome."""
+        mesh = FakeMesh()
+        mesh.reloadWith = defer.succeed(ReloadResult(False, True, ("listener a cannot listen: in use",), 0.0, "m.ini"))
+        parent, worker, pump, _, _ = controlPair(mesh)
+        d = parent.callRemote(Reload, path="m.ini")
+        pump.flush()
+        self.assertEqual(self.successResultOf(d),
+                         {"ok": False, "applied": True, "errors": ["listener a cannot listen: in use"]})
+        self.assertEqual(mesh.reloads, ["m.ini"])
+
+    def test_reloadCrash(self):
+        """A reload that raises is an answer too, not a lost command."""
+        mesh = FakeMesh()
+        mesh.reloadWith = defer.fail(RuntimeError("boom"))
+        parent, worker, pump, _, _ = controlPair(mesh)
+        d = parent.callRemote(Reload)
+        pump.flush()
+        self.assertEqual(self.successResultOf(d), {"ok": False, "applied": False, "errors": ["reload failed: boom"]})
+        self.assertEqual(mesh.reloads, [None])
+
+    def test_drain(self):
+        """C{Drain} either drains the service in place or drains and exits."""
+        mesh = FakeMesh()
+        parent, worker, pump, exits, _ = controlPair(mesh)
+        parent.callRemote(Drain, graceful=False, exit=False)
+        pump.flush()
+        self.assertEqual((mesh.drains, exits), ([False], []))
+        parent.callRemote(Drain, graceful=True, exit=True)
+        pump.flush()
+        self.assertEqual((mesh.drains, exits), ([False], [True]))
+
+    def test_parentGone(self):
+        """A worker whose parent is gone drains and exits."""
+        parent, worker, pump, _, lost = controlPair(FakeMesh())
+        parent.transport.loseConnection()
+        pump.flush()
+        self.assertEqual(lost, [True])
+
+
+class FakeProcess:
+    """
+    The transport of a spawned process, as far as a slot uses it.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.signals: List[str] = []
+
+    def signalProcess(self, name: str) -> None:
+        self.signals.append(name)
+
+
+class Spawner:
+    """
+    A fake process spawner: each spawn connects the slot to a L{FakeProcess}, and (with C{meshes}) its
+    control connection to an in-memory worker.
+    """
+
+    def __init__(self, connect: bool = False) -> None:
+        self.connect = connect
+        self.spawned: List = []
+        self.meshes: Dict[int, FakeMesh] = {}
+        self.pumps: List = []
+        self.exits: Dict[int, List[bool]] = {}
+        self.fail = False
+
+    def __call__(self, slot) -> None:
+        if self.fail:
+            raise OSError("no more processes")
+        process = FakeProcess(1000 + len(self.spawned))
+        self.spawned.append((slot.index, process))
+        slot.makeConnection(process)
+        if self.connect:
+            mesh = self.meshes[slot.index] = FakeMesh(requests=10 * (slot.index + 1))
+            parent, worker, pump, exits, _ = controlPair(mesh, slot)
+            self.pumps.append(pump)
+            self.exits[slot.index] = exits
+
+    def flush(self) -> None:
+        for pump in self.pumps:
+            pump.flush()
+
+
+def died(slot, sig: Optional[int] = signal.SIGKILL) -> None:
+    if sig is None:
+        slot.processEnded(Failure(ProcessDone(0)))
+    else:
+        slot.processEnded(Failure(ProcessTerminated(signal=sig)))
+
+
+class SupervisionTests(unittest.TestCase):
+    """
+    Restarts with back-off, on an injected clock.
+    """
+
+    def setUp(self):
+        self.clock = MemoryReactorClock()
+        self.spawner = Spawner()
+        self.supervisor = Supervisor(config(2), self.clock, self.spawner, BackOff(0.1, 1.0, 10.0))
+        self.slot = self.supervisor.slots[0]
+        for slot in self.supervisor.slots:
+            slot.start()
+
+    def test_restartBackOff(self):
+        """A worker that keeps dying is started again after 0.1 s, then 0.2, 0.4... up to the cap."""
+        for delay in [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]:
+            died(self.slot)
+            self.assertFalse(self.slot.running)
+            before = len(self.spawner.spawned)
+            self.clock.advance(delay - 0.01)
+            self.assertEqual(len(self.spawner.spawned), before)
+            self.clock.advance(0.02)
+            self.assertEqual(len(self.spawner.spawned), before + 1)
+            self.assertTrue(self.slot.running)
+        self.assertEqual(self.supervisor.restarts.value, 6)
+        self.assertEqual([i for i, _ in self.spawner.spawned].count(1), 1)  # the other worker untouched
+
+    def test_resetAfterStayingUp(self):
+        """A worker that stayed up C{stableAfter} seconds is restarted after the initial delay again."""
+        died(self.slot)
+        self.clock.advance(0.1)
+        died(self.slot)
+        self.clock.advance(0.2)
+        self.assertEqual(self.slot.delay, 0.4)
+        self.clock.advance(9.9)
+        self.assertEqual(self.slot.delay, 0.4)
+        self.clock.advance(0.1)
+        self.assertEqual(self.slot.delay, 0.1)
+        died(self.slot)
+        spawned = len(self.spawner.spawned)
+        self.clock.advance(0.1)
+        self.assertEqual(len(self.spawner.spawned), spawned + 1)
+
+    def test_cleanExitRestartedToo(self):
+        """A worker that exits by itself (status 0) while the supervisor runs is replaced as well."""
+        died(self.slot, None)
+        self.clock.advance(0.1)
+        self.assertTrue(self.slot.running)
+
+    def test_outputRelayed(self):
+        """
+        A worker's log events (JSON lines on its stdout) join the parent's log marked with the worker,
+        even split over reads; other output (stderr) is logged as text.
+        """
+        from twisted.logger import Logger, eventAsJSON, formatEvent
+
+        events: List[dict] = []
+        self.slot.log = Logger(observer=events.append)
+        line = ("\x1e" + eventAsJSON({"log_format": "listener {name} listening", "name": "edge",
+                                      "log_level": None, "log_namespace": "twistedmesh.service"}) + "\n").encode()
+        self.slot.childDataReceived(1, line[:10])
+        self.assertEqual(events, [])
+        self.slot.childDataReceived(1, line[10:])
+        self.slot.childDataReceived(2, b"Traceback (most recent call last):\n  File")
+        self.assertEqual([(e["log_system"], formatEvent(e)) for e in events[:1]],
+                         [("worker-0", "listener edge listening")])
+        self.assertEqual(formatEvent(events[1]), "worker 0: Traceback (most recent call last):")
+        died(self.slot)  # what is left of the output is logged when the process ends
+        self.assertIn("worker 0:   File", [formatEvent(e) for e in events[2:]])
+
+    def test_spawnFailure(self):
+        """A process that cannot be started is tried again with the same back-off."""
+        died(self.slot)
+        self.spawner.fail = True
+        self.clock.advance(0.1)
+        self.assertFalse(self.slot.running)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.spawner.fail = False
+        self.clock.advance(0.2)
+        self.assertTrue(self.slot.running)
+
+    def test_noRestartWhileStopping(self):
+        """
+        Stopping tells every worker to drain, starts none again, and fires once all have exited; one
+        still running C{drain_timeout} plus a grace second later is killed.
+        """
+        self.supervisor.running = 1
+        d = self.supervisor.stopService()
+        processes = [p for _, p in self.spawner.spawned]
+        self.assertEqual([p.signals for p in processes], [["TERM"], ["TERM"]])  # no control link: SIGTERM
+        died(self.supervisor.slots[0], signal.SIGTERM)
+        self.clock.advance(2.9)
+        self.assertNoResult(d)
+        self.assertEqual(processes[1].signals, ["TERM"])
+        self.clock.advance(0.1)
+        self.assertEqual(processes[1].signals, ["TERM", "KILL"])
+        died(self.supervisor.slots[1])
+        self.successResultOf(d)
+        self.clock.advance(100)
+        self.assertEqual(len(self.spawner.spawned), 2)
+        self.assertEqual(self.supervisor.state, "DRAINING")
+
+
+class FanOutTests(unittest.TestCase):
+    """
+    Stats, reload and drain across workers connected in memory.
+    """
+
+    def setUp(self):
+        self.clock = MemoryReactorClock()
+        self.spawner = Spawner(connect=True)
+        self.supervisor = Supervisor(config(2), self.clock, self.spawner)
+        for slot in self.supervisor.slots:
+            slot.start()
+        self.spawner.flush()
+
+    def collect(self, worker=None):
+        d = self.supervisor.collectStats(worker)
+        self.spawner.flush()
+        return self.successResultOf(d)
+
+    def test_summed(self):
+        """The parent's stats are the workers' summed, with its own C{workers.*}."""
+        stats = self.collect()
+        self.assertEqual(stats.get("listener.edge.downstream_cx_total").value, 10 + 20)
+        self.assertEqual(stats.get("listener.edge.downstream_cx_active").value, 2)
+        self.assertEqual(stats.get("workers.configured").value, 2)
+        self.assertIs(stats, self.supervisor.stats)  # refreshed in place
+
+    def test_perWorker(self):
+        """C{worker=N}: that worker's stats alone; another value is refused."""
+        self.assertEqual(self.collect("1").get("listener.edge.downstream_cx_total").value, 20)
+        self.assertRaises(ValueError, self.supervisor.collectStats, "2")
+        self.assertRaises(ValueError, self.supervisor.collectStats, "x")
+
+    def test_deadWorkerCountsKept(self):
+        """
+        When a worker dies, what it counted (as of its last report) stays in the sum; its gauges go.
+        """
+        self.collect()
+        died(self.supervisor.slots[0])
+        self.spawner.flush()
+        stats = self.collect()
+        self.assertEqual(stats.get("listener.edge.downstream_cx_total").value, 30)
+        self.assertEqual(stats.get("listener.edge.downstream_cx_active").value, 1)
+        self.assertEqual(stats.get("workers.restarts").value, 1)
+        self.clock.advance(0.1)  # the replacement starts from zero, and adds to the sum
+        self.spawner.flush()
+        self.assertEqual(self.collect().get("listener.edge.downstream_cx_total").value, 40)
+
+    def test_liveAndReady(self):
+        """The parent is LIVE once a worker said it is serving; C{workers.live} counts them."""
+        self.assertEqual(self.supervisor.state, "STARTING")
+        slot = self.supervisor.slots[0]
+        slot.workerReady(slot.control, 1000)
+        self.assertEqual(self.supervisor.state, "LIVE")
+        self.assertEqual(self.supervisor.liveGauge.value, 1)
+        died(slot)
+        self.assertEqual(self.supervisor.liveGauge.value, 0)
+
+    def test_adminStats(self):
+        """The admin C{/stats} shows the sum, C{?worker=N} one worker, a bad N a 400."""
+        resource = AdminResource(self.supervisor, self.clock)
+
+        def get(**args):
+            request = DummyRequest([b"stats"])
+            for name, value in args.items():
+                request.addArg(name.encode(), value.encode())
+            body = resource.render(request)
+            self.spawner.flush()
+            return request, body
+
+        request, _ = get()
+        self.assertIn(b"listener.edge.downstream_cx_total: 30\n", b"".join(request.written))
+        self.assertTrue(request.finished)
+        request, _ = get(worker="0", format="json")
+        stats = json.loads(b"".join(request.written))["stats"]
+        self.assertIn({"name": "listener.edge.downstream_cx_total", "value": 10}, stats)
+        request, body = get(worker="7")
+        self.assertEqual(request.responseCode, 400)
+        self.assertIn(b"worker must be a number from 0 to 1", body)
+
+    def test_reloadFansOut(self):
+        """A reload runs in every worker; it is applied when all applied it; errors name the worker."""
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(CONFIG.format(workers=2))
+        for mesh in self.spawner.meshes.values():
+            mesh.reloadWith = ReloadResult(True, True, (), 0.0, path)
+        d = self.supervisor.reload(path)
+        self.spawner.flush()
+        result = self.successResultOf(d)
+        self.assertEqual((result.ok, result.applied, result.errors), (True, True, ()))
+        self.assertEqual([m.reloads for m in self.spawner.meshes.values()], [[path], [path]])
+        self.spawner.meshes[1].reloadWith = ReloadResult(False, False, ("[cluster:x] bad",), 0.0, path)
+        d = self.supervisor.reload(path)
+        self.spawner.flush()
+        result = self.successResultOf(d)
+        self.assertEqual((result.ok, result.applied, result.errors), (False, False, ("worker 1: [cluster:x] bad",)))
+        self.assertIs(self.supervisor.lastReload, result)
+
+    def test_reloadChecksFirst(self):
+        """A file with errors, or another worker count, reaches no worker."""
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("[mesh]\nworkers = 2\nnope = 1\n")
+        result = self.successResultOf(self.supervisor.reload(path))
+        self.assertFalse(result.applied)
+        self.assertIn("nope: unknown key", result.errors[0])
+        with open(path, "w") as f:
+            f.write(CONFIG.format(workers=3))
+        result = self.successResultOf(self.supervisor.reload(path))
+        self.assertIn("take a restart", result.errors[0])
+        self.assertEqual([m.reloads for m in self.spawner.meshes.values()], [[], []])
+
+    def test_reloadRemovesListener(self):
+        """
+        A listener a reload removed loses the parent's socket too (with inherit, connections would queue
+        on it with nobody to accept them); with inherit, a reload that adds one is refused (only the
+        parent makes inherited sockets, at start).
+        """
+        text = CONFIG.format(workers=2).replace("workers = 2", "workers = 2\nworkers.sharing = inherit")
+        self.supervisor = Supervisor(loadString(text, "mesh.ini"), self.clock, self.spawner)
+        for slot in self.supervisor.slots:
+            slot.start()
+        self.spawner.flush()
+        self.supervisor._makeSockets()
+        sock = self.supervisor.sockets["edge"]
+        for mesh in self.spawner.meshes.values():
+            mesh.reloadWith = ReloadResult(True, True, (), 0.0, "")
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(text.replace("[listener:edge]", "[listener:other]"))
+        result = self.successResultOf(self.supervisor.reload(path))
+        self.assertIn("with workers.sharing = inherit, adding a listener or changing its endpoint (other)",
+                      result.errors[0])
+        with open(path, "w") as f:
+            f.write(text.split("[listener:edge]")[0] + "[cluster:web]\nendpoints = tcp:127.0.0.1:1\n")
+        d = self.supervisor.reload(path)
+        self.spawner.flush()
+        self.assertTrue(self.successResultOf(d).ok)
+        self.assertEqual((self.supervisor.sockets, self.supervisor.addresses), ({}, {}))
+        self.assertEqual(sock.fileno(), -1)  # closed
+
+    def test_healthCheckFlag(self):
+        """
+        Admin C{/healthcheck/fail} and C{/healthcheck/ok} on the parent reach every worker; a worker started
+        later is told on its command line.
+        """
+        resource = AdminResource(self.supervisor, self.clock)
+        request = DummyRequest([b"healthcheck", b"fail"])
+        request.method = b"POST"
+        resource.render(request)
+        self.spawner.flush()
+        self.assertEqual([m.healthCheckFailed for m in self.spawner.meshes.values()], [True, True])
+        self.assertTrue(self.supervisor.spec(self.supervisor.slots[0], {})["healthCheckFailed"])
+        self.supervisor.healthCheckFailed = False
+        self.spawner.flush()
+        self.assertEqual([m.healthCheckFailed for m in self.spawner.meshes.values()], [False, False])
+
+    def test_drainListeners(self):
+        """C{drain} (admin C{/drain_listeners}) drains every worker in place and starts none again."""
+        self.supervisor.drain(graceful=True)
+        self.spawner.flush()
+        self.assertEqual([m.drains for m in self.spawner.meshes.values()], [[True], [True]])
+        self.assertEqual(self.supervisor.state, "DRAINING")
+        died(self.supervisor.slots[0])
+        self.clock.advance(60)
+        self.assertEqual(len(self.spawner.spawned), 2)
+
+    def test_stopDrainsOverAMP(self):
+        """Stopping sends C{Drain} with exit to every connected worker."""
+        self.supervisor.running = 1
+        self.supervisor.stopService()
+        self.spawner.flush()
+        self.assertEqual(self.spawner.exits, {0: [True], 1: [True]})
+
+
+def request(port: int) -> bytes:
+    """
+    One HTTP/1.1 request on a new connection, read to the end; raises what the socket raises.
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"GET /load HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        chunks = []
+        while True:
+            data = s.recv(65536)
+            if not data:
+                return b"".join(chunks)
+            chunks.append(data)
+
+
+def load(port: int, total: int, concurrency: int, killAfter: int = 0, kill=None) -> Dict[str, int]:
+    """
+    C{total} requests from C{concurrency} threads, each on a new connection; after the C{killAfter}th has
+    started, C{kill()}. A request that fails other than by a refused connection is tried again, up to
+    twice, 50 ms apart. Blocking: run it in a thread.
+    """
+    import threading
+
+    lock = threading.Lock()
+    counts = {"started": 0, "ok": 0, "refused": 0, "failed": 0, "retried": 0}
+
+    def attempt() -> bool:
+        try:
+            return request(port).startswith(b"HTTP/1.1 200")
+        except ConnectionRefusedError:
+            with lock:
+                counts["refused"] += 1
+            return False
+        except OSError:  # reset, or closed before the response
+            return False
+
+    def run() -> None:
+        while True:
+            with lock:
+                if counts["started"] == total:
+                    return
+                counts["started"] += 1
+                n = counts["started"]
+            if n == killAfter and kill is not None:
+                kill()
+            if attempt():
+                with lock:
+                    counts["ok"] += 1
+                continue
+            with lock:
+                counts["failed"] += 1
+            for _ in range(2):
+                time.sleep(0.05)
+                if attempt():
+                    with lock:
+                        counts["retried"] += 1
+                    break
+
+    threads = [threading.Thread(target=run) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return counts
+
+
+class WorkersTwistdTests(unittest.TestCase):
+    """
+    C{twistd -n twistedmesh} with C{workers = 2}: real processes sharing a real listener on loopback.
+    """
+
+    def setUp(self):
+        self.twistd = shutil.which("twistd")
+        if self.twistd is None:
+            raise unittest.SkipTest("twistd is not on PATH")
+
+    @defer.inlineCallbacks
+    def start(self, sharing: str):
+        import treq
+
+        self.treq = treq
+        self.admin, self.port, echo = freePort(), freePort(), freePort()
+        workdir = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, workdir, True)
+        path = os.path.join(workdir, "mesh.ini")
+        with open(path, "w") as f:
+            f.write(f"""
+[mesh]
+admin = tcp:{self.admin}:interface=127.0.0.1
+drain_timeout = 2s
+workers = 2
+workers.sharing = {sharing}
+[listener:edge]
+endpoint = tcp:{self.port}:interface=127.0.0.1:backlog=128
+protocol = http
+routes = main
+[route:main/all]
+prefix = /
+cluster = web
+[cluster:web]
+endpoints = tcp:127.0.0.1:{echo}
+[echo:web]
+endpoint = tcp:{echo}:interface=127.0.0.1
+""")
+        self.process = Twistd()
+        reactor.spawnProcess(self.process, self.twistd,
+                             [self.twistd, "-n", "--pidfile=", "twistedmesh", "--config", path],
+                             env=os.environ, path=workdir)
+        self.addCleanup(self.process.kill)
+        yield self.until(lambda: "twistedmesh is live: 2 workers" in self.process.output(), "both workers live")
+
+    @defer.inlineCallbacks
+    def until(self, test, what: str, seconds: float = 20.0):
+        """
+        Wait (polling every 0.1 s, at most C{seconds}) for C{test()} (which may return a Deferred).
+        """
+        deadline = time.monotonic() + seconds
+        while True:
+            if self.process.ended.called:
+                self.fail(f"twistd exited waiting for {what}:\n{self.process.output()}")
+            if (yield defer.maybeDeferred(test)):
+                return
+            if time.monotonic() > deadline:
+                self.fail(f"timed out waiting for {what}:\n{self.process.output()[-4000:]}")
+            yield deferLater(reactor, 0.1, lambda: None)
+
+    @defer.inlineCallbacks
+    def stats(self, worker: Optional[int] = None) -> Dict[str, int]:
+        url = f"http://127.0.0.1:{self.admin}/stats?format=json"
+        if worker is not None:
+            url += f"&worker={worker}"
+        body = yield (yield self.treq.get(url, persistent=False, timeout=10)).json()
+        return {s["name"]: s["value"] for s in body["stats"]}
+
+    def pids(self) -> Dict[int, int]:
+        """
+        The pid of each worker, as the parent logged it when the worker went live (the latest wins).
+        """
+        import re
+
+        return {int(i): int(p) for i, p in re.findall(r"worker (\d+) \(pid (\d+)\) is live", self.process.output())}
+
+    @defer.inlineCallbacks
+    def scenario(self, sharing: str, bothServe: bool, mayFail: int):
+        yield self.start(sharing)
+        # Requests through the shared listener: served by the workers, the parent shows the sum.
+        counts = yield deferToThread(load, self.port, 60, 4)
+        self.assertEqual(counts["ok"], 60, counts)
+        perWorker = []
+        for i in (0, 1):
+            perWorker.append((yield self.stats(i)).get("listener.edge.downstream_cx_total", 0))
+        self.assertEqual(sum(perWorker), 60)
+        if bothServe:
+            self.assertTrue(all(perWorker), perWorker)
+        summed = yield self.stats()
+        self.assertEqual((summed["listener.edge.downstream_cx_total"], summed["workers.live"]), (60, 2))
+
+        # Reload reaches both workers.
+        response = yield self.treq.post(f"http://127.0.0.1:{self.admin}/reload", persistent=False, timeout=10)
+        self.assertEqual(response.code, 200)
+        self.assertEqual((yield response.json())["ok"], True)
+        for i in (0, 1):
+            self.assertEqual((yield self.stats(i))["server.reload.success"], 1)
+
+        # SIGKILL a worker under load: no connection is refused; the requests that fail (reset, or closed
+        # without a response) are those the killed worker had (see the two tests), and each of them
+        # succeeds when tried again.
+        victim = self.pids()[0]
+        counts = yield deferToThread(load, self.port, 400, 4, 100, lambda: os.kill(victim, signal.SIGKILL))
+        self.assertEqual(counts["refused"], 0, counts)
+        self.assertLessEqual(counts["failed"], mayFail, counts)
+        self.assertEqual(counts["ok"] + counts["retried"], 400, counts)
+
+        # The worker comes back.
+        yield self.until(lambda: self.pids().get(0, victim) != victim, "a new worker 0")
+        yield self.until(lambda: self.stats().addCallback(lambda s: s["workers.live"] == 2), "2 live workers")
+        self.assertEqual((yield self.stats())["workers.restarts"], 1)
+        self.assertIn("worker 0 (pid %d) killed by signal 9" % victim, self.process.output())
+
+        # SIGTERM: both drain, the parent exits 0.
+        self.process.transport.signalProcess("TERM")
+        code = yield self.process.ended
+        self.assertEqual(code, 0, self.process.output()[-4000:])
+        self.assertEqual(self.process.output().count("draining"), 2, self.process.output()[-4000:])
+
+    def test_reusePort(self):
+        """
+        With C{reuseport}: both workers serve, reload reaches both, SIGTERM drains and exits 0; a killed
+        worker comes back and costs its requests in flight, plus the connections the kernel had queued on
+        its socket, including those that arrived while the dying process was torn down (at most one per
+        client thread, each retried at most twice, in practice).
+        """
+        return self.scenario("reuseport", bothServe=True, mayFail=8)
+
+    def test_inherit(self):
+        """
+        The same with C{inherit} (one listening socket shared): whichever worker accepts first serves,
+        so both serving is not asserted. A killed worker costs only the connections it had accepted (at most
+        one per client thread): the rest wait in the shared queue for the other worker.
+        """
+        return self.scenario("inherit", bothServe=False, mayFail=4)

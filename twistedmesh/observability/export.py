@@ -1,0 +1,331 @@
+"""
+Span exporters: finished spans are queued, batched and posted to a collector, either as Zipkin v2 JSON
+(C{POST /api/v2/spans}) or as OTLP/HTTP with JSON encoding (C{POST /v1/traces}).
+
+A batch is sent when it fills (C{batch_size} spans), when the flush timer fires (C{flush_interval} after
+the first span of a batch was queued; the injected clock), and at shutdown (L{SpanExporter.close}). The
+queue is bounded (C{queue_size}): a span that finds it full is dropped and counted, which is what happens
+while the collector is slower than the traffic, because at most L{MAX_IN_FLIGHT} reports are outstanding
+at once. A report that fails (no connection, a timeout, a non-2xx answer) is counted and its spans
+dropped, never retried: a collector that is down must cost the proxy nothing but the count.
+
+Stats, in the store's C{tracing.<provider>.} scope (after Envoy's Zipkin tracer): C{spans_sent},
+C{spans_dropped} (queue full, or the collector failed the report), C{reports_sent}, C{reports_dropped}
+(the collector answered with other than 2xx), C{reports_failed} (no answer), C{timer_flushed}.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
+
+import treq
+from treq.client import HTTPClient
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+
+from .tracing import Span
+
+#: Reports outstanding at once; while that many are, spans wait in the queue (bounded) for their turn.
+MAX_IN_FLIGHT = 2
+#: OTLP's C{SPAN_KIND_SERVER} and C{STATUS_CODE_ERROR}.
+OTLP_KIND_SERVER = 2
+OTLP_STATUS_ERROR = 2
+SCOPE_NAME = "twistedmesh"
+
+PostFunction = Callable[[str, bytes], "Deferred[int]"]
+
+
+def _endpoint(address: Optional[tuple]) -> Optional[Dict[str, Any]]:
+    """
+    A Zipkin endpoint for an C{(ip, port)} pair.
+    """
+    if address is None:
+        return None
+    ip, port = address
+    return {"ipv6" if ":" in ip else "ipv4": ip, "port": port}
+
+
+def zipkinSpan(span: Span, serviceName: str) -> Dict[str, Any]:
+    """
+    One span in Zipkin's v2 model: hex ids, microsecond C{timestamp} and C{duration} (at least 1, as Zipkin
+    requires of a duration it is given), kind C{SERVER}, tags as strings.
+    """
+    out: Dict[str, Any] = {
+        "traceId": span.traceId.decode("ascii"),
+        "id": span.spanId.decode("ascii"),
+        "name": span.name,
+        "kind": "SERVER",
+        "timestamp": int(round(span.start * 1_000_000)),
+        "duration": max(1, int(round(span.duration * 1_000_000))),
+        "localEndpoint": {"serviceName": serviceName},
+        "tags": dict(span.tags),
+    }
+    if span.parentId is not None:
+        out["parentId"] = span.parentId.decode("ascii")
+    remote = _endpoint(span.remote)
+    if remote is not None:
+        out["remoteEndpoint"] = remote
+    if span.debug:
+        out["debug"] = True
+    return out
+
+
+def encodeZipkin(spans: Sequence[Span], serviceName: str) -> bytes:
+    """
+    A Zipkin v2 JSON report: a list of spans.
+    """
+    return json.dumps([zipkinSpan(s, serviceName) for s in spans], separators=(",", ":")).encode("utf-8")
+
+
+def otlpSpan(span: Span) -> Dict[str, Any]:
+    """
+    One span in OTLP's JSON encoding: hex ids (a 64-bit B3 trace id padded to 128 bits, as OTLP requires),
+    times as unix nanoseconds in strings (proto3 JSON's form of a 64-bit integer), kind SERVER, tags as
+    string attributes, an error status for a failed request.
+    """
+    start = int(round(span.start * 1_000_000_000))
+    out: Dict[str, Any] = {
+        "traceId": span.traceId.decode("ascii").rjust(32, "0"),
+        "spanId": span.spanId.decode("ascii"),
+        "name": span.name,
+        "kind": OTLP_KIND_SERVER,
+        "startTimeUnixNano": str(start),
+        "endTimeUnixNano": str(start + int(round(span.duration * 1_000_000_000))),
+        "attributes": [{"key": k, "value": {"stringValue": v}} for k, v in span.tags],
+    }
+    if span.parentId is not None:
+        out["parentSpanId"] = span.parentId.decode("ascii")
+    if span.error:
+        out["status"] = {"code": OTLP_STATUS_ERROR}
+    return out
+
+
+def encodeOTLP(spans: Sequence[Span], serviceName: str) -> bytes:
+    """
+    An OTLP C{ExportTraceServiceRequest} in JSON: one resource (C{service.name}) with one scope.
+    """
+    request = {"resourceSpans": [{
+        "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": serviceName}}]},
+        "scopeSpans": [{"scope": {"name": SCOPE_NAME}, "spans": [otlpSpan(s) for s in spans]}],
+    }]}
+    return json.dumps(request, separators=(",", ":")).encode("utf-8")
+
+
+ENCODERS: Dict[str, Callable[[Sequence[Span], str], bytes]] = {"zipkin": encodeZipkin, "otlp": encodeOTLP}
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """
+    Twisted's HTTP client factory without its "Starting factory" lines: one per report is noise.
+    """
+
+    noisy = False
+
+
+def treqPost(reactor: Any, timeout: float) -> "tuple[PostFunction, Callable[[], Deferred]]":
+    """
+    A function posting a JSON body with treq on its own connection pool (its Deferred fires with the
+    answer's status code once the answer's body is read, or fails), and one closing the pool's connections.
+    """
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool._factory = _QuietClientFactory
+    pool.maxPersistentPerHost = MAX_IN_FLIGHT
+    client = HTTPClient(Agent(reactor, pool=pool))
+    headers = {b"content-type": [b"application/json"]}
+
+    def post(url: str, body: bytes) -> "Deferred[int]":
+        d = client.post(url, data=body, headers=headers, timeout=timeout, reactor=reactor)
+        # Reading the body lets the connection go back to the pool.
+        d.addCallback(lambda response: treq.content(response).addCallback(lambda _: response.code))
+        return d
+
+    return post, pool.closeCachedConnections
+
+
+class ExporterStats:
+    """
+    The C{tracing.<provider>.*} counters, resolved once.
+    """
+
+    def __init__(self, stats: Any, provider: str) -> None:
+        prefix = f"tracing.{provider}."
+        self.spans_sent = stats.counter(prefix + "spans_sent")
+        self.spans_dropped = stats.counter(prefix + "spans_dropped")
+        self.reports_sent = stats.counter(prefix + "reports_sent")
+        self.reports_dropped = stats.counter(prefix + "reports_dropped")
+        self.reports_failed = stats.counter(prefix + "reports_failed")
+        self.timer_flushed = stats.counter(prefix + "timer_flushed")
+
+
+class SpanExporter:
+    """
+    Queues spans and posts them to a collector in batches (see the module docstring).
+
+    @ivar queue: spans waiting to be sent, oldest first.
+    @ivar inFlight: reports sent and not yet answered.
+    """
+
+    log = Logger()
+
+    def __init__(self, provider: str, url: str, serviceName: str, clock: IReactorTime, stats: Any,
+                 post: PostFunction, batchSize: int = 512, queueSize: int = 2048, flushInterval: float = 5.0,
+                 closePool: Optional[Callable[[], Any]] = None) -> None:
+        """
+        @param provider: C{"zipkin"} or C{"otlp"}: the encoding, and the stats' scope.
+        @param url: the collector's URL.
+        @param stats: the L{twistedmesh.observability.stats.StatsStore}.
+        @param post: posts a body to a URL; its Deferred fires with the status code or fails
+            (L{treqPost}'s first result, or a test's).
+        @param closePool: called by L{close} once the last report is answered, to close idle connections.
+        """
+        self.provider = provider
+        self.url = url
+        self.serviceName = serviceName
+        self.encode = ENCODERS[provider]
+        self.clock = clock
+        self.stats = ExporterStats(stats, provider)
+        self.post = post
+        self.batchSize = batchSize
+        self.queueSize = queueSize
+        self.flushInterval = flushInterval
+        self.closePool = closePool
+        self.queue: Deque[Span] = deque()
+        self.inFlight = 0
+        self.closed = False
+        self._timer = None
+        self._idle: List[Deferred] = []  # close() waiting for the last report
+        self._failing = False  # the last report failed: warned already
+
+    def add(self, span: Span) -> None:
+        """
+        Queue C{span}; send a batch if that fills one. When the queue is full the span is dropped (and
+        counted).
+        """
+        queue = self.queue
+        if len(queue) >= self.queueSize or self.closed:
+            self.stats.spans_dropped.value += 1
+            return
+        queue.append(span)
+        if len(queue) >= self.batchSize:
+            self._send(full=True)
+        if queue and self._timer is None:
+            self._timer = self.clock.callLater(self.flushInterval, self._timerFired)
+
+    def _timerFired(self) -> None:
+        self._timer = None
+        self.stats.timer_flushed.value += 1
+        self.flush()
+
+    def flush(self) -> None:
+        """
+        Send what is queued, partial batch included, as far as the in-flight limit allows; what the limit
+        holds back goes when a report is answered.
+        """
+        self._send(full=False)
+        if self.queue and self._timer is None and not self.closed:
+            self._timer = self.clock.callLater(self.flushInterval, self._timerFired)
+
+    def _send(self, full: bool) -> None:
+        """
+        Post batches while there are spans (C{full}: only whole batches) and room in flight.
+        """
+        queue = self.queue
+        size = self.batchSize
+        while queue and self.inFlight < MAX_IN_FLIGHT and (len(queue) >= size or not full):
+            batch = [queue.popleft() for _ in range(min(size, len(queue)))]
+            if not queue and self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._report(batch)
+
+    def _report(self, batch: List[Span]) -> None:
+        self.inFlight += 1
+        try:
+            body = self.encode(batch, self.serviceName)
+            d = self.post(self.url, body)
+        except Exception:
+            self.log.failure("encoding or posting {n} spans to {url} failed", n=len(batch), url=self.url)
+            self._answered(None, batch)
+            return
+        d.addCallbacks(self._answered, self._failed, callbackArgs=(batch,), errbackArgs=(batch,))
+
+    def _answered(self, code: Optional[int], batch: List[Span]) -> None:
+        stats = self.stats
+        if code is not None and 200 <= code < 300:
+            stats.reports_sent.value += 1
+            stats.spans_sent.value += len(batch)
+            if self._failing:
+                self._failing = False
+                self.log.info("the {provider} collector at {url} takes spans again", provider=self.provider,
+                              url=self.url)
+        else:
+            stats.reports_dropped.value += 1
+            stats.spans_dropped.value += len(batch)
+            self._warn("answered {code}".format(code=code), len(batch))
+        self._done()
+
+    def _failed(self, failure, batch: List[Span]) -> None:
+        self.stats.reports_failed.value += 1
+        self.stats.spans_dropped.value += len(batch)
+        self._warn("failed: " + failure.getErrorMessage(), len(batch))
+        self._done()
+
+    def _warn(self, what: str, n: int) -> None:
+        """
+        Say that a report failed, once per outage: a collector that is down would otherwise fill the log.
+        """
+        if not self._failing:
+            self._failing = True
+            self.log.warn("a report of {n} spans to the {provider} collector at {url} {what}; spans are dropped "
+                          "until it takes them again (see the tracing.{provider}.* stats)",
+                          n=n, provider=self.provider, url=self.url, what=what)
+
+    def _done(self) -> None:
+        self.inFlight -= 1
+        if self.closed:
+            self._send(full=False)
+        elif len(self.queue) >= self.batchSize:
+            self._send(full=True)
+        if self.inFlight == 0 and not self.queue:
+            idle, self._idle = self._idle, []
+            for d in idle:
+                d.callback(None)
+
+    def close(self) -> Deferred:
+        """
+        Stop the timer and send everything queued; the Deferred fires (never fails) once every report is
+        answered (each is bounded by the post's own timeout) and the pool's idle connections are closed.
+        """
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.closed = True
+        self._send(full=False)
+        if self.inFlight == 0:
+            d: Deferred = succeed(None)
+        else:
+            d = Deferred()
+            self._idle.append(d)
+        closePool = self.closePool
+        if closePool is not None:
+            d.addCallback(lambda _: closePool())
+        d.addErrback(lambda f: self.log.failure("closing the {provider} exporter", f, provider=self.provider))
+        return d
+
+
+def buildExporter(config: Any, reactor: Any, stats: Any) -> Optional[SpanExporter]:
+    """
+    The exporter C{[mesh] tracing.*} asks for, posting with treq on C{reactor}, or None without a provider.
+
+    @param config: a L{twistedmesh.config.tracing.TracingConfig}, or None.
+    """
+    if config is None or config.provider is None:
+        return None
+    post, closePool = treqPost(reactor, config.timeout)
+    return SpanExporter(config.provider, config.collector, config.service_name, reactor, stats, post,
+                        batchSize=config.batch_size, queueSize=config.queue_size,
+                        flushInterval=config.flush_interval, closePool=closePool)

@@ -1,0 +1,645 @@
+"""
+xDS over REST-JSON: endpoint discovery (EDS) polled from a control plane (see docs/discovery.md).
+
+One L{XDSClient} per service talks to the control plane in the static cluster C{[mesh] xds.cluster} names.
+Every cluster with C{discovery = xds} subscribes (L{XDSClient.subscribe}) to the C{ClusterLoadAssignment}
+named after it (or its C{service_name}); while any subscription runs, the client polls
+C{POST <path_prefix>/v3/discovery:endpoints} every C{xds.refresh_delay} (plus jitter drawn from the
+injected random) with a v3 C{DiscoveryRequest}:
+
+  - C{node} (C{id}, C{cluster}, C{user_agent_name}), the sorted C{resource_names}, the C{type_url}, the
+    C{version_info} last applied and the C{response_nonce} of the last response;
+  - after a response it accepted (ACK) C{version_info} is that response's; after one it rejected (NACK) it
+    stays the previous one and C{error_detail} (C{{code, message}}, code 3: INVALID_ARGUMENT) says why.
+
+A C{304} means nothing changed. A response is validated whole before anything is applied: one invalid
+resource rejects the update (NACK) and every cluster keeps its hosts. Unknown fields are ignored (logged
+once each); JSON field names may be snake_case or lowerCamelCase; resources may be C{@type}-tagged Any
+messages; wrapper values may be written bare (C{3}) or wrapped (C{{"value": 3}}); durations are proto3 JSON
+strings (C{"1.5s"}). The subset honoured is listed in docs/discovery.md.
+
+Requests go through Twisted's HTTP/1.1 client on the control-plane cluster's own hosts (its load balancer,
+health and TLS), each bounded by C{xds.timeout} on the injected clock; nothing blocks the reactor.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from random import Random
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Tuple
+
+from twisted.internet import defer, protocol
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer
+from zope.interface import implementer
+
+from ..config.discovery import XDSConfig
+from .discovery import DiscoveredHost, IDiscovery, UpdateStats
+
+if TYPE_CHECKING:
+    from .cluster import Cluster
+
+__all__ = [
+    "XDSClient", "EDSSubscription", "InvalidResource", "Assignment", "parseAssignment", "parseResponse",
+    "parseDuration", "EDS_TYPE_URL", "EDS_PATH",
+]
+
+#: The type URL of an EDS resource (and of an EDS request and response).
+EDS_TYPE_URL = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+#: The REST path of EDS.
+EDS_PATH = "/v3/discovery:endpoints"
+#: google.rpc.Code INVALID_ARGUMENT: the code of every NACK's error_detail.
+INVALID_ARGUMENT = 3
+#: A response body larger than this is refused (a control plane gone wrong must not exhaust memory).
+MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+
+_CAMEL = re.compile(r"(?<=[a-z0-9])([A-Z])")
+_DURATION = re.compile(r"^(\d+)(?:\.(\d{1,9}))?s$")
+_HEALTH = {"UNKNOWN": 0, "HEALTHY": 1, "UNHEALTHY": 2, "DRAINING": 3, "TIMEOUT": 4, "DEGRADED": 5}
+#: health_status values whose hosts are not used (Envoy's: failed, going away, or timed out).
+_UNUSABLE = frozenset((2, 3, 4))
+_UINT32 = 0xFFFFFFFF
+
+
+class InvalidResource(ValueError):
+    """
+    A response or resource the client cannot apply: the update is rejected (NACK) with this message.
+    """
+
+
+def _snake(name: str) -> str:
+    """
+    A JSON field name in snake_case (proto3 JSON allows lowerCamelCase too).
+    """
+    return _CAMEL.sub(lambda m: "_" + m.group(1).lower(), name)
+
+
+class _Fields:
+    """
+    A JSON object's fields by snake_case name, reporting the ones nobody read as unknown.
+    """
+
+    def __init__(self, value: Any, path: str, unknown: Callable[[str], None]) -> None:
+        if not isinstance(value, dict):
+            raise InvalidResource(f"{path}: expected an object, not {_kind(value)}")
+        self.path = path
+        self.items = {}
+        for key, item in value.items():
+            name = _snake(key)
+            if name in self.items:
+                raise InvalidResource(f"{path}: field {name} given twice")
+            self.items[name] = item
+        self.unknown = unknown
+        self.read: Set[str] = set()
+
+    def get(self, name: str, default: Any = None) -> Any:
+        self.read.add(name)
+        value = self.items.get(name)
+        return default if value is None else value
+
+    def done(self) -> None:
+        for name in self.items:
+            if name not in self.read and name != "@type":
+                self.unknown(f"{self.path}.{name}")
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number")
+
+
+def _uint(value: Any, path: str, minimum: int = 0, maximum: int = _UINT32) -> int:
+    """
+    A proto3 JSON unsigned integer: a number, a numeric string, or either wrapped as C{{"value": ...}}.
+    """
+    if isinstance(value, dict):
+        if set(value) - {"value"}:
+            raise InvalidResource(f"{path}: a wrapper takes only a value field")
+        value = value.get("value", 0)
+    if isinstance(value, bool):
+        raise InvalidResource(f"{path}: expected a number, not a boolean")
+    if isinstance(value, str):
+        if not value.strip().isdigit():
+            raise InvalidResource(f"{path}: {value!r} is not a whole number")
+        value = int(value)
+    elif isinstance(value, float):
+        if not value.is_integer():
+            raise InvalidResource(f"{path}: {value!r} is not a whole number")
+        value = int(value)
+    elif not isinstance(value, int):
+        raise InvalidResource(f"{path}: expected a number, not {_kind(value)}")
+    if not minimum <= value <= maximum:
+        raise InvalidResource(f"{path}: {value} is not from {minimum} to {maximum}")
+    return value
+
+
+def parseDuration(value: Any, path: str = "duration") -> float:
+    """
+    A proto3 JSON duration (C{"1.5s"}, C{"0.010s"}, C{"3s"}) in seconds; negative ones are refused.
+
+    @raise InvalidResource: not such a string.
+    """
+    if not isinstance(value, str):
+        raise InvalidResource(f"{path}: a duration is a string like \"1.5s\", not {_kind(value)}")
+    match = _DURATION.match(value.strip())
+    if match is None:
+        raise InvalidResource(f"{path}: {value!r} is not a duration like \"1.5s\"")
+    seconds, fraction = match.groups()
+    return int(seconds) + (int(fraction.ljust(9, "0")) / 1e9 if fraction else 0.0)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """
+    A validated C{ClusterLoadAssignment}, reduced to what the client applies.
+
+    @ivar name: C{cluster_name}.
+    @ivar hosts: the usable endpoints of the lowest priority that has any.
+    @ivar listed: how many endpoints the assignment listed, at every priority (0: an empty assignment).
+    @ivar staleAfter: C{policy.endpoint_stale_after} in seconds, or C{None}.
+    """
+
+    name: str
+    hosts: Tuple[DiscoveredHost, ...]
+    listed: int
+    staleAfter: Optional[float] = None
+
+
+def parseAssignment(value: Any, path: str, unknown: Callable[[str], None]) -> Assignment:
+    """
+    Validate one EDS resource (an Any tagged with L{EDS_TYPE_URL}, or the bare message).
+
+    @raise InvalidResource: the resource is invalid (then the whole update is rejected).
+    """
+    if isinstance(value, dict) and "@type" in value and value["@type"] != EDS_TYPE_URL:
+        raise InvalidResource(f"{path}: resource of type {value['@type']!r}, expected {EDS_TYPE_URL}")
+    cla = _Fields(value, path, unknown)
+    name = cla.get("cluster_name")
+    if not isinstance(name, str) or not name:
+        raise InvalidResource(f"{path}: cluster_name is required")
+    byPriority: Dict[int, List[DiscoveredHost]] = {}
+    listed = 0
+    groups = cla.get("endpoints", [])
+    if not isinstance(groups, list):
+        raise InvalidResource(f"{path}.endpoints: expected a list")
+    for i, group in enumerate(groups):
+        gpath = f"{path}.endpoints[{i}]"
+        locality = _Fields(group, gpath, unknown)
+        # Locality weights and the locality itself are validated but not used: hosts are balanced as one set.
+        if locality.get("load_balancing_weight") is not None:
+            _uint(locality.get("load_balancing_weight"), gpath + ".load_balancing_weight", 1)
+        if locality.get("locality") is not None and not isinstance(locality.get("locality"), dict):
+            raise InvalidResource(f"{gpath}.locality: expected an object")
+        priority = _uint(locality.get("priority", 0), gpath + ".priority", 0, 128)
+        lbEndpoints = locality.get("lb_endpoints", [])
+        if not isinstance(lbEndpoints, list):
+            raise InvalidResource(f"{gpath}.lb_endpoints: expected a list")
+        usable = byPriority.setdefault(priority, [])
+        for j, lbEndpoint in enumerate(lbEndpoints):
+            listed += 1
+            host = _lbEndpoint(lbEndpoint, f"{gpath}.lb_endpoints[{j}]", unknown)
+            if host is not None:
+                usable.append(host)
+        locality.done()
+    staleAfter = None
+    if cla.get("policy") is not None:
+        policy = _Fields(cla.get("policy"), path + ".policy", unknown)
+        if policy.get("endpoint_stale_after") is not None:
+            staleAfter = parseDuration(policy.get("endpoint_stale_after"), path + ".policy.endpoint_stale_after")
+            if staleAfter <= 0:
+                staleAfter = None  # Envoy: zero means never stale
+        if policy.get("overprovisioning_factor") is not None:
+            _uint(policy.get("overprovisioning_factor"), path + ".policy.overprovisioning_factor", 1)
+        policy.done()
+    cla.done()
+    hosts: Tuple[DiscoveredHost, ...] = ()
+    for priority in sorted(byPriority):
+        if byPriority[priority]:
+            hosts = tuple(byPriority[priority])
+            break
+    return Assignment(name, hosts, listed, staleAfter)
+
+
+def _lbEndpoint(value: Any, path: str, unknown: Callable[[str], None]) -> Optional[DiscoveredHost]:
+    """
+    One C{LbEndpoint}: its host, or C{None} when its C{health_status} says not to use it.
+    """
+    lb = _Fields(value, path, unknown)
+    status = lb.get("health_status", 0)
+    if isinstance(status, str):
+        if status not in _HEALTH:
+            raise InvalidResource(f"{path}.health_status: {status!r} is not one of {', '.join(_HEALTH)}")
+        status = _HEALTH[status]
+    elif not isinstance(status, int) or isinstance(status, bool) or status not in _HEALTH.values():
+        raise InvalidResource(f"{path}.health_status: {status!r} is not a health status")
+    weight = _uint(lb.get("load_balancing_weight", 1), path + ".load_balancing_weight", 1)
+    endpoint = _Fields(lb.get("endpoint", {}), path + ".endpoint", unknown)
+    hostname = endpoint.get("hostname")
+    if hostname is not None and not isinstance(hostname, str):
+        raise InvalidResource(f"{path}.endpoint.hostname: expected a string")
+    address = _Fields(endpoint.get("address", {}), path + ".endpoint.address", unknown)
+    if address.get("socket_address") is None:
+        raise InvalidResource(f"{path}.endpoint.address: socket_address is required (pipe and other "
+                              f"addresses are not supported)")
+    socketAddress = _Fields(address.get("socket_address"), path + ".endpoint.address.socket_address", unknown)
+    ip = socketAddress.get("address")
+    if not isinstance(ip, str) or not (isIPAddress(ip) or isIPv6Address(ip)):
+        raise InvalidResource(f"{path}.endpoint.address.socket_address.address: {ip!r} is not an IP address")
+    protocol = socketAddress.get("protocol", "TCP")
+    if protocol not in ("TCP", 0):
+        raise InvalidResource(f"{path}.endpoint.address.socket_address.protocol: only TCP is supported")
+    if socketAddress.get("named_port") is not None:
+        raise InvalidResource(f"{path}.endpoint.address.socket_address.named_port: not supported, give port_value")
+    port = _uint(socketAddress.get("port_value", 0), path + ".endpoint.address.socket_address.port_value", 1, 65535)
+    for fields in (socketAddress, address, endpoint, lb):
+        fields.done()
+    if status in _UNUSABLE:
+        return None
+    return DiscoveredHost(f"tcp:host={ip.replace(':', chr(92) + ':')}:port={port}", weight, hostname or None)
+
+
+@dataclass(frozen=True)
+class Response:
+    """
+    A validated C{DiscoveryResponse}.
+    """
+
+    version: str
+    nonce: str
+    assignments: Dict[str, Assignment]
+
+
+def parseResponse(body: bytes, unknown: Callable[[str], None]) -> Response:
+    """
+    Validate a C{DiscoveryResponse} body whole.
+
+    @raise InvalidResource: not JSON, not a response, or one of its resources is invalid.
+    """
+    try:
+        value = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise InvalidResource(f"the response is not JSON: {e}") from None
+    response = _Fields(value, "response", unknown)
+    version = response.get("version_info", "")
+    nonce = response.get("nonce", "")
+    if not isinstance(version, str) or not isinstance(nonce, str):
+        raise InvalidResource("response: version_info and nonce are strings")
+    typeURL = response.get("type_url", EDS_TYPE_URL)
+    if typeURL != EDS_TYPE_URL:
+        raise InvalidResource(f"response: type_url {typeURL!r}, expected {EDS_TYPE_URL}")
+    resources = response.get("resources", [])
+    if not isinstance(resources, list):
+        raise InvalidResource("response.resources: expected a list")
+    # Read (and so not reported as unknown) but not used.
+    response.get("control_plane")
+    response.get("canary")
+    assignments: Dict[str, Assignment] = {}
+    for i, resource in enumerate(resources):
+        assignment = parseAssignment(resource, f"response.resources[{i}]", unknown)
+        if assignment.name in assignments:
+            raise InvalidResource(f"response.resources[{i}]: cluster {assignment.name!r} is given twice")
+        assignments[assignment.name] = assignment
+    response.done()
+    return Response(version, nonce, assignments)
+
+
+@implementer(IBodyProducer)
+class _BytesProducer:
+    """
+    A request body already in memory, written at once.
+    """
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer) -> defer.Deferred:
+        consumer.write(self.body)
+        return defer.succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class _HostEndpoints:
+    """
+    The endpoint factory of the client's agent: the control-plane cluster's pick, for every request.
+    """
+
+    def __init__(self, cluster: "Cluster") -> None:
+        self.cluster = cluster
+
+    def endpointForURI(self, uri):
+        host = self.cluster.pick()
+        if host is None:
+            raise ConnectionError(f"cluster {self.cluster.name} has no healthy host")
+        return host.client
+
+
+class NoChange(Exception):
+    """
+    The control plane answered 304: nothing changed.
+    """
+
+
+@implementer(IDiscovery)
+class EDSSubscription:
+    """
+    One cluster's subscription to its C{ClusterLoadAssignment} (the cluster's L{IDiscovery}).
+
+    @ivar resource: the resource name (C{service_name}, else the cluster's name).
+    @ivar running: between L{start} and L{stop}.
+    @ivar version: the version of the last assignment applied to the cluster, or C{None}.
+    """
+
+    def __init__(self, client: "XDSClient", cluster: "Cluster") -> None:
+        self.client = client
+        self.cluster = cluster
+        self.resource = cluster.config.discovery.service_name or cluster.name
+        self.stats = UpdateStats(cluster.stats)
+        self.update_rejected = cluster.stats.counter("update_rejected")
+        self.running = False
+        self.version: Optional[str] = None
+        self._stale = None
+
+    def start(self) -> None:
+        """
+        Join the client's polls (the first one starts at once if none runs).
+        """
+        if not self.running:
+            self.running = True
+            self.client._subscriptionsChanged()
+
+    def stop(self) -> None:
+        """
+        Leave the polls (the last subscription to leave stops them); the cluster keeps its hosts.
+        """
+        if self.running:
+            self.running = False
+            self._cancelStale()
+            self.client._subscriptionsChanged()
+
+    def apply(self, assignment: Optional[Assignment], version: str) -> None:
+        """
+        The accepted response's assignment for this cluster (C{None}: not in the response).
+        """
+        stats = self.stats
+        if assignment is None or not assignment.listed:
+            # Envoy's rule: an empty (or missing) assignment is counted and the previous hosts kept.
+            stats.update_empty.value += 1
+            return
+        changed = self.cluster.updateHosts(assignment.hosts)
+        self.version = version
+        stats.update_success.value += 1
+        if not changed:
+            stats.update_no_rebuild.value += 1
+        self._cancelStale()
+        if assignment.staleAfter is not None:
+            self._stale = self.client.clock.callLater(assignment.staleAfter, self._staled, assignment.staleAfter)
+
+    def _staled(self, after: float) -> None:
+        """
+        No update for C{endpoint_stale_after}: the control plane said to drop its endpoints then.
+        """
+        self._stale = None
+        self.client.log.warn("cluster {cluster}: no endpoint update for {after}s (endpoint_stale_after): "
+                             "dropping its endpoints", cluster=self.cluster.name, after=after)
+        self.cluster.updateHosts(())
+
+    def _cancelStale(self) -> None:
+        stale, self._stale = self._stale, None
+        if stale is not None and stale.active():
+            stale.cancel()
+
+
+class XDSClient:
+    """
+    Polls the control plane for the subscribed clusters' assignments (see the module docstring).
+
+    @ivar version: C{version_info} of the last response accepted (sent back as the ACK), C{""} before one.
+    @ivar nonce: the nonce of the last response read, C{""} before one.
+    @ivar errorDetail: the C{error_detail} of the next request (after a NACK), or C{None}.
+    @ivar polling: a poll is scheduled or in flight.
+    @ivar requests: the requests sent, as dicts (the last few, for tests and debugging).
+    """
+
+    log = Logger()
+
+    def __init__(self, config: XDSConfig, controlPlane: "Cluster", clock: IReactorTime, random: Random,
+                 post: Optional[Callable[[str, bytes], defer.Deferred]] = None) -> None:
+        """
+        @param post: sends one request: C{post(path, body)} fires with C{(status, body)}; by default over
+            HTTP/1.1 to a host of C{controlPlane}. Tests pass canned answers.
+        """
+        self.config = config
+        self.controlPlane = controlPlane
+        self.clock = clock
+        self.random = random
+        self.post = post if post is not None else self._post
+        self.subscriptions: List[EDSSubscription] = []
+        self.version = ""
+        self.nonce = ""
+        self.errorDetail: Optional[Dict[str, Any]] = None
+        self.polling = False
+        self.requests: List[Dict[str, Any]] = []
+        self._timer = None
+        self._inflight: Optional[defer.Deferred] = None
+        self._unknown: Set[str] = set()
+        self._agent = None
+        self.path = config.path_prefix + EDS_PATH
+
+    def subscribe(self, cluster: "Cluster") -> EDSSubscription:
+        """
+        The L{IDiscovery} of an xDS cluster: a subscription to its assignment.
+        """
+        subscription = EDSSubscription(self, cluster)
+        self.subscriptions.append(subscription)
+        return subscription
+
+    def resourceNames(self) -> List[str]:
+        """
+        The sorted resource names of the running subscriptions.
+        """
+        return sorted({s.resource for s in self.subscriptions if s.running})
+
+    def _subscriptionsChanged(self) -> None:
+        running = any(s.running for s in self.subscriptions)
+        if running and not self.polling:
+            self.polling = True
+            # Next turn of the reactor, so that every cluster started in this one is in the first request.
+            self._timer = self.clock.callLater(0, self.poll)
+        elif not running and self.polling:
+            self.polling = False
+            timer, self._timer = self._timer, None
+            if timer is not None and timer.active():
+                timer.cancel()
+            inflight, self._inflight = self._inflight, None
+            if inflight is not None:
+                inflight.cancel()
+
+    def request(self) -> Dict[str, Any]:
+        """
+        The next C{DiscoveryRequest}.
+        """
+        request: Dict[str, Any] = {
+            "version_info": self.version,
+            "node": {"id": self.config.node_id, "cluster": self.config.node_cluster,
+                     "user_agent_name": "twistedmesh"},
+            "resource_names": self.resourceNames(),
+            "type_url": EDS_TYPE_URL,
+            "response_nonce": self.nonce,
+        }
+        if self.errorDetail is not None:
+            request["error_detail"] = self.errorDetail
+        return request
+
+    def poll(self) -> None:
+        """
+        Send one request now (the timer calls it).
+        """
+        self._timer = None
+        if not self.polling:
+            return
+        request = self.request()
+        self.requests = self.requests[-9:] + [request]
+        running = [s for s in self.subscriptions if s.running]
+        for s in running:
+            s.stats.update_attempt.value += 1
+        d = defer.maybeDeferred(self.post, self.path, json.dumps(request).encode("utf-8"))
+        self._inflight = d
+        timer = self.clock.callLater(self.config.timeout, d.cancel)
+
+        def ended(result):
+            if timer.active():
+                timer.cancel()
+            return result
+
+        d.addBoth(ended)
+        d.addCallbacks(self._answered, self._failed, callbackArgs=(running,), errbackArgs=(running,))
+        d.addErrback(lambda f: self.log.failure("xDS poll failed unexpectedly", f))
+        d.addBoth(self._next, d)
+
+    def _answered(self, answer: Tuple[int, bytes], running: List[EDSSubscription]) -> None:
+        status, body = answer
+        if status == 304:
+            return
+        if status != 200:
+            text = body[:200].decode("utf-8", "replace")
+            self._failed(Failure(ConnectionError(f"HTTP status {status}: {text!r}")), running)
+            return
+        try:
+            response = parseResponse(body, self._unknownField)
+        except InvalidResource as e:
+            self._reject(str(e), body, running)
+            return
+        self.nonce = response.nonce
+        self.version = response.version
+        self.errorDetail = None
+        for s in running:
+            s.apply(response.assignments.get(s.resource), response.version)
+        self.log.debug("xDS: applied version {version}", version=response.version)
+
+    def _reject(self, why: str, body: bytes, running: List[EDSSubscription]) -> None:
+        """
+        NACK: keep every cluster's hosts and the last version; say why in the next request.
+        """
+        try:
+            nonce = json.loads(body).get("nonce")
+        except Exception:  # not JSON, or not an object: no nonce to echo
+            nonce = None
+        if isinstance(nonce, str):
+            self.nonce = nonce
+        self.errorDetail = {"code": INVALID_ARGUMENT, "message": why}
+        for s in running:
+            s.update_rejected.value += 1
+        self.log.warn("xDS: rejected an update from the control plane (kept version {version!r}): {why}",
+                      version=self.version, why=why)
+
+    def _failed(self, failure: Failure, running: List[EDSSubscription]) -> None:
+        if failure.check(defer.CancelledError) and not self.polling:
+            return  # stopped
+        for s in running:
+            s.stats.update_failure.value += 1
+        why = "timed out" if failure.check(defer.CancelledError) else failure.getErrorMessage()
+        self.log.warn("xDS: cannot reach the control plane ({why})", why=why)
+
+    def _next(self, _, d: defer.Deferred) -> None:
+        if self._inflight is d:
+            self._inflight = None
+        if self.polling:
+            delay = self.config.refresh_delay * (1.0 + self.config.jitter * self.random.random())
+            self._timer = self.clock.callLater(delay, self.poll)
+
+    def _unknownField(self, path: str) -> None:
+        # List indices differ from one resource to the next: one log line per field, whatever its place.
+        key = re.sub(r"\[\d+\]", "[]", path)
+        if key not in self._unknown:
+            self._unknown.add(key)
+            self.log.info("xDS: ignoring unknown field {field}", field=key)
+
+    def _post(self, path: str, body: bytes) -> defer.Deferred:
+        """
+        POST C{body} to C{path} on a host of the control-plane cluster; fires with C{(status, body)}.
+        """
+        if self._agent is None:
+            self._agent = Agent.usingEndpointFactory(self.clock, _HostEndpoints(self.controlPlane))
+        host = (self.config.host or self.controlPlane.name).encode("ascii")
+        headers = Headers({b"content-type": [b"application/json"], b"accept": [b"application/json"]})
+        d = self._agent.request(b"POST", b"http://" + host + path.encode("ascii"), headers, _BytesProducer(body))
+
+        def read(response):
+            body = _BoundedBody(MAX_RESPONSE_BYTES)
+            response.deliverBody(body)
+            return body.finished.addCallback(lambda content: (response.code, content))
+
+        return d.addCallback(read)
+
+
+class _BoundedBody(protocol.Protocol):
+    """
+    Collects a response body of at most C{limit} bytes; C{finished} fires with it, or fails (too large,
+    connection lost). Cancelling C{finished} stops the download.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.size = 0
+        self.chunks: List[bytes] = []
+        self.finished = defer.Deferred(lambda d: self._stop())
+
+    def _stop(self) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.finished.called:
+            return
+        self.size += len(data)
+        if self.size > self.limit:
+            self.chunks = []
+            self.finished.errback(ConnectionError(f"response larger than {self.limit} bytes"))
+            self._stop()
+            return
+        self.chunks.append(data)
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        if self.finished.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.finished.callback(b"".join(self.chunks))
+        else:
+            self.finished.errback(reason)

@@ -1,0 +1,8 @@
+"""
+C{python -m twistedmesh.workers SPEC}: the entry point of one worker process (see L{child.main}).
+"""
+
+from .child import main
+
+if __name__ == "__main__":
+    main()
