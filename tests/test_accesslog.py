@@ -251,17 +251,17 @@ class HeaderOperatorTests(unittest.TestCase):
         s.state["responseTrailers"] = [(b"grpc-status", b"0")]
         self.assertEqual(render("%TRAILER(GRPC-STATUS)%", s), "0")
 
-    def test_trailersAttribute(self):
+    def test_trailersSentAreLogged(self):
         """
-        C{%TRAILER(X)%} reads a C{trailers} attribute when the stream has one.
+        The trailers a stream sends (after the response filters ran) are what C{%TRAILER(X)%} shows.
         """
-
-        class TrailerStream(Stream):
-            __slots__ = ("trailers",)
-
-        s = TrailerStream(_Codec(), [], "edge", None, START)
-        s.trailers = [(b"grpc-message", b"ok")]
-        self.assertEqual(render("%TRAILER(GRPC-MESSAGE)%", s), "ok")
+        from twistedmesh.testing import FilterHarness
+        h = FilterHarness()
+        h.request()
+        h.respond(200, [(b"content-type", b"application/grpc")], [b"\0\0\0\0\0"],
+                  trailers=[(b"grpc-status", b"14"), (b"grpc-message", b"unavailable")])
+        self.assertEqual(render("%TRAILER(GRPC-STATUS)% %TRAILER(GRPC-MESSAGE)% %TRAILER(X-NONE)%", h.stream),
+                         "14 unavailable -")
 
     def test_notUTF8(self):
         """

@@ -125,7 +125,8 @@ class IHTTPFilter(Interface):
       - a L{twisted.internet.defer.Deferred}: pause this direction until it fires with one of these (later
         events wait in order; the client is not read meanwhile);
       - C{stream.respond(status, body, headers)} (request hooks): stop and answer from the proxy; the reply
-        runs through the response hooks of the filters before this one.
+        runs through the response hooks of the filters before this one (to a gRPC request it is sent
+        as a gRPC trailers-only reply; C{grpcStatus=} picks the gRPC status).
     A hook that raises, or whose Deferred fails, is answered with a 500 (or a reset, once the response
     has started) and logged.
     """

@@ -438,6 +438,7 @@ class Stream:
             codec.writeHeaders(self, end)
         else:
             self.responseEnded = True
+            self.state["responseTrailers"] = payload  # for %TRAILER(...)% (gRPC's status lives here)
             codec.writeTrailers(self, payload)
 
     def _pauseResponse(self, kind, index, payload, end, d: Deferred) -> None:

@@ -356,10 +356,8 @@ def _source(kind: str, name: str) -> Callable[[Any], Optional[bytes]]:
         return fromResponse
 
     def fromTrailers(r: Any) -> Optional[bytes]:
-        # Streams do not keep response trailers yet: a C{trailers} attribute or state entry, if present.
-        trailers = getattr(r, "trailers", None)
-        if trailers is None:
-            trailers = r.state.get("responseTrailers")
+        # The stream keeps the trailers it sent in its state (only streams that had any).
+        trailers = r.state.get("responseTrailers")
         if trailers:
             for k, v in trailers:
                 if k == key:
