@@ -258,6 +258,38 @@ class PoolFollowsTests(SynchronousTestCase):
         self.assertTrue(busy.goingAway)
         self.assertEqual(pool.ready, [idle])  # idle's own _idle() takes it out (faked here)
 
+    def test_retiredClusterHTTP2(self) -> None:
+        """
+        A cluster a reload retires drains its HTTP/2 pools the same way (the pool's own C{drain()}).
+        """
+        from twistedmesh.reload import drainCluster
+        cluster = _cluster("protocol = http2")
+        pool = cluster.pools.forHost(cluster.hosts[0])
+        idle, busy = _H2Conn(), _H2Conn()
+        busy.streams = {1: object()}
+        pool.connections.update((idle, busy))
+        pool.ready.extend((idle, busy))
+        drainCluster(cluster)
+        self.assertTrue(idle.idled)
+        self.assertTrue(busy.goingAway)
+        self.assertEqual(pool.ready, [idle])
+
+    def test_retiredClusterHTTP1(self) -> None:
+        """
+        A retired HTTP/1.1 cluster closes idle connections now and keeps none released later.
+        """
+        from twistedmesh.reload import drainCluster
+        cluster = _cluster()
+        pool = cluster.pools.forHost(cluster.hosts[0])
+        idle, busy = _Conn(), _Conn()
+        pool.release(idle)
+        drainCluster(cluster)
+        self.assertEqual(idle.closed, "close")
+        pool.release(busy)
+        self.assertEqual(busy.closed, "close")
+        later = cluster.pools.forHost(cluster.hosts[1])
+        self.assertEqual(later.maxIdle, 0)
+
     def test_keptPoolUntouched(self) -> None:
         """A host that stays keeps its pool and idle connections."""
         cluster = _cluster()

@@ -775,6 +775,25 @@ class IdleTests(PoolTestBase):
         peer.read()
         self.assertTrue(any(isinstance(e, ConnectionTerminated) for e in peer.events))
 
+    def test_idleCountsFromLastStream(self):
+        """
+        The idle timeout counts from the moment the last stream ended, not from an earlier idle moment.
+        """
+        first, conn, peer = self.connect()
+        self.begin(first)
+        peer.read()
+        peer.respond(1)
+        self.clock.advance(50)
+        second = Recorder()
+        self.pool.acquire(second)
+        self.begin(second)
+        peer.read()
+        peer.respond(3)
+        self.clock.advance(50)
+        self.assertFalse(peer.closed)
+        self.clock.advance(10)
+        self.assertTrue(peer.closed)
+
     def test_closeAll(self):
         """
         closeAll aborts the connections and fails the waiters.
@@ -907,7 +926,9 @@ class H2Origin(protocol.Protocol):
         h2c = self.h2
         if path == b"/slow":
             return
-        if path == b"/reset":
+        if path == b"/reset-early":
+            h2c.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)
+        elif path == b"/reset":
             h2c.send_headers(sid, [(b":status", b"200")])
             h2c.send_data(sid, b"partial")
             h2c.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)
@@ -1074,7 +1095,7 @@ cluster = origin
         self.port = self.service.listeners["web"].port.getHost().port
 
     @defer.inlineCallbacks
-    def startProxy(self, endpoint: str, extra: str = ""):
+    def startProxy(self, endpoint: str, extra: str = "", listener: str = ""):
         service = MeshService(loadString(f"""
 [mesh]
 admin = off
@@ -1083,6 +1104,7 @@ drain_timeout = 1s
 endpoint = tcp:0:interface=127.0.0.1
 protocol = http
 routes = main
+{listener}
 {self.routes}
 [cluster:origin]
 endpoints = {endpoint}
@@ -1213,6 +1235,24 @@ class IntegrationTests(IntegrationBase):
         answer = yield rawExchange(self.port, b"GET /refuse-once HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         self.assertTrue(answer.startswith(b"HTTP/1.1 503"), answer)
         self.assertIn(b"remote_refused_stream_reset", answer)
+
+    @defer.inlineCallbacks
+    def test_resetFlags(self):
+        """
+        A reset before the head is a 503 flagged UR with remote_reset; a refused stream the same with
+        remote_refused_stream_reset; both as the access log records them.
+        """
+        path = os.path.abspath(self.mktemp())
+        service = yield self.startProxy(f"tcp:127.0.0.1:{self.originPort.getHost().port}", listener=(
+            f"access_log = {path}\naccess_log.format = %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS%"))
+        port = service.listeners["web"].port.getHost().port
+        for target in (b"/reset-early", b"/refuse-once"):
+            answer = yield rawExchange(port, b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % target)
+            self.assertTrue(answer.startswith(b"HTTP/1.1 503"), answer)
+        yield self._stop(service)
+        with open(path) as f:
+            self.assertEqual(f.read(), "503 UR upstream_reset_before_response_started{remote_reset}\n"
+                                       "503 UR upstream_reset_before_response_started{remote_refused_stream_reset}\n")
 
     @defer.inlineCallbacks
     def test_resetAfterHeaders(self):

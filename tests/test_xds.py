@@ -203,6 +203,18 @@ class ClientTests(SynchronousTestCase):
         s.nextPoll()
         self.assertNotIn("error_detail", s.plane.requests[-1])
 
+    def test_noControlPlaneHost(self) -> None:
+        """With no healthy host in the control-plane cluster, a poll fails (counted) and polling goes on."""
+        s = Setup()
+        s.plane.answer(304)
+        s.client.post = s.client._post  # the real HTTP client, over the control-plane cluster's hosts
+        cp = s.clusters["cp"]
+        cp.hosts[0].setHealthFlag("failed_active_hc", True)
+        cp.healthChanged()
+        s.nextPoll()
+        self.assertEqual(s.stat("api", "update_failure"), 1)
+        self.assertIsNotNone(s.client._timer)
+
     def test_malformedJSON(self) -> None:
         """A body that is not JSON is rejected (NACK, with the last nonce known)."""
         s = Setup()

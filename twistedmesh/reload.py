@@ -209,23 +209,7 @@ def _moved(old: Mapping[str, Any], new: Mapping[str, Any], same) -> Changes:
 def drainCluster(cluster: Any) -> None:
     """
     Retire a cluster the new configuration replaced or removed: its idle upstream connections close now,
-    each busy one when its request ends (a pool that keeps no idle connection closes what is released to
-    it), and pools it makes from now on keep none either. Requests in flight finish, retries included.
+    each busy one when its request ends, and pools it makes from now on keep none either. Requests in
+    flight finish, retries included.
     """
-    pools = cluster.pools
-    pools.maxIdle = 0
-    for pool in list(pools.pools.values()):
-        _drainPool(pool)
-
-
-def _drainPool(pool: Any) -> None:
-    drain = getattr(pool, "drain", None)
-    if drain is not None:
-        drain()
-        return
-    pool.maxIdle = 0
-    idle = list(pool.idle)
-    del pool.idle[:]
-    for conn in idle:
-        conn.transport.loseConnection()
-
+    cluster.pools.drain()

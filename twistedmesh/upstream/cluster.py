@@ -24,7 +24,7 @@ from .breaker import CircuitBreaker
 from .discovery import DiscoveredHost, makeDiscovery
 from .outlier import OutlierDetector
 from .http1 import ClusterPools
-from .http2 import H2ClusterPools, H2HostPool
+from .http2 import H2ClusterPools
 from .health import HealthChecker
 from .lb import POLICIES
 
@@ -218,7 +218,7 @@ class Cluster:
         for host in removed:
             pool = self.pools.pools.pop(host, None)
             if pool is not None:
-                _drainPool(pool)
+                pool.drain()  # idle connections close now, busy ones when their request ends
         self.log.info("cluster {name}: {added} host(s) added, {removed} removed, {total} in all",
                       name=self.name, added=len(added), removed=len(removed), total=len(kept))
         self.membership_healthy.value = sum(1 for h in kept if h.healthy)
@@ -252,34 +252,6 @@ class Cluster:
         """
         self.membership_healthy.value = sum(1 for h in self.hosts if h.healthy)
         self.lb.rebuild()
-
-
-def _drainPool(pool) -> None:
-    """
-    A removed host's pool: close its idle connections now and every busy one when its request ends (a pool
-    that keeps no idle connection closes what is released to it).
-    """
-    drain = getattr(pool, "drain", None)
-    if drain is not None:
-        drain()
-        return
-    if isinstance(pool, H2HostPool):
-        # HTTP/2: no new streams on any connection; an idle one goes now (GOAWAY, close), a busy one when
-        # its last stream ends (a connection going away closes then).
-        for conn in list(pool.connections):
-            if conn.closing:
-                continue
-            if conn.streams or conn.reserved:
-                conn.goingAway = True
-                pool._goingAway(conn)
-            else:
-                conn._idle()
-        return
-    pool.maxIdle = 0
-    idle = list(pool.idle)
-    del pool.idle[:]
-    for conn in idle:
-        conn._close(False)
 
 
 def buildClusters(

@@ -479,6 +479,16 @@ class HostPool:
             if timer.active():
                 timer.cancel()
 
+    def drain(self) -> None:
+        """
+        Retire this pool (its host was removed, or its cluster replaced): idle connections close now, each
+        busy one when its exchange ends (the pool keeps no idle connection from now on).
+        """
+        self.maxIdle = 0
+        idle, self.idle = self.idle, []
+        for conn in idle:
+            conn._close(False)
+
     def closeAll(self) -> None:
         """
         Close every connection and cancel every connection attempt (service shutdown): their waiters get
@@ -516,6 +526,14 @@ class ClusterPools:
             pool = self.pools[host] = HostPool(host, self.cluster, self.clock, self.cluster.connectTimeout,
                                                self.maxIdle, self.idleTimeout)
         return pool
+
+    def drain(self) -> None:
+        """
+        Retire every host's pool (see L{HostPool.drain}); pools made later keep no idle connection either.
+        """
+        self.maxIdle = 0
+        for pool in list(self.pools.values()):
+            pool.drain()
 
     def closeAll(self) -> None:
         """

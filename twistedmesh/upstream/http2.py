@@ -450,11 +450,6 @@ class H2UpstreamConnection(protocol.Protocol):
         Take a slot (the caller checked L{capacity}) for a stream the router begins or gives back.
         """
         self.reserved += 1
-        timer = self.idleTimer
-        if timer is not None:
-            self.idleTimer = None
-            if timer.active():
-                timer.cancel()
         return H2Stream(self)
 
     # -- connection lifecycle -------------------------------------------------------------------------------------
@@ -777,9 +772,15 @@ class H2UpstreamConnection(protocol.Protocol):
             self.pool._serve()
             if self.streams or self.reserved:
                 return
+        # The idle timer is left running while streams come and go (one reset per idle moment, not a cancel
+        # and a new call per stream); when it fires on a busy connection it just goes away.
         timeout = self.pool.idleTimeout
-        if timeout and self.idleTimer is None:
-            self.idleTimer = self.pool.clock.callLater(timeout, self._idle)
+        if timeout:
+            timer = self.idleTimer
+            if timer is None:
+                self.idleTimer = self.pool.clock.callLater(timeout, self._idle)
+            else:
+                timer.reset(timeout)
 
     def _idle(self) -> None:
         self.idleTimer = None
@@ -1020,6 +1021,20 @@ class H2HostPool:
         if self.waiting:
             self._connectIfNeeded(False)
 
+    def drain(self) -> None:
+        """
+        Retire this pool (its host was removed, or its cluster replaced): no new streams on any connection;
+        an idle one goes now (GOAWAY, close), a busy one when its last stream ends.
+        """
+        for conn in list(self.connections):
+            if conn.closing:
+                continue
+            if conn.streams or conn.reserved:
+                conn.goingAway = True
+                self._goingAway(conn)
+            else:
+                conn._idle()
+
     def closeAll(self) -> None:
         """
         Close every connection and cancel every attempt (service shutdown): waiters get C{poolFailed}.
@@ -1066,6 +1081,13 @@ class H2ClusterPools:
             pool = self.pools[host] = H2HostPool(host, self.cluster, self.clock, self.cluster.connectTimeout,
                                                  self.settings, self.stats, self.idleTimeout)
         return pool
+
+    def drain(self) -> None:
+        """
+        Retire every host's pool (see L{H2HostPool.drain}).
+        """
+        for pool in list(self.pools.values()):
+            pool.drain()
 
     def closeAll(self) -> None:
         """
