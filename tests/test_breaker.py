@@ -89,6 +89,18 @@ class PendingLimitTests(BreakerTestBase):
         self.assertEqual(self.cstat("circuit_breakers.default.rq_pending_open"), 0)
         self.assertEqual(self.cstat("circuit_breakers.default.remaining_pending"), 1)
 
+    def test_pendingActive(self) -> None:
+        """
+        C{upstream_rq_pending_active} is the number waiting for a connection now;
+        C{upstream_rq_pending_total} counts every request that had to wait.
+        """
+        self.get(b"/x")
+        self.assertEqual(self.cstat("upstream_rq_pending_active"), 1)
+        self.assertEqual(self.cstat("upstream_rq_pending_total"), 1)
+        self.connect(0)
+        self.assertEqual(self.cstat("upstream_rq_pending_active"), 0)
+        self.assertEqual(self.cstat("upstream_rq_pending_total"), 1)
+
 
 class ConnectionLimitTests(BreakerTestBase):
     """

@@ -36,6 +36,26 @@ class _Limit:
         self.remaining.value = max(self.limit - count, 0)
 
 
+class _PendingLimit(_Limit):
+    """
+    The pending-request limit, which also keeps the cluster's C{upstream_rq_pending_active} gauge and
+    C{upstream_rq_pending_total} counter (requests that had to wait for a connection).
+    """
+
+    __slots__ = ("active", "total")
+
+    def __init__(self, limit: int, scope: StatsScope, cluster: StatsScope) -> None:
+        _Limit.__init__(self, limit, scope, "rq_pending_open", "remaining_pending")
+        self.active = cluster.gauge("upstream_rq_pending_active")
+        self.total = cluster.counter("upstream_rq_pending_total")
+
+    def add(self, n: int) -> None:
+        _Limit.add(self, n)
+        self.active.value = self.count
+        if n > 0:
+            self.total.value += n
+
+
 class CircuitBreaker:
     """
     The default-priority circuit breakers of one cluster (see the module docstring).
@@ -45,7 +65,7 @@ class CircuitBreaker:
         self.config = config
         breakers = scope.scope("circuit_breakers").scope("default")
         self.connections = _Limit(config.max_connections, breakers, "cx_open", "remaining_cx")
-        self.pending = _Limit(config.max_pending_requests, breakers, "rq_pending_open", "remaining_pending")
+        self.pending = _PendingLimit(config.max_pending_requests, breakers, scope)
         self.requests = _Limit(config.max_requests, breakers, "rq_open", "remaining_rq")
         self.retries = _Limit(config.max_retries, breakers, "rq_retry_open", "remaining_retries")
         self.upstream_rq_pending_overflow = scope.counter("upstream_rq_pending_overflow")
