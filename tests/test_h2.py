@@ -1817,6 +1817,37 @@ cluster = raw
         self.assertTrue(r.ended)
 
 
+    @defer.inlineCallbacks
+    def test_rapidResetClosesSocket(self):
+        """
+        Over a real socket, a rapid-reset client gets GOAWAY(ENHANCE_YOUR_CALM) and its TCP connection is
+        closed by the proxy.
+        """
+        client = yield self.client()
+        conn = client.conn
+        for i in range(300):
+            sid = conn.get_next_available_stream_id()
+            conn.send_headers(sid, head(b"/raw/slow"), end_stream=True)
+            conn.reset_stream(sid, ErrorCodes.CANCEL)
+        client.flush()
+        yield client.closed
+        self.assertEqual([g.error_code for g in client.goaways], [ErrorCodes.ENHANCE_YOUR_CALM])
+        self.assertEqual(self.stat("http.web.downstream_rq_too_many_premature_resets"), 1)
+
+    @defer.inlineCallbacks
+    def test_emptyFramesCloseSocket(self):
+        """
+        Over a real socket, empty DATA frames get GOAWAY(ENHANCE_YOUR_CALM) and the connection closed.
+        """
+        client = yield self.client()
+        client.conn.send_headers(1, head(b"/raw/slow", b"POST"))  # the body is still to come
+        client.flush()
+        client.transport.write(DataFrame(1).serialize() * 2)
+        yield client.closed
+        self.assertEqual([g.error_code for g in client.goaways], [ErrorCodes.ENHANCE_YOUR_CALM])
+        self.assertEqual(self.stat("http.web.http2.inbound_empty_frames_flood"), 1)
+
+
 class UploadTests(HTTPTestBase):
     """
     A 100 MiB HTTP/2 upload to an upstream that stops reading: the proxy's windows hold the client back.

@@ -243,6 +243,7 @@ class FakeMesh:
         self.stats = filledStore(requests, 1)
         self.drains: List[bool] = []
         self.healthCheckFailed = False
+        self.clusters: Dict = {}
         self.reloads: List[Optional[str]] = []
         self.reloadWith = None
 
@@ -444,6 +445,25 @@ class SupervisionTests(unittest.TestCase):
         self.clock.advance(0.1)
         self.assertTrue(self.slot.running)
 
+    def test_reopenLogs(self):
+        """SIGUSR1 in the parent (reopen the access logs) is passed on to every running worker."""
+        died(self.supervisor.slots[1])
+        self.supervisor.accessLogSinks.reopen()
+        self.assertEqual([p.signals for _, p in self.spawner.spawned], [["USR1"], []])
+
+    def test_addressInUse(self):
+        """A listener's address in use stops the process before any worker starts."""
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        text = CONFIG.format(workers=2).replace("tcp:0:", f"tcp:{taken.getsockname()[1]}:")
+        clock = MemoryReactorClock()
+        spawner = Spawner()
+        Supervisor(loadString(text), clock, spawner).startService()
+        self.assertEqual(spawner.spawned, [])
+        self.assertEqual([f for f, _, _ in clock.whenRunningHooks], [clock.stop])
+
     def test_outputRelayed(self):
         """
         A worker's log events (JSON lines on its stdout) join the parent's log marked with the worker,
@@ -576,6 +596,39 @@ class FanOutTests(unittest.TestCase):
         request, body = get(worker="7")
         self.assertEqual(request.responseCode, 400)
         self.assertIn(b"worker must be a number from 0 to 1", body)
+
+    def test_clusters(self):
+        """
+        The admin C{/clusters} shows each host as the workers see it together: figures summed, unhealthy
+        if a worker finds it so, each worker's reason when they differ.
+        """
+        from twistedmesh.upstream.cluster import Host
+
+        for index, mesh in self.spawner.meshes.items():
+            host = Host("tcp:127.0.0.1:1", None, 1)
+            host.rq_total = 5 * (index + 1)
+            if index == 1:
+                host.setHealthFlag("failed_active_hc", True, "503 from /healthz")
+            mesh.clusters = {"web": type("C", (), {"hosts": [host]})()}
+            mesh.stats.scope("cluster", "web").counter("upstream_rq_total").value = 7
+        resource = AdminResource(self.supervisor, self.clock)
+        request = DummyRequest([b"clusters"])
+        request.addArg(b"format", b"json")
+        resource.render(request)
+        self.spawner.flush()
+        status = json.loads(b"".join(request.written))["cluster_statuses"]
+        self.assertEqual([c["name"] for c in status], ["web"])
+        host = status[0]["host_statuses"][0]
+        self.assertEqual((host["address"], host["stats"]["rq_total"], host["health"]),
+                         ("tcp:127.0.0.1:1", 15, "/failed_active_hc"))
+        self.assertEqual(host["health_reason"], "worker 0: no health checking configured; worker 1: 503 from /healthz")
+        self.assertEqual(self.supervisor.clusters["web"].upstream_rq_total.value, 14)
+        self.assertEqual(self.supervisor.clusters["web"].upstream_cx_active.value, 0)  # no such stat yet
+        page = DummyRequest([b""])
+        body = resource.render(page)  # the dashboard reads the same views
+        self.assertEqual(page.responseCode, 200)
+        self.assertIn(b"tcp:127.0.0.1:1", body)
+        self.assertIn(b"503 from /healthz", body)
 
     def test_reloadFansOut(self):
         """A reload runs in every worker; it is applied when all applied it; errors name the worker."""
@@ -835,6 +888,11 @@ endpoint = tcp:{echo}:interface=127.0.0.1
         self.assertEqual((yield response.json())["ok"], True)
         for i in (0, 1):
             self.assertEqual((yield self.stats(i))["server.reload.success"], 1)
+        # So does SIGHUP.
+        self.process.transport.signalProcess("HUP")
+        for i in (0, 1):
+            yield self.until(lambda: self.stats(i).addCallback(lambda s: s["server.reload.success"] == 2),
+                             f"worker {i} reloaded on SIGHUP")
 
         # SIGKILL a worker under load: no connection is refused; the requests that fail (reset, or closed
         # without a response) are those the killed worker had (see the two tests), and each of them
@@ -855,7 +913,10 @@ endpoint = tcp:{echo}:interface=127.0.0.1
         self.process.transport.signalProcess("TERM")
         code = yield self.process.ended
         self.assertEqual(code, 0, self.process.output()[-4000:])
-        self.assertEqual(self.process.output().count("draining"), 2, self.process.output()[-4000:])
+        import re
+
+        stopped = re.findall(r"\[worker-(\d)\] Main loop terminated", self.process.output())
+        self.assertEqual(sorted(stopped), ["0", "1"], self.process.output()[-4000:])
 
     def test_reusePort(self):
         """

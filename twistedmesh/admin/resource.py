@@ -133,7 +133,7 @@ class AdminResource(Resource):
             return _respond(request, 405, TEXT,
                             b"method not allowed: use " + b" or ".join(allowed) + b"\n")
         collect = getattr(self.server, "collectStats", None)
-        if collect is not None and endpoint.render in (self.renderStats, self.renderPrometheus):
+        if collect is not None and endpoint.render in (self.renderStats, self.renderPrometheus, self.renderClusters):
             return self._renderCollected(request, endpoint, collect)
         body = endpoint.render(request)
         if method == b"HEAD":
@@ -143,11 +143,12 @@ class AdminResource(Resource):
 
     def _renderCollected(self, request: Request, endpoint: _Endpoint, collect) -> Any:
         """
-        Stats of a server of several processes (L{twistedmesh.workers.Supervisor}): gathered from its workers
-        first (summed, or one worker's with C{?worker=N}), then rendered.
+        Stats and clusters of a server of several processes (L{twistedmesh.workers.Supervisor}): gathered
+        from its workers first (summed, or one worker's stats with C{?worker=N}), then rendered.
         """
+        clusters = endpoint.render == self.renderClusters
         try:
-            d = collect(_arg(request, b"worker"))
+            d = collect(None if clusters else _arg(request, b"worker"))
         except ValueError as e:
             return _respond(request, 400, TEXT, f"{e}\n".encode())
         gone: List[bool] = []
@@ -156,7 +157,7 @@ class AdminResource(Resource):
         def rendered(stats: StatsStore) -> None:
             if gone:
                 return
-            body = endpoint.render(request, stats)
+            body = endpoint.render(request) if clusters else endpoint.render(request, stats)
             if request.method == b"HEAD":
                 request.setHeader(b"Content-Length", b"%d" % (len(body),))
             else:

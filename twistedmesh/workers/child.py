@@ -104,11 +104,13 @@ def run(reactor, spec: Dict[str, Any]) -> int:
     index = spec["index"]
     status: List[int] = [0]
     try:
-        config = loadFile(spec["config"])
+        # The file as it is now: a worker started again after the file changed runs the new one (or, if
+        # it has errors, exits, and is started again after the back-off until the file is fixed).
+        mesh = MeshService(workerConfig(loadFile(spec["config"])), reactor,
+                           listenerEndpoint=listenerEndpoints(reactor, spec))
     except ConfigErrors as e:
         log.error("worker {index}: invalid configuration:\n{errors}", index=index, errors=e)
         return 2
-    mesh = MeshService(workerConfig(config), reactor, listenerEndpoint=listenerEndpoints(reactor, spec))
     mesh.loadConfig = lambda path: workerConfig(loadFile(path))
     mesh.healthCheckFailed = bool(spec.get("healthCheckFailed"))
     draining: List[bool] = []
@@ -119,10 +121,7 @@ def run(reactor, spec: Dict[str, Any]) -> int:
             if reactor.running:
                 reactor.stop()  # the shutdown trigger below drains
 
-    def reloadConfig(path: Optional[str]):
-        return _reload(mesh, path or spec["config"])
-
-    control = WorkerControl(mesh, exit=drain, reloadConfig=reloadConfig, lost=drain)
+    control = WorkerControl(mesh, exit=drain, reloadConfig=mesh.reload, lost=drain)
     fd = spec["control"]
     os.set_blocking(fd, False)
     reactor.adoptStreamConnection(fd, socket.AF_UNIX, _One(control))
@@ -145,17 +144,6 @@ def run(reactor, spec: Dict[str, Any]) -> int:
     reactor.callWhenRunning(started)
     reactor.run()
     return status[0]
-
-
-def _reload(mesh, path: str):
-    """
-    Reload the worker's service from C{path} (L{MeshService.reload}, which reads the file with the
-    service's C{loadConfig}: here, as a worker runs it, see L{workerConfig}).
-    """
-    reload = getattr(mesh, "reload", None)
-    if reload is None:
-        return False, ["this build of twistedmesh cannot reload a running service"]
-    return reload(path)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -48,11 +48,12 @@ class JSONValue(amp.Argument):
 
 class Stats(amp.Command):
     """
-    Parent to worker: every stat of the worker (see L{twistedmesh.workers.stats.snapshot}).
+    Parent to worker: every stat of the worker (see L{twistedmesh.workers.stats.snapshot}), and the hosts
+    of its clusters with their health (L{twistedmesh.workers.stats.clusterSnapshot}).
     """
 
     arguments: List = []
-    response = [(b"stats", JSONValue())]
+    response = [(b"stats", JSONValue()), (b"clusters", JSONValue())]
 
 
 class Reload(amp.Command):
@@ -135,9 +136,9 @@ class WorkerControl(amp.AMP):
         """
         Every stat of the worker.
         """
-        from .stats import snapshot
+        from .stats import clusterSnapshot, snapshot
 
-        return {"stats": snapshot(self.mesh.stats)}
+        return {"stats": snapshot(self.mesh.stats), "clusters": clusterSnapshot(self.mesh.clusters)}
 
     @Reload.responder
     def reload(self, path: Optional[str] = None):

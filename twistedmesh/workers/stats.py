@@ -3,14 +3,16 @@ Stats across processes: a worker's L{StatsStore} as plain JSON-able data (L{snap
 added up into one store (L{MergedStats}) for the parent's admin endpoint.
 
 Counters and gauges are summed. Histograms have fixed buckets (the same bounds in every worker), so they
-merge exactly: bucket counts, counts and sums are added.
+merge exactly: bucket counts, counts and sums are added. The clusters' hosts, with their health, are
+gathered likewise (L{clusterSnapshot}, L{mergeClusters}) for the admin C{/clusters}.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, List
+from typing import Any, Dict, Iterable, List, Mapping, Set, Tuple
 
 from ..observability.stats import Counter, Gauge, Histogram, StatsStore
+from ..upstream.cluster import Host
 
 #: One stat as data: C{[kind, name, tagName, labels, value]} for counters (C{"c"}) and gauges (C{"g"});
 #: C{["h", name, tagName, labels, bounds, buckets, count, sum]} for histograms.
@@ -91,3 +93,91 @@ def merge(snapshots: Iterable[Snapshot]) -> MergedStats:
     for data in snapshots:
         store.add(data)
     return store
+
+
+def clusterSnapshot(clusters: Mapping[str, Any]) -> List[Dict[str, Any]]:
+    """
+    The hosts of every cluster of a worker, with their health and figures, as JSON-able data.
+    """
+    return [
+        {"name": name, "hosts": [
+            {"endpoint": h.endpoint, "weight": h.weight, "healthy": h.healthy, "flags": sorted(h.healthFlags),
+             "reason": h.healthReason, "stats": {s: getattr(h, s) for s in Host.STATS}}
+            for h in cluster.hosts
+        ]}
+        for name, cluster in clusters.items()
+    ]
+
+
+class HostView:
+    """
+    One host of a cluster as the workers see it together (for the admin C{/clusters} and dashboard): its
+    figures summed; unhealthy if any worker finds it so, with every worker's flags.
+    """
+
+    def __init__(self, endpoint: str, weight: int) -> None:
+        self.endpoint = endpoint
+        self.weight = weight
+        self.healthy = True
+        self.healthFlags: Set[str] = set()
+        self.reasons: List[Tuple[int, str]] = []
+        for name in _HOST_STATS:
+            setattr(self, name, 0)
+
+    @property
+    def healthReason(self) -> str:
+        """
+        The workers' reason, or each worker's when they differ (C{worker 0: ...; worker 1: ...}).
+        """
+        distinct = {reason for _, reason in self.reasons}
+        if len(distinct) <= 1:
+            return distinct.pop() if distinct else ""
+        return "; ".join(f"worker {index}: {reason}" for index, reason in self.reasons)
+
+
+class ClusterView:
+    """
+    One cluster as the workers see it together: L{HostView}s, its configuration, and its C{upstream_*}
+    stats from the summed store (what the admin C{/clusters} and the dashboard read of a cluster).
+    """
+
+    def __init__(self, name: str, config: Any, stats: StatsStore) -> None:
+        self.name = name
+        self.config = config
+        self.hosts: List[HostView] = []
+        self._stats = stats
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("upstream_"):
+            stat = self._stats.get(f"cluster.{self.name}.{name}")
+            return stat if stat is not None else Counter(name, name, ())
+        raise AttributeError(name)
+
+
+_HOST_STATS = Host.STATS
+
+
+def mergeClusters(snapshots: Iterable[Tuple[int, List[Dict[str, Any]]]], configs: Mapping[str, Any],
+                  stats: StatsStore) -> Dict[str, ClusterView]:
+    """
+    The clusters of C{configs} as every worker (C{(index, clusterSnapshot)} pairs) sees them together.
+    """
+    views = {name: ClusterView(name, config, stats) for name, config in configs.items()}
+    for index, clusters in snapshots:
+        for entry in clusters:
+            view = views.get(entry["name"])
+            if view is None:  # a worker that has not reloaded yet
+                continue
+            hosts = {h.endpoint: h for h in view.hosts}
+            for data in entry["hosts"]:
+                host = hosts.get(data["endpoint"])
+                if host is None:
+                    host = hosts[data["endpoint"]] = HostView(data["endpoint"], data["weight"])
+                    view.hosts.append(host)
+                host.healthy = host.healthy and data["healthy"]
+                host.healthFlags.update(data["flags"])
+                host.reasons.append((index, data["reason"]))
+                for name, value in data["stats"].items():
+                    if name in _HOST_STATS:
+                        setattr(host, name, getattr(host, name) + value)
+    return views

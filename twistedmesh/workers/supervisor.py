@@ -26,7 +26,7 @@ from ..service import Listening
 from ..tls import ServerTLS
 from .protocol import Drain, HealthCheck, Reload, Stats, SupervisorControl
 from .sockets import SocketAddress, makeSocket, parseAddress
-from .stats import MergedStats, Snapshot, merge, snapshot, withoutGauges
+from .stats import ClusterView, MergedStats, Snapshot, merge, mergeClusters, snapshot, withoutGauges
 
 #: How long the parent waits for a worker's stats before it shows the last ones it had.
 STATS_TIMEOUT = 5.0
@@ -80,6 +80,7 @@ class WorkerSlot(protocol.ProcessProtocol):
         self.delay = self.backOff.initial
         self.starts = 0
         self.snapshot: Snapshot = []
+        self.clusters: List = []  # the running worker's last clusterSnapshot
         self.retired: Snapshot = []
         self.exited: Optional[defer.Deferred] = None
         self._restart = None
@@ -172,6 +173,7 @@ class WorkerSlot(protocol.ProcessProtocol):
         if self.snapshot:
             self.retired = snapshot(merge([self.retired, withoutGauges(self.snapshot)]))
             self.snapshot = []
+        self.clusters = []
         exited, self.exited = self.exited, None
         if not (self.supervisor.stopping or self.supervisor.draining):
             value = reason.value
@@ -217,6 +219,7 @@ class WorkerSlot(protocol.ProcessProtocol):
 
         def got(response):
             self.snapshot = response["stats"]
+            self.clusters = response["clusters"]
             return self.snapshot
 
         def failed(failure):
@@ -291,7 +294,8 @@ class Supervisor(service.MultiService):
         self.draining = False
         self.lastReload: Optional[ReloadResult] = None
         self._healthCheckFailed = False
-        self.clusters: Dict = {}  # the clusters live in the workers: see their summed cluster.* stats
+        # The clusters live in the workers: these are views of them together, as last gathered.
+        self.clusters: Dict[str, ClusterView] = {}
         self.own = StatsStore()  # the parent's own stats: workers.* and the admin's ssl.*
         self.own.gauge("workers.configured").value = config.mesh.workers
         self.liveGauge = self.own.gauge("workers.live")
@@ -392,8 +396,11 @@ class Supervisor(service.MultiService):
         self._stopReactor()
 
     def _stopReactor(self) -> None:
+        # twistd starts the service before it runs the reactor: stop it as soon as it runs, then.
         if self.reactor.running:
             self.reactor.stop()
+        else:
+            self.reactor.callWhenRunning(self.reactor.stop)
 
     def spec(self, slot: WorkerSlot, fds: Dict[str, int]) -> Dict:
         """
@@ -477,6 +484,8 @@ class Supervisor(service.MultiService):
 
         def summed(live: List[Snapshot]) -> MergedStats:
             self.stats.replace([snapshot(self.own)] + [slot.retired for slot in self.slots] + live)
+            self.clusters = mergeClusters([(slot.index, slot.clusters) for slot in self.slots],
+                                          self.config.clusters, self.stats)
             return self.stats
 
         return d.addCallback(summed)
@@ -535,6 +544,9 @@ class Supervisor(service.MultiService):
             if applied:
                 # A worker started from now on reads the file as it is: that is the new configuration.
                 self.config = config
+                if diff.admin or diff.echoes.changed:
+                    self.log.warn("reload of {file}: the admin endpoint and the demo upstreams run in the parent, "
+                                  "and take a restart to change", file=path)
                 for name in diff.listeners.removed:
                     # No worker listens there any more: an inherited socket would queue connections that
                     # nobody accepts, a reserved address would stay taken.
