@@ -436,6 +436,38 @@ endpoint = tcp:{ports[2]}:interface=127.0.0.1
         self.assertIn("listener edge listening on", twistd.output())
         self.assertIn("twistedmesh is live", twistd.output())
 
+    @defer.inlineCallbacks
+    def test_addressInUseExitsOne(self):
+        """
+        A listener whose address is taken: the process says why and exits 1, rather than running on with
+        nothing listening.
+        """
+        from twisted.internet.protocol import Factory
+        taken = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
+        self.addCleanup(taken.stopListening)
+        workdir = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, workdir, True)
+        path = os.path.join(workdir, "mesh.ini")
+        with open(path, "w") as f:
+            f.write(f"""
+[listener:edge]
+endpoint = tcp:{taken.getHost().port}:interface=127.0.0.1
+cluster = web
+[cluster:web]
+endpoints = tcp:127.0.0.1:1
+""")
+        twistd = Twistd()
+        reactor.spawnProcess(twistd, self.twistd, [self.twistd, "-n", "--pidfile=", "twistedmesh", "--config", path],
+                             env=os.environ, path=workdir)
+        self.addCleanup(twistd.kill)
+        timeout = reactor.callLater(30, twistd.kill)
+        code = yield twistd.ended
+        if timeout.active():
+            timeout.cancel()
+        self.assertEqual(code, 1, twistd.output())
+        self.assertIn("twistedmesh cannot start", twistd.output())
+        self.assertIn("Address already in use", twistd.output())
+
 
 class Twistd(protocol.ProcessProtocol):
     """

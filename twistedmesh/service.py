@@ -445,8 +445,13 @@ class MeshService(service.MultiService):
     def _cannotListen(self, failure) -> None:
         self.log.failure("twistedmesh cannot start", failure.value.subFailure
                          if hasattr(failure.value, "subFailure") else failure)
+        self.failedToStart = True  # the process exits with status 1 (twistedmesh.tap)
+        # twistd starts services before it runs the reactor: stop it as soon as it runs, then (stopping
+        # only a running reactor left a proxy that could not listen running forever, doing nothing).
         if self.reactor.running:
             self.reactor.stop()
+        else:
+            self.reactor.callWhenRunning(self.reactor.stop)
         return failure
 
     # -- hot reload ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ bad file is a list of errors and exit status 1, never a half-started proxy.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -92,6 +93,15 @@ class _Signals(service.MultiService):
                 signal.signal(signal.SIGHUP, reload)
 
         reactor.callWhenRunning(install)
+        reactor.addSystemEventTrigger("after", "shutdown", self._exitStatus)
+
+    def _exitStatus(self) -> None:
+        # A proxy that could not listen must not exit 0 (a supervisor would think it was asked to stop).
+        # twistd has no way to set the status, so leave here, once everything else has shut down.
+        if getattr(self.mesh, "failedToStart", False):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
 
 
 def _stop(reactor) -> None:

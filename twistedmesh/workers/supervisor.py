@@ -396,6 +396,7 @@ class Supervisor(service.MultiService):
         self._stopReactor()
 
     def _stopReactor(self) -> None:
+        self.failedToStart = True  # the process exits with status 1 (twistedmesh.tap)
         # twistd starts the service before it runs the reactor: stop it as soon as it runs, then.
         if self.reactor.running:
             self.reactor.stop()
