@@ -23,6 +23,7 @@ temporary directory removed at the end; every process started is stopped on the 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import queue
 import shutil
@@ -35,10 +36,24 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from twisted.internet.testing import MemoryReactorClock
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import http1  # noqa: E402  (benchmarks/http1.py: processes, origin, wrk)
-from http1 import LOG_TAIL_LINES, PROXY_CPU, BenchError, Proc, Procs, freePort, pinned, tail, twistdScript  # noqa: E402
+
+def _sibling(name: str):
+    """
+    The module benchmarks/C{name}.py, loaded from its file: putting this directory on C{sys.path} instead
+    would let a benchmark script's name (C{h2.py}) shadow a library (C{h2}).
+    """
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name + ".py")
+    spec = importlib.util.spec_from_file_location(f"twistedmesh_benchmarks_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+http1 = _sibling("http1")  # processes, the origin, wrk
+LOG_TAIL_LINES, PROXY_CPU, BenchError = http1.LOG_TAIL_LINES, http1.PROXY_CPU, http1.BenchError
+Proc, Procs, freePort, pinned, tail, twistdScript = (http1.Proc, http1.Procs, http1.freePort, http1.pinned,
+                                                     http1.tail, http1.twistdScript)
 
 TARGET_OVERHEAD = 10.0  # percent: the goal for access log + tracing + stats together
 
@@ -107,7 +122,7 @@ def statsCost(requests: int) -> Dict[str, float]:
     Per request: how many stat updates the hot path makes, what they cost alone (in µs), and what the whole
     request costs in benchmarks/hotpath.py (in µs).
     """
-    import hotpath
+    hotpath = _sibling("hotpath")
     from twistedmesh import service as serviceModule
     from twistedmesh.observability import stats as statsModule
 
@@ -205,7 +220,7 @@ def hotPathCost(tmp: str, requests: int, rounds: int) -> Dict[str, float]:
     on its writer thread, as in the real proxy; spans are exported to a collector that is never reached
     (the memory reactor connects nowhere), which costs what queueing them costs.
     """
-    import hotpath
+    hotpath = _sibling("hotpath")
 
     observed = hotpath.CONFIG.replace("[mesh]\n", "[mesh]\n" + TRACING.format(origin=9), 1).replace(
         "routes = main\n", "routes = main\n" + ACCESS_LOG.format(path=os.path.join(tmp, "hotpath.log")), 1)

@@ -4,7 +4,7 @@ HTTP/2 throughput and latency of twistedmesh: h2load against nginx directly, and
 an HTTP/2 (h2c) downstream and (a) an HTTP/1.1 upstream cluster, (b) an HTTP/2 upstream cluster; then a
 100 MiB download and upload through (b) with the proxy's RSS sampled, to show that memory stays flat.
 
-    python3 benchmarks/h2.py [--requests 20000] [--clients 10] [--streams 10] [--repeat 1] [--no-transfer]
+    python3 benchmarks/http2.py [--requests 20000] [--clients 10] [--streams 10] [--repeat 1] [--no-transfer]
 
 One run: the origin (nginx, 1 worker, C{GET /} -> 200 with a 100-byte body, on an HTTP/1.1 port and an h2c
 port) and h2load share CPU 0; twistedmesh runs alone on CPU 1, one process, as in C{benchmarks/http1.py}
