@@ -3,8 +3,10 @@ Tests for active health checking (L{twistedmesh.upstream.health}, L{twistedmesh.
 C{health_check} HTTP filter (L{twistedmesh.filters.health_check}).
 
 Unit tests run checks against fake client endpoints whose connection Deferreds the test fires, with
-protocols on L{StringTransport}s and timers on a L{Clock}; one integration test checks a real
-C{twisted.web} origin on loopback with the real reactor.
+protocols on L{StringTransport}s and timers on a L{Clock}; HTTP/2 checks talk to h2's server-side
+L{H2Connection} as the host. Integration tests check real hosts on loopback with the real reactor: a
+C{twisted.web} origin (HTTP/1.1 keep-alive), an h2c and an h2-over-TLS host behind a L{MeshService} (seen
+on its admin C{/clusters} page), and nginx serving h2c only, where installed.
 """
 
 from __future__ import annotations
@@ -12,16 +14,29 @@ from __future__ import annotations
 import configparser
 import dataclasses
 import os
+import shutil
+import socket
 from random import Random
 from typing import Dict, List, Optional
 
-from twisted.internet import defer, reactor
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated, PingAckReceived, RemoteSettingsChanged, RequestReceived, StreamReset, WindowUpdated,
+)
+from h2.exceptions import ProtocolError as H2ProtocolError
+from h2.settings import SettingCodes
+from hyperframe.frame import GoAwayFrame
+import treq
+from twisted.internet import defer, protocol, reactor
 from twisted.internet.address import IPv4Address
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, serverFromString
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import INegotiated
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
+from twisted.internet.utils import getProcessOutputAndValue
 from twisted.plugin import getPlugins
 from twisted.protocols.policies import WrappingFactory
 from twisted.trial import unittest
@@ -29,12 +44,13 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
 
-from twistedmesh.config import ClusterConfig, ConfigError, HostConfig, ListenerConfig, Options, loadFile
+from twistedmesh.config import ClusterConfig, ConfigError, HostConfig, ListenerConfig, Options, loadFile, loadString
 from twistedmesh.config.health import HealthConfig, parseHealth, parsePayload, parseStatuses
 from twistedmesh.filters.health_check import HealthCheckFactory, HealthState, ServerHealthState
 from twistedmesh.interfaces import IHTTPFilterFactory
 from twistedmesh.observability.stats import StatsStore
 from twistedmesh.plugins import FilterContext
+from twistedmesh.service import MeshService
 from twistedmesh.testing import FilterHarness
 from twistedmesh.upstream.cluster import Cluster
 from twistedmesh.upstream.health import (
@@ -138,10 +154,12 @@ class Checked:
     A cluster of C{hosts} fake hosts with a L{HealthChecker} on a L{Clock}, counting C{healthChanged} calls.
     """
 
-    def __init__(self, items: Optional[Dict[str, str]] = None, hosts: int = 1, seed: int = 0) -> None:
+    def __init__(self, items: Optional[Dict[str, str]] = None, hosts: int = 1, seed: int = 0,
+                 protocol: str = "http1") -> None:
         self.clock = Clock()
         self.stats = StatsStore()
-        config = ClusterConfig("api", tuple(HostConfig(f"tcp:127.0.0.1:{9001 + i}") for i in range(hosts)))
+        config = ClusterConfig("api", tuple(HostConfig(f"tcp:127.0.0.1:{9001 + i}") for i in range(hosts)),
+                               protocol=protocol)
         self.cluster = Cluster(config, self.clock, self.stats)
         self.endpoints = [FakeEndpoint() for _ in range(hosts)]
         for host, endpoint in zip(self.cluster.hosts, self.endpoints):
@@ -182,12 +200,20 @@ class Checked:
 
     def answer(self, data: bytes, host: int = 0) -> PendingConnection:
         """
-        Accept the host's pending check and have the host send C{data}.
+        Have the host send C{data} in answer to its check in flight: on the connection the check reuses, or
+        on a new one, accepted first.
         """
         pending = self.endpoints[host].last
-        pending.accept()
+        if not pending.deferred.called:
+            pending.accept()
         pending.protocol.dataReceived(data)
         return pending
+
+    def inFlight(self, host: int = 0) -> bool:
+        """
+        Whether the host has a check waiting for its verdict.
+        """
+        return self.checker.checkers[self.cluster.hosts[host]].attempt is not None
 
     def next(self, host: int = 0) -> None:
         """
@@ -208,7 +234,7 @@ class Checked:
         is over.
         """
         for status in statuses:
-            if self.endpoints[host].last.deferred.called:
+            if not self.inFlight(host):
                 self.next(host)
             self.answer(response(status), host)
 
@@ -337,6 +363,32 @@ class ConfigTests(unittest.TestCase):
         self.assertEqual([k for k, _ in errors], ["health.type"])
         self.assertIn("tcp", errors[0][1])
 
+    def test_codecAndReuse(self):
+        """
+        C{health.codec} names the HTTP version (unset: the cluster's) and C{health.reuse_connection} switches
+        reuse (on by default, as in Envoy); both are HTTP keys, and bad values are errors.
+        """
+        config, errors = parse({"health.path": "/"})
+        self.assertEqual((config.codec, config.reuse_connection, errors), (None, True, []))
+        config, errors = parse({"health.path": "/", "health.codec": "http2", "health.reuse_connection": "no"})
+        self.assertEqual((config.codec, config.reuse_connection, errors), ("http2", False, []))
+        _, errors = parse({"health.path": "/", "health.codec": "h2", "health.reuse_connection": "maybe"})
+        self.assertEqual([k for k, _ in errors], ["health.codec", "health.reuse_connection"])
+        self.assertIn("http1, http2", errors[0][1])
+        _, errors = parse({"health.type": "tcp", "health.codec": "http1", "health.reuse_connection": "false"})
+        self.assertEqual(errors, [("health.codec", "applies only to health.type = http, not tcp"),
+                                  ("health.reuse_connection", "applies only to health.type = http, not tcp")])
+
+    def test_codecFollowsCluster(self):
+        """
+        Unset, the codec is the cluster's protocol; C{health.codec} overrides it either way.
+        """
+        self.assertEqual(Checked().checker.codec, "http1")
+        self.assertEqual(Checked(protocol="http2").checker.codec, "http2")
+        self.assertEqual(Checked({"health.path": "/", "health.codec": "http1"}, protocol="http2").checker.codec,
+                         "http1")
+        self.assertEqual(Checked({"health.path": "/", "health.codec": "http2"}).checker.codec, "http2")
+
 
 class CheckerStartTests(unittest.TestCase):
     """
@@ -399,14 +451,29 @@ class HTTPCheckTests(unittest.TestCase):
 
     def test_request(self):
         """
-        The check is a C{GET} of the path with Host, the health checker's user agent and C{connection: close}.
+        The check is a C{GET} of the path with Host and the health checker's user agent (keep-alive: the
+        connection is reused by default).
         """
         c = Checked({"health.path": "/healthz?deep=1", "health.host": "api.internal"})
         c.start()
         pending = c.endpoints[0].last
         pending.accept()
         self.assertEqual(pending.transport.value(), b"GET /healthz?deep=1 HTTP/1.1\r\nhost: api.internal\r\n"
+                         b"user-agent: twistedmesh-health-check\r\n\r\n")
+
+    def test_requestNoReuse(self):
+        """
+        With C{reuse_connection = false} the request says C{connection: close} and the connection is closed
+        after the verdict.
+        """
+        c = Checked({"health.path": "/healthz", "health.reuse_connection": "false"})
+        c.start()
+        pending = c.answer(OK)
+        self.assertEqual(pending.transport.value(), b"GET /healthz HTTP/1.1\r\nhost: api\r\n"
                          b"user-agent: twistedmesh-health-check\r\nconnection: close\r\n\r\n")
+        self.assertTrue(pending.transport.disconnecting)
+        c.next()
+        self.assertEqual(len(c.endpoints[0].attempts), 2)
 
     def test_firstSuccessMarksHealthy(self):
         """
@@ -419,7 +486,7 @@ class HTTPCheckTests(unittest.TestCase):
                          (True, "healthy: last check passed", set()))
         self.assertEqual((c.changes, c.stat("membership_healthy"), c.stat("health_check.healthy")), (2, 1, 1))
         self.assertIs(c.cluster.pick(), c.host)
-        self.assertTrue(pending.transport.disconnecting)
+        self.assertFalse(pending.transport.disconnecting)  # kept for the next check
 
     def test_unhealthyThreshold(self):
         """
@@ -499,7 +566,12 @@ class HTTPCheckTests(unittest.TestCase):
         c.next()
         pending = c.answer(response(302))
         self.assertEqual(c.host.healthReason, "failed active health check: status 302")
-        # A host that answered gets a clean close, not a reset.
+        # A host that answered keeps its connection for the next check.
+        self.assertEqual((pending.transport.disconnecting, pending.transport.disconnected), (False, False))
+        self.assertEqual(len(c.endpoints[0].attempts), 1)
+        c.next()
+        pending = c.answer(response(302, b"connection: close\r\n"))
+        # One that answered and asked for a close gets a clean close, not a reset.
         self.assertEqual((pending.transport.disconnecting, pending.transport.disconnected), (True, False))
 
     def test_immediateFail(self):
@@ -518,7 +590,8 @@ class HTTPCheckTests(unittest.TestCase):
         """
         A connection attempt still pending at C{timeout} is cancelled and the check fails as a timeout.
         """
-        c = Checked({"health.path": "/", "health.timeout": "2s", "health.unhealthy_threshold": "1"})
+        c = Checked({"health.path": "/", "health.timeout": "2s", "health.unhealthy_threshold": "1",
+                     "health.reuse_connection": "false"})
         c.start()
         c.answer(OK)
         c.next()
@@ -580,6 +653,7 @@ class HTTPCheckTests(unittest.TestCase):
         c = Checked()
         c.start()
         c.checks([200, 503])
+        c.endpoints[0].last.protocol.connectionLost(None)  # the host closes the kept connection
         c.next()
         c.endpoints[0].last.refuse()
         c.next()
@@ -633,6 +707,625 @@ class HTTPCheckTests(unittest.TestCase):
         c.next(host=1)
         c.answer(OK, host=1)
         self.assertIn(bad, {c.cluster.pick() for _ in range(10)})
+
+
+class HTTP1ReuseTests(unittest.TestCase):
+    """
+    HTTP/1.1 checks reuse their connection (keep-alive), as Envoy's C{reuse_connection} does by default.
+    """
+
+    def test_oneConnection(self):
+        """
+        Checks after the first send their request on the same connection, one after another.
+        """
+        c = Checked()
+        c.start()
+        pending = c.answer(OK)
+        c.next()
+        c.answer(response(503))
+        c.next()
+        c.answer(OK)
+        self.assertEqual(len(c.endpoints[0].attempts), 1)
+        request = (b"GET /healthz HTTP/1.1\r\nhost: api\r\nuser-agent: twistedmesh-health-check\r\n\r\n")
+        self.assertEqual(pending.transport.value(), request * 3)
+        self.assertEqual([c.stat("health_check." + n) for n in ("attempt", "success", "failure")], [3, 2, 1])
+        self.assertFalse(pending.transport.disconnecting)
+
+    def test_bodyReadToEnd(self):
+        """
+        The verdict comes from the head; the body is read and dropped, so the next check may reuse the
+        connection once the response ended.
+        """
+        c = Checked()
+        c.start()
+        pending = c.answer(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nab")
+        self.assertTrue(c.host.healthy)
+        pending.protocol.dataReceived(b"cd")
+        c.next()
+        self.assertEqual(len(c.endpoints[0].attempts), 1)
+        self.assertEqual(pending.transport.value().count(b"GET /healthz"), 2)
+
+    def test_unfinishedResponseNotReused(self):
+        """
+        A response still arriving when the next check is due: that check closes the connection and
+        makes a new one.
+        """
+        c = Checked()
+        c.start()
+        first = c.answer(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\npartial")
+        c.next()
+        self.assertTrue(first.transport.disconnecting)
+        self.assertEqual(len(c.endpoints[0].attempts), 2)
+        c.answer(OK)
+        self.assertEqual(c.stat("health_check.success"), 2)
+
+    def test_closeNotReused(self):
+        """
+        A response with C{connection: close} (or an HTTP/1.0 one) ends the connection's use.
+        """
+        c = Checked()
+        c.start()
+        first = c.answer(response(200, b"connection: close\r\n"))
+        self.assertTrue(first.transport.disconnecting)
+        c.next()
+        second = c.answer(b"HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n")
+        self.assertIsNot(second, first)
+        self.assertTrue(second.transport.disconnecting)
+        c.next()
+        self.assertEqual(len(c.endpoints[0].attempts), 3)
+
+    def test_hostClosesIdle(self):
+        """
+        A kept connection the host closes between checks is forgotten: the next check connects again.
+        """
+        c = Checked()
+        c.start()
+        first = c.answer(OK)
+        first.protocol.connectionLost(None)
+        c.next()
+        self.assertEqual(len(c.endpoints[0].attempts), 2)
+        c.answer(OK)
+        self.assertEqual((c.stat("health_check.success"), c.stat("health_check.failure")), (2, 0))
+
+    def test_staleConnectionRetried(self):
+        """
+        A request sent on a reused connection that the host closes before answering (its keep-alive
+        timeout raced the check) goes again on a new connection: no failure is counted.
+        """
+        c = Checked()
+        c.start()
+        first = c.answer(OK)
+        c.next()
+        first.protocol.connectionLost(None)
+        self.assertEqual(len(c.endpoints[0].attempts), 2)
+        c.answer(OK)
+        self.assertEqual([c.stat("health_check." + n) for n in ("attempt", "success", "failure")], [2, 2, 0])
+
+    def test_staleRetryKeepsTimeout(self):
+        """
+        The retried request has what is left of the check's timeout, and a second close fails the check.
+        """
+        c = Checked({"health.path": "/", "health.timeout": "1s"})
+        c.start()
+        c.answer(OK)
+        c.next()
+        c.clock.advance(0.6)
+        c.endpoints[0].last.protocol.connectionLost(None)
+        c.clock.advance(0.399)
+        self.assertTrue(c.inFlight())
+        c.clock.advance(0.001)
+        self.assertTrue(c.endpoints[0].last.cancelled)
+        self.assertEqual(c.host.healthReason,
+                         "healthy: last check failed (timeout), 1 of 3 failing checks to become unhealthy")
+        c.next()
+        pending = c.endpoints[0].last
+        pending.accept()
+        pending.protocol.connectionLost(None)  # a fresh connection closing is the host's failure
+        self.assertEqual(c.stat("health_check.failure"), 2)
+
+    def test_partialAnswerNotRetried(self):
+        """
+        A reused connection closed after part of the response came fails the check: the host did answer.
+        """
+        c = Checked()
+        c.start()
+        first = c.answer(OK)
+        c.next()
+        first.protocol.dataReceived(b"HTTP/1.1 5")
+        first.protocol.connectionLost(None)
+        self.assertEqual(len(c.endpoints[0].attempts), 1)
+        self.assertEqual(c.stat("health_check.network_failure"), 1)
+
+    def test_timeoutAbortsReused(self):
+        """
+        A timeout on a reused connection aborts it; the next check connects again.
+        """
+        c = Checked()
+        c.start()
+        first = c.answer(OK)
+        c.next()
+        c.clock.advance(1)
+        self.assertTrue(first.transport.disconnected)
+        first.protocol.connectionLost(None)
+        c.next()
+        self.assertEqual(len(c.endpoints[0].attempts), 2)
+
+    def test_garbageWhileIdle(self):
+        """
+        Bytes on a kept connection with no check in flight spoil it: it is aborted and not reused.
+        """
+        c = Checked()
+        c.start()
+        first = c.answer(OK)
+        first.protocol.dataReceived(b"HTTP/1.1 200 OK\r\n\r\n")
+        self.assertTrue(first.transport.disconnected)
+        c.next()
+        self.assertEqual(len(c.endpoints[0].attempts), 2)
+        self.assertEqual(c.stat("health_check.failure"), 0)
+
+    def test_h2Host(self):
+        """
+        An h2c-only host answering the request with its server preface (a SETTINGS frame) fails the check,
+        saying it speaks HTTP/2.
+        """
+        c = Checked()
+        c.start()
+        c.answer(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        self.assertEqual(c.host.healthReason,
+                         "failed active health check: protocol error: the host answered in HTTP/2, not HTTP/1.1")
+
+    def test_stopClosesKept(self):
+        """
+        Stopping the checker closes the kept connection.
+        """
+        c = Checked()
+        c.start()
+        first = c.answer(OK)
+        c.checker.stop()
+        self.assertTrue(first.transport.disconnecting)
+
+    def test_alpnH2(self):
+        """
+        An HTTP/1.1 check over TLS to a host that negotiated h2 by ALPN fails, saying so.
+        """
+        c = Checked({"health.path": "/", "health.codec": "http1"}, protocol="http2")
+        c.start()
+        transport = TLSStringTransport()
+        transport.negotiatedProtocol = b"h2"
+        pending = c.endpoints[0].last
+        pending.accept(transport)
+        pending.protocol.handshakeCompleted()
+        self.assertEqual(c.host.healthReason,
+                         "failed active health check: protocol error: ALPN negotiated h2, not http/1.1")
+        self.assertTrue(transport.disconnected)
+
+
+class H2Peer:
+    """
+    The host's side of an HTTP/2 check connection in memory: h2's server-side L{H2Connection} reading what
+    the checker wrote to a L{StringTransport} and answering into the checker's protocol.
+
+    @ivar events: every h2 event the host saw, in order.
+    """
+
+    def __init__(self, pending: PendingConnection) -> None:
+        self.pending = pending
+        self.h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        self.h2.initiate_connection()
+        self.events: List[object] = []
+        self.read()
+        self.send()
+
+    def read(self) -> List[object]:
+        """
+        Take what the checker wrote since the last read and return the events it makes.
+        """
+        data = self.pending.transport.value()
+        self.pending.transport.clear()
+        events = self.h2.receive_data(data) if data else []
+        self.events.extend(events)
+        return events
+
+    def send(self) -> None:
+        """
+        Deliver what the host queued to the checker.
+        """
+        data = self.h2.data_to_send()
+        if data:
+            self.pending.protocol.dataReceived(data)
+
+    def requests(self) -> List[RequestReceived]:
+        """
+        The requests the host received.
+        """
+        self.read()
+        return [e for e in self.events if isinstance(e, RequestReceived)]
+
+    def respond(self, status: int, sid: Optional[int] = None, extra=(), body: Optional[bytes] = None) -> None:
+        """
+        Answer stream C{sid} (the latest request's by default) with C{status}, C{extra} fields and C{body}
+        (none: the HEADERS frame ends the stream; C{b""} or more: a DATA frame follows, not ending it).
+        """
+        if sid is None:
+            sid = self.requests()[-1].stream_id
+        self.h2.send_headers(sid, [(b":status", b"%d" % status)] + list(extra), end_stream=body is None)
+        if body:
+            self.h2.send_data(sid, body)
+        self.send()
+
+    def goAway(self, last: int, code: ErrorCodes = ErrorCodes.NO_ERROR) -> None:
+        """
+        Send GOAWAY with C{last} as the last stream id processed, written by hand so that the host's h2 may
+        still answer the streams up to C{last} (as a server shutting down gracefully does).
+        """
+        frame = GoAwayFrame(0)
+        frame.last_stream_id = last
+        frame.error_code = code
+        self.pending.protocol.dataReceived(frame.serialize())
+
+
+def h2Checked(items: Optional[Dict[str, str]] = None) -> Checked:
+    """
+    A L{Checked} HTTP/2 cluster (C{protocol = http2}), started.
+    """
+    c = Checked(items if items is not None else {"health.path": "/healthz", "health.host": "api.internal"},
+                protocol="http2")
+    c.start()
+    return c
+
+
+def h2Accept(c: Checked, transport: Optional[StringTransport] = None) -> H2Peer:
+    """
+    Accept the latest connection attempt and put an HTTP/2 peer on it.
+    """
+    pending = c.endpoints[0].last
+    pending.accept(transport)
+    return H2Peer(pending)
+
+
+class H2CheckTests(unittest.TestCase):
+    """
+    HTTP checks of a C{protocol = http2} cluster speak HTTP/2: h2c with prior knowledge, a stream per check.
+    """
+
+    def test_request(self):
+        """
+        The check is the client preface, SETTINGS without push, and one C{GET} stream with C{:authority}
+        from C{health.host}, ended by its HEADERS.
+        """
+        c = h2Checked()
+        peer = h2Accept(c)
+        [request] = peer.requests()
+        self.assertEqual(request.stream_id, 1)
+        self.assertEqual(request.headers, [
+            (b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"api.internal"), (b":path", b"/healthz"),
+            (b"user-agent", b"twistedmesh-health-check"),
+        ])
+        self.assertIsNotNone(request.stream_ended)
+        settings = [e for e in peer.events if isinstance(e, RemoteSettingsChanged)][0]
+        self.assertEqual(settings.changed_settings[SettingCodes.ENABLE_PUSH].new_value, 0)
+
+    def test_success(self):
+        """
+        A 200 passes the check; the connection stays open for the next one.
+        """
+        c = h2Checked()
+        peer = h2Accept(c)
+        peer.respond(200)
+        self.assertEqual((c.host.healthy, c.host.healthReason), (True, "healthy: last check passed"))
+        self.assertFalse(peer.pending.transport.disconnecting)
+        self.assertEqual(c.stat("health_check.success"), 1)
+
+    def test_failureStatus(self):
+        """
+        A status outside C{expected_statuses} fails the check (not as a network failure); an expected
+        one passes.
+        """
+        c = h2Checked({"health.path": "/", "health.expected_statuses": "200-299", "health.unhealthy_threshold": "1"})
+        peer = h2Accept(c)
+        peer.respond(204)
+        c.next()
+        peer.respond(503)
+        self.assertEqual((c.host.healthy, c.host.healthReason), (False, "failed active health check: status 503"))
+        self.assertEqual((c.stat("health_check.failure"), c.stat("health_check.network_failure")), (1, 0))
+
+    def test_immediateFail(self):
+        """
+        C{x-envoy-immediate-health-check-fail} fails a healthy host at once.
+        """
+        c = h2Checked()
+        peer = h2Accept(c)
+        peer.respond(200)
+        c.next()
+        peer.respond(200, extra=[(b"x-envoy-immediate-health-check-fail", b"true")])
+        self.assertEqual(c.host.healthReason,
+                         "failed active health check: immediate health check fail (status 200)")
+
+    def test_bodyReset(self):
+        """
+        A response with a body gets its verdict from the head; the stream is then reset (CANCEL) and the
+        DATA acknowledged, so the connection's window never shrinks.
+        """
+        c = h2Checked()
+        peer = h2Accept(c)
+        peer.respond(200, body=b"x" * 16384)
+        self.assertTrue(c.host.healthy)
+        # DATA still in flight when the reset goes out is acknowledged too (h2 updates the connection window
+        # once half of it is consumed).
+        peer.h2.send_data(1, b"y" * 16384)
+        peer.h2.send_data(1, b"z" * 16384)
+        peer.send()
+        events = peer.read()
+        resets = [e for e in events if isinstance(e, StreamReset)]
+        self.assertEqual([(e.stream_id, e.error_code) for e in resets], [(1, ErrorCodes.CANCEL)])
+        self.assertTrue(any(isinstance(e, WindowUpdated) and e.stream_id == 0 for e in events))
+        # Unacknowledged, the host could send no more than 16383 bytes.
+        self.assertGreater(peer.h2.outbound_flow_control_window, 65535 - 3 * 16384)
+
+    def test_endedStreamNotReset(self):
+        """
+        A stream the host ended with its response is not reset.
+        """
+        c = h2Checked()
+        peer = h2Accept(c)
+        peer.respond(200)
+        self.assertEqual([e for e in peer.read() if isinstance(e, StreamReset)], [])
+
+    def test_timeout(self):
+        """
+        No answer within C{timeout}: the connection is aborted and the check fails as a network failure.
+        """
+        c = h2Checked()
+        peer = h2Accept(c)
+        c.clock.advance(1)
+        self.assertTrue(peer.pending.transport.disconnected)
+        self.assertEqual(c.host.healthReason, "failed active health check: timeout")
+        self.assertEqual(c.stat("health_check.network_failure"), 1)
+
+    def test_streamReset(self):
+        """
+        A RST_STREAM instead of an answer fails the check as a network failure, naming the error.
+        """
+        c = h2Checked()
+        peer = h2Accept(c)
+        peer.h2.reset_stream(1, ErrorCodes.REFUSED_STREAM)
+        peer.send()
+        self.assertEqual(c.host.healthReason, "failed active health check: stream reset (REFUSED_STREAM)")
+        self.assertEqual(c.stat("health_check.network_failure"), 1)
+
+    def test_goAwayThenAnswer(self):
+        """
+        A graceful GOAWAY that covers the check's stream lets it be answered; then the connection is closed
+        (with our GOAWAY) and the next check makes a new one.
+        """
+        c = h2Checked()
+        peer = h2Accept(c)
+        peer.requests()
+        peer.goAway(last=1)
+        self.assertTrue(c.inFlight())
+        peer.respond(200, sid=1)
+        self.assertTrue(c.host.healthy)
+        self.assertTrue(peer.pending.transport.disconnecting)
+        self.assertTrue(any(isinstance(e, ConnectionTerminated) for e in peer.read()))
+        c.next()
+        self.assertEqual(len(c.endpoints[0].attempts), 2)
+
+    def test_goAwayWithError(self):
+        """
+        A GOAWAY with an error code fails the check in flight.
+        """
+        c = h2Checked()
+        peer = h2Accept(c)
+        peer.requests()
+        peer.goAway(last=1, code=ErrorCodes.INTERNAL_ERROR)
+        self.assertEqual(c.host.healthReason, "failed active health check: GOAWAY (INTERNAL_ERROR)")
+        self.assertTrue(peer.pending.transport.disconnected)
+
+    def test_goAwayUnprocessedFresh(self):
+        """
+        A fresh connection's GOAWAY that did not take the check's stream fails the check.
+        """
+        c = h2Checked()
+        peer = h2Accept(c)
+        peer.goAway(last=0)
+        self.assertEqual(c.host.healthReason, "failed active health check: GOAWAY before a response")
+
+    def test_goAwayWhileIdle(self):
+        """
+        A GOAWAY on a kept connection between checks closes it; the next check connects again.
+        """
+        c = h2Checked()
+        peer = h2Accept(c)
+        peer.respond(200)
+        peer.goAway(last=1)
+        self.assertTrue(peer.pending.transport.disconnecting)
+        c.next()
+        self.assertEqual(len(c.endpoints[0].attempts), 2)
+        self.assertEqual(c.stat("health_check.failure"), 0)
+
+    def test_http1Host(self):
+        """
+        A host that answers the preface in HTTP/1.1 fails the check at once, saying so (even byte by byte).
+        """
+        c = h2Checked()
+        pending = c.endpoints[0].last
+        pending.accept()
+        for byte in b"HTTP/1.1 400 Bad Request\r\n\r\n"[:5]:
+            pending.protocol.dataReceived(bytes([byte]))
+        self.assertEqual(c.host.healthReason,
+                         "failed active health check: protocol error: the host answered in HTTP/1.x, not HTTP/2")
+        self.assertTrue(pending.transport.disconnected)
+        self.assertEqual(c.stat("health_check.network_failure"), 1)
+
+    def test_protocolError(self):
+        """
+        A frame h2 rejects fails the check with the protocol error, and GOAWAY goes out before the close.
+        """
+        c = h2Checked()
+        peer = h2Accept(c)
+        # A DATA frame on stream 0 is a connection error.
+        peer.pending.protocol.dataReceived(b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x")
+        self.assertTrue(c.host.healthReason.startswith("failed active health check: protocol error: "),
+                        c.host.healthReason)
+        self.assertTrue(peer.pending.transport.disconnecting)
+        [goaway] = [e for e in peer.read() if isinstance(e, ConnectionTerminated)]
+        self.assertEqual(goaway.error_code, ErrorCodes.PROTOCOL_ERROR)
+        self.assertEqual(c.stat("health_check.network_failure"), 1)
+
+    def test_closedBeforeResponse(self):
+        """
+        A fresh connection closed before the answer fails the check.
+        """
+        c = h2Checked()
+        peer = h2Accept(c)
+        peer.pending.protocol.connectionLost(None)
+        self.assertEqual(c.host.healthReason, "failed active health check: connection closed before a response")
+
+    def test_alpnMismatch(self):
+        """
+        Over TLS, a host that negotiated http/1.1 by ALPN fails the check; one that negotiated h2 passes.
+        """
+        c = h2Checked()
+        transport = TLSStringTransport()
+        transport.negotiatedProtocol = b"http/1.1"
+        pending = c.endpoints[0].last
+        pending.accept(transport)
+        pending.protocol.handshakeCompleted()
+        self.assertEqual(c.host.healthReason,
+                         "failed active health check: protocol error: ALPN negotiated http/1.1, not h2")
+        self.assertTrue(transport.disconnected)
+        c.next()
+        transport = TLSStringTransport()
+        transport.negotiatedProtocol = b"h2"
+        peer = h2Accept(c, transport)
+        peer.pending.protocol.handshakeCompleted()
+        peer.respond(200)
+        self.assertEqual((c.stat("health_check.success"), c.stat("health_check.failure")), (1, 1))
+
+    def test_tlsScheme(self):
+        """
+        A TLS cluster's checks say C{:scheme https}.
+        """
+        c = Checked({"health.path": "/"}, protocol="http2")
+        c.cluster.tls = object()  # what the scheme is chosen by; the endpoints are fakes anyway
+        checker = HealthChecker(c.cluster, c.config, c.clock, Random(0))
+        self.assertIn((b":scheme", b"https"), checker.h2Request)
+
+
+class H2ReuseTests(unittest.TestCase):
+    """
+    HTTP/2 checks reuse their connection: a new stream per check.
+    """
+
+    def test_streamsOnOneConnection(self):
+        """
+        Three checks are streams 1, 3 and 5 of one connection.
+        """
+        c = h2Checked()
+        peer = h2Accept(c)
+        for _ in range(3):
+            peer.respond(200)
+            c.next()
+        self.assertEqual([r.stream_id for r in peer.requests()], [1, 3, 5, 7])
+        self.assertEqual(len(c.endpoints[0].attempts), 1)
+        self.assertEqual((c.stat("health_check.attempt"), c.stat("health_check.success")), (4, 3))
+
+    def test_failureKeepsConnection(self):
+        """
+        A failing status keeps the connection; a network failure (timeout) drops it.
+        """
+        c = h2Checked()
+        peer = h2Accept(c)
+        peer.respond(503)
+        c.next()
+        self.assertEqual(len(c.endpoints[0].attempts), 1)
+        c.clock.advance(1)
+        self.assertTrue(peer.pending.transport.disconnected)
+        peer.pending.protocol.connectionLost(None)
+        c.next()
+        self.assertEqual(len(c.endpoints[0].attempts), 2)
+
+    def test_reconnectAfterPeerCloses(self):
+        """
+        A kept connection the host closes between checks is forgotten: the next check connects again and
+        starts over at stream 1.
+        """
+        c = h2Checked()
+        peer = h2Accept(c)
+        peer.respond(200)
+        peer.pending.protocol.connectionLost(None)
+        c.next()
+        second = h2Accept(c)
+        self.assertEqual([r.stream_id for r in second.requests()], [1])
+        second.respond(200)
+        self.assertEqual((c.stat("health_check.success"), c.stat("health_check.failure")), (2, 0))
+
+    def test_staleGoAwayRetried(self):
+        """
+        A reused connection's GOAWAY that did not take the check's stream sends the check again on a new
+        connection: the host retired an idle connection, it did not fail.
+        """
+        c = h2Checked()
+        peer = h2Accept(c)
+        peer.respond(200)
+        c.next()
+        peer.goAway(last=1)
+        self.assertEqual(len(c.endpoints[0].attempts), 2)
+        self.assertTrue(peer.pending.transport.disconnecting)
+        second = h2Accept(c)
+        second.respond(200)
+        self.assertEqual([c.stat("health_check." + n) for n in ("attempt", "success", "failure")], [2, 2, 0])
+
+    def test_staleCloseRetried(self):
+        """
+        A reused connection closed before any of the answer came: the check goes again on a new connection.
+        """
+        c = h2Checked()
+        peer = h2Accept(c)
+        peer.respond(200)
+        c.next()
+        peer.pending.protocol.connectionLost(None)
+        h2Accept(c).respond(503)
+        self.assertEqual(c.checker.checkers[c.host].failures, 1)
+        self.assertEqual(c.host.healthReason,
+                         "healthy: last check failed (status 503), 1 of 3 failing checks to become unhealthy")
+
+    def test_noReuse(self):
+        """
+        With C{reuse_connection = false} each check has its own connection, closed with GOAWAY after the
+        verdict.
+        """
+        c = h2Checked({"health.path": "/", "health.reuse_connection": "false"})
+        peer = h2Accept(c)
+        peer.respond(200)
+        self.assertTrue(peer.pending.transport.disconnecting)
+        [goaway] = [e for e in peer.read() if isinstance(e, ConnectionTerminated)]
+        self.assertEqual(goaway.error_code, ErrorCodes.NO_ERROR)
+        c.next()
+        second = h2Accept(c)
+        self.assertEqual([r.stream_id for r in second.requests()], [1])
+
+    def test_stopSaysGoAway(self):
+        """
+        Stopping the checker closes the kept connection with GOAWAY.
+        """
+        c = h2Checked()
+        peer = h2Accept(c)
+        peer.respond(200)
+        c.checker.stop()
+        self.assertTrue(peer.pending.transport.disconnecting)
+        self.assertTrue(any(isinstance(e, ConnectionTerminated) for e in peer.read()))
+
+    def test_pingAnsweredWhileIdle(self):
+        """
+        A kept connection answers the host's PINGs between checks (h2 does; we flush it).
+        """
+        c = h2Checked()
+        peer = h2Accept(c)
+        peer.respond(200)
+        peer.h2.ping(b"12345678")
+        peer.send()
+        self.assertTrue(any(isinstance(e, PingAckReceived) for e in peer.read()))
 
 
 class TCPCheckTests(unittest.TestCase):
@@ -730,9 +1423,10 @@ class ScheduleTests(unittest.TestCase):
         c.traffic()
         c.answer(OK)
         c.clock.advance(2.999)
-        self.assertEqual(len(c.endpoints[0].attempts), 1)
+        self.assertFalse(c.inFlight())
         c.clock.advance(0.001)
-        self.assertEqual(len(c.endpoints[0].attempts), 2)
+        self.assertTrue(c.inFlight())
+        self.assertEqual(c.stat("health_check.attempt"), 2)
 
     def test_noTrafficInterval(self):
         """
@@ -1061,6 +1755,9 @@ class LoopbackTests(unittest.TestCase):
         """
         origin = Toggle()
         wrapper = WrappingFactory(QuietSite(origin))
+        connections = []
+        build = wrapper.buildProtocol
+        wrapper.buildProtocol = lambda addr: connections.append(addr) or build(addr)
         port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(wrapper)
         self.addCleanup(port.stopListening)
         checker = self.checker(f"tcp:127.0.0.1:{port.getHost().port}", {
@@ -1077,6 +1774,9 @@ class LoopbackTests(unittest.TestCase):
         self.assertEqual(cluster.membership_healthy.value, 0)
         origin.status = 200
         yield waitFor(lambda: host.healthy)
+        # Every check went on one keep-alive connection.
+        self.assertGreaterEqual(len(origin.seen), 4)
+        self.assertEqual(len(connections), 1)
         # Stop now and let every check connection close before trial inspects the reactor.
         checker.stop()
         yield waitFor(lambda: not wrapper.protocols)
@@ -1094,3 +1794,329 @@ class LoopbackTests(unittest.TestCase):
         host = checker.cluster.hosts[0]
         yield waitFor(lambda: host.healthReason != "pending first health check")
         self.assertEqual(host.healthReason, "failed active health check: connection refused")
+
+
+class H2Host(protocol.Protocol):
+    """
+    A real HTTP/2 host (h2c with prior knowledge, or h2 over TLS): answers every request with its
+    factory's C{status} and the body C{ok}, recording the connection, stream id and fields of each.
+    """
+
+    def connectionMade(self) -> None:
+        """
+        Send the server preface.
+        """
+        self.factory.connections.append(self)
+        self.factory.open.add(self)
+        self.h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        self.h2.initiate_connection()
+        self.transport.write(self.h2.data_to_send())
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Answer each request; close on the client's GOAWAY or a protocol error.
+        """
+        try:
+            events = self.h2.receive_data(data)
+        except H2ProtocolError:
+            self.transport.loseConnection()
+            return
+        for event in events:
+            if isinstance(event, RequestReceived):
+                self.factory.requests.append((self, event.stream_id, event.headers))
+                self.h2.send_headers(event.stream_id, [(b":status", b"%d" % self.factory.status),
+                                                       (b"content-length", b"2")])
+                self.h2.send_data(event.stream_id, b"ok", end_stream=True)
+            elif isinstance(event, ConnectionTerminated):
+                self.transport.loseConnection()
+        self.transport.write(self.h2.data_to_send())
+
+    def connectionLost(self, reason=None) -> None:
+        """
+        Forget the connection; fire the waiters once none is open.
+        """
+        self.factory.open.discard(self)
+        if not self.factory.open:
+            waiters, self.factory.waiters = self.factory.waiters, []
+            for d in waiters:
+                d.callback(None)
+
+
+class H2HostFactory(protocol.Factory):
+    """
+    Builds L{H2Host}s and keeps what they saw.
+
+    @ivar status: the status every request gets.
+    @ivar connections: every connection made, in order.
+    @ivar requests: C{(connection, stream id, fields)} of every request.
+    """
+
+    protocol = H2Host
+    noisy = False
+
+    def __init__(self) -> None:
+        self.status = 200
+        self.connections: List[H2Host] = []
+        self.open = set()
+        self.requests: List[tuple] = []
+        self.waiters: List[defer.Deferred] = []
+
+    def whenAllClosed(self) -> defer.Deferred:
+        """
+        Fires once no connection is open.
+        """
+        if not self.open:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self.waiters.append(d)
+        return d
+
+
+class H2LoopbackTests(unittest.TestCase):
+    """
+    HTTP/2 health checks of real hosts, through a L{MeshService} on loopback, as C{/clusters} shows them.
+    """
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def startMesh(self, clusters: str):
+        """
+        A started service with the admin endpoint, a listener and C{clusters} (stopped at cleanup).
+        """
+        service = MeshService(loadString(f"""
+[mesh]
+admin = tcp:0:interface=127.0.0.1
+drain_timeout = 1s
+[listener:web]
+endpoint = tcp:0:interface=127.0.0.1
+protocol = http
+routes = main
+[route:main/all]
+prefix = /
+cluster = origin
+{clusters}
+""", "test.ini"), reactor, seed=3)
+        service.startService()
+        self.addCleanup(service.stopService)
+        yield service.whenLive
+        return service
+
+    @defer.inlineCallbacks
+    def clustersPage(self, service) -> "defer.Deferred[str]":
+        """
+        The admin C{/clusters} page's text.
+        """
+        response = yield treq.get(f"http://127.0.0.1:{service.admin.port.getHost().port}/clusters",
+                                  persistent=False)
+        text = yield response.text()
+        return text
+
+    @defer.inlineCallbacks
+    def test_h2cToggle(self):
+        """
+        An h2c host behind a C{protocol = http2} cluster turns healthy, then unhealthy when it answers 503,
+        as C{/clusters} shows; every check is a new stream of one connection.
+        """
+        origin = H2HostFactory()
+        port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(origin)
+        self.addCleanup(origin.whenAllClosed)
+        self.addCleanup(port.stopListening)
+        endpoint = f"tcp:127.0.0.1:{port.getHost().port}"
+        service = yield self.startMesh(f"""
+[cluster:origin]
+endpoints = {endpoint}
+protocol = http2
+health.path = /healthz
+health.interval = 50ms
+health.no_traffic_interval = 50ms
+health.unhealthy_threshold = 2
+health.timeout = 2s
+""")
+        host = service.clusters["origin"].hosts[0]
+        yield waitFor(lambda: host.healthy)
+        page = yield self.clustersPage(service)
+        self.assertIn(f"origin::{endpoint}::health_flags::healthy", page)
+        self.assertIn(f"origin::{endpoint}::health_reason::healthy: last check passed", page)
+        origin.status = 503
+        yield waitFor(lambda: not host.healthy)
+        page = yield self.clustersPage(service)
+        self.assertIn(f"origin::{endpoint}::health_flags::/failed_active_hc", page)
+        self.assertIn(f"origin::{endpoint}::health_reason::failed active health check: status 503", page)
+        [conn] = origin.connections
+        self.assertGreaterEqual(len(origin.requests), 3)
+        self.assertEqual([sid for _, sid, _ in origin.requests], list(range(1, 2 * len(origin.requests), 2)))
+        self.assertTrue(all(c is conn for c, _, _ in origin.requests))
+        fields = origin.requests[0][2]
+        self.assertIn((b":authority", b"origin"), fields)
+        self.assertIn((b":scheme", b"http"), fields)
+        self.assertIn((b"user-agent", b"twistedmesh-health-check"), fields)
+
+    @defer.inlineCallbacks
+    def test_tlsALPN(self):
+        """
+        Over TLS the check negotiates h2 by ALPN with the cluster's certificates and passes.
+        """
+        from twisted.internet.ssl import CertificateOptions
+
+        from .test_tls import standardPKI
+
+        pki = standardPKI(self.mktemp())
+        cert = pki.twistedClient("server")
+        options = CertificateOptions(privateKey=cert.privateKey.original, certificate=cert.original,
+                                     acceptableProtocols=[b"h2"])
+        origin = H2HostFactory()
+        port = reactor.listenSSL(0, origin, options, interface="127.0.0.1")
+        self.addCleanup(origin.whenAllClosed)
+        self.addCleanup(port.stopListening)
+        endpoint = f"tcp:127.0.0.1:{port.getHost().port}"
+        service = yield self.startMesh(f"""
+[cluster:origin]
+endpoints = {endpoint}
+protocol = http2
+tls = up
+health.path = /healthz
+health.host = api.internal
+health.interval = 50ms
+health.no_traffic_interval = 50ms
+health.timeout = 2s
+[tls:up]
+ca = {pki.ca}
+sni = localhost
+""")
+        host = service.clusters["origin"].hosts[0]
+        yield waitFor(lambda: host.healthy)
+        yield waitFor(lambda: len(origin.requests) >= 2)
+        [conn] = origin.connections
+        self.assertEqual(conn.transport.negotiatedProtocol, b"h2")
+        fields = origin.requests[0][2]
+        self.assertIn((b":scheme", b"https"), fields)
+        self.assertIn((b":authority", b"api.internal"), fields)
+        page = yield self.clustersPage(service)
+        self.assertIn(f"origin::{endpoint}::health_flags::healthy", page)
+
+    @defer.inlineCallbacks
+    def test_http1OnlyHost(self):
+        """
+        An HTTP/1.1-only host behind an HTTP/2 cluster fails its checks, saying why.
+        """
+        wrapper = WrappingFactory(QuietSite(Toggle()))
+        port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(wrapper)
+        self.addCleanup(port.stopListening)
+        service = yield self.startMesh(f"""
+[cluster:origin]
+endpoints = tcp:127.0.0.1:{port.getHost().port}
+protocol = http2
+health.path = /healthz
+health.interval = 50ms
+""")
+        host = service.clusters["origin"].hosts[0]
+        yield waitFor(lambda: host.healthReason != "pending first health check")
+        self.assertEqual(host.healthReason,
+                         "failed active health check: protocol error: the host answered in HTTP/1.x, not HTTP/2")
+        yield service.stopService()
+        yield waitFor(lambda: not wrapper.protocols)
+
+
+class NginxHealthTests(unittest.TestCase):
+    """
+    nginx serving h2c only (C{listen ... http2} on a plain port), where installed: HTTP/2 checks pass and
+    fail by status; an HTTP/1.1 check of the same host cannot pass.
+    """
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_nginx(self):
+        """
+        C{/healthz} (200) makes one cluster's host healthy, C{/down} (503) another's unhealthy, and
+        C{health.codec = http1} fails against the h2c-only port.
+        """
+        nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+        if nginx is None:
+            raise unittest.SkipTest("nginx is not installed")
+        out, err, code = yield getProcessOutputAndValue(nginx, ["-V"])
+        if b"http_v2_module" not in err + out:
+            raise unittest.SkipTest("this nginx has no HTTP/2 module")
+        root = os.path.abspath(self.mktemp())
+        os.makedirs(root)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            number = s.getsockname()[1]
+        conf = os.path.join(root, "nginx.conf")
+        temp = " ".join(f"{kind}_temp_path {root}/{kind};" for kind in
+                        ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        with open(conf, "w") as f:
+            f.write(f"""
+daemon off;
+master_process off;
+worker_processes 1;
+error_log {root}/error.log;
+pid {root}/nginx.pid;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    {temp}
+    server {{
+        listen 127.0.0.1:{number} http2;
+        location = /healthz {{ return 200 "ok\\n"; }}
+        location = /down {{ return 503 "down\\n"; }}
+    }}
+}}
+""")
+        ended = defer.Deferred()
+
+        class Exited(protocol.ProcessProtocol):
+            def processEnded(self, reason) -> None:
+                ended.callback(None)
+
+        process = reactor.spawnProcess(Exited(), nginx, [nginx, "-p", root, "-c", conf], env=os.environ)
+
+        def stop():
+            process.signalProcess("TERM")
+            return ended
+
+        self.addCleanup(stop)
+        for _ in range(200):
+            try:
+                p = yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", number), protocol.Protocol())
+                p.transport.loseConnection()
+                break
+            except Exception:
+                yield deferLater(reactor, 0.02, lambda: None)
+        endpoint = f"tcp:127.0.0.1:{number}"
+        checks = "health.interval = 50ms\nhealth.no_traffic_interval = 50ms\nhealth.timeout = 2s\n"
+        service = MeshService(loadString(f"""
+[mesh]
+admin = off
+[cluster:origin]
+endpoints = {endpoint}
+protocol = http2
+health.path = /healthz
+{checks}
+[cluster:broken]
+endpoints = {endpoint}
+protocol = http2
+health.path = /down
+{checks}
+[cluster:old]
+endpoints = {endpoint}
+protocol = http2
+health.path = /healthz
+health.codec = http1
+{checks}
+""", "test.ini"), reactor, seed=3)
+        service.startService()
+        self.addCleanup(service.stopService)
+        good, bad, old = (service.clusters[n].hosts[0] for n in ("origin", "broken", "old"))
+        yield waitFor(lambda: good.healthy and "pending" not in bad.healthReason + old.healthReason)
+        self.assertEqual(bad.healthReason, "failed active health check: status 503")
+        self.assertEqual(old.healthReason,
+                         "failed active health check: protocol error: the host answered in HTTP/2, not HTTP/1.1")
+        checker = service.clusters["origin"].healthChecker
+        yield waitFor(lambda: checker.success.value >= 3)
+        # Three checks or more, all on one connection (kept between checks, or carrying one now).
+        self.assertEqual(service.stats.get("cluster.origin.health_check.network_failure").value, 0)
+        hc = checker.checkers[good]
+        conn = hc.connection if hc.connection is not None else hc.attempt.conn
+        self.assertGreaterEqual(conn.checks, 3)

@@ -19,9 +19,12 @@ from .options import Options
 
 #: The kinds of check C{health.type} may name.
 HEALTH_TYPES = ("http", "tcp")
+#: The HTTP versions an HTTP check may speak (C{health.codec}).
+HEALTH_CODECS = ("http1", "http2")
 #: Keys that only an HTTP check uses, and keys that only a TCP check uses: writing one with the other type
 #: is an error (it would silently do nothing).
-_HTTP_KEYS = ("health.path", "health.host", "health.expected_statuses")
+_HTTP_KEYS = ("health.path", "health.host", "health.expected_statuses", "health.codec",
+              "health.reuse_connection")
 _TCP_KEYS = ("health.send", "health.receive")
 # A request target: origin-form, visible ASCII only (it is written to the wire as is).
 _PATH = re.compile(r"^/[\x21-\x7e]*$")
@@ -57,6 +60,11 @@ class HealthConfig:
     @ivar no_traffic_interval: the interval of a healthy host while the cluster carries no traffic.
     @ivar initial_jitter: seconds; each host's first check starts a random time from 0 to this after
         the checker starts, so that many proxies do not check in step.
+    @ivar codec: HTTP: C{"http1"} or C{"http2"}, the protocol the check speaks; C{None} (the default) for
+        the cluster's own (HTTP/2 for a C{protocol = http2} cluster, else HTTP/1.1).
+    @ivar reuse_connection: HTTP: keep the check's connection open for the next check of the host (a new
+        request on HTTP/1.1 keep-alive, a new stream on HTTP/2), as Envoy does by default; C{False}: a new
+        connection per check.
     @ivar send: TCP: bytes written once connected, or C{None}.
     @ivar receive: TCP: bytes that must appear in what the host sends for the check to pass, or C{None}
         (then connecting, and writing C{send}, is enough).
@@ -75,6 +83,8 @@ class HealthConfig:
     unhealthy_interval: float = 5.0
     no_traffic_interval: float = 60.0
     initial_jitter: float = 0.0
+    codec: Optional[str] = None
+    reuse_connection: bool = True
     send: Optional[bytes] = None
     receive: Optional[bytes] = None
 
@@ -201,6 +211,8 @@ def parseHealth(o: Options, clusterName: Optional[str] = None) -> Optional[Healt
     host = ""
     statuses: Tuple[Tuple[int, int], ...] = ((200, 200),)
     send = receive = None
+    codec: Optional[str] = None
+    reuse = True
     if kind == "http":
         path = o.string("health.path", None)
         if path is None:
@@ -221,6 +233,8 @@ def parseHealth(o: Options, clusterName: Optional[str] = None) -> Optional[Healt
                 statuses = parseStatuses(rawStatuses)
             except ValueError as e:
                 o.error("health.expected_statuses", str(e))
+        codec = o.string("health.codec", None, choices=HEALTH_CODECS)
+        reuse = o.boolean("health.reuse_connection", True)
     else:
         send = _payload(o, "health.send")
         receive = _payload(o, "health.receive")
@@ -240,9 +254,11 @@ def parseHealth(o: Options, clusterName: Optional[str] = None) -> Optional[Healt
         unhealthy_interval=o.positiveDuration("health.unhealthy_interval", interval),
         no_traffic_interval=o.positiveDuration("health.no_traffic_interval", 60.0),
         initial_jitter=o.duration("health.initial_jitter", 0.0),
+        codec=codec,
+        reuse_connection=reuse,
         send=send,
         receive=receive,
     )
 
 
-__all__ = ["HealthConfig", "HEALTH_TYPES", "parseHealth", "parseStatuses", "parsePayload"]
+__all__ = ["HealthConfig", "HEALTH_TYPES", "HEALTH_CODECS", "parseHealth", "parseStatuses", "parsePayload"]

@@ -3,18 +3,30 @@ Active health checking (Envoy's): every host of a cluster is probed on a timer, 
 follows the results, so that the load balancer stops picking a host that fails and picks it again once it
 recovers. See docs/health-checking.md.
 
-One L{HealthChecker} per cluster holds one L{HostHealthChecker} per host. Each check is a fresh connection
-made with the host's own client endpoint (C{host.client.connect}), so a TLS host is checked over TLS with
-the cluster's certificates, and a check never takes or leaves a connection in the request pool: a pooled
-connection would let a check pass on a connection the host has long stopped accepting new ones like, and
-a check stuck behind a slow request would time out for the wrong reason.
+One L{HealthChecker} per cluster holds one L{HostHealthChecker} per host. Checks connect with the host's
+own client endpoint (C{host.client.connect}), so a TLS host is checked over TLS with the cluster's
+certificates (and, for an HTTP/2 cluster, its ALPN C{h2}), and a check never takes or leaves a connection
+in the request pool: a check stuck behind a slow request would time out for the wrong reason.
 
-  - B{HTTP} checks send C{GET <path> HTTP/1.1} with C{host}, C{user-agent: twistedmesh-health-check} and
-    C{connection: close} (the connection is used once, so the host may close it at once) and pass when
-    the response's status is one of C{expected_statuses}. The verdict is taken from the response head;
-    the body is never read.
+  - B{HTTP} checks send C{GET <path>} with the host (C{host}, or C{:authority} in HTTP/2) and
+    C{user-agent: twistedmesh-health-check}, and pass when the response's status is one of
+    C{expected_statuses}. They speak the cluster's protocol (C{health.codec} may override it): HTTP/1.1,
+    or HTTP/2 (h2c with prior knowledge on plaintext, h2 negotiated by ALPN over TLS). The verdict is
+    taken from the response head; the body is read and dropped (HTTP/1.1, to reach the next response) or
+    the stream reset (HTTP/2).
   - B{TCP} checks connect (and, for a TLS host, complete the handshake), write C{send} if configured, and
-    pass when C{receive} appears in what the host sends (or at once when no C{receive} is configured).
+    pass when C{receive} appears in what the host sends (or at once when no C{receive} is configured). A
+    TCP check always uses a new connection.
+
+Connection reuse (Envoy's C{reuse_connection}, on by default): an HTTP check's connection stays open after
+a verdict the host answered (whatever the status), and the next check of the host sends its request on it
+(HTTP/1.1 keep-alive: the previous response must have ended and allowed keep-alive; HTTP/2: a new stream,
+ids 1, 3, 5, ..., unless the host sent GOAWAY). A network failure (timeout, reset, protocol error) closes
+it, and the next check connects again. A host may close an idle connection at any time (its keep-alive
+timeout), so a check whose request went out on a reused connection that the host closed, or refused by
+GOAWAY, before any of the response arrived is not the host's failure: it is sent again once on a new
+connection, within the same timeout. With C{reuse_connection = false} each check has its own connection:
+HTTP/1.1 sends C{connection: close}, HTTP/2 closes with GOAWAY after the verdict.
 
 A check that takes longer than C{timeout} (connecting included) fails: the connection attempt is
 cancelled, or the connection aborted. Everything is timed on the injected clock and every random draw
@@ -38,8 +50,14 @@ that C{/clusters} shows how close a host is to changing.
 from __future__ import annotations
 
 from random import Random
-from typing import TYPE_CHECKING, Callable, Dict, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
+from h2.config import H2Configuration
+from h2.connection import ConnectionState, H2Connection
+from h2.errors import ErrorCodes
+from h2.events import ConnectionTerminated, DataReceived, ResponseReceived, StreamEnded, StreamReset
+from h2.exceptions import H2Error, ProtocolError
+from h2.settings import SettingCodes, Settings
 from twisted.internet import defer, error, protocol
 from twisted.internet.interfaces import IHandshakeListener, INegotiated, IReactorTime
 from twisted.logger import Logger
@@ -70,6 +88,9 @@ _PENDING_REASON = "pending first health check"
 _PASSED_REASON = "healthy: last check passed"
 _FAILED_PREFIX = "failed active health check: "
 _OWN_FLAGS = frozenset((FAILED_ACTIVE_HC, PENDING_ACTIVE_HC))
+# The last client stream id HTTP/2 allows (2**31 - 1): a reused connection that got there is replaced.
+_LAST_STREAM_ID = 0x7FFFFFFF
+_NO_ERROR = ErrorCodes.NO_ERROR
 
 
 class _Attempt:
@@ -80,41 +101,42 @@ class _Attempt:
 
     @ivar done: the verdict is in (or the attempt was cancelled).
     @ivar connecting: the endpoint's connection Deferred, once C{connect} returned.
-    @ivar transport: the connection's transport, once connected.
+    @ivar conn: the check protocol carrying the check, once connected (or when a reused one took it).
     @ivar timer: the timeout's delayed call, while pending.
     """
 
-    __slots__ = ("report", "done", "connecting", "transport", "timer")
+    __slots__ = ("report", "done", "connecting", "conn", "timer")
 
     def __init__(self, report: Callable[[bool, str, bool, bool], None]) -> None:
         self.report = report
         self.done = False
         self.connecting: Optional[defer.Deferred] = None
-        self.transport = None
+        self.conn: Optional["_CheckProtocol"] = None
         self.timer = None
 
     def succeed(self) -> None:
         """
-        The check passed: close the connection (letting what was written go out) and report.
+        The check passed: release the connection (kept for the next check, or closed) and report.
         """
-        if self._end(abort=False):
+        if self._end(network=False):
             self.report(True, "", False, False)
 
     def fail(self, reason: str, network: bool = False, immediate: bool = False) -> None:
         """
-        The check failed for C{reason}: close the connection (or cancel the attempt) and report.
+        The check failed for C{reason}: release the connection (or cancel the attempt) and report.
         C{network} says the host gave no usable answer (refused, reset, timed out, not HTTP): then the
-        connection is aborted, since nothing on it is worth waiting for; a host that answered (a 503) gets
-        a clean close. C{immediate} says the host asked to be failed at once.
+        connection is aborted, since nothing on it is worth waiting for; a host that answered (a 503) keeps
+        its connection for the next check, or gets a clean close. C{immediate} says the host asked to be
+        failed at once.
         """
-        if self._end(abort=network):
+        if self._end(network=network):
             self.report(False, reason, network, immediate)
 
     def cancel(self) -> None:
         """
         Abandon the check without a verdict (the checker stopped).
         """
-        self._end(abort=True)
+        self._end(network=True)
 
     def timedOut(self) -> None:
         """
@@ -123,9 +145,9 @@ class _Attempt:
         self.timer = None
         self.fail("timeout", network=True)
 
-    def _end(self, abort: bool) -> bool:
+    def _end(self, network: bool) -> bool:
         """
-        Tear down what is open, once; C{False} if the attempt had already ended.
+        Tear down or release what is open, once; C{False} if the attempt had already ended.
         """
         if self.done:
             return False
@@ -133,12 +155,9 @@ class _Attempt:
         timer, self.timer = self.timer, None
         if timer is not None and timer.active():
             timer.cancel()
-        transport = self.transport
-        if transport is not None:
-            if abort:
-                transport.abortConnection()
-            else:
-                transport.loseConnection()
+        conn = self.conn
+        if conn is not None:
+            conn.checkEnded(network)
         elif self.connecting is not None and not self.connecting.called:
             # Not connected yet: cancelling the endpoint's Deferred stops the attempt (its errback then
             # finds the attempt done and says nothing).
@@ -146,28 +165,28 @@ class _Attempt:
         return True
 
 
-@implementer(IHandshakeListener)
-class _HTTPCheck(protocol.Protocol):
+class _CheckProtocol(protocol.Protocol):
     """
-    An HTTP check on one connection: writes the request once connected and takes the verdict from the
-    response head (an L{h1.ResponseHandler}).
+    What the checks' protocols share: the attempt they report to, the host's checker, the TLS handshake.
+
+    @ivar owner: the L{HostHealthChecker} whose check made this connection.
+    @ivar attempt: the check this connection carries now, or carried last.
+    @ivar handshaken: the TLS handshake is done (TLS hosts only).
+    @ivar lost: the connection closed.
     """
 
-    def __init__(self, attempt: _Attempt, request: bytes, config: HealthConfig) -> None:
-        self.attempt = attempt
-        self.request = request
-        self.config = config
-        self.parser: Optional[h1.ResponseParser] = None
+    def __init__(self, owner: "HostHealthChecker", attempt: _Attempt) -> None:
+        self.owner = owner
+        self.attempt: Optional[_Attempt] = attempt
         self.handshaken = False
+        self.lost = False
 
-    def connectionMade(self) -> None:
+    def inFlight(self) -> Optional[_Attempt]:
         """
-        Send the request (the parser expects the response to a C{GET}).
+        The attempt waiting for its verdict on this connection, or C{None}.
         """
-        self.attempt.transport = self.transport
-        self.parser = h1.ResponseParser(self)
-        self.parser.expectResponse(b"GET")
-        self.transport.write(self.request)
+        attempt = self.attempt
+        return attempt if attempt is not None and not attempt.done else None
 
     def handshakeCompleted(self) -> None:
         """
@@ -175,12 +194,117 @@ class _HTTPCheck(protocol.Protocol):
         """
         self.handshaken = True
 
+    def checkEnded(self, network: bool) -> None:
+        """
+        The attempt on this connection has its verdict: abort after a network failure, else close.
+        """
+        if network:
+            self.transport.abortConnection()
+        else:
+            self.close()
+
+    def close(self) -> None:
+        """
+        Close the connection cleanly (what was written still goes out).
+        """
+        self.transport.loseConnection()
+
+    def closedBeforeVerdict(self, attempt: _Attempt, what: str) -> None:
+        """
+        The connection closed with C{attempt} in flight: the TLS handshake failed, or the host hung up
+        before C{what}.
+        """
+        if INegotiated.providedBy(self.transport) and not self.handshaken:
+            attempt.fail("TLS handshake failed", network=True)
+        else:
+            attempt.fail("connection closed before " + what, network=True)
+
+    def wrongALPN(self, want: bytes) -> bool:
+        """
+        Whether the TLS handshake just done negotiated, by ALPN, another protocol than C{want}; if so the
+        check in flight fails (a host that negotiated nothing is assumed to speak C{want}, as Envoy does).
+        """
+        negotiated = getattr(self.transport, "negotiatedProtocol", None)
+        attempt = self.inFlight()
+        if negotiated is None or negotiated == want or attempt is None:
+            return False
+        attempt.fail("protocol error: ALPN negotiated %s, not %s" % (
+            negotiated.decode("ascii", "replace"), want.decode("ascii")), network=True)
+        return True
+
+
+@implementer(IHandshakeListener)
+class _HTTPCheck(_CheckProtocol):
+    """
+    HTTP/1.1 checks on one connection: writes the request once connected (and again for each check that
+    reuses the connection) and takes the verdict from the response head (an L{h1.ResponseHandler}). The
+    rest of the response is parsed and dropped, so that the connection is ready for the next request.
+
+    @ivar checks: checks sent on this connection (more than one: it was reused).
+    @ivar received: bytes arrived since the current check's request was sent.
+    @ivar keepAlive: the last response head allows another request on this connection.
+    @ivar idle: the last response ended: a new request may go out.
+    @ivar head: the first bytes the host sent on this connection (up to four), to name a protocol error.
+    """
+
+    def __init__(self, owner: "HostHealthChecker", attempt: _Attempt) -> None:
+        super().__init__(owner, attempt)
+        self.parser: Optional[h1.ResponseParser] = None
+        self.checks = 0
+        self.received = False
+        self.keepAlive = False
+        self.idle = False
+        self.head = b""
+
+    def connectionMade(self) -> None:
+        """
+        Send the first check's request.
+        """
+        self.parser = h1.ResponseParser(self)
+        self.startCheck(self.attempt)
+
+    def startCheck(self, attempt: _Attempt) -> None:
+        """
+        Send C{attempt}'s request (the parser then expects the response to a C{GET}).
+        """
+        self.attempt = attempt
+        attempt.conn = self
+        self.checks += 1
+        self.received = self.idle = self.keepAlive = False
+        self.parser.expectResponse(b"GET")
+        self.transport.write(self.owner.parent.request)
+
+    def reusable(self) -> bool:
+        """
+        Whether the next check may send its request on this connection.
+        """
+        return self.idle and self.keepAlive and not self.lost
+
+    def checkEnded(self, network: bool) -> None:
+        """
+        After an answer that allows keep-alive, hand the connection to the host's checker for the next
+        check (when reuse is on); otherwise close it.
+        """
+        if not network and self.keepAlive:
+            self.owner.keep(self)
+        else:
+            super().checkEnded(network)
+
+    def handshakeCompleted(self) -> None:
+        """
+        The TLS handshake is done: a host that picked HTTP/2 by ALPN cannot answer an HTTP/1.1 request.
+        """
+        self.handshaken = True
+        self.wrongALPN(b"http/1.1")
+
     def dataReceived(self, data: bytes) -> None:
         """
-        Parse the response, until the verdict.
+        Parse the response (after the verdict too, to find its end).
         """
-        if not self.attempt.done:
-            self.parser.feed(data)
+        self.received = True
+        if len(self.head) < 4:
+            self.head += data[:4 - len(self.head)]
+        self.parser.feed(data)
 
     def responseInformational(self, status: int, headers: h1.Headers) -> None:
         """
@@ -192,12 +316,16 @@ class _HTTPCheck(protocol.Protocol):
         """
         The verdict: the immediate-fail header, else the status.
         """
+        attempt = self.inFlight()
+        if attempt is None:
+            return
+        self.keepAlive = keepAlive and self.owner.parent.config.reuse_connection
         if any(name == IMMEDIATE_FAIL_HEADER for name, _ in headers):
-            self.attempt.fail(f"immediate health check fail (status {status})", immediate=True)
-        elif self.config.statusPasses(status):
-            self.attempt.succeed()
+            attempt.fail(f"immediate health check fail (status {status})", immediate=True)
+        elif self.owner.parent.config.statusPasses(status):
+            attempt.succeed()
         else:
-            self.attempt.fail(f"status {status}")
+            attempt.fail(f"status {status}")
 
     def responseData(self, data: bytes) -> None:
         """
@@ -206,46 +334,319 @@ class _HTTPCheck(protocol.Protocol):
 
     def responseEnd(self, trailers: Optional[h1.Headers]) -> None:
         """
-        Nothing to do: the verdict was taken at the head.
+        The response is over: the connection may carry the next check.
         """
+        self.idle = True
 
     def protocolError(self, reason: str) -> None:
         """
-        The host did not speak HTTP/1.1.
+        The host did not speak HTTP/1.1 (before the verdict), or spoiled a kept connection (after it).
         """
-        self.attempt.fail(f"protocol error: {reason}", network=True)
+        attempt = self.inFlight()
+        if attempt is not None:
+            if self.head[3:4] == b"\x04" and not self.head.startswith(b"HTTP"):
+                # A SETTINGS frame first: an h2c-only host answered with its server preface.
+                reason = "the host answered in HTTP/2, not HTTP/1.1"
+            attempt.fail(f"protocol error: {reason}", network=True)
+        else:
+            self.keepAlive = False
+            self.owner.forget(self)
+            self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         """
-        Before the verdict the host hung up on the check (or the TLS handshake failed); after it, this is
-        our own close (ignored).
+        Before the verdict the host hung up on the check (or the TLS handshake failed); a reused connection
+        closed before any of the response came is retried on a new one. After the verdict this is our own
+        close, or the host closing a kept connection.
         """
-        if INegotiated.providedBy(self.transport) and not self.handshaken:
-            self.attempt.fail("TLS handshake failed", network=True)
+        self.lost = True
+        self.owner.forget(self)
+        attempt = self.inFlight()
+        if attempt is None:
+            return
+        if self.checks > 1 and not self.received:
+            self.attempt = None
+            self.owner.retry(attempt)
         else:
-            self.attempt.fail("connection closed before a response", network=True)
+            self.closedBeforeVerdict(attempt, "a response")
 
 
 @implementer(IHandshakeListener)
-class _TCPCheck(protocol.Protocol):
+class _H2Check(_CheckProtocol):
+    """
+    HTTP/2 checks on one connection: the client preface, then one stream per check (C{GET}, no body) whose
+    response head gives the verdict. A stream still open after the verdict is reset (CANCEL): its body is
+    of no interest, and received DATA is acknowledged at once so that flow control never stalls the
+    connection. The connection closes with GOAWAY.
+
+    @ivar sid: the current (or last) check's stream id.
+    @ivar ended: that stream is over (ended or reset by the host).
+    @ivar answered: the host answered that stream (a verdict from its head).
+    @ivar checks: checks sent on this connection.
+    @ivar received: the host sent a frame of the current check's stream.
+    @ivar goingAway: the host sent GOAWAY: no new streams.
+    @ivar closing: we closed (or are closing) the connection: nothing more goes to h2.
+    @ivar prefaceHead: the host's first bytes, until there are four (then C{None}): see L{dataReceived}.
+    """
+
+    def __init__(self, owner: "HostHealthChecker", attempt: _Attempt) -> None:
+        super().__init__(owner, attempt)
+        self.h2: Optional[H2Connection] = None
+        self.sid = 0
+        self.ended = True
+        self.answered = False
+        self.checks = 0
+        self.received = False
+        self.goingAway = False
+        self.closing = False
+        self.prefaceHead: Optional[bytes] = b""
+
+    def connectionMade(self) -> None:
+        """
+        Send the client preface (with push disabled: a check wants nothing pushed) and the first check.
+        """
+        h2c = self.h2 = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        # Set before the preface so that its SETTINGS carry them.
+        h2c.local_settings = Settings(client=True, initial_values={SettingCodes.ENABLE_PUSH: 0})
+        h2c.initiate_connection()
+        self.startCheck(self.attempt)
+
+    def startCheck(self, attempt: _Attempt) -> None:
+        """
+        Open C{attempt}'s stream: C{HEADERS} with END_STREAM.
+        """
+        self.attempt = attempt
+        attempt.conn = self
+        self.checks += 1
+        self.received = self.answered = False
+        h2c = self.h2
+        self.sid = h2c.get_next_available_stream_id()
+        self.ended = False
+        h2c.send_headers(self.sid, self.owner.parent.h2Request, end_stream=True)
+        self._flush()
+
+    def reusable(self) -> bool:
+        """
+        Whether the next check may open its stream on this connection.
+        """
+        return not (self.lost or self.closing or self.goingAway) and self.sid < _LAST_STREAM_ID - 2
+
+    def checkEnded(self, network: bool) -> None:
+        """
+        After a network failure abort; after an answer keep the connection for the next check (when reuse
+        is on and the host did not send GOAWAY), else close it with GOAWAY.
+        """
+        if self.closing:
+            return
+        if network:
+            self.closing = True
+            self.transport.abortConnection()
+        elif self.owner.parent.config.reuse_connection and not self.goingAway:
+            self.owner.keep(self)
+        else:
+            self.close()
+
+    def close(self) -> None:
+        """
+        Say GOAWAY (no error) and close.
+        """
+        if self.closing:
+            return
+        self.closing = True
+        self.owner.forget(self)
+        try:
+            self.h2.close_connection()
+        except H2Error:
+            pass  # h2 already closed the connection (a protocol error sent its own GOAWAY)
+        self._flush()
+        self.transport.loseConnection()
+
+    def handshakeCompleted(self) -> None:
+        """
+        The TLS handshake is done: a host that picked another protocol than h2 by ALPN fails the check.
+        """
+        self.handshaken = True
+        self.wrongALPN(b"h2")
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Feed h2 and act on its events; flush what h2 queued (SETTINGS and PING acknowledgements, window
+        updates, a reset).
+        """
+        if self.closing:
+            return
+        head = self.prefaceHead
+        if head is not None:
+            # The host's first frame must be SETTINGS (type 4, the fourth byte). h2 would wait for a whole
+            # "frame" first, and an HTTP/1.1 answer to the preface makes one megabytes long: say at once
+            # that the host does not speak HTTP/2 (the likeliest mistake: protocol = http2 for an HTTP/1.1
+            # host), rather than time out.
+            head += data
+            if len(head) < 4:
+                self.prefaceHead = head
+            else:
+                self.prefaceHead = None
+                if head[3] != 4:
+                    self.closing = True
+                    self.owner.forget(self)
+                    self.transport.abortConnection()
+                    attempt = self.inFlight()
+                    if attempt is not None:
+                        attempt.fail("protocol error: " + ("the host answered in HTTP/1.x, not HTTP/2"
+                                                           if head.startswith(b"HTTP") else
+                                                           "no HTTP/2 SETTINGS frame from the host"), network=True)
+                    return
+        try:
+            events = self.h2.receive_data(data)
+        except ProtocolError as e:
+            # h2 queued a GOAWAY naming the error: send it, then close.
+            self.closing = True
+            self.owner.forget(self)
+            self._flush()
+            self.transport.loseConnection()
+            attempt = self.inFlight()
+            if attempt is not None:
+                attempt.fail(f"protocol error: {e or e.__class__.__name__}", network=True)
+            return
+        sid = self.sid
+        h2c = self.h2
+        for event in events:
+            if self.closing:
+                break
+            kind = event.__class__
+            if kind is ResponseReceived:
+                if event.stream_id == sid:
+                    self.received = True
+                    self.ended = self.ended or event.stream_ended is not None
+                    self._verdict(event.headers)
+            elif kind is DataReceived:
+                # Acknowledged at once, whichever stream (h2 only widens the connection's window for a
+                # stream already closed): a health check must never block on flow control.
+                if event.flow_controlled_length:
+                    h2c.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif kind is StreamEnded:
+                if event.stream_id == sid:
+                    self.ended = True
+            elif kind is StreamReset:
+                if event.stream_id == sid:
+                    self.received = self.ended = True
+                    attempt = self.inFlight()
+                    if attempt is not None:
+                        attempt.fail(f"stream reset ({_errorName(event.error_code)})", network=True)
+            elif kind is ConnectionTerminated:
+                self._goAway(event)
+            # SETTINGS, PINGs and their ACKs need nothing from us (h2 answers them); 1xx heads are waited
+            # past; pushed streams cannot come (push is disabled).
+        if not self.closing:
+            if self.answered and not self.ended:
+                # The verdict came from the head: the body is of no interest.
+                self.ended = True
+                h2c.reset_stream(sid, ErrorCodes.CANCEL)
+            self._flush()
+
+    def _verdict(self, headers: List[Tuple[bytes, bytes]]) -> None:
+        """
+        The check's response head arrived: the immediate-fail header, else the status.
+        """
+        attempt = self.inFlight()
+        if attempt is None:
+            return
+        self.answered = True
+        status = 0
+        immediate = False
+        for name, value in headers:
+            if name == b":status":
+                status = int(value)  # h2 validated it: three digits
+            elif name == IMMEDIATE_FAIL_HEADER:
+                immediate = True
+        if immediate:
+            attempt.fail(f"immediate health check fail (status {status})", immediate=True)
+        elif self.owner.parent.config.statusPasses(status):
+            attempt.succeed()
+        else:
+            attempt.fail(f"status {status}")
+
+    def _goAway(self, event: ConnectionTerminated) -> None:
+        """
+        The host sent GOAWAY: no new stream on this connection. A check stream the host says it never
+        processed (above the last stream id) is retried on a new connection when this one was reused (the
+        host retired a connection it had kept), and fails otherwise; a GOAWAY with an error fails it; with
+        NO_ERROR a processed stream is answered before the host closes. Idle, the connection is closed now.
+        """
+        self.goingAway = True
+        self.owner.forget(self)
+        attempt = self.inFlight()
+        if attempt is None:
+            self.close()
+            return
+        last = event.last_stream_id
+        if last is not None and self.sid > last:
+            if self.checks > 1:
+                self.attempt = None
+                self.close()
+                self.owner.retry(attempt)
+            else:
+                attempt.fail("GOAWAY before a response", network=True)
+        elif event.error_code != _NO_ERROR:
+            attempt.fail(f"GOAWAY ({_errorName(event.error_code)})", network=True)
+        else:
+            # h2 refuses every frame after a GOAWAY it received, which would make the answer the host still
+            # owes this stream a protocol error: put its connection state back to open (the streams' own
+            # states are untouched), as the upstream HTTP/2 codec does.
+            self.h2.state_machine.state = ConnectionState.CLIENT_OPEN
+
+    def _flush(self) -> None:
+        """
+        Write what h2 queued.
+        """
+        data = self.h2.data_to_send()
+        if data:
+            self.transport.write(data)
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        """
+        As for HTTP/1.1: before the verdict the check fails (or, on a reused connection that carried nothing
+        of the response yet, is retried on a new one).
+        """
+        self.lost = self.closing = True
+        self.owner.forget(self)
+        attempt = self.inFlight()
+        if attempt is None:
+            return
+        if self.checks > 1 and not self.received:
+            self.attempt = None
+            self.owner.retry(attempt)
+        else:
+            self.closedBeforeVerdict(attempt, "a response")
+
+
+def _errorName(code) -> str:
+    """
+    An HTTP/2 error code's name (C{CANCEL}), or its number when h2 does not know it.
+    """
+    return getattr(code, "name", None) or str(code)
+
+
+@implementer(IHandshakeListener)
+class _TCPCheck(_CheckProtocol):
     """
     A TCP check on one connection: writes C{send}, then waits for C{receive} to appear in the bytes read.
     Only the last C{len(receive) - 1} bytes are kept between reads, so a host that talks a lot costs no
     memory.
     """
 
-    def __init__(self, attempt: _Attempt, config: HealthConfig) -> None:
-        self.attempt = attempt
+    def __init__(self, owner: "HostHealthChecker", attempt: _Attempt) -> None:
+        super().__init__(owner, attempt)
+        config = owner.parent.config
         self.send = config.send
         self.receive = config.receive
         self.tail = b""
-        self.handshaken = False
 
     def connectionMade(self) -> None:
         """
         Write C{send}; pass a connect-only check over plain TCP at once.
         """
-        self.attempt.transport = self.transport
+        self.attempt.conn = self
         if self.send:
             self.transport.write(self.send)  # a TLS transport holds it until the handshake is done
         # A TLS host passes a connect-only check once the handshake is done (handshakeCompleted), as in
@@ -280,10 +681,10 @@ class _TCPCheck(protocol.Protocol):
         """
         Before the verdict: the host hung up (during the TLS handshake, or before sending C{receive}).
         """
-        if INegotiated.providedBy(self.transport) and not self.handshaken:
-            self.attempt.fail("TLS handshake failed", network=True)
-        else:
-            self.attempt.fail("connection closed before the expected bytes", network=True)
+        self.lost = True
+        attempt = self.inFlight()
+        if attempt is not None:
+            self.closedBeforeVerdict(attempt, "the expected bytes")
 
 
 class _CheckFactory(protocol.Factory):
@@ -354,6 +755,8 @@ class HostHealthChecker:
     @ivar firstCheck: no check has ended since the checker started.
     @ivar timer: the delayed call of the next check, while one is scheduled.
     @ivar attempt: the check in flight, or C{None}.
+    @ivar connection: the HTTP check connection kept for the next check (C{reuse_connection}), or C{None}.
+    @ivar stopped: L{stop} was called: a connection whose check ends now is closed, not kept.
     @ivar lastTraffic: the cluster's traffic count (see L{HealthChecker.traffic}) when this host's last
         check ended (or the checker started).
     """
@@ -366,6 +769,8 @@ class HostHealthChecker:
         self.firstCheck = True
         self.timer = None
         self.attempt: Optional[_Attempt] = None
+        self.connection: Optional[_CheckProtocol] = None
+        self.stopped = False
         self.lastTraffic = parent.traffic()
 
     def schedule(self, delay: float) -> None:
@@ -376,8 +781,12 @@ class HostHealthChecker:
 
     def stop(self) -> None:
         """
-        Cancel the next check and abandon the one in flight.
+        Cancel the next check, abandon the one in flight and close the kept connection.
         """
+        self.stopped = True
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            connection.close()
         timer, self.timer = self.timer, None
         if timer is not None and timer.active():
             timer.cancel()
@@ -397,10 +806,51 @@ class HostHealthChecker:
         self.attempt = attempt
         parent.attempt.value += 1
         attempt.timer = parent.clock.callLater(config.timeout, attempt.timedOut)
-        if config.type == "http":
-            factory = _CheckFactory(lambda: _HTTPCheck(attempt, parent.request, config))
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            if connection.reusable():
+                connection.startCheck(attempt)
+                return
+            # Still reading the last response, or the host is going away: start afresh.
+            connection.close()
+        self._connect(attempt)
+
+    def keep(self, connection: _CheckProtocol) -> None:
+        """
+        Hold C{connection}, whose check is over, for the next check (closed instead once stopped).
+        """
+        if self.stopped:
+            connection.close()
         else:
-            factory = _CheckFactory(lambda: _TCPCheck(attempt, config))
+            self.connection = connection
+
+    def forget(self, connection: _CheckProtocol) -> None:
+        """
+        C{connection} can carry no more checks (it closed, or is closing).
+        """
+        if self.connection is connection:
+            self.connection = None
+
+    def retry(self, attempt: _Attempt) -> None:
+        """
+        Send C{attempt} again on a new connection: the reused connection it went out on was closed by the
+        host before any of the answer came (see the module docstring). Its timeout runs on.
+        """
+        if attempt is self.attempt and not attempt.done:
+            attempt.conn = None
+            self._connect(attempt)
+
+    def _connect(self, attempt: _Attempt) -> None:
+        """
+        Connect to the host for C{attempt}; the check protocol takes over once connected.
+        """
+        parent = self.parent
+        if parent.config.type == "tcp":
+            factory = _CheckFactory(lambda: _TCPCheck(self, attempt))
+        elif parent.codec == "http2":
+            factory = _CheckFactory(lambda: _H2Check(self, attempt))
+        else:
+            factory = _CheckFactory(lambda: _HTTPCheck(self, attempt))
 
         def connectFailed(failure: Failure) -> None:
             """
@@ -530,7 +980,9 @@ class HealthChecker:
     @ivar random: the L{random.Random} jitter is drawn from.
     @ivar checkers: the L{HostHealthChecker} of each host, while started.
     @ivar running: between L{start} and L{stop}.
-    @ivar request: the HTTP check's request, encoded once.
+    @ivar codec: the HTTP version of HTTP checks, C{"http1"} or C{"http2"}.
+    @ivar request: the HTTP/1.1 check's request, encoded once.
+    @ivar h2Request: the HTTP/2 check's header block, made once.
     """
 
     log = Logger()
@@ -548,14 +1000,19 @@ class HealthChecker:
         self.failure = scope.counter("failure")
         self.network_failure = scope.counter("network_failure")
         self.healthy = scope.gauge("healthy")
-        headers = [
-            (b"host", config.host.encode("ascii")),
-            (b"user-agent", USER_AGENT),
-            # One check, one connection: tell the host so that it can close at once.
-            (b"connection", b"close"),
-        ]
+        # health.codec, else the cluster's protocol.
+        self.codec = config.codec or ("http2" if getattr(cluster, "http2", False) else "http1")
+        host = config.host.encode("ascii")
         path = (config.path or "/").encode("ascii")
+        headers = [(b"host", host), (b"user-agent", USER_AGENT)]
+        if not config.reuse_connection:
+            # One check, one connection: tell the host so that it can close at once.
+            headers.append((b"connection", b"close"))
         self.request = h1.encodeRequestHead(b"GET", path, headers)
+        # The scheme is the connection's: https when the cluster's hosts are reached over TLS.
+        scheme = b"https" if getattr(cluster, "tls", None) is not None else b"http"
+        self.h2Request = [(b":method", b"GET"), (b":scheme", scheme), (b":authority", host), (b":path", path),
+                          (b"user-agent", USER_AGENT)]
 
     def traffic(self) -> int:
         """
