@@ -5,6 +5,7 @@ exported to a Zipkin collector) against the same proxy with both off, in one run
 with wrk the way benchmarks/http1.py measures (its helpers are imported, not copied).
 
     python3 benchmarks/observability.py [--duration 5] [--rounds 3] [--connections 50]
+    python3 benchmarks/observability.py --no-sockets [--rounds 5]   # the proxy's own work only
 
 Both proxies run at once, each pinned to CPU 1 (the origin, nginx, and wrk on CPU 0); wrk loads one at a
 time, alternating (off, on, on, off, off, on, ...) so that a drift of the machine's speed falls on both.
@@ -213,19 +214,31 @@ def statsCost(requests: int) -> Dict[str, float]:
     return {"counters": perCounter, "records": perRecord, "statsUs": statsUs, "requestUs": requestUs}
 
 
-def hotPathCost(tmp: str, requests: int, rounds: int) -> Dict[str, float]:
+VARIANTS = ("off", "log", "trace", "on")  # neither; access log only; tracing 1% only; both
+
+
+def hotPathCost(tmp: str, requests: int, rounds: int, variants: Sequence[str] = ("off", "on")) -> Dict[str, float]:
     """
-    benchmarks/hotpath.py's request (memory transports, no reactor) on a proxy without and with the access
-    log and 1% tracing, alternating; the median µs per request of each. The access log's file writes happen
-    on its writer thread, as in the real proxy; spans are exported to a collector that is never reached
-    (the memory reactor connects nowhere), which costs what queueing them costs.
+    benchmarks/hotpath.py's request (memory transports, no reactor) on proxies with and without the access
+    log and 1% tracing (C{variants}, from L{VARIANTS}), taking turns; the median µs per request of each.
+    The access log's file writes happen on its writer thread, as in the real proxy; spans are exported to
+    a collector that is never reached (the memory reactor connects nowhere), which costs what queueing
+    them costs.
     """
     hotpath = _sibling("hotpath")
 
-    observed = hotpath.CONFIG.replace("[mesh]\n", "[mesh]\n" + TRACING.format(origin=9), 1).replace(
-        "routes = main\n", "routes = main\n" + ACCESS_LOG.format(path=os.path.join(tmp, "hotpath.log")), 1)
-    if observed.count("tracing.") != 3 or "access_log" not in observed:
-        raise BenchError("benchmarks/hotpath.py's CONFIG changed: cannot add the access log and tracing to it")
+    def config(variant: str) -> str:
+        text = hotpath.CONFIG
+        if variant in ("trace", "on"):
+            text = text.replace("[mesh]\n", "[mesh]\n" + TRACING.format(origin=9), 1)
+        if variant in ("log", "on"):
+            text = text.replace("routes = main\n", "routes = main\n" + ACCESS_LOG.format(
+                path=os.path.join(tmp, f"hotpath-{variant}.log")), 1)
+        if (variant in ("trace", "on")) != (text.count("tracing.") == 3) or (
+                variant in ("log", "on")) != ("access_log" in text):
+            raise BenchError("benchmarks/hotpath.py's CONFIG changed: cannot add the access log and tracing to it")
+        return text
+
     reports: "queue.SimpleQueue" = queue.SimpleQueue()
 
     class Reactor(MemoryReactorClock):
@@ -252,18 +265,41 @@ def hotPathCost(tmp: str, requests: int, rounds: int) -> Dict[str, float]:
 
     setups = {}
     original = hotpath.CONFIG, hotpath.MemoryReactorClock
-    for name, config in (("off", original[0]), ("on", observed)):
-        hotpath.CONFIG, hotpath.MemoryReactorClock = config, Reactor  # hotpath.setup() reads them when called
+    for name in variants:
+        hotpath.CONFIG, hotpath.MemoryReactorClock = config(name), Reactor  # hotpath.setup() reads them
         try:
             setups[name] = hotpath.setup()
         finally:
             hotpath.CONFIG, hotpath.MemoryReactorClock = original
         timed(setups[name], 1000)
-    times: Dict[str, List[float]] = {"off": [], "on": []}
+    times: Dict[str, List[float]] = {name: [] for name in variants}
     for i in range(rounds):
-        for name in (("off", "on") if i % 2 == 0 else ("on", "off")):
+        # Each round in a different order, so that a drift of the machine's speed falls on all.
+        order = list(variants[i % len(variants):]) + list(variants[:i % len(variants)])
+        for name in (order if i % 2 == 0 else reversed(order)):
             times[name].append(timed(setups[name], requests) / requests * 1e6)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def noSockets(opts: argparse.Namespace, tmp: str) -> int:
+    """
+    C{--no-sockets}: the proxy's own extra work per request for each of stats, the access log and tracing,
+    and all together, without wrk, nginx or the network.
+    """
+    print("twistedmesh observability overhead, without sockets (benchmarks/hotpath.py's request)")
+    s = statsCost(opts.requests)
+    share = 100.0 * s["statsUs"] / s["requestUs"]
+    print(f"  stats: {s['counters']:.0f} counter/gauge updates and {s['records']:.0f} histogram records per "
+          f"request, {s['statsUs']:.2f} us of {s['requestUs']:.2f} us ({share:.1f}%)")
+    hot = hotPathCost(tmp, max(opts.requests // 5, 1000), opts.rounds, VARIANTS)
+    labels = {"off": "neither", "log": "access log (default format, to a file)", "trace": "tracing 1%",
+              "on": "access log + tracing 1%"}
+    print(f"\n  median of {opts.rounds} runs each, taking turns:")
+    for name in VARIANTS:
+        extra = hot[name] - hot["off"]
+        print(f"  {labels[name]:<40} {hot[name]:7.2f} us per request" + (
+            f"  {extra:+6.2f} us ({100.0 * extra / hot[name]:.1f}% of the requests/s)" if name != "off" else ""))
+    return 0
 
 
 # -- main --------------------------------------------------------------------------------------------------
@@ -278,6 +314,9 @@ def parseArgs(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=50000, help="requests for the stats measurement")
     p.add_argument("--wrk", default="/usr/bin/wrk", help="the wrk binary (default /usr/bin/wrk)")
     p.add_argument("--nginx", default="/usr/sbin/nginx", help="the nginx binary (default /usr/sbin/nginx)")
+    p.add_argument("--no-sockets", action="store_true",
+                   help="only the measurements without sockets (no wrk, no nginx): stats, the access log and "
+                        "tracing apart and together; --rounds runs of each")
     opts = p.parse_args(argv)
     if opts.duration < 1 or opts.rounds < 1 or opts.connections < 1 or opts.requests < 1000:
         p.error("--duration, --rounds and --connections must be >= 1, --requests >= 1000")
@@ -372,6 +411,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     procs = Procs()
     tmp = tempfile.mkdtemp(prefix="twistedmesh-obs-bench-")
     try:
+        if opts.no_sockets:
+            return noSockets(opts, tmp)
         return run(opts, tmp, procs)
     except BenchError as e:
         print(f"\nERROR: {e}", file=sys.stderr)

@@ -969,3 +969,123 @@ class ConfigTests(unittest.TestCase):
         """
         errors = self.parse(access_log="stdout", access_log__fromat="%DURATION%")[1]
         self.assertEqual(errors, ["access_log.fromat: unknown key (did you mean `access_log.format`?)"])
+
+
+def byGetters(fmt, record, end: float) -> str:
+    """
+    The line C{fmt} (a compiled format) gives when each of its getters is called in turn: the reference the
+    compiled render function must match, character for character.
+    """
+    return "".join(s if isinstance(s, str) else s(record, end) for s in fmt.segments)
+
+
+class CompiledFunctionTests(unittest.TestCase):
+    """
+    A format compiles to one render function that computes the common operators in place (one scan of the
+    request headers for all of them) and calls the getters of the others: its lines are exactly the
+    getters' lines.
+    """
+
+    # Every operator, with the header variants the inlined code handles differently: several names, a
+    # fallback, a truncation, a header that is present but empty.
+    TEXT = (
+        '[%START_TIME%] %START_TIME(%s.%6f)% "%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%" '
+        '%RESPONSE_CODE% %RESPONSE_FLAGS% %BYTES_RECEIVED% %BYTES_SENT% %DURATION% '
+        '%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% %RESP(SERVER):3% %RESP(:STATUS)% "%REQ(X-FORWARDED-FOR)%" '
+        '"%REQ(USER-AGENT):4%" "%REQ(X-REQUEST-ID)%" "%REQ(:AUTHORITY)%" %REQ(HOST)% %REQ(:SCHEME)% '
+        '%REQ(X-EMPTY)% %REQ(X-EMPTY?USER-AGENT)% %REQ(X-NOPE?X-EMPTY)% %REQUEST_HEADER(X-A)% %REQUEST_ID% '
+        '"%UPSTREAM_HOST%" %UPSTREAM_CLUSTER% %TRAILER(GRPC-STATUS)% %RESPONSE_DURATION% '
+        '%RESPONSE_CODE_DETAILS% %DOWNSTREAM_REMOTE_ADDRESS% %ROUTE_NAME% %CONNECTION_TERMINATION_DETAILS% 100%%'
+    )
+
+    def records(self) -> List[Stream]:
+        """
+        Streams that take each branch: headers present, absent, empty, repeated, not UTF-8; fields empty;
+        flags; no upstream host; versions known and unknown.
+        """
+        full = makeStream(responseFlags=["UF", "URX"], version=b"2", status=503, bytesSent=17)
+        full.requestHeaders = full.requestHeaders + [
+            (b"x-envoy-original-path", b"/orig"), (b"x-empty", b""), (b"x-a", b"first"), (b"x-a", b"second"),
+            (b"user-agent", b"second agent"), (b"host", b"ignored"),
+        ]
+        full.responseHeaders = [(b"server", b"envoy"), (b"x-envoy-upstream-service-time", b"7"),
+                                (b"x-envoy-upstream-service-time", b"8")]
+        full.state["responseTrailers"] = [(b"grpc-status", b"14")]
+        full.state["responseStartTime"] = START + 0.1
+        bare = makeStream(requestHeaders=[], responseHeaders=[], authority=b"", upstreamHost=None, status=0,
+                          version=b"3", method=b"GET")
+        odd = makeStream(requestHeaders=[(b"user-agent", b"caf\xc3\xa9 \xff"), (b"x-request-id", b"\xfe")],
+                         path=b"/\xff", version=b"", scheme=b"")
+        return [makeStream(), full, bare, odd, makeStream(startTime=0.0009999999), makeStream(startTime=59.9995)]
+
+    def test_textMatchesGetters(self):
+        """
+        Every operator of a text format renders as its getter does, for HTTP and TCP records.
+        """
+        fmt = compileFormat(self.TEXT)
+        for record in self.records():
+            self.assertEqual(fmt.render(record, END), byGetters(fmt, record, END))
+        tcp = compileFormat(self.TEXT, "tcp")
+        for record in (TCPAccessRecord("db", IPv4Address("TCP", "10.0.0.9", 4000), START, 10, 20,
+                                       Host("tcp:10.1.1.1:5432", None, 1), None, ["UF"], "idle timeout"),
+                       TCPAccessRecord("db", None, START)):
+            self.assertEqual(tcp.render(record, END), byGetters(tcp, record, END))
+
+    def test_jsonMatchesGetters(self):
+        """
+        Every operator of a JSON format renders as its getter does (typed: null, "", numbers).
+        """
+        fields = [(f"f{i}", "%" + source.split("%")[1] + "%") for i, source in
+                  enumerate(self.TEXT.replace("%%", "").split("% ")) if source.count("%") >= 1]
+        fields = [(key, template) for key, template in fields if template.count("%") == 2 and template != "%%"]
+        fields.append(("mixed", "%REQ(:METHOD)% %REQ(X-NOPE)% %DURATION%"))
+        self.assertGreater(len(fields), 25)
+        fmt = compileJSONFormat(fields)
+        for record in self.records():
+            line = fmt.render(record, END)
+            self.assertEqual(line, byGetters(fmt, record, END))
+            json.loads(line)
+
+    def test_defaultFormatInlined(self):
+        """
+        The default format calls no getter (but the protocol's, for a version it does not know), and
+        scans the request headers once for its four header operators.
+        """
+        source = compileFormat(DEFAULT_FORMAT).source
+        body = source.split("\n", 1)[1]
+        self.assertEqual(body.count("(r, e)"), 1)
+        self.assertEqual(source.count("in r.requestHeaders"), 1)
+        self.assertEqual(source.count("in r.responseHeaders"), 1)
+
+    def test_repeatedHeaderAmongSeveral(self):
+        """
+        With several header operators (one scan guarded by a set), each still logs its header's first value.
+        """
+        s = makeStream(requestHeaders=[(b"x-c", b"c1"), (b"x-a", b"a1"), (b"x-b", b"b1"), (b"x-a", b"a2"),
+                                       (b"x-c", b"c2")])
+        self.assertEqual(render("%REQ(X-A)% %REQ(X-B)% %REQ(X-C)% %REQ(X-A):1%", s), "a1 b1 c1 a")
+
+    def test_newSecondInlined(self):
+        """
+        The inlined default time follows the clock across seconds, back and forth, and agrees with
+        L{time.strftime} at a second's edge.
+        """
+        fmt = compileFormat("%START_TIME%|%DURATION%")
+        for start, expected in [(10.5, "1970-01-01T00:00:10.500Z"), (11.0, "1970-01-01T00:00:11.000Z"),
+                                (10.9995, "1970-01-01T00:00:10.999Z"), (START, "2016-04-15T20:17:00.310Z"),
+                                (1e9 - 0.0000001, "2001-09-09T01:46:40.000Z")]:
+            self.assertEqual(fmt.render(makeStream(startTime=start), start + 1), f"{expected}|1000\n")
+
+    def test_upstreamHostCacheBounded(self):
+        """
+        The inlined C{%UPSTREAM_HOST%} parses an endpoint once, and keeps at most 4096 of them.
+        """
+        fmt = compileFormat("%UPSTREAM_HOST%")
+        (cache,) = [v for k, v in fmt.render.__globals__.items() if k.startswith("c") and type(v) is dict]
+        for i in range(4100):
+            self.assertEqual(fmt.render(makeStream(upstreamHost=Host(f"tcp:10.0.{i // 256}.{i % 256}:80",
+                                                                     None, 1)), END),
+                             f"10.0.{i // 256}.{i % 256}:80\n")
+        self.assertEqual(len(cache), 4096)
+        self.assertEqual(fmt.render(makeStream(upstreamHost=Host("tcp:10.0.16.3:80", None, 1)), END),
+                         "10.0.16.3:80\n")

@@ -6,6 +6,9 @@ Tests for the admin web interface (L{twistedmesh.admin}) and the Prometheus expo
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from types import MappingProxyType
 from typing import Dict, List, Optional
 
@@ -14,14 +17,18 @@ from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor as globalReactor
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.protocols.policies import WrappingFactory
-from twisted.trial.unittest import TestCase
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+from twisted.web.static import Data
 from twisted.web.test.requesthelper import DummyRequest
 
 from twistedmesh.admin import makeAdminSite, redact, redactEndpoint
@@ -849,3 +856,222 @@ class LoopbackTests(TestCase):
         self.assertEqual((await fetch("POST", "/quitquitquit"))[:2], (200, b"OK\n"))
         await deferLater(globalReactor, 0, lambda: None)
         self.assertEqual(server.shutdowns, 1)
+
+
+class ReloadingServer(FakeServer):
+    """
+    A L{FakeServer} that can also reload and drain (so the admin has C{/reload} and C{/drain_listeners}),
+    counting the calls.
+    """
+
+    def __init__(self, reactor) -> None:
+        super().__init__(reactor)
+        self.reloads = 0
+        self.drains: List[bool] = []
+
+    def reload(self):
+        self.reloads += 1
+        return {"ok": True, "applied": True, "errors": []}
+
+    def drain(self, graceful: bool = True):
+        self.drains.append(graceful)
+
+
+class CrossSiteTests(TestCase):
+    """
+    A C{POST} that a browser says another site's page sent is refused (403, with the reason); one from the
+    admin's own pages, or from a client that sends no C{Origin} (curl), is served.
+    """
+
+    POST_PATHS = ["/healthcheck/fail", "/healthcheck/ok", "/quitquitquit", "/reload", "/drain_listeners"]
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.server = ReloadingServer(self.clock)
+        self.resource = AdminResource(self.server, self.clock)
+
+    def post(self, path: str, headers: Dict[str, str], host: Optional[str] = "127.0.0.1:9901",
+             secure: bool = False, method: bytes = b"POST") -> DummyRequest:
+        """
+        C{POST path} with request C{headers}, C{Host: host}, over TLS if C{secure}.
+        """
+        request = DummyRequest([s.encode() for s in path.lstrip("/").split("/")])
+        request.method = method
+        request.isSecure = lambda: secure
+        if host is not None:
+            request.requestHeaders.setRawHeaders(b"host", [host.encode()])
+        for name, value in headers.items():
+            request.requestHeaders.setRawHeaders(name.encode(), [value.encode()])
+        request.body = self.resource.render(request)
+        return request
+
+    def assertNothingDone(self) -> None:
+        self.clock.advance(0)
+        self.assertEqual((self.server.healthCheckFailed, self.server.shutdowns, self.server.reloads,
+                          self.server.drains), (False, 0, 0, []))
+
+    def test_crossSiteFetchRefused(self) -> None:
+        """
+        C{Sec-Fetch-Site: cross-site} or C{same-site} (another site, or another port or subdomain of this
+        one) is a 403 on every C{POST} endpoint, with a plain-text reason, and changes nothing.
+        """
+        for site in ("cross-site", "same-site"):
+            for path in self.POST_PATHS:
+                request = self.post(path, {"Sec-Fetch-Site": site, "Origin": "http://127.0.0.1:9901"})
+                self.assertEqual(request.responseCode, 403, (site, path))
+                self.assertEqual(header(request, "content-type"), "text/plain; charset=utf-8")
+                self.assertTrue(request.body.startswith(
+                    f"cross-site request refused: Sec-Fetch-Site is {site}: the admin's POST endpoints take "
+                    f"requests from its own pages".encode()), request.body)
+        self.assertNothingDone()
+
+    def test_foreignOriginRefused(self) -> None:
+        """
+        An C{Origin} that is not the request's own C{scheme://host:port} is a 403 naming both (a browser
+        without C{Sec-Fetch-*} headers still sends C{Origin} with a form's C{POST}).
+        """
+        cases = [
+            ("http://evil.example", "127.0.0.1:9901", False),
+            ("http://127.0.0.1:8080", "127.0.0.1:9901", False),  # another port of the same host
+            ("https://127.0.0.1:9901", "127.0.0.1:9901", False),  # another scheme
+            ("http://127.0.0.1:9901", "127.0.0.1:9901", True),
+            ("http://localhost:9901", "127.0.0.1:9901", False),
+            ("null", "127.0.0.1:9901", False),  # a sandboxed frame, a data: URL
+            ("http://127.0.0.1:99999", "127.0.0.1:9901", False),  # not a port
+        ]
+        for origin, host, secure in cases:
+            for path in self.POST_PATHS:
+                request = self.post(path, {"Origin": origin}, host, secure)
+                self.assertEqual(request.responseCode, 403, (origin, path))
+                self.assertIn(f"cross-site request refused: Origin {origin} is not this admin endpoint".encode(),
+                              request.body)
+        request = self.post("/quitquitquit", {"Origin": "http://evil.example"})
+        self.assertIn(b"(http://127.0.0.1:9901)", request.body)
+        self.assertNothingDone()
+
+    def test_sameOriginServed(self) -> None:
+        """
+        A C{POST} from the admin's own page (C{Origin} matches, C{Sec-Fetch-Site: same-origin}) is served,
+        default ports, IPv6 literals, letter case and TLS included.
+        """
+        cases = [
+            ("http://127.0.0.1:9901", "127.0.0.1:9901", False),
+            ("http://admin.internal", "admin.internal:80", False),
+            ("http://admin.internal:80", "admin.internal", False),
+            ("https://admin.internal", "Admin.Internal", True),
+            ("https://[::1]:9901", "[::1]:9901", True),
+            ("HTTP://LocalHost:9901", "localhost:9901", False),
+        ]
+        for origin, host, secure in cases:
+            self.server.healthCheckFailed = False
+            request = self.post("/healthcheck/fail", {"Origin": origin, "Sec-Fetch-Site": "same-origin"},
+                                host, secure)
+            self.assertEqual((request.responseCode, request.body), (200, b"OK\n"), origin)
+            self.assertTrue(self.server.healthCheckFailed)
+
+    def test_userInitiatedServed(self) -> None:
+        """C{Sec-Fetch-Site: none} (the user made the request, not a page) is served."""
+        request = self.post("/healthcheck/fail", {"Sec-Fetch-Site": "none"})
+        self.assertEqual(request.responseCode, 200)
+        self.assertTrue(self.server.healthCheckFailed)
+
+    def test_scriptsServed(self) -> None:
+        """A client that sends neither header (curl, a script) is served, with a C{Host} or without one."""
+        for host in ("127.0.0.1:9901", None):
+            request = self.post("/reload", {}, host)
+            self.assertEqual(request.responseCode, 200)
+        self.assertEqual(self.server.reloads, 2)
+        self.assertEqual(self.post("/drain_listeners", {}).responseCode, 200)
+        self.assertEqual(self.server.drains, [False])
+
+    def test_noHostHeader(self) -> None:
+        """Without C{Host} (HTTP/1.0), C{Origin} is compared with the address the request came in on."""
+        self.assertEqual(self.post("/healthcheck/fail", {"Origin": "http://127.0.0.1"}, None).responseCode, 200)
+        self.assertEqual(self.post("/healthcheck/ok", {"Origin": "http://127.0.0.2"}, None).responseCode, 403)
+        self.assertTrue(self.server.healthCheckFailed)
+
+    def test_readsNotRefused(self) -> None:
+        """
+        A cross-site C{GET} is answered (it changes nothing, and the browser keeps the answer from the
+        other site's page); a cross-site C{GET} of a C{POST} endpoint is still a 405.
+        """
+        request = self.post("/ready", {"Sec-Fetch-Site": "cross-site", "Origin": "http://evil.example"},
+                            method=b"GET")
+        self.assertEqual(request.responseCode, 200)
+        request = self.post("/quitquitquit", {"Sec-Fetch-Site": "cross-site"}, method=b"GET")
+        self.assertEqual(request.responseCode, 405)
+
+
+def _chromium() -> Optional[str]:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        path = shutil.which(name)
+        if path is not None:
+            return path
+    return None
+
+
+class BrowserTests(TestCase):
+    """
+    Form posts made by headless Chromium to an admin listening on loopback: from another site's page, and
+    from a page of the admin's own origin (as the dashboard's buttons are).
+    """
+
+    timeout = 90
+
+    def listen(self, site: Site) -> int:
+        port = globalReactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return port.getHost().port
+
+    @inlineCallbacks
+    def browse(self, chromium: str, url: str):
+        """
+        The DOM Chromium ends on after loading C{url} (the page's form submits itself).
+        """
+        profile = tempfile.mkdtemp(prefix="twistedmesh-chromium-")
+        self.addCleanup(shutil.rmtree, profile, True)
+        # Off the reactor thread (a child process); `timeout` bounds it whatever Chromium does. --no-sandbox
+        # because the suite may run as root, which Chromium's sandbox refuses.
+        args = ["60", chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--no-first-run", "--disable-extensions", "--disable-background-networking",
+                f"--user-data-dir={profile}", "--dump-dom", url]
+        out, err, code = yield getProcessOutputAndValue(shutil.which("timeout") or "timeout", args,
+                                                       env=dict(os.environ), reactor=globalReactor)
+        self.assertEqual(code, 0, err.decode(errors="replace")[-2000:])
+        return out.decode("utf-8")
+
+    @inlineCallbacks
+    def test_formPosts(self) -> None:
+        """
+        A page on another site whose form posts to the admin's C{/healthcheck/fail} gets the 403 and
+        changes nothing; the same form on a page of the admin's own origin works.
+        """
+        chromium = _chromium()
+        if chromium is None:
+            raise SkipTest("chromium is not installed (apt-get install chromium)")
+        server = FakeServer(globalReactor)
+        root = Resource()
+        root.putChild(b"admin", AdminResource(server, globalReactor))
+
+        def page(action: str) -> Data:
+            return Data(f'<!doctype html><form id="f" method="post" action="{action}"></form>'
+                        f'<script>document.getElementById("f").submit()</script>'.encode(), "text/html")
+
+        root.putChild(b"post", page("/admin/healthcheck/fail"))
+        adminPort = self.listen(Site(root))
+        elsewhere = Resource()
+        elsewhere.putChild(b"post", page(f"http://127.0.0.1:{adminPort}/admin/healthcheck/fail"))
+        otherPort = self.listen(Site(elsewhere))
+
+        # localhost and 127.0.0.1 are different sites to a browser.
+        dom = yield self.browse(chromium, f"http://localhost:{otherPort}/post")
+        self.assertIn("cross-site request refused: Sec-Fetch-Site is cross-site", dom)
+        self.assertFalse(server.healthCheckFailed)
+        # Another port of the same host is another origin of the same site.
+        dom = yield self.browse(chromium, f"http://127.0.0.1:{otherPort}/post")
+        self.assertIn("cross-site request refused: Sec-Fetch-Site is same-site", dom)
+        self.assertFalse(server.healthCheckFailed)
+
+        dom = yield self.browse(chromium, f"http://127.0.0.1:{adminPort}/post")
+        self.assertIn("OK", dom)
+        self.assertTrue(server.healthCheckFailed)

@@ -8,10 +8,9 @@ import socket
 from random import Random
 from typing import Dict, List, Optional, Union
 
-import treq
 from twisted.internet import defer, reactor
 from twisted.internet.error import DNSLookupError
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.names import client, dns, error, server
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
@@ -23,6 +22,8 @@ from twistedmesh.observability.stats import StatsStore
 from twistedmesh.service import MeshService
 from twistedmesh.upstream.cluster import Cluster
 from twistedmesh.upstream.dns import DNSDiscovery, addressEndpoint, parseTarget
+
+from .support import Traffic, waitFor
 
 Answer = Union[List[tuple], Exception, defer.Deferred]
 
@@ -418,30 +419,14 @@ dns_timeout = 2s
         service.startService()
         self.addCleanup(service.stopService)
         yield service.whenLive
-        url = f"http://127.0.0.1:{service.listeners['edge'].port.getHost().port}/"
+        load = Traffic(f"http://127.0.0.1:{service.listeners['edge'].port.getHost().port}/")
+        traffic, seen, failures = load.run, load.seen, load.failures
 
         def endpoints():
             return sorted(h.endpoint for h in cluster.hosts)
 
-        @defer.inlineCallbacks
         def until(expected):
-            for _ in range(200):
-                if endpoints() == expected:
-                    return
-                yield deferLater(reactor, 0.02, lambda: None)
-            self.fail(f"hosts are {endpoints()}, not {expected}")
-
-        seen: List[bytes] = []
-        failures: List[object] = []
-
-        @defer.inlineCallbacks
-        def traffic(n):
-            for _ in range(n):
-                response = yield treq.get(url, persistent=False)
-                body = yield response.content()
-                if response.code != 200:
-                    failures.append((response.code, body))
-                seen.append(body)
+            return waitFor(lambda: endpoints() == expected, 10, lambda: f"hosts {expected}, not {endpoints()}")
 
         v4Only = [f"tcp:host=127.0.0.1:port={port}"]
         both = sorted(v4Only + [f"tcp:host=\\:\\:1:port={port}"])
@@ -462,10 +447,7 @@ dns_timeout = 2s
         # A failing DNS server keeps the last hosts.
         failuresBefore = cluster.stats.counter("update_failure").value
         del records.answers["api.test"]
-        for _ in range(200):
-            if cluster.stats.counter("update_failure").value > failuresBefore:
-                break
-            yield deferLater(reactor, 0.02, lambda: None)
+        yield waitFor(lambda: cluster.stats.counter("update_failure").value > failuresBefore, 10, "a failed update")
         self.assertEqual(endpoints(), [f"tcp:host=\\:\\:1:port={port}"])
         yield traffic(2)
         self.assertEqual(failures, [])

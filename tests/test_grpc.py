@@ -15,9 +15,8 @@ from typing import List, Optional
 
 from h2.errors import ErrorCodes
 from h2.events import ResponseReceived
-from twisted.internet import defer, reactor, threads
+from twisted.internet import defer, threads
 from twisted.internet.address import IPv4Address
-from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 from twisted.trial.unittest import SynchronousTestCase
@@ -29,7 +28,8 @@ from twistedmesh.http.stream import HTTPFilter
 from twistedmesh.service import MeshService
 from twistedmesh.testing import FilterHarness
 
-from .test_h2 import Peer, head
+from .support import freePort, head, startService, stopProxy
+from .test_h2 import Peer
 from .test_router import Client, FakeEndpoint, MemoryTransport, RecordingStream, RouterTestBase, ok
 from .test_routes import parse
 
@@ -855,7 +855,7 @@ class IntegrationTests(unittest.TestCase):
         serverPort = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
         self.addCleanup(self.stopServer)
-        self.proxy = MeshService(loadString(f"""
+        self.proxy = startService(self, f"""
 [mesh]
 admin = off
 [listener:edge]
@@ -892,38 +892,19 @@ timeout = 0
 endpoints = tcp:127.0.0.1:{serverPort}
 protocol = http2
 [cluster:down]
-endpoints = tcp:127.0.0.1:{self.closedPort()}
+endpoints = tcp:127.0.0.1:{freePort()}
 protocol = http2
 connect_timeout = 2s
-""", "test.ini"), reactor, seed=1)
-        self.proxy.startService()
-        self.addCleanup(self.stopProxy)
+""", stop=stopProxy)
         yield self.proxy.whenLive
         port = self.proxy.listeners["edge"].port.getHost().port
         self.channel = grpcio.insecure_channel(f"127.0.0.1:{port}", options=_CHANNEL_OPTIONS)
         self.addCleanup(threads.deferToThread, self.channel.close)
 
-    def closedPort(self) -> int:
-        """
-        A loopback port nothing listens on (bound, then closed).
-        """
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
     @defer.inlineCallbacks
     def stopServer(self):
         self.servicer.release.set()
         yield threads.deferToThread(self.server.stop(0).wait, 10)
-
-    @defer.inlineCallbacks
-    def stopProxy(self):
-        yield self.proxy.stopService()
-        for cluster in self.proxy.clusters.values():
-            cluster.pools.closeAll()
-        yield deferLater(reactor, 0.01, lambda: None)
 
     def stat(self, name: str) -> int:
         return self.proxy.stats.get(name).value

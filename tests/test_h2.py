@@ -18,15 +18,7 @@ from typing import Dict, List, Optional
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
-from h2.events import (
-    ConnectionTerminated,
-    DataReceived,
-    ResponseReceived,
-    StreamEnded,
-    StreamReset,
-    TrailersReceived,
-    WindowUpdated,
-)
+from h2.events import ConnectionTerminated, DataReceived, StreamEnded, WindowUpdated
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import (
     ContinuationFrame,
@@ -39,8 +31,8 @@ from hyperframe.frame import (
 )
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.address import IPv4Address
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
@@ -53,43 +45,14 @@ from twistedmesh.http.stream import HTTPFilter
 from twistedmesh.listener.http import PREFACE, HTTPListenerFactory, http2Settings
 from twistedmesh.observability.stats import StatsStore
 
-from twistedmesh.service import MeshService
-
+from .support import Producer, Response, connectH2, head, peakBuffered, startEcho, startService, stopProxy, waitFor
 from .test_http import HTTPTestBase, StallingOrigin
+from .test_server import Answer
 
 GET = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"example.com")]
 
 
-def head(path: bytes = b"/", method: bytes = b"GET", extra=()) -> list:
-    """
-    A request head: pseudo-headers first, then C{extra} fields.
-    """
-    return [(b":method", method), (b":path", path), (b":scheme", b"http"), (b":authority", b"example.com")] + \
-        list(extra)
-
-
 # -- unit harness ---------------------------------------------------------------------------------------------
-
-
-class Answer(HTTPFilter):
-    """
-    Answers every request once its body has ended: 200 with the method, path and body length.
-    """
-
-    def __init__(self):
-        self.body = b""
-
-    def requestHeaders(self, stream):
-        if stream.requestEnded:
-            return self.answer(stream)
-
-    def requestData(self, stream, data, end):
-        self.body += data
-        if end:
-            return self.answer(stream)
-
-    def answer(self, stream):
-        return stream.respond(200, b"%s %s %d" % (stream.method, stream.path, len(self.body)))
 
 
 class Hold(HTTPFilter):
@@ -131,26 +94,6 @@ class Pausing(HTTPFilter):
         return d
 
 
-class Producer:
-    """
-    Stands in for an upstream transport: records whether it is paused.
-    """
-
-    def __init__(self):
-        self.paused = False
-        self.pauses = 0
-
-    def pauseProducing(self):
-        self.paused = True
-        self.pauses += 1
-
-    def resumeProducing(self):
-        self.paused = False
-
-    def stopProducing(self):
-        pass
-
-
 def serve(*makers, **settings):
     """
     A listener's connection on a memory transport, not yet spoken to; returns (protocol, transport,
@@ -165,26 +108,6 @@ def serve(*makers, **settings):
     transport = StringTransport(peerAddress=IPv4Address("TCP", "10.1.2.3", 5555))
     proto.makeConnection(transport)
     return proto, transport, clock, stats
-
-
-class Response:
-    """
-    What a client saw on one stream.
-    """
-
-    def __init__(self):
-        self.headers = None
-        self.data = bytearray()  # (appending to bytes would be quadratic on large bodies)
-        self.trailers = None
-        self.ended = False
-        self.reset = None
-
-    @property
-    def status(self) -> int:
-        """
-        The C{:status}, as an int.
-        """
-        return int(dict(self.headers)[b":status"])
 
 
 class Peer:
@@ -233,19 +156,10 @@ class Peer:
         """
         self.events.append(event)
         sid = getattr(event, "stream_id", None)
-        r = self.responses.setdefault(sid, Response()) if sid else None
-        if isinstance(event, ResponseReceived):
-            r.headers = event.headers
-        elif isinstance(event, DataReceived):
-            r.data += event.data
-            if self.autoAck:
+        if sid:
+            self.responses.setdefault(sid, Response()).record(event)
+            if self.autoAck and isinstance(event, DataReceived):
                 self.client.acknowledge_received_data(event.flow_controlled_length, sid)
-        elif isinstance(event, TrailersReceived):
-            r.trailers = event.headers
-        elif isinstance(event, StreamEnded):
-            r.ended = True
-        elif isinstance(event, StreamReset):
-            r.reset = event.error_code
 
     def request(self, fields, body: Optional[bytes] = None, end: bool = True) -> int:
         """
@@ -1411,119 +1325,6 @@ class AcknowledgementOrderTests(unittest.TestCase):
 # -- integration: the real thing on loopback ---------------------------------------------------------------------
 
 
-class H2ClientProtocol(protocol.Protocol):
-    """
-    A minimal HTTP/2 client over TCP: requests return Deferreds firing with a L{Response}; request bodies
-    are sent as the server's windows allow.
-    """
-
-    def __init__(self, window: Optional[int] = None):
-        """
-        @param window: the stream and connection windows to announce (h2's 64 KiB by default).
-        """
-        self.conn = H2Connection(H2Configuration(client_side=True, header_encoding=None))
-        if window is not None:
-            self.conn.local_settings = Settings(client=True, initial_values={
-                SettingCodes.INITIAL_WINDOW_SIZE: window})
-        self.window = window
-        self.responses: Dict[int, Response] = {}
-        self.waiting: Dict[int, defer.Deferred] = {}
-        self.bodies: Dict[int, bytes] = {}
-        self.goaways: List[ConnectionTerminated] = []
-        self.closed = defer.Deferred()
-
-    def connectionMade(self):
-        """
-        Send the preface.
-        """
-        self.conn.initiate_connection()
-        if self.window is not None:
-            self.conn.increment_flow_control_window(self.window - 65535)
-        self.flush()
-
-    def flush(self):
-        """
-        Write what h2 queued.
-        """
-        data = self.conn.data_to_send()
-        if data:
-            self.transport.write(data)
-
-    def request(self, path: bytes, method: bytes = b"GET", body: Optional[bytes] = None, extra=()) -> defer.Deferred:
-        """
-        Start a request; the Deferred (with the stream id as C{sid}) fires with its L{Response}.
-        """
-        sid = self.conn.get_next_available_stream_id()
-        self.conn.send_headers(sid, head(path, method, extra), end_stream=body is None)
-        self.responses[sid] = Response()
-        d = self.waiting[sid] = defer.Deferred()
-        if body is not None:
-            self.bodies[sid] = body
-            self.sendBodies()
-        self.flush()
-        d.sid = sid
-        return d
-
-    def reset(self, sid: int) -> None:
-        """
-        Cancel stream C{sid}.
-        """
-        self.conn.reset_stream(sid, ErrorCodes.CANCEL)
-        self.flush()
-
-    def sendBodies(self):
-        """
-        Send what the windows allow of the bodies still to send (C{bodies} keeps what is left, as views).
-        """
-        for sid, body in list(self.bodies.items()):
-            body = memoryview(body)
-            while body:
-                n = min(len(body), self.conn.local_flow_control_window(sid), self.conn.max_outbound_frame_size)
-                if n <= 0:
-                    break
-                self.conn.send_data(sid, body[:n], end_stream=n == len(body))
-                body = body[n:]
-            if body:
-                self.bodies[sid] = body
-            else:
-                del self.bodies[sid]
-
-    def dataReceived(self, data):
-        """
-        Dispatch the server's frames.
-        """
-        for event in self.conn.receive_data(data):
-            sid = getattr(event, "stream_id", None)
-            r = self.responses.get(sid)
-            if isinstance(event, ResponseReceived):
-                r.headers = event.headers
-            elif isinstance(event, DataReceived):
-                r.data += event.data
-                self.conn.acknowledge_received_data(event.flow_controlled_length, sid)
-            elif isinstance(event, TrailersReceived):
-                r.trailers = event.headers
-            elif isinstance(event, StreamEnded):
-                r.ended = True
-                self.waiting.pop(sid).callback(r)
-            elif isinstance(event, StreamReset) and sid in self.waiting:
-                r.reset = event.error_code
-                self.waiting.pop(sid).callback(r)
-            elif isinstance(event, WindowUpdated):
-                self.sendBodies()
-            elif isinstance(event, ConnectionTerminated):
-                self.goaways.append(event)
-                if event.error_code == 0:
-                    # h2 takes nothing more after a GOAWAY; the streams it names are still to be answered.
-                    self.conn.state_machine.state = self.conn.state_machine.state.CLIENT_OPEN
-        self.flush()
-
-    def connectionLost(self, reason):
-        """
-        Fire C{closed}.
-        """
-        self.closed.callback(None)
-
-
 class ScriptedOrigin(protocol.Protocol):
     """
     A raw HTTP/1.1 upstream for one request per connection: C{/trailers} answers chunked with gRPC-style
@@ -1597,16 +1398,11 @@ cluster = raw
         extra += f"\n[cluster:raw]\nendpoints = tcp:127.0.0.1:{self.rawPort.getHost().port}\nconnect_timeout = 1s\n"
         return super().startProxy(originPort, extra)
 
-    @defer.inlineCallbacks
     def client(self, port: Optional[int] = None, window: Optional[int] = None) -> defer.Deferred:
         """
         An HTTP/2 client connected to the proxy (closed at cleanup).
         """
-        client = H2ClientProtocol(window)
-        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port or self.port), client)
-        self.addCleanup(lambda: client.closed)
-        self.addCleanup(client.transport.loseConnection)
-        return client
+        return connectH2(self, port or self.port, window)
 
     @defer.inlineCallbacks
     def test_proxiedRequests(self):
@@ -1658,10 +1454,8 @@ cluster = raw
         """
         client = yield self.client()
         d = client.request(b"/raw/slow")
-        for _ in range(100):
-            if ScriptedOrigin.connections and ScriptedOrigin.connections[0].requests:
-                break
-            yield deferLater(reactor, 0.01, lambda: None)
+        yield waitFor(lambda: ScriptedOrigin.connections and ScriptedOrigin.connections[0].requests, 10,
+                      "the request at the origin", 0.01)
         [origin] = ScriptedOrigin.connections
         client.reset(d.sid)
         yield origin.lost
@@ -1755,10 +1549,8 @@ cluster = raw
         yield service.whenLive
         client = yield self.client(service.listeners["web"].port.getHost().port)
         d = client.request(b"/raw/slow")
-        for _ in range(100):
-            if ScriptedOrigin.connections and ScriptedOrigin.connections[0].requests:
-                break
-            yield deferLater(reactor, 0.01, lambda: None)
+        yield waitFor(lambda: ScriptedOrigin.connections and ScriptedOrigin.connections[0].requests, 10,
+                      "the request at the origin", 0.01)
         client.reset(d.sid)
         yield ScriptedOrigin.connections[0].lost
         yield self._stop(service)
@@ -1773,15 +1565,9 @@ cluster = raw
         """
         client = yield self.client()
         d = client.request(b"/quick/slow")
-        for _ in range(100):
-            if self.origin.requests:
-                break
-            yield deferLater(reactor, 0.01, lambda: None)
+        yield waitFor(lambda: self.origin.requests, 10, "the request at the origin", 0.01)
         self.service.listeners["web"].factory.drain()
-        for _ in range(100):
-            if client.goaways:
-                break
-            yield deferLater(reactor, 0.01, lambda: None)
+        yield waitFor(lambda: client.goaways, 10, "a GOAWAY", 0.01)
         [goaway] = client.goaways
         self.assertEqual((goaway.error_code, goaway.last_stream_id), (0, d.sid))
         self.assertFalse(client.closed.called)
@@ -1802,13 +1588,9 @@ cluster = raw
         d = client.request(b"/size/%d" % size)
         client.transport.pauseProducing()
         factory = self.service.listeners["web"].factory
-        peak = 0
-        for _ in range(20):
-            yield deferLater(reactor, 0.05, lambda: None)
-            for conn in factory.connections:
-                t = conn.transport
-                queued = sum(len(c) for codec in conn.http2.streams.values() for c in codec.pending or ())
-                peak = max(peak, len(t.dataBuffer) + t._tempDataLen + queued)
+        peak = yield peakBuffered(
+            lambda: factory.connections,
+            lambda conn: sum(len(c) for codec in conn.http2.streams.values() for c in codec.pending or ()))
         # Without backpressure the proxy would hold most of the 100 MiB within a second.
         self.assertLess(peak, 8 << 20)
         client.transport.resumeProducing()
@@ -1875,19 +1657,10 @@ class UploadTests(HTTPTestBase):
         bytes the client got to send) stay bounded; once the upstream reads, the 100 MiB arrive whole.
         """
         size = 100 << 20
-        client = H2ClientProtocol()
-        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), client)
-        self.addCleanup(lambda: client.closed)
-        self.addCleanup(client.transport.loseConnection)
+        client = yield connectH2(self, self.port)
         d = client.request(b"/up", b"POST", b"u" * size, [(b"content-length", b"%d" % size)])
-        cluster = self.service.clusters["origin"]
-        peak = 0
-        for _ in range(20):
-            yield deferLater(reactor, 0.05, lambda: None)
-            for pool in cluster.pools.pools.values():
-                for conn in pool.connections:
-                    t = conn.transport
-                    peak = max(peak, len(t.dataBuffer) + t._tempDataLen)
+        pools = self.service.clusters["origin"].pools.pools
+        peak = yield peakBuffered(lambda: [conn for pool in pools.values() for conn in pool.connections])
         self.assertLess(peak, 8 << 20)
         sent = size - len(client.bodies.get(d.sid, b""))
         self.assertLess(sent, 16 << 20)  # the windows held the client back
@@ -1906,13 +1679,8 @@ class EchoTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def setUp(self):
-        echo = MeshService(loadString("[mesh]\nadmin = off\n[echo:e]\nendpoint = tcp:0:interface=127.0.0.1\n"),
-                           reactor)
-        echo.startService()
-        self.addCleanup(echo.stopService)
-        yield echo.whenLive
-        echoPort = echo.echoes["e"].port.getHost().port
-        self.proxy = MeshService(loadString(f"""
+        echoPort = yield startEcho(self)
+        self.proxy = startService(self, f"""
 [mesh]
 admin = off
 drain_timeout = 1s
@@ -1927,17 +1695,9 @@ prefix = /
 cluster = echo
 [cluster:echo]
 endpoints = tcp:127.0.0.1:{echoPort}
-""", "test.ini"), reactor, seed=3)
-        self.proxy.startService()
-        self.addCleanup(self.stopProxy)
+""", seed=3, stop=stopProxy)
         yield self.proxy.whenLive
         self.url = f"http://127.0.0.1:{self.proxy.listeners['edge'].port.getHost().port}"
-
-    def stopProxy(self):
-        d = self.proxy.stopService()
-        for cluster in self.proxy.clusters.values():
-            cluster.pools.closeAll()
-        return d.addCallback(lambda _: deferLater(reactor, 0.01, lambda: None))
 
     def stat(self, name: str) -> int:
         return self.proxy.stats.get(name).value
@@ -2000,7 +1760,7 @@ class TLSTests(unittest.TestCase):
         from .test_tls import standardPKI
 
         self.pki = standardPKI(self.mktemp())
-        self.proxy = MeshService(loadString(f"""
+        self.proxy = startService(self, f"""
 [mesh]
 admin = off
 [listener:secure]
@@ -2016,9 +1776,7 @@ alpn = h2, http/1.1
 prefix = /
 direct_response.status = 200
 direct_response.body = over tls
-""", "test.ini"), reactor, seed=5)
-        self.proxy.startService()
-        self.addCleanup(self.proxy.stopService)
+""", seed=5)
         yield self.proxy.whenLive
         self.url = f"https://localhost:{self.proxy.listeners['secure'].port.getHost().port}/tls"
 

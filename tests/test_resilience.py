@@ -22,14 +22,14 @@ import treq
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.ssl import CertificateOptions, PrivateCertificate
-from twisted.internet.task import deferLater
 from twisted.trial import unittest
-from twisted.web import resource, server
+from twisted.web import resource
 from twisted.web.client import HTTPConnectionPool
 
-from twistedmesh.config import loadString
 from twistedmesh.service import MeshService
 
+from .support import startService, stopProxy, waitFor
+from .test_http import CountingSite
 from .test_tls import PKI
 
 
@@ -59,60 +59,20 @@ class Named(resource.Resource):
         return self.name
 
 
-class TrackingSite(server.Site):
+class TrackingSite(CountingSite):
     """
-    A Site that keeps its open connections, so that a test can abort them (kill the upstream) and wait
-    until all of them are closed (so that each test leaves the reactor clean).
+    A Site that keeps its open connections (L{CountingSite}), so that a test can also abort them (kill the
+    upstream); it logs no request.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.open = {}
         self.log = lambda request: None
-
-    def buildProtocol(self, addr):
-        proto = super().buildProtocol(addr)
-        closed = self.open[proto] = defer.Deferred()
-        lost = proto.connectionLost
-
-        def connectionLost(reason):
-            lost(reason)
-            del self.open[proto]
-            closed.callback(None)
-
-        proto.connectionLost = connectionLost
-        return proto
 
     def abortAll(self):
         for proto in list(self.open):
             # Site builds a _GenericHTTPChannelProtocol, a proxy whose HTTPChannel holds the transport.
             getattr(proto, "_channel", proto).transport.abortConnection()
-
-    def allClosed(self):
-        return defer.DeferredList(list(self.open.values()))
-
-
-def stopService(service: MeshService) -> defer.Deferred:
-    """
-    Stop C{service} and close its upstream pools (as tests/test_http.py does), then let the aborted
-    connections finish closing before trial checks the reactor.
-    """
-    d = service.stopService()
-    for cluster in service.clusters.values():
-        cluster.pools.closeAll()
-    return d.addCallback(lambda _: deferLater(reactor, 0.01, lambda: None))
-
-
-@defer.inlineCallbacks
-def waitFor(predicate, bound: float, what: str, step: float = 0.02):
-    """
-    Poll C{predicate} every C{step} seconds until it is true; fail after C{bound} seconds.
-    """
-    deadline = reactor.seconds() + bound
-    while not predicate():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"timed out after {bound}s waiting for {what}")
-        yield deferLater(reactor, step, lambda: None)
 
 
 class ResilienceBase(unittest.TestCase):
@@ -136,10 +96,7 @@ class ResilienceBase(unittest.TestCase):
         return origin, site, port
 
     def startProxy(self, config: str) -> MeshService:
-        service = MeshService(loadString(config, "test.ini"), reactor, seed=7)
-        service.startService()
-        self.addCleanup(stopService, service)
-        return service
+        return startService(self, config, seed=7, stop=stopProxy)
 
     def stat(self, service: MeshService, name: str):
         return service.stats.get(name).value

@@ -6,8 +6,6 @@ ephemeral ports, and C{twistd -n twistedmesh} started as a subprocess.
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,52 +20,10 @@ from twistedmesh.config import ConfigErrors, loadString
 from twistedmesh.service import MeshService
 from twistedmesh.tap import Options
 
+from .support import Exchange, freePort, port, requireTwistd, startEcho, startService, startTwistd
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-
-
-def freePort() -> int:
-    """
-    A TCP port on 127.0.0.1 that was free a moment ago (for configs handed to a subprocess).
-    """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Collect(protocol.Protocol):
-    """
-    A client that sends a payload, half-closes, and collects everything until the connection closes.
-    """
-
-    def __init__(self, payload: bytes) -> None:
-        self.payload = payload
-        self.received = []
-        self.done = defer.Deferred()
-
-    def connectionMade(self) -> None:
-        self.transport.write(self.payload)
-        self.transport.loseWriteConnection()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received.append(data)
-
-    def connectionLost(self, reason) -> None:
-        self.done.callback(b"".join(self.received))
-
-
-def port(listening) -> int:
-    return listening.port.getHost().port
-
-
-def startService(test: unittest.TestCase, text: str) -> MeshService:
-    """
-    Build and start a L{MeshService} from INI C{text} and stop it (draining) when C{test} ends.
-    """
-    service = MeshService(loadString(text, "test.ini"), reactor, seed=1)
-    service.startService()
-    test.addCleanup(service.stopService)
-    return service
 
 
 class ServiceTests(unittest.TestCase):
@@ -81,9 +37,7 @@ class ServiceTests(unittest.TestCase):
         Bytes sent to a TCP listener reach the cluster's host (a built-in TCP echo) and come back, and
         the listener and cluster counters say so.
         """
-        echo = startService(self, "[mesh]\nadmin = off\n[echo:e]\nendpoint = tcp:0:interface=127.0.0.1\nprotocol = tcp\n")
-        yield echo.whenLive
-        echoPort = port(echo.echoes["e"])
+        echoPort = yield startEcho(self, "tcp")
         service = startService(self, f"""
 [mesh]
 admin = tcp:0:interface=127.0.0.1
@@ -95,7 +49,7 @@ endpoints = tcp:127.0.0.1:{echoPort}
 """)
         yield service.whenLive
         self.assertEqual(service.state, "LIVE")
-        client = Collect(b"hello, mesh" * 1000)
+        client = Exchange(b"hello, mesh" * 1000, halfClose=True)
         yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port(service.listeners["edge"])), client)
         received = yield client.done
         self.assertEqual(received, b"hello, mesh" * 1000)
@@ -118,9 +72,7 @@ endpoints = tcp:127.0.0.1:{echoPort}
         """
         The demo HTTP echo answers through a TCP listener with a description of the request.
         """
-        service = startService(self, "[mesh]\nadmin = off\n[echo:web]\nendpoint = tcp:0:interface=127.0.0.1\n")
-        yield service.whenLive
-        webPort = port(service.echoes["web"])
+        webPort = yield startEcho(self)
         proxy = startService(self, f"""
 [mesh]
 admin = off
@@ -144,8 +96,7 @@ endpoints = tcp:127.0.0.1:{webPort}
         Stopping the service stops accepting at once but lets an open connection finish; the stop
         completes when it closes.
         """
-        echo = startService(self, "[mesh]\nadmin = off\n[echo:e]\nendpoint = tcp:0:interface=127.0.0.1\nprotocol = tcp\n")
-        yield echo.whenLive
+        echoPort = yield startEcho(self, "tcp")
         service = MeshService(loadString(f"""
 [mesh]
 admin = off
@@ -154,7 +105,7 @@ drain_timeout = 30s
 endpoint = tcp:0:interface=127.0.0.1
 cluster = echo
 [cluster:echo]
-endpoints = tcp:127.0.0.1:{port(echo.echoes['e'])}
+endpoints = tcp:127.0.0.1:{echoPort}
 """), reactor)
         service.startService()
         yield service.whenLive
@@ -222,8 +173,7 @@ endpoints = tcp:127.0.0.1:1
         """
         A TCP listener's access log gets one line per connection, with its bytes and upstream.
         """
-        echo = startService(self, "[mesh]\nadmin = off\n[echo:e]\nendpoint = tcp:0:interface=127.0.0.1\nprotocol = tcp\n")
-        yield echo.whenLive
+        echoPort = yield startEcho(self, "tcp")
         path = os.path.abspath(self.mktemp())
         service = MeshService(loadString(f"""
 [mesh]
@@ -234,11 +184,11 @@ cluster = echo
 access_log = {path}
 access_log.format = %BYTES_RECEIVED% %BYTES_SENT% %UPSTREAM_CLUSTER% %RESPONSE_FLAGS%
 [cluster:echo]
-endpoints = tcp:127.0.0.1:{port(echo.echoes['e'])}
+endpoints = tcp:127.0.0.1:{echoPort}
 """), reactor)
         service.startService()
         yield service.whenLive
-        client = Collect(b"ping" * 10)
+        client = Exchange(b"ping" * 10, halfClose=True)
         yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port(service.listeners["edge"])), client)
         yield client.done
         yield service.listeners["edge"].factory.whenDrained()
@@ -379,9 +329,7 @@ class TwistdTests(unittest.TestCase):
     """
 
     def setUp(self):
-        self.twistd = shutil.which("twistd")
-        if self.twistd is None:
-            raise unittest.SkipTest("twistd is not on PATH")
+        self.twistd = requireTwistd()
 
     def test_pluginListed(self):
         """
@@ -396,11 +344,7 @@ class TwistdTests(unittest.TestCase):
         C{twistd -n twistedmesh --config FILE} serves traffic through the proxy and exits 0 on SIGTERM.
         """
         ports = [freePort() for _ in range(3)]
-        workdir = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, workdir, True)
-        path = os.path.join(workdir, "mesh.ini")
-        with open(path, "w") as f:
-            f.write(f"""
+        twistd, _ = startTwistd(self, f"""
 [mesh]
 admin = tcp:{ports[0]}:interface=127.0.0.1
 drain_timeout = 2s
@@ -412,10 +356,6 @@ endpoints = tcp:127.0.0.1:{ports[2]}
 [echo:web]
 endpoint = tcp:{ports[2]}:interface=127.0.0.1
 """)
-        twistd = Twistd()
-        reactor.spawnProcess(twistd, self.twistd, [self.twistd, "-n", "--pidfile=", "twistedmesh", "--config", path],
-                             env=os.environ, path=workdir)
-        self.addCleanup(twistd.kill)
         response = None
         for attempt in range(100):  # up to ~20 s for the process to start listening
             if twistd.ended.called:
@@ -445,21 +385,13 @@ endpoint = tcp:{ports[2]}:interface=127.0.0.1
         from twisted.internet.protocol import Factory
         taken = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
         self.addCleanup(taken.stopListening)
-        workdir = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, workdir, True)
-        path = os.path.join(workdir, "mesh.ini")
-        with open(path, "w") as f:
-            f.write(f"""
+        twistd, _ = startTwistd(self, f"""
 [listener:edge]
 endpoint = tcp:{taken.getHost().port}:interface=127.0.0.1
 cluster = web
 [cluster:web]
 endpoints = tcp:127.0.0.1:1
 """)
-        twistd = Twistd()
-        reactor.spawnProcess(twistd, self.twistd, [self.twistd, "-n", "--pidfile=", "twistedmesh", "--config", path],
-                             env=os.environ, path=workdir)
-        self.addCleanup(twistd.kill)
         timeout = reactor.callLater(30, twistd.kill)
         code = yield twistd.ended
         if timeout.active():
@@ -469,27 +401,3 @@ endpoints = tcp:127.0.0.1:1
         self.assertIn("Address already in use", twistd.output())
 
 
-class Twistd(protocol.ProcessProtocol):
-    """
-    A C{twistd} subprocess: its output, and a Deferred firing with its exit code.
-    """
-
-    def __init__(self) -> None:
-        self.chunks = []
-        self.ended = defer.Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.chunks.append(data)
-
-    errReceived = outReceived
-
-    def output(self) -> str:
-        return b"".join(self.chunks).decode("utf-8", "replace")
-
-    def processEnded(self, reason) -> None:
-        self.ended.callback(reason.value.exitCode)
-
-    def kill(self) -> None:
-        if not self.ended.called:
-            self.transport.signalProcess("KILL")
-            return self.ended

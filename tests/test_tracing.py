@@ -163,6 +163,43 @@ class PropagateTests(unittest.TestCase):
         self.assertEqual(headers, [other, (b"traceparent", b"00-" + SEED1_TRACE + b"-" + SEED1_SPAN + b"-01")])
         self.assertIs(headers[0], other)
 
+    def test_unsampledStillPropagated(self):
+        """
+        An unsampled request without a trace field still gets a new traceparent (flags 00), as Envoy still
+        propagates ids: the services behind the proxy learn the decision instead of making their own. The
+        ids are the same draws as a sampled request's.
+        """
+        headers = [(b"accept", b"*/*")]
+        context = propagate(headers, random.Random(1), 0.0)
+        self.assertEqual(context, TraceContext(SEED1_TRACE, SEED1_SPAN, None, False, FORMAT_W3C))
+        self.assertEqual(headers[1], (b"traceparent", b"00-" + SEED1_TRACE + b"-" + SEED1_SPAN + b"-00"))
+
+    def test_zeroIdsDrawnAgain(self):
+        """
+        An all-zero trace or span id is invalid: that id is drawn again, and the other kept.
+        """
+        class Zeros(random.Random):
+            # Hands out `zeros` once (all 192 bits of the ids' draw), then behaves as Random(1).
+            def __init__(self, zeros: int) -> None:
+                super().__init__(1)
+                self.zeros = zeros
+
+            def getrandbits(self, k: int) -> int:
+                if self.zeros is not None:
+                    bits, self.zeros = self.zeros, None
+                    return bits & ((1 << k) - 1)
+                return super().getrandbits(k)
+
+        span = 0xABC << 128
+        context = propagate([], Zeros(span), 1.0)
+        self.assertEqual((context.traceId, context.spanId), (SEED1_TRACE, b"0000000000000abc"))
+        context = propagate([], Zeros(0x123), 1.0)
+        self.assertEqual((context.traceId, context.spanId), (b"%032x" % 0x123, SEED1_FIRST_SPAN))
+        headers: list = []
+        context = propagate(headers, Zeros(0), 1.0)
+        self.assertEqual((context.traceId, context.spanId), (SEED1_TRACE, SEED1_SPAN))
+        self.assertEqual(parseTraceparent(headers[0][1]).traceId, SEED1_TRACE)
+
     def test_traceparentRewritten(self):
         """
         An incoming traceparent is replaced in place with our span as the parent; tracestate is kept as is.

@@ -33,9 +33,8 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
-from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransportWithDisconnection
 from twisted.python.failure import Failure
 from twisted.trial import unittest
@@ -47,7 +46,6 @@ from twistedmesh.config.model import HTTP2ClusterConfig
 from twistedmesh.filters.router import _allows
 from twistedmesh.http.stream import Stream
 from twistedmesh.observability.stats import StatsStore
-from twistedmesh.service import MeshService
 from twistedmesh.upstream.cluster import Cluster
 from twistedmesh.upstream.http2 import (
     REFUSED_STREAM,
@@ -56,6 +54,19 @@ from twistedmesh.upstream.http2 import (
     H2Stream,
     H2UpstreamConnection,
     requestFields,
+)
+
+from .support import (
+    Producer,
+    Response,
+    connectH2,
+    head,
+    peakBuffered,
+    rawExchange,
+    startNginx,
+    startService,
+    stopProxy,
+    waitFor,
 )
 
 CURL = shutil.which("curl")
@@ -94,26 +105,6 @@ class Recorder:
 
     def upstreamFailed(self, reason: str, headersReceived: bool) -> None:
         self.events.append(("reset", reason, headersReceived))
-
-
-class Producer:
-    """
-    A push producer that records whether it is paused.
-    """
-
-    def __init__(self) -> None:
-        self.paused = False
-        self.pauses = 0
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-        self.pauses += 1
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-
-    def stopProducing(self) -> None:
-        pass
 
 
 class Peer:
@@ -463,6 +454,26 @@ class ConcurrencyTests(PoolTestBase):
         self.pool.acquire(waiter)
         self.clock.advance(5)
         self.assertEqual(waiter.events, [("failed", "connect timeout", True)])
+        self.assertEqual((self.stat("upstream_cx_connect_fail"), self.stat("upstream_cx_connect_timeout")), (1, 1))
+        self.assertEqual(self.host.cx_connect_fail, 1)
+
+    def test_connectionCountedInAndOut(self):
+        """
+        A connection is counted in when it connects (host, cluster, HTTP/2 total, a breaker slot) and out
+        once when it closes, with its lifetime recorded; the breaker's slot is free again.
+        """
+        waiter, conn, peer = self.connect()
+        breaker = self.cluster.breaker.connections
+        self.assertEqual((self.host.cx_total, self.host.cx_active, breaker.count), (1, 1, 1))
+        self.assertEqual((self.stat("upstream_cx_total"), self.stat("upstream_cx_active"),
+                          self.stat("upstream_cx_http2_total"), self.stat("upstream_cx_http1_total")), (1, 1, 1, 0))
+        self.clock.advance(2.5)
+        conn.connectionLost(Failure(ConnectionDone()))
+        self.pool.lost(conn)  # a second report of the same loss changes nothing
+        self.assertEqual((self.host.cx_total, self.host.cx_active, breaker.count), (1, 0, 0))
+        self.assertEqual((self.stat("upstream_cx_total"), self.stat("upstream_cx_active")), (1, 0))
+        length = self.cluster.upstream_cx_length_ms
+        self.assertEqual((length.count, length.sum), (1, 2500.0))
 
 
 class BreakerTests(PoolTestBase):
@@ -1020,51 +1031,6 @@ class SlowReader(protocol.Protocol):
         self.closed.callback(self.received)
 
 
-def rawRequest(port: int, payload: bytes) -> defer.Deferred:
-    """
-    Send C{payload} to C{port}; fire with everything read until the server closes.
-    """
-    client = SlowReader(payload)
-    d = connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
-    return d.addCallback(lambda _: client.closed).addCallback(lambda _: client.head)
-
-
-def rawExchange(port: int, payload: bytes) -> defer.Deferred:
-    """
-    Send C{payload}; fire with all the bytes read until the server closes.
-    """
-    chunks = []
-
-    class Raw(protocol.Protocol):
-        def connectionMade(self):
-            self.transport.write(payload)
-
-        def dataReceived(self, data):
-            chunks.append(data)
-
-        def connectionLost(self, reason):
-            done.callback(b"".join(chunks))
-
-    done = defer.Deferred()
-    return connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Raw()).addCallback(lambda _: done)
-
-
-def until(predicate, tries: int = 200) -> defer.Deferred:
-    """
-    Fire once C{predicate()} holds, polling the reactor every 10 ms (at most C{tries} times).
-    """
-
-    @defer.inlineCallbacks
-    def poll():
-        for _ in range(tries):
-            if predicate():
-                return True
-            yield deferLater(reactor, 0.01, lambda: None)
-        return predicate()
-
-    return poll()
-
-
 class IntegrationBase(unittest.TestCase):
     """
     A real HTTP/2 origin (h2c) and a proxy in front of it, on loopback.
@@ -1096,7 +1062,7 @@ cluster = origin
 
     @defer.inlineCallbacks
     def startProxy(self, endpoint: str, extra: str = "", listener: str = ""):
-        service = MeshService(loadString(f"""
+        service = startService(self, f"""
 [mesh]
 admin = off
 drain_timeout = 1s
@@ -1111,30 +1077,15 @@ endpoints = {endpoint}
 protocol = http2
 connect_timeout = 1s
 {extra}
-""", "test.ini"), reactor, seed=7)
-        service.startService()
-        self.addCleanup(self._stop, service)
+""", seed=7, stop=stopProxy)
         yield service.whenLive
         return service
-
-    def _stop(self, service):
-        d = service.stopService()
-        for cluster in service.clusters.values():
-            cluster.pools.closeAll()
-        return d.addCallback(lambda _: deferLater(reactor, 0.01, lambda: None))
 
     def stat(self, name):
         return self.service.stats.get(name).value
 
-    @defer.inlineCallbacks
-    def h2client(self):
-        from .test_h2 import H2ClientProtocol
-
-        client = H2ClientProtocol()
-        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), client)
-        self.addCleanup(lambda: client.closed)
-        self.addCleanup(client.transport.loseConnection)
-        return client
+    def h2client(self) -> defer.Deferred:
+        return connectH2(self, self.port)
 
 
 
@@ -1210,8 +1161,6 @@ class IntegrationTests(IntegrationBase):
         client = yield self.h2client()
         h2c = client.conn
         sid = h2c.get_next_available_stream_id()
-        from .test_h2 import Response, head
-
         client.responses[sid] = Response()
         d = client.waiting[sid] = defer.Deferred()
         h2c.send_headers(sid, head(b"/echo", b"POST", [(b"te", b"trailers")]))
@@ -1249,7 +1198,7 @@ class IntegrationTests(IntegrationBase):
         for target in (b"/reset-early", b"/refuse-once"):
             answer = yield rawExchange(port, b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % target)
             self.assertTrue(answer.startswith(b"HTTP/1.1 503"), answer)
-        yield self._stop(service)
+        yield stopProxy(service)
         with open(path) as f:
             self.assertEqual(f.read(), "503 UR upstream_reset_before_response_started{remote_reset}\n"
                                        "503 UR upstream_reset_before_response_started{remote_refused_stream_reset}\n")
@@ -1272,9 +1221,9 @@ class IntegrationTests(IntegrationBase):
         """
         client = yield self.h2client()
         d = client.request(b"/slow")
-        yield until(lambda: self.origin.requests)
+        yield waitFor(lambda: self.origin.requests, 10, "the request at the origin", 0.01)
         client.reset(d.sid)
-        yield until(lambda: self.origin.resets)
+        yield waitFor(lambda: self.origin.resets, 10, "the reset at the origin", 0.01)
         self.assertEqual([code for _, code in self.origin.resets], [ErrorCodes.CANCEL])
         r = yield client.request(b"/echo")
         self.assertEqual(r.status, 200)
@@ -1301,12 +1250,7 @@ class IntegrationTests(IntegrationBase):
         yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), client)
         client.transport.pauseProducing()
         factory = self.service.listeners["web"].factory
-        peak = 0
-        for _ in range(20):
-            yield deferLater(reactor, 0.05, lambda: None)
-            for conn in factory.connections:
-                t = conn.transport
-                peak = max(peak, len(t.dataBuffer) + t._tempDataLen)
+        peak = yield peakBuffered(lambda: factory.connections)
         self.assertLess(peak, 4 << 20)
         client.transport.resumeProducing()
         received = yield client.closed
@@ -1335,15 +1279,10 @@ class IntegrationTests(IntegrationBase):
         client = Uploader()
         client.closed = defer.Deferred()
         yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), client)
-        cluster = self.service.clusters["origin"]
-        peak = 0
-        for _ in range(20):
-            yield deferLater(reactor, 0.05, lambda: None)
-            for pool in cluster.pools.pools.values():
-                for conn in pool.connections:
-                    t = conn.transport
-                    pending = sum(sum(len(c) for c in s.pending or ()) for s in conn.streams.values())
-                    peak = max(peak, len(t.dataBuffer) + t._tempDataLen + pending)
+        pools = self.service.clusters["origin"].pools.pools
+        peak = yield peakBuffered(
+            lambda: [conn for pool in pools.values() for conn in pool.connections],
+            lambda conn: sum(sum(len(c) for c in s.pending or ()) for s in conn.streams.values()))
         self.assertLess(peak, 4 << 20)
         # The origin got at most its windows' worth.
         self.assertLessEqual(sum(s[2] for o in self.origin.instances for s in o.streams.values()), 1 << 20)
@@ -1407,28 +1346,6 @@ class TLSIntegrationTests(IntegrationBase):
         self.assertEqual(self.origin.requests[0][1], (b":scheme", b"https"))
 
 
-NGINX = shutil.which("nginx") or (os.path.exists("/usr/sbin/nginx") and "/usr/sbin/nginx") or None
-
-
-class _Exited(protocol.ProcessProtocol):
-    def __init__(self):
-        self.ended = defer.Deferred()
-
-    def processEnded(self, reason):
-        self.ended.callback(None)
-
-
-def freePort() -> int:
-    """
-    A loopback port free at the time of asking (for a server this process does not start itself).
-    """
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class NginxTests(IntegrationBase):
     """
     nginx as the HTTP/2 (h2c prior knowledge) origin, where installed.
@@ -1436,55 +1353,13 @@ class NginxTests(IntegrationBase):
 
     @defer.inlineCallbacks
     def setUp(self):
-        if NGINX is None:
-            raise unittest.SkipTest("nginx is not installed")
-        out, err, code = yield getProcessOutputAndValue(NGINX, ["-V"])
-        if b"http_v2_module" not in err + out:
-            raise unittest.SkipTest("this nginx has no HTTP/2 module")
-        root = self.root = os.path.abspath(self.mktemp())
-        os.makedirs(root)
+        port, root = yield startNginx(self, """
+        location = /hello { return 200 "nginx-ok\\n"; }
+        location /upload/ { dav_methods PUT; create_full_put_path on; }""", "client_max_body_size 64m;")
+        self.root = root
         self.big = os.urandom(8 << 20)
         with open(os.path.join(root, "big"), "wb") as f:
             f.write(self.big)
-        port = freePort()
-        conf = os.path.join(root, "nginx.conf")
-        temp = " ".join(f"{kind}_temp_path {root}/{kind};" for kind in
-                        ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-        with open(conf, "w") as f:
-            f.write(f"""
-daemon off;
-master_process off;
-worker_processes 1;
-error_log {root}/error.log;
-pid {root}/nginx.pid;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    {temp}
-    client_max_body_size 64m;
-    server {{
-        listen 127.0.0.1:{port} http2;
-        root {root};
-        location = /hello {{ return 200 "nginx-ok\\n"; }}
-        location /upload/ {{ dav_methods PUT; create_full_put_path on; }}
-    }}
-}}
-""")
-        exited = _Exited()
-        process = reactor.spawnProcess(exited, NGINX, [NGINX, "-p", root, "-c", conf], env=os.environ)
-
-        def stop():
-            process.signalProcess("TERM")
-            return exited.ended
-
-        self.addCleanup(stop)
-        for _ in range(200):
-            try:
-                yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), protocol.Protocol()) \
-                    .addCallback(lambda p: p.transport.loseConnection())
-                break
-            except Exception:
-                yield deferLater(reactor, 0.02, lambda: None)
         self.service = yield self.startProxy(f"tcp:127.0.0.1:{port}")
         self.port = self.service.listeners["web"].port.getHost().port
 

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
-import tempfile
 import time
 from typing import Dict, List, Optional
 
@@ -27,17 +25,17 @@ from twisted.trial import unittest
 from twisted.web.test.requesthelper import DummyRequest
 
 from twistedmesh.admin.resource import AdminResource
-from twistedmesh.config import ConfigErrors, loadString
+from twistedmesh.config import ConfigErrors, loadFile, loadString
 from twistedmesh.observability.stats import StatsStore
 from twistedmesh.reload import ReloadResult
 from twistedmesh.workers import BackOff, Supervisor
-from twistedmesh.workers.child import listenerEndpoints, workerConfig
+from twistedmesh.workers.child import listenerEndpoints, reloadFromText, workerConfig
 from twistedmesh.workers.protocol import Drain, JSONValue, Reload, Stats, SupervisorControl, WorkerControl
 from twistedmesh.workers.sockets import (InheritedEndpoint, ReusePortEndpoint, SocketAddress, makeSocket,
                                          parseAddress)
 from twistedmesh.workers.stats import merge, snapshot, withoutGauges
 
-from .test_service import Twistd, freePort
+from .support import freePort, requireTwistd, startTwistd
 
 
 CONFIG = """
@@ -55,6 +53,13 @@ endpoints = tcp:127.0.0.1:1
 
 def config(workers: int = 2, extra: str = ""):
     return loadString(CONFIG.format(workers=workers) + extra, "mesh.ini")
+
+
+def supervise(text: str, *args, **kwargs) -> Supervisor:
+    """
+    A L{Supervisor} of configuration C{text} (file C{mesh.ini}, which is not read).
+    """
+    return Supervisor(loadString(text, "mesh.ini"), *args, text=text, **kwargs)
 
 
 class ConfigTests(unittest.TestCase):
@@ -244,7 +249,7 @@ class FakeMesh:
         self.drains: List[bool] = []
         self.healthCheckFailed = False
         self.clusters: Dict = {}
-        self.reloads: List[Optional[str]] = []
+        self.reloads: List[tuple] = []  # (text, file) of each Reload
         self.reloadWith = None
 
     def drain(self, graceful: bool = True):
@@ -259,8 +264,8 @@ def controlPair(mesh: FakeMesh, slot=None):
     exits: List[bool] = []
     lost: List[bool] = []
 
-    def reloadConfig(path):
-        mesh.reloads.append(path)
+    def reloadConfig(text, file):
+        mesh.reloads.append((text, file))
         return mesh.reloadWith
 
     worker = WorkerControl(mesh, exit=lambda: exits.append(True), reloadConfig=reloadConfig,
@@ -306,25 +311,37 @@ class ProtocolTests(unittest.TestCase):
         self.assertEqual(out["v"], "x" * (amp.MAX_VALUE_LENGTH * 2))
 
     def test_reload(self):
-        """C{Reload} runs the worker's reload with the path and answers with its outcome."""
+        """C{Reload} runs the worker's reload with the text and file name and answers with its outcome."""
         mesh = FakeMesh()
         mesh.reloadWith = defer.succeed(ReloadResult(False, True, ("listener a cannot listen: in use",), 0.0, "m.ini"))
         parent, worker, pump, _, _ = controlPair(mesh)
-        d = parent.callRemote(Reload, path="m.ini")
+        d = parent.callRemote(Reload, text="[mesh]\n", file="m.ini")
         pump.flush()
         self.assertEqual(self.successResultOf(d),
                          {"ok": False, "applied": True, "errors": ["listener a cannot listen: in use"]})
-        self.assertEqual(mesh.reloads, ["m.ini"])
+        self.assertEqual(mesh.reloads, [("[mesh]\n", "m.ini")])
+
+    def test_reloadBigText(self):
+        """A configuration text over AMP's 64 KiB limit for one value arrives whole."""
+        mesh = FakeMesh()
+        mesh.reloadWith = ReloadResult(True, True, (), 0.0, "m.ini")
+        parent, worker, pump, _, _ = controlPair(mesh)
+        text = "[mesh]\n" + "".join(f"; comment line {i}\n" for i in range(20000))
+        self.assertGreater(len(text), 3 * amp.MAX_VALUE_LENGTH)
+        d = parent.callRemote(Reload, text=text, file="m.ini")
+        pump.flush()
+        self.assertTrue(self.successResultOf(d)["applied"])
+        self.assertEqual(mesh.reloads, [(text, "m.ini")])
 
     def test_reloadCrash(self):
         """A reload that raises is an answer too, not a lost command."""
         mesh = FakeMesh()
         mesh.reloadWith = defer.fail(RuntimeError("boom"))
         parent, worker, pump, _, _ = controlPair(mesh)
-        d = parent.callRemote(Reload)
+        d = parent.callRemote(Reload, text="", file="m.ini")
         pump.flush()
         self.assertEqual(self.successResultOf(d), {"ok": False, "applied": False, "errors": ["reload failed: boom"]})
-        self.assertEqual(mesh.reloads, [None])
+        self.assertEqual(mesh.reloads, [("", "m.ini")])
 
     def test_drain(self):
         """C{Drain} either drains the service in place or drains and exits."""
@@ -370,6 +387,7 @@ class Spawner:
         self.meshes: Dict[int, FakeMesh] = {}
         self.pumps: List = []
         self.exits: Dict[int, List[bool]] = {}
+        self.specs: List[Dict] = []
         self.fail = False
 
     def __call__(self, slot) -> None:
@@ -377,6 +395,7 @@ class Spawner:
             raise OSError("no more processes")
         process = FakeProcess(1000 + len(self.spawned))
         self.spawned.append((slot.index, process))
+        self.specs.append(slot.supervisor.spec(slot, {}))  # what the real spawner writes to its stdin
         slot.makeConnection(process)
         if self.connect:
             mesh = self.meshes[slot.index] = FakeMesh(requests=10 * (slot.index + 1))
@@ -404,7 +423,7 @@ class SupervisionTests(unittest.TestCase):
     def setUp(self):
         self.clock = MemoryReactorClock()
         self.spawner = Spawner()
-        self.supervisor = Supervisor(config(2), self.clock, self.spawner, BackOff(0.1, 1.0, 10.0))
+        self.supervisor = supervise(CONFIG.format(workers=2), self.clock, self.spawner, BackOff(0.1, 1.0, 10.0))
         self.slot = self.supervisor.slots[0]
         for slot in self.supervisor.slots:
             slot.start()
@@ -460,7 +479,7 @@ class SupervisionTests(unittest.TestCase):
         text = CONFIG.format(workers=2).replace("tcp:0:", f"tcp:{taken.getsockname()[1]}:")
         clock = MemoryReactorClock()
         spawner = Spawner()
-        Supervisor(loadString(text), clock, spawner).startService()
+        supervise(text, clock, spawner).startService()
         self.assertEqual(spawner.spawned, [])
         self.assertEqual([f for f, _, _ in clock.whenRunningHooks], [clock.stop])
 
@@ -526,7 +545,7 @@ class FanOutTests(unittest.TestCase):
     def setUp(self):
         self.clock = MemoryReactorClock()
         self.spawner = Spawner(connect=True)
-        self.supervisor = Supervisor(config(2), self.clock, self.spawner)
+        self.supervisor = supervise(CONFIG.format(workers=2), self.clock, self.spawner)
         for slot in self.supervisor.slots:
             slot.start()
         self.spawner.flush()
@@ -631,23 +650,75 @@ class FanOutTests(unittest.TestCase):
         self.assertIn(b"503 from /healthz", body)
 
     def test_reloadFansOut(self):
-        """A reload runs in every worker; it is applied when all applied it; errors name the worker."""
+        """
+        A reload sends every worker the text the parent read; it is applied when all applied it; errors
+        name the worker.
+        """
         path = self.mktemp()
+        edited = CONFIG.format(workers=2) + "; edited\n"
         with open(path, "w") as f:
-            f.write(CONFIG.format(workers=2))
+            f.write(edited)
         for mesh in self.spawner.meshes.values():
             mesh.reloadWith = ReloadResult(True, True, (), 0.0, path)
         d = self.supervisor.reload(path)
         self.spawner.flush()
         result = self.successResultOf(d)
         self.assertEqual((result.ok, result.applied, result.errors), (True, True, ()))
-        self.assertEqual([m.reloads for m in self.spawner.meshes.values()], [[path], [path]])
+        self.assertEqual([m.reloads for m in self.spawner.meshes.values()], [[(edited, path)], [(edited, path)]])
+        self.assertEqual(self.supervisor.configText, edited)
         self.spawner.meshes[1].reloadWith = ReloadResult(False, False, ("[cluster:x] bad",), 0.0, path)
         d = self.supervisor.reload(path)
         self.spawner.flush()
         result = self.successResultOf(d)
         self.assertEqual((result.ok, result.applied, result.errors), (False, False, ("worker 1: [cluster:x] bad",)))
         self.assertIs(self.supervisor.lastReload, result)
+
+    def test_partialReloadRolledBack(self):
+        """
+        When one worker refuses a reload the others applied, those are sent the text in effect again, so
+        that every worker runs what the parent shows.
+        """
+        path = self.mktemp()
+        first = CONFIG.format(workers=2)
+        second = first + "[cluster:more]\nendpoints = tcp:127.0.0.1:2\n"
+        with open(path, "w") as f:
+            f.write(second)
+        self.spawner.meshes[0].reloadWith = ReloadResult(True, True, (), 0.0, path)
+        self.spawner.meshes[1].reloadWith = ReloadResult(False, False, ("no",), 0.0, path)
+        result = self.supervisor.reload(path)
+        self.spawner.flush()
+        self.spawner.flush()  # the second round: the text in effect sent back
+        self.assertFalse(self.successResultOf(result).applied)
+        self.assertEqual(self.spawner.meshes[0].reloads, [(second, path), (first, "mesh.ini")])
+        self.assertEqual(self.spawner.meshes[1].reloads, [(second, path)])
+        self.assertEqual([slot.configText for slot in self.supervisor.slots], [first, first])
+        self.assertEqual(self.supervisor.configText, first)
+        self.assertNotIn("more", self.supervisor.config.clusters)
+
+    def test_workerStartedDuringReload(self):
+        """
+        A worker started while a reload is under way (it was started with the text then in effect, and
+        not asked) is sent the new text once the reload is applied.
+        """
+        path = self.mktemp()
+        edited = CONFIG.format(workers=2) + "; edited\n"
+        with open(path, "w") as f:
+            f.write(edited)
+        for mesh in self.spawner.meshes.values():
+            mesh.reloadWith = defer.Deferred()  # the reload is under way until fired
+        died(self.supervisor.slots[1])
+        d = self.supervisor.reload(path)
+        self.spawner.flush()
+        self.clock.advance(0.1)  # worker 1 again, with the text in effect
+        self.spawner.flush()
+        self.assertEqual(self.spawner.specs[-1]["text"], CONFIG.format(workers=2))
+        mesh1 = self.spawner.meshes[1]
+        mesh1.reloadWith = ReloadResult(True, True, (), 0.0, path)
+        self.spawner.meshes[0].reloadWith.callback(ReloadResult(True, True, (), 0.0, path))
+        self.spawner.flush()
+        self.assertTrue(self.successResultOf(d).applied)
+        self.assertEqual(mesh1.reloads, [(edited, path)])
+        self.assertEqual([slot.configText for slot in self.supervisor.slots], [edited, edited])
 
     def test_reloadChecksFirst(self):
         """A file with errors, or another worker count, reaches no worker."""
@@ -670,7 +741,7 @@ class FanOutTests(unittest.TestCase):
         parent makes inherited sockets, at start).
         """
         text = CONFIG.format(workers=2).replace("workers = 2", "workers = 2\nworkers.sharing = inherit")
-        self.supervisor = Supervisor(loadString(text, "mesh.ini"), self.clock, self.spawner)
+        self.supervisor = supervise(text, self.clock, self.spawner)
         for slot in self.supervisor.slots:
             slot.start()
         self.spawner.flush()
@@ -695,7 +766,7 @@ class FanOutTests(unittest.TestCase):
     def test_healthCheckFlag(self):
         """
         Admin C{/healthcheck/fail} and C{/healthcheck/ok} on the parent reach every worker; a worker started
-        later is told on its command line.
+        later is told in its spec.
         """
         resource = AdminResource(self.supervisor, self.clock)
         request = DummyRequest([b"healthcheck", b"fail"])
@@ -724,6 +795,175 @@ class FanOutTests(unittest.TestCase):
         self.supervisor.stopService()
         self.spawner.flush()
         self.assertEqual(self.spawner.exits, {0: [True], 1: [True]})
+
+
+class AppliedTextTests(unittest.TestCase):
+    """
+    Workers run the configuration text the parent applied (in their spec, and in each reload), never the
+    file as it is on disk when they start.
+    """
+
+    def setUp(self):
+        self.clock = MemoryReactorClock()
+        self.spawner = Spawner(connect=True)
+        self.path = self.mktemp()
+        self.text = CONFIG.format(workers=2).replace("workers = 2", "workers = 2\nworkers.sharing = inherit")
+        self.write(self.text)
+        # As twistd does: the file checked, then the supervisor made with what was checked.
+        self.supervisor = Supervisor(loadFile(self.path), self.clock, self.spawner, BackOff(0.1, 1.0, 10.0))
+        for slot in self.supervisor.slots:
+            slot.start()
+        self.spawner.flush()
+        for mesh in self.spawner.meshes.values():
+            mesh.reloadWith = ReloadResult(True, True, (), 0.0, self.path)
+
+    def write(self, text: str) -> None:
+        with open(self.path, "w") as f:
+            f.write(text)
+
+    def restart(self, index: int = 0) -> Dict:
+        """
+        Worker C{index} dies and is started again: the spec it was given.
+        """
+        died(self.supervisor.slots[index])
+        self.clock.advance(0.1)
+        self.spawner.flush()
+        self.assertEqual(self.spawner.spawned[-1][0], index)
+        return self.spawner.specs[-1]
+
+    def test_specCarriesText(self):
+        """A worker is given the text of the file as the parent read it, and the file's name."""
+        self.assertEqual([(s["text"], s["file"]) for s in self.spawner.specs], [(self.text, self.path)] * 2)
+
+    def test_restartAfterFileEdited(self):
+        """A worker started again after the file was edited (and not reloaded) runs the applied text."""
+        self.write("[mesh]\nworkers = 2\nthis is = not what runs\n")
+        spec = self.restart()
+        self.assertEqual((spec["text"], spec["file"]), (self.text, self.path))
+        self.assertEqual(set(workerConfig(loadString(spec["text"], spec["file"])).listeners), {"edge"})
+
+    def test_restartAfterReload(self):
+        """
+        A reload sends every worker the text the parent read; a worker started after it runs that text,
+        even if the file has changed again since.
+        """
+        edited = self.text.replace("tcp:127.0.0.1:1", "tcp:127.0.0.1:2")
+        self.write(edited)
+        d = self.supervisor.reload()
+        self.spawner.flush()
+        self.assertTrue(self.successResultOf(d).ok)
+        self.assertEqual([m.reloads for m in self.spawner.meshes.values()], [[(edited, self.path)]] * 2)
+        self.write("garbage")
+        self.assertEqual(self.restart(1)["text"], edited)
+
+    def test_restartAfterRefusedReload(self):
+        """
+        After a reload the parent refused (with inherit, an added listener), a worker started again runs
+        the text in effect, so it can listen on every socket it inherits (it used to read the refused
+        file, fail to listen on the new listener, and be restarted forever).
+        """
+        self.supervisor._makeSockets()
+        self.addCleanup(lambda: [sock.close() for sock in self.supervisor.sockets.values()])
+        self.write(self.text + "[listener:other]\nendpoint = tcp:0:interface=127.0.0.1\ncluster = web\n")
+        result = self.successResultOf(self.supervisor.reload())
+        self.assertFalse(result.applied)
+        self.assertIn("takes a restart", result.errors[0])
+        self.assertEqual([m.reloads for m in self.spawner.meshes.values()], [[], []])
+        spec = self.restart()
+        self.assertEqual(spec["text"], self.text)
+        spec = self.supervisor.spec(self.supervisor.slots[0], {"edge": 4})  # as _spawn passes the socket
+        endpointFor = listenerEndpoints(reactor, spec)
+        endpoints = {name: endpointFor(name, lconfig.endpoint)
+                     for name, lconfig in workerConfig(loadString(spec["text"], spec["file"])).listeners.items()}
+        self.assertEqual(list(endpoints), ["edge"])
+        self.assertIsInstance(endpoints["edge"], InheritedEndpoint)
+
+    def test_specOnStandardInput(self):
+        """
+        The real spawner writes the spec to the worker's standard input, not its command line (a large
+        configuration is longer than one argument may be), and the worker reads it back whole.
+        """
+        import io
+
+        from twistedmesh.workers.child import readSpec
+
+        class Process:
+            pid = 4242
+            written = b""
+            closed = False
+
+            def write(self, data):
+                self.written += data
+
+            def closeStdin(self):
+                self.closed = True
+
+        process = Process()
+        spawned = []
+
+        class SpawningReactor(MemoryReactorClock):
+            def spawnProcess(self, proto, executable, args, env=None, childFDs=None, **kw):
+                spawned.append((args, childFDs))
+                proto.makeConnection(process)
+                return process
+
+        big = self.text + "".join(f"; padding {i}\n" for i in range(20000))
+        self.assertGreater(len(big), 128 * 1024)  # over Linux's limit for one argument
+        supervisor = Supervisor(loadString(big, self.path), SpawningReactor(), text=big)
+        supervisor.slots[0].start()
+        [(args, childFDs)] = spawned
+        self.assertEqual(args[1:], ["-m", "twistedmesh.workers"])
+        self.assertEqual(childFDs[0], "w")
+        self.assertTrue(process.closed)
+        spec = readSpec(io.BytesIO(process.written))
+        self.assertEqual((spec["text"], spec["file"], spec["index"]), (big, self.path, 0))
+
+    def test_unreadableAtStart(self):
+        """A supervisor that is not given the text reads the file: one that cannot be read is a config error."""
+        e = self.assertRaises(ConfigErrors, Supervisor, loadString(self.text, self.path + ".gone"), self.clock,
+                              self.spawner)
+        self.assertIn(".gone: cannot read the file", str(e))
+
+
+class WorkerReloadTests(unittest.TestCase):
+    """
+    The worker's side of a reload (L{reloadFromText}): a real service built from the text it is sent.
+    """
+
+    def setUp(self):
+        from twistedmesh.service import MeshService
+
+        self.mesh = MeshService(workerConfig(config(2)), MemoryReactorClock())
+        self.path = self.mktemp()
+        with open(self.path, "w") as f:
+            f.write("[mesh]\nthe file on disk = is never read\n")
+        self.more = CONFIG.format(workers=2) + "[cluster:more]\nendpoints = tcp:127.0.0.1:2\n"
+
+    def test_reloadFromText(self):
+        """The worker swaps in the text, named after its file; it does not read the file."""
+        result = self.successResultOf(reloadFromText(self.mesh)(self.more, self.path))
+        self.assertTrue(result.ok, result.errors)
+        self.assertIn("more", self.mesh.config.clusters)
+        self.assertEqual(self.mesh.config.file, self.path)
+        self.assertIsNone(self.mesh.config.mesh.admin)  # as a worker runs it
+
+    def test_errorsNameTheFile(self):
+        """A text that does not load changes nothing, and its errors name the file it came from."""
+        result = self.successResultOf(reloadFromText(self.mesh)("[mesh]\nnope = 1\n", self.path))
+        self.assertFalse(result.applied)
+        self.assertIn(f"{self.path}: [mesh] nope", result.errors[0])
+        self.assertEqual(set(self.mesh.config.clusters), {"web"})
+
+    def test_overAMP(self):
+        """A L{Reload} with a text over 64 KiB, over AMP, is swapped in whole."""
+        text = self.more + "".join(f"; padding {i}\n" for i in range(10000))
+        self.assertGreater(len(text), 2 * amp.MAX_VALUE_LENGTH)
+        worker = WorkerControl(self.mesh, exit=lambda: None, reloadConfig=reloadFromText(self.mesh))
+        parent, _, pump = iosim.connectedServerAndClient(lambda: worker, amp.AMP)
+        d = parent.callRemote(Reload, text=text, file=self.path)
+        pump.flush()
+        self.assertEqual(self.successResultOf(d), {"ok": True, "applied": True, "errors": []})
+        self.assertIn("more", self.mesh.config.clusters)
 
 
 def request(port: int) -> bytes:
@@ -797,9 +1037,7 @@ class WorkersTwistdTests(unittest.TestCase):
     """
 
     def setUp(self):
-        self.twistd = shutil.which("twistd")
-        if self.twistd is None:
-            raise unittest.SkipTest("twistd is not on PATH")
+        requireTwistd()
 
     @defer.inlineCallbacks
     def start(self, sharing: str):
@@ -807,11 +1045,7 @@ class WorkersTwistdTests(unittest.TestCase):
 
         self.treq = treq
         self.admin, self.port, echo = freePort(), freePort(), freePort()
-        workdir = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, workdir, True)
-        path = os.path.join(workdir, "mesh.ini")
-        with open(path, "w") as f:
-            f.write(f"""
+        self.process, self.path = startTwistd(self, f"""
 [mesh]
 admin = tcp:{self.admin}:interface=127.0.0.1
 drain_timeout = 2s
@@ -829,11 +1063,6 @@ endpoints = tcp:127.0.0.1:{echo}
 [echo:web]
 endpoint = tcp:{echo}:interface=127.0.0.1
 """)
-        self.process = Twistd()
-        reactor.spawnProcess(self.process, self.twistd,
-                             [self.twistd, "-n", "--pidfile=", "twistedmesh", "--config", path],
-                             env=os.environ, path=workdir)
-        self.addCleanup(self.process.kill)
         yield self.until(lambda: "twistedmesh is live: 2 workers" in self.process.output(), "both workers live")
 
     @defer.inlineCallbacks
@@ -894,6 +1123,21 @@ endpoint = tcp:{echo}:interface=127.0.0.1
             yield self.until(lambda: self.stats(i).addCallback(lambda s: s["server.reload.success"] == 2),
                              f"worker {i} reloaded on SIGHUP")
 
+        # The file is edited into one the parent refuses (with inherit, a new listener; with reuseport, a
+        # broken file): the workers keep what the parent applied, and so does the worker killed below when
+        # it is started again (reading the file, it could not listen, or not even load it).
+        with open(self.path) as f:
+            applied = f.read()
+        with open(self.path, "w") as f:
+            if sharing == "inherit":
+                f.write(applied + f"[listener:other]\nendpoint = tcp:{freePort()}:interface=127.0.0.1\n"
+                                  f"protocol = http\nroutes = main\n")
+            else:
+                f.write("[mesh]\nworkers = 2\nthis is not = a valid file\n")
+        response = yield self.treq.post(f"http://127.0.0.1:{self.admin}/reload", persistent=False, timeout=10)
+        self.assertEqual(response.code, 400)
+        self.assertFalse((yield response.json())["applied"])
+
         # SIGKILL a worker under load: no connection is refused; the requests that fail (reset, or closed
         # without a response) are those the killed worker had (see the two tests), and each of them
         # succeeds when tried again.
@@ -907,6 +1151,12 @@ endpoint = tcp:{echo}:interface=127.0.0.1
         yield self.until(lambda: self.pids().get(0, victim) != victim, "a new worker 0")
         yield self.until(lambda: self.stats().addCallback(lambda s: s["workers.live"] == 2), "2 live workers")
         self.assertEqual((yield self.stats())["workers.restarts"], 1)
+        self.assertNotIn("invalid configuration", self.process.output())
+        if bothServe:
+            # ...and it serves (each connection is hashed to one of the workers' sockets).
+            counts = yield deferToThread(load, self.port, 40, 4)
+            self.assertEqual(counts["ok"], 40, counts)
+            self.assertGreater((yield self.stats(0)).get("listener.edge.downstream_cx_total", 0), 0)
         self.assertIn("worker 0 (pid %d) killed by signal 9" % victim, self.process.output())
 
         # SIGTERM: both drain, the parent exits 0.

@@ -117,7 +117,7 @@ class Setup:
         """
         Run the clock to the next poll.
         """
-        timer = self.client._timer
+        timer = self.client.eds._timer
         self.clock.advance(timer.getTime() - self.clock.seconds())
 
 
@@ -213,7 +213,7 @@ class ClientTests(SynchronousTestCase):
         cp.healthChanged()
         s.nextPoll()
         self.assertEqual(s.stat("api", "update_failure"), 1)
-        self.assertIsNotNone(s.client._timer)
+        self.assertIsNotNone(s.client.eds._timer)
 
     def test_malformedJSON(self) -> None:
         """A body that is not JSON is rejected (NACK, with the last nonce known)."""
@@ -235,7 +235,7 @@ class ClientTests(SynchronousTestCase):
             seen = []
             for _ in range(5):
                 s.plane.answer(304)
-                seen.append(s.client._timer.getTime() - s.clock.seconds())
+                seen.append(s.client.eds._timer.getTime() - s.clock.seconds())
                 s.nextPoll()
             delays.append(seen)
             for d in seen:
@@ -261,6 +261,23 @@ class ClientTests(SynchronousTestCase):
         self.assertTrue(pending.called)
         self.assertEqual(s.clock.getDelayedCalls(), [])
         self.assertEqual(s.stat("api", "update_failure"), 0)
+
+    def test_newResourceAskedAtOnce(self) -> None:
+        """A subscription to a resource not asked for yet sends the next request at once; one to a resource
+        already asked for waits for the next poll."""
+        s = Setup()
+        s.plane.answer(304)
+        text = CONFIG + "[cluster:same]\ndiscovery = xds\nservice_name = api\n[cluster:extra]\ndiscovery = xds\n"
+        config = loadString(text, "mesh.ini")
+        more = buildClusters({n: config.clusters[n] for n in ("same", "extra")}, s.clock, s.stats, Random(1),
+                             xds=config.mesh.xds, xdsClient=s.client)
+        more["same"].start()
+        s.clock.advance(0)
+        self.assertEqual(len(s.plane.requests), 1)
+        more["extra"].start()
+        s.clock.advance(0)
+        self.assertEqual(len(s.plane.requests), 2)
+        self.assertEqual(s.plane.requests[-1]["resource_names"], ["api", "extra", "web-svc"])
 
     def test_updatesFollowLive(self) -> None:
         """Endpoints come and go across versions; hosts that stay keep their object."""

@@ -186,7 +186,8 @@ def diffConfigs(old: Config, new: Config) -> ConfigDiff:
         if any(old.filters.get(f) != new.filters.get(f) for f in a.filters):
             return False
         used = listenerClusters(old, a) | listenerClusters(new, b)
-        return used <= unchangedClusters
+        # A name neither configuration has (a route waiting for CDS to provide it) did not change either.
+        return all(n in unchangedClusters or (n not in old.clusters and n not in new.clusters) for n in used)
 
     listeners = _moved(old.listeners, new.listeners, listenerSame)
     echoes = _moved(old.echoes, new.echoes, lambda n: old.echoes[n] == new.echoes[n])

@@ -9,8 +9,10 @@ before anything is swapped, so a file that does not build leaves the running pro
 
 from __future__ import annotations
 
+import dataclasses
 import random
-from typing import Callable, Dict, List, Optional
+from types import MappingProxyType
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 from twisted.application import service
 from twisted.internet import defer, protocol
@@ -33,7 +35,10 @@ from .config.tracing import listenerSampleRate
 from .observability.export import buildExporter
 from .observability.tracing import SpanRecorder
 from .plugins import FilterContext, buildChain, factoriesFor
+from .config.model import ClusterConfig
+from .upstream.cds import CDSSubscription
 from .upstream.cluster import Cluster, buildClusters
+from .upstream.xds import EDSSubscription, InvalidResource, XDSClient
 
 
 class _Front(protocol.Factory):
@@ -186,6 +191,7 @@ class _Build:
         self.admin = None  # (site, ServerTLS or None) when the admin endpoint is (re)built
         self.spanExporter = None
         self.freshExporter = False
+        self.xds: Optional[XDSClient] = None  # the xDS client: the running one, or a new one for new settings
 
     def discard(self) -> None:
         """
@@ -206,6 +212,12 @@ class MeshService(service.MultiService):
     @ivar state: C{"STARTING"}, C{"LIVE"} or C{"DRAINING"}, as the admin C{/ready} reports it.
     @ivar healthCheckFailed: set by the admin C{/healthcheck/fail} so that health checks of this proxy fail.
     @ivar lastReload: the L{ReloadResult} of the last L{reload}, or C{None}.
+    @ivar config: the configuration in effect: L{fileConfig} plus the clusters from CDS.
+    @ivar fileConfig: the configuration as the file gives it (its clusters are the static ones).
+    @ivar cdsClusters: the clusters from CDS in effect, by name (empty without C{[mesh] xds.cds}).
+    @ivar xds: the link to the control plane (C{[mesh] xds.cluster}), or C{None}; kept across reloads
+        while the C{xds.*} keys stay the same.
+    @ivar cds: the CDS subscription while C{[mesh] xds.cds} is on, else C{None}.
     """
 
     log = Logger()
@@ -224,6 +236,11 @@ class MeshService(service.MultiService):
         # What reload reads a file with; a worker process's drops what its supervisor runs (twistedmesh.workers).
         self.loadConfig: Callable[[str], Config] = loadFile
         self.config = config
+        self.fileConfig = config
+        self.cdsClusters: Dict[str, ClusterConfig] = {}
+        self.xds: Optional[XDSClient] = None
+        self.cds: Optional[CDSSubscription] = None
+        self._awaitingCDS: frozenset = frozenset()  # route clusters CDS has not provided (logged once)
         self.reactor = reactor
         self.stats = StatsStore()
         self.random = random.Random(seed)
@@ -251,6 +268,7 @@ class MeshService(service.MultiService):
         build = self._build(config, None)
         self.clusters = build.clusters
         self.spanExporter = build.spanExporter
+        self._adoptXDS(build, ())
         self._built = build.listeners
         for name, built in build.listeners.items():
             self.listeners[name] = self._listen(f"listener {name}", built.config.endpoint, built.served, name)
@@ -309,8 +327,9 @@ class MeshService(service.MultiService):
         spanExporter = build.spanExporter
         kept = frozenset(diff.clusters.kept) if diff is not None else frozenset()
         fresh = {name: c for name, c in config.clusters.items() if name not in kept}
+        build.xds = self._xdsClientFor(config)
         made = buildClusters(fresh, reactor, self.stats, self.random, config.tls, xds=config.mesh.xds,
-                             existing=self.clusters)
+                             existing=self.clusters, xdsClient=build.xds)
         build.fresh = list(made)
         # In the file's order; a kept cluster is the running object (pools, health, outlier state, stats).
         build.clusters = {name: made[name] if name in made else self.clusters[name] for name in config.clusters}
@@ -428,6 +447,9 @@ class MeshService(service.MultiService):
             self.log.info("cluster {name}: {hosts} ({policy})", name=name,
                           hosts=", ".join(f"{h.endpoint} weight={h.weight}" for h in cluster.hosts),
                           policy=cluster.config.lb_policy)
+        if self.xds is not None and self.xds.cds is not None:
+            self.xds.cds.start()
+        self._noteAwaitingCDS(self.config)
         for tls in self.serverTLS.values():
             tls.startReloading()
         if self.adminTLS is not None:
@@ -453,6 +475,119 @@ class MeshService(service.MultiService):
         else:
             self.reactor.callWhenRunning(self.reactor.stop)
         return failure
+
+    # -- xDS: the control plane's client, and clusters from CDS ------------------------------------------------
+
+    def _xdsClientFor(self, config: Config) -> Optional[XDSClient]:
+        """
+        The xDS client of C{config}: the running one while the C{[mesh] xds.*} keys are the same, else a
+        new one (not started: L{_adoptXDS} puts it in effect if the build is swapped in).
+        """
+        xds = config.mesh.xds
+        if xds is None:
+            return None
+        if self.xds is not None and self.xds.config == xds:
+            return self.xds
+        return XDSClient(xds, None, self.reactor, self.random)
+
+    def _adoptXDS(self, build: _Build, kept: Sequence[str]) -> None:
+        """
+        Put the xDS client of C{build} in effect: it polls through the control-plane cluster in effect now;
+        a new client (new settings) takes over the EDS subscriptions of the C{kept} clusters, which keep
+        their hosts meanwhile, and the old one stops. CDS polls while C{[mesh] xds.cds} is on.
+        """
+        old, client = self.xds, build.xds
+        self.xds = client
+        if client is not None:
+            client.controlPlane = build.clusters[client.config.cluster]
+        if old is not client:
+            if old is not None:
+                old.stop()
+            for name in kept:
+                cluster = build.clusters[name]
+                if isinstance(cluster.discovery, EDSSubscription) and cluster.discovery.client is not client:
+                    cluster.discovery.stop()
+                    cluster.discovery = client.subscribe(cluster)
+                    if self.running:
+                        cluster.discovery.start()
+        if client is None or not client.config.cds:
+            self.cds = None
+            self.cdsClusters = {}
+        elif client.cds is None:
+            self.cds = CDSSubscription(self.stats.root.scope("cluster_manager").scope("cds"), self._applyCDS)
+            client.watchClusters(self.cds)
+            if self.running:
+                client.cds.start()
+
+    def _withCDS(self, config: Config, cds: Mapping[str, ClusterConfig]) -> Config:
+        """
+        C{config} (a file's) with the clusters from CDS added after its own, when it has C{[mesh] xds.cds};
+        a cluster the file now declares itself is the file's.
+        """
+        if config.mesh.xds is None or not config.mesh.xds.cds or not cds:
+            return config
+        clusters = dict(config.clusters)
+        for name, cluster in cds.items():
+            if name in clusters:
+                self.log.warn("cluster {name} is now a static cluster of {file}: the one from CDS is dropped",
+                              name=name, file=config.file)
+                continue
+            clusters[name] = cluster
+        return dataclasses.replace(config, clusters=MappingProxyType(clusters))
+
+    def _applyCDS(self, clusters: Dict[str, ClusterConfig], version: str) -> None:
+        """
+        Swap in the clusters of an accepted CDS response (the state of the world: a cluster missing from
+        it is removed) through the reload machinery: the file's configuration plus C{clusters}, built,
+        diffed and swapped, so that unchanged clusters are kept as they are, changed ones rebuilt and
+        removed ones drained, and listeners whose routes name them follow.
+
+        @raise InvalidResource: the set cannot be applied (a static cluster's name, or it does not build):
+            nothing changed, and the update is rejected.
+        """
+        if self.state == "DRAINING":
+            # As reload: a rebuilt listener would not drain with the others. The process is going away.
+            raise InvalidResource("the proxy is draining: cluster updates are not applied")
+        static = self.fileConfig.clusters
+        for name in clusters:
+            if name in static:
+                raise InvalidResource(f"cluster {name!r} is a static cluster of {self.fileConfig.file}: the "
+                                      f"control plane cannot replace it")
+        config = self._withCDS(self.fileConfig, clusters)
+        diff = diffConfigs(self.config, config)
+        try:
+            build = self._build(config, diff)
+        except ConfigErrors as e:
+            raise InvalidResource("; ".join(str(err) for err in e.errors)) from None
+        except Exception as e:  # a bug must not take the running proxy down with it
+            self.log.failure("applying CDS version {version} failed", version=version)
+            raise InvalidResource(f"{type(e).__name__}: {e}") from None
+        self.cdsClusters = dict(clusters)
+        self._swap(build, diff).addErrback(lambda f: self.log.failure("applying CDS version {version}", f,
+                                                                      version=version))
+        if diff.clusters.changed:
+            self.log.info("CDS: applied version {version}: {changes}", version=version,
+                          changes=diff.clusters.summary())
+        self._noteAwaitingCDS(config)
+
+    def _noteAwaitingCDS(self, config: Config) -> None:
+        """
+        Log the clusters routes name that are not there (yet): with CDS, the control plane is to provide
+        them; until then such a route answers 503 C{cluster_not_found}. Logged when the set changes.
+        """
+        if config.mesh.xds is None or not config.mesh.xds.cds:
+            return
+        named = set()
+        for routes in config.routes.values():
+            for route in routes:
+                if getattr(route, "cluster", None) is not None:
+                    named.add(route.cluster)
+                named.update(w.name for w in getattr(route, "clusters", ()))
+        awaiting = frozenset(named - set(config.clusters))
+        if awaiting != self._awaitingCDS and awaiting:
+            self.log.info("routes name clusters that CDS has not provided (503 cluster_not_found until it "
+                          "does): {names}", names=", ".join(sorted(awaiting)))
+        self._awaitingCDS = awaiting
 
     # -- hot reload ---------------------------------------------------------------------------------------------
 
@@ -486,7 +621,8 @@ class MeshService(service.MultiService):
             return defer.succeed(self._reloaded(ReloadResult(False, False, ("the server is draining",), now, path)))
         diff = None
         try:
-            config = self.loadConfig(path)
+            fileConfig = self.loadConfig(path)
+            config = self._withCDS(fileConfig, self.cdsClusters)
             diff = diffConfigs(self.config, config)
             build = self._build(config, diff)
         except ConfigErrors as e:
@@ -495,7 +631,11 @@ class MeshService(service.MultiService):
         except Exception as e:  # a plugin's bug must not take the running proxy down with it
             self.log.failure("reload of {file} failed", file=path)
             return defer.succeed(self._reloaded(ReloadResult(False, False, (f"{type(e).__name__}: {e}",), now, path, diff)))
+        self.fileConfig = fileConfig
+        # A cluster the file now declares is the file's: the control plane's of that name is gone for good.
+        self.cdsClusters = {n: c for n, c in self.cdsClusters.items() if n not in fileConfig.clusters}
         listening = self._swap(build, diff)
+        self._noteAwaitingCDS(config)
 
         def done(results) -> ReloadResult:
             errors = tuple(f"{what} cannot listen: {f.getErrorMessage()}" for what, f in results if f is not None)
@@ -523,9 +663,10 @@ class MeshService(service.MultiService):
         config = build.config
         running = self.running
         oldClusters, oldExporter = self.clusters, self.spanExporter
-        self.config = config
+        oldConfig, self.config = self.config, config
         self.clusters = build.clusters
         self.spanExporter = build.spanExporter
+        self._adoptXDS(build, diff.clusters.kept)
         for name in diff.clusters.modified + diff.clusters.removed:
             cluster = oldClusters[name]
             self._stopCluster(cluster)
@@ -546,9 +687,12 @@ class MeshService(service.MultiService):
             if running and new.serverTLS is not None:
                 new.serverTLS.startReloading()
             # An idle HTTP/1.1 connection carries on under the new build rather than being closed under a
-            # client that may be sending on it right now.
+            # client that may be sending on it right now; not if its TLS changed (a connection accepted
+            # without the client certificate the new section asks for must not be served by it).
+            oldTLS = oldConfig.tls.get(old.config.tls) if old.config.tls is not None else None
+            newTLS = config.tls.get(new.config.tls) if new.config.tls is not None else None
             if (isinstance(new.factory, HTTPListenerFactory) and isinstance(old.factory, HTTPListenerFactory)
-                    and (old.config.tls is None) == (new.config.tls is None)):
+                    and oldTLS == newTLS):
                 new.factory.adoptIdle(old.factory)
             retired.append(self._retire(old))
         for name in diff.listeners.removed:
@@ -696,6 +840,8 @@ class MeshService(service.MultiService):
         done = self.drain(graceful=True)
 
         def finished(result):
+            if self.xds is not None:
+                self.xds.stop()
             for cluster in self.clusters.values():
                 self._stopCluster(cluster)
                 cluster.pools.closeAll()

@@ -4,7 +4,8 @@ C{/config_dump}, C{/healthcheck/fail}, C{/healthcheck/ok}, C{/quitquitquit}) on 
 
 Nothing here is on the proxy's hot path: every response is computed whole, per request, from the server's
 live objects. Endpoints that change the proxy accept only C{POST}, so that a page elsewhere cannot stop
-the proxy with an C{<img src=".../quitquitquit">}.
+the proxy with an C{<img src=".../quitquitquit">}; and they refuse a C{POST} that a browser says another
+site's page sent (L{crossSiteRefusal}), so that such a page cannot stop it with a form either.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import json
 import re
 from collections.abc import Mapping
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Protocol, Tuple
+from urllib.parse import urlsplit
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
@@ -40,6 +43,12 @@ _NOT_SECRET = frozenset({"max_tokens", "tokens_per_fill"})
 # A secret parameter inside a Twisted endpoint string, as in
 # "tls:host=a:port=443:certificate=c.pem:privateKey=k.pem"; "\:" escapes a colon inside a value.
 _SECRET_PARAMETER = re.compile(r"((?:^|:)privateKey=)((?:\\.|[^:\\])*)", re.IGNORECASE)
+#: The C{Sec-Fetch-Site} values of a request that no other site's page made: one from a page of the admin
+#: itself, or one the user made (typed in, a bookmark).
+_NOT_CROSS_SITE = frozenset({b"same-origin", b"none"})
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_WHO_MAY_POST = ("the admin's POST endpoints take requests from its own pages, or from clients that send no "
+                 "Origin (curl)")
 
 
 class AdminServer(Protocol):
@@ -79,13 +88,17 @@ class AdminResource(Resource):
     """
     The whole admin interface, as one leaf resource that dispatches on the path below it (so it also works
     mounted under another resource).
+
+    @ivar proxy: the server it shows and drives (an L{AdminServer}).
     """
 
     isLeaf = True
+    log = Logger()
 
     def __init__(self, server: AdminServer, reactor: IReactorTime) -> None:
         super().__init__()
-        self.server = server
+        # Not "server": Resource.putChild overwrites that attribute of a child with its parent's.
+        self.proxy = server
         self.reactor = reactor
         self.prometheus = PrometheusExporter(server.stats)
         # The dashboard's rates; the site starts and stops its timer as it starts and stops listening.
@@ -120,7 +133,8 @@ class AdminResource(Resource):
     def render(self, request: Request) -> bytes:
         """
         Dispatch on path and method. C{HEAD} is answered as C{GET} without the body; a method an endpoint
-        does not take gets 405 with an C{Allow} header; an unknown path gets 404 with the list of paths.
+        does not take gets 405 with an C{Allow} header; an unknown path gets 404 with the list of paths; a
+        C{POST} another site's page sent gets 403 with the reason (L{crossSiteRefusal}).
         """
         path = b"/" + b"/".join(request.postpath)
         endpoint = self.endpoints.get(path)
@@ -132,7 +146,12 @@ class AdminResource(Resource):
             request.setHeader(b"Allow", b", ".join(allowed))
             return _respond(request, 405, TEXT,
                             b"method not allowed: use " + b" or ".join(allowed) + b"\n")
-        collect = getattr(self.server, "collectStats", None)
+        if method == b"POST":
+            refusal = crossSiteRefusal(request)
+            if refusal is not None:
+                self.log.warn("admin: refused POST {path}: {why}", path=_printable(path).decode(), why=refusal)
+                return _respond(request, 403, TEXT, f"{refusal}\n".encode())
+        collect = getattr(self.proxy, "collectStats", None)
         if collect is not None and endpoint.render in (self.renderStats, self.renderPrometheus, self.renderClusters):
             return self._renderCollected(request, endpoint, collect)
         body = endpoint.render(request)
@@ -193,7 +212,7 @@ class AdminResource(Resource):
             return _respond(request, 400, TEXT, b"refresh must be a whole number of seconds, 0 to 3600\n")
         endpoints = [(path.decode(), endpoint.method.decode(), endpoint.help)
                      for path, endpoint in sorted(self.endpoints.items())]
-        body = renderDashboard(self.server, self.rates, endpoints, redactEndpoint, _health, seconds)
+        body = renderDashboard(self.proxy, self.rates, endpoints, redactEndpoint, _health, seconds)
         request.setHeader(b"Content-Security-Policy", CONTENT_SECURITY_POLICY)
         return _respond(request, 200, HTML, body)
 
@@ -207,7 +226,7 @@ class AdminResource(Resource):
         """
         C{GET /ready}: 200 C{LIVE} once the server is live, else 503 with its state.
         """
-        state = self.server.state
+        state = self.proxy.state
         return _respond(request, 200 if state == "LIVE" else 503, TEXT, f"{state}\n".encode())
 
     def renderStats(self, request: Request, source: Optional[StatsStore] = None) -> bytes:
@@ -229,7 +248,7 @@ class AdminResource(Resource):
             return _respond(request, 400, TEXT, b"format must be text, json or prometheus\n")
         stats: List[Stat] = []
         histograms: List[Histogram] = []
-        for s in self.server.stats if source is None else source:
+        for s in self.proxy.stats if source is None else source:
             if include is None or include(s):
                 (histograms if s.kind == "histogram" else stats).append(s)
         if fmt == "json":
@@ -257,7 +276,7 @@ class AdminResource(Resource):
         C{GET /clusters}: every host of every cluster with its figures and health, in Envoy's
         C{cluster::host::stat::value} text format or, with C{?format=json}, as JSON.
         """
-        clusters = sorted(self.server.clusters.values(), key=lambda c: c.name)
+        clusters = sorted(self.proxy.clusters.values(), key=lambda c: c.name)
         fmt = _arg(request, b"format")
         if fmt == "json":
             body = {"cluster_statuses": [
@@ -281,12 +300,12 @@ class AdminResource(Resource):
         C{GET /config_dump}: the configuration in effect as JSON (C{{}} if there is none), with secrets
         redacted (see L{redact}).
         """
-        config = self.server.config
+        config = self.proxy.config
         dump = redact(config) if config is not None else {}
-        if hasattr(self.server, "lastReload"):
+        if hasattr(self.proxy, "lastReload"):
             # The outcome of the last hot reload (None before any): a file that did not build is reported
             # here while the configuration above stays in effect.
-            last = self.server.lastReload
+            last = self.proxy.lastReload
             dump["last_reload"] = last.asJSON() if hasattr(last, "asJSON") else last
         return _respond(request, 200, JSON, _json(dump))
 
@@ -313,7 +332,7 @@ class AdminResource(Resource):
                 request.write(_respond(request, 500, TEXT, f"reload failed: {failure.getErrorMessage()}\n".encode()))
                 request.finish()
 
-        defer.maybeDeferred(self.server.reload).addCallback(done).addErrback(failed)
+        defer.maybeDeferred(self.proxy.reload).addCallback(done).addErrback(failed)
         return NOT_DONE_YET
 
     def renderDrainListeners(self, request: Request) -> bytes:
@@ -323,23 +342,23 @@ class AdminResource(Resource):
         aborting what is left after C{[mesh] drain_timeout} (see L{twistedmesh.service.MeshService.drain}).
         Answers at once; the draining goes on.
         """
-        d = defer.maybeDeferred(self.server.drain, _flag(request, b"graceful"))
-        d.addErrback(lambda f: self.server.log.failure("draining the listeners", f)
-                     if hasattr(self.server, "log") else None)
+        d = defer.maybeDeferred(self.proxy.drain, _flag(request, b"graceful"))
+        d.addErrback(lambda f: self.proxy.log.failure("draining the listeners", f)
+                     if hasattr(self.proxy, "log") else None)
         return _respond(request, 200, TEXT, b"OK\n")
 
     def renderHealthCheckFail(self, request: Request) -> bytes:
         """
         C{POST /healthcheck/fail}: make health checks of this proxy fail (to take it out of rotation).
         """
-        self.server.healthCheckFailed = True
+        self.proxy.healthCheckFailed = True
         return _respond(request, 200, TEXT, b"OK\n")
 
     def renderHealthCheckOk(self, request: Request) -> bytes:
         """
         C{POST /healthcheck/ok}: undo C{/healthcheck/fail}.
         """
-        self.server.healthCheckFailed = False
+        self.proxy.healthCheckFailed = False
         return _respond(request, 200, TEXT, b"OK\n")
 
     def renderQuit(self, request: Request) -> bytes:
@@ -347,7 +366,7 @@ class AdminResource(Resource):
         C{POST /quitquitquit}: answer, then ask the server to shut down on the next reactor turn so that the
         answer is written first.
         """
-        self.reactor.callLater(0, self.server.shutdown)
+        self.reactor.callLater(0, self.proxy.shutdown)
         return _respond(request, 200, TEXT, b"OK\n")
 
 
@@ -527,6 +546,55 @@ def _flag(request: Request, name: bytes) -> bool:
         return True
     query = request.uri.partition(b"?")[2]
     return any(item.partition(b"=")[0] == name for item in query.replace(b";", b"&").split(b"&"))
+
+
+def crossSiteRefusal(request: Request) -> Optional[str]:
+    """
+    Why a C{POST} to the admin is refused as cross-site, or C{None} if it is not.
+
+    A browser marks what a page makes it send: C{Sec-Fetch-Site} says whose page it is (C{same-origin}, or
+    C{none} when the user made the request), and C{Origin} names the page's origin. A request with either
+    saying another site is refused, so that a page on the web cannot drive the admin of the operator's
+    browser with a form (C{<form action="http://127.0.0.1:9901/quitquitquit" method="post">}). Clients
+    that send neither header (curl, scripts, monitoring) are not browsers serving someone else's page, and
+    pass.
+
+    @return: a one-line reason, naming the header and what it would have had to be.
+    """
+    fetchSite = request.getHeader(b"sec-fetch-site")
+    if fetchSite is not None and fetchSite.strip().lower() not in _NOT_CROSS_SITE:
+        return f"cross-site request refused: Sec-Fetch-Site is {_printable(fetchSite).decode()}: {_WHO_MAY_POST}"
+    origin = request.getHeader(b"origin")
+    if origin is None:
+        return None
+    scheme = "https" if request.isSecure() else "http"
+    host = request.getHeader(b"host")
+    if host is not None:
+        own = _origin(f"{scheme}://{host.decode('latin-1')}")
+    else:  # HTTP/1.0 without Host: the address the request came in on
+        address = request.getHost()
+        own = (scheme, str(address.host).lower(), address.port)
+    claimed = _origin(origin.decode("latin-1"))
+    if claimed is None or claimed != own:
+        ownText = f"{own[0]}://{own[1]}:{own[2]}" if own is not None else "unknown: no valid Host header"
+        return (f"cross-site request refused: Origin {_printable(origin).decode()} is not this admin endpoint "
+                f"({ownText}): {_WHO_MAY_POST}")
+    return None
+
+
+def _origin(text: str) -> Optional[Tuple[str, str, int]]:
+    """
+    C{scheme://host[:port]} as C{(scheme, host, port)}, lowercased, the port filled in; C{None} if it is not
+    an HTTP origin (C{Origin: null}, say).
+    """
+    try:
+        parts = urlsplit(text.strip())
+        scheme = parts.scheme.lower()
+        if scheme not in _DEFAULT_PORTS or not parts.hostname:
+            return None
+        return scheme, parts.hostname.lower(), parts.port or _DEFAULT_PORTS[scheme]
+    except ValueError:  # a port that is not a number, or out of range
+        return None
 
 
 def _printable(path: bytes) -> bytes:

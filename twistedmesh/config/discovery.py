@@ -53,8 +53,10 @@ class XDSConfig:
     @ivar timeout: how long one request may take.
     @ivar node_id: the C{node.id} of every request.
     @ivar node_cluster: the C{node.cluster} of every request.
-    @ivar path_prefix: put before C{/v3/discovery:endpoints} (a control plane behind a path).
+    @ivar path_prefix: put before C{/v3/discovery:endpoints} and C{/v3/discovery:clusters} (a control plane
+        behind a path).
     @ivar host: the C{host} header (defaults to the cluster's name).
+    @ivar cds: poll cluster discovery (CDS) too: the control plane adds, changes and removes clusters.
     """
 
     cluster: str
@@ -65,6 +67,7 @@ class XDSConfig:
     node_cluster: str = "twistedmesh"
     path_prefix: str = ""
     host: Optional[str] = None
+    cds: bool = False
 
 
 def discoveryType(o: Options) -> str:
@@ -124,7 +127,7 @@ def parseXDS(o: Options, clusters) -> Optional[XDSConfig]:
     """
     name = o.string("xds.cluster", None)
     keys = ("xds.refresh_delay", "xds.jitter", "xds.timeout", "xds.node_id", "xds.node_cluster",
-            "xds.path_prefix", "xds.host")
+            "xds.path_prefix", "xds.host", "xds.cds")
     d = XDSConfig(cluster="")
     config = XDSConfig(
         cluster=name or "",
@@ -135,6 +138,7 @@ def parseXDS(o: Options, clusters) -> Optional[XDSConfig]:
         node_cluster=o.string("xds.node_cluster", d.node_cluster),
         path_prefix=(o.string("xds.path_prefix", "") or "").rstrip("/"),
         host=o.string("xds.host", None),
+        cds=bool(o.boolean("xds.cds", False)),
     )
     if name is None:
         for key in keys:

@@ -9,7 +9,7 @@ import dataclasses
 import os
 import re
 from types import MappingProxyType
-from typing import Dict, List, Optional, Tuple
+from typing import Collection, Dict, List, Optional, Tuple
 
 from .accesslog import parseAccessLog
 from .discovery import discoveryType, parseDiscovery, parseXDS
@@ -108,7 +108,9 @@ def loadString(text: str, file: str = "<string>") -> Config:
     mesh = dataclasses.replace(mesh, xds=parseXDS(meshOptions, clusters))
     filters = {name: _filter(name, o) for name, o in sections["filter"].items()}
     echoes = {name: _echo(name, o) for name, o in sections["echo"].items()}
-    routes = _routes(sections["route"], clusters)
+    # With CDS, a route may name a cluster the control plane is to provide (docs/discovery.md).
+    routes = _routes(sections["route"], _ClustersWithCDS(clusters) if mesh.xds is not None and mesh.xds.cds
+                     else clusters)
     listeners = {name: _listener(name, o, clusters, routes, tls) for name, o in sections["listener"].items()}
     for group in sections.values():
         for o in group.values():
@@ -279,7 +281,27 @@ def _echo(name: str, o: Options) -> EchoConfig:
     )
 
 
-def _routes(sections: Dict[str, Options], clusters: Dict[str, ClusterConfig]) -> Dict[str, tuple]:
+class _ClustersWithCDS(Collection):
+    """
+    The cluster names a route may give when C{[mesh] xds.cds} is on: the file's, and any other, which the
+    control plane may provide (until it does, the route answers 503 C{cluster_not_found}). Iterating gives
+    the file's, for "did you mean" suggestions.
+    """
+
+    def __init__(self, clusters: Dict[str, ClusterConfig]) -> None:
+        self.clusters = clusters
+
+    def __contains__(self, name: object) -> bool:
+        return True
+
+    def __iter__(self):
+        return iter(self.clusters)
+
+    def __len__(self) -> int:
+        return len(self.clusters)
+
+
+def _routes(sections: Dict[str, Options], clusters: Collection[str]) -> Dict[str, tuple]:
     """
     The route tables: each table's routes in file order.
     """

@@ -182,7 +182,9 @@ class RouterFilter(HTTPFilter):
             return stream.respond(route.redirectStatus, b"", [(b"location", route.redirectLocation(stream))],
                                   details="redirect")
         clusterName = route.pickCluster(shared.random)
-        cluster = shared.clusters[clusterName]
+        cluster = shared.clusters.get(clusterName)
+        if cluster is None:  # with CDS, a cluster the control plane has not provided (yet)
+            return stream.respond(503, b"", flag="NC", details="cluster_not_found")
         self.cluster = cluster
         stream.upstreamCluster = cluster
         breaker = cluster.breaker
@@ -194,11 +196,19 @@ class RouterFilter(HTTPFilter):
         if cluster.hashPolicy is not None:
             self.hashKey = requestHashKey(cluster.hashPolicy, stream)
         timeout = route.timeout
-        deadline = stream.getRequestHeader(b"grpc-timeout")
+        # One pass for the two fields the router reads (the first of each, as getRequestHeader would).
+        length = deadline = None
+        for name, value in stream.requestHeaders:
+            if name == b"content-length":
+                if length is None:
+                    length = value
+            elif name == b"grpc-timeout":
+                if deadline is None:
+                    deadline = value
         if deadline is not None:
             # Before the head is encoded: the upstream may have to be told a shorter deadline.
             timeout = self._grpcTimeout(stream, deadline, timeout)
-        self.head, self.chunked, self.hasBody = self._encodeHead(stream)
+        self.head, self.chunked, self.hasBody = self._encodeHead(stream, length)
         self.requestDone = not self.hasBody
         retry = route.retry
         self.retriesLeft = retry.num if retry.on or retry.grpc_on else 0
@@ -229,17 +239,17 @@ class RouterFilter(HTTPFilter):
                 headers[i] = (name, encodeTimeout(routeTimeout))
         return routeTimeout
 
-    def _encodeHead(self, stream: Stream):
-        # Framing comes from what the client declared (chunked, or a content-length), never from how much
-        # of the body happens to have arrived by now: a body that is all queued behind a paused filter must
-        # still be framed, or its bytes would be read upstream as the next request.
+    def _encodeHead(self, stream: Stream, length: Optional[bytes]):
+        # Framing comes from what the client declared (chunked, or a content-length: C{length}, the request's
+        # first content-length field), never from how much of the body happens to have arrived by now: a body
+        # that is all queued behind a paused filter must still be framed, or its bytes would be read upstream
+        # as the next request.
         self.declared = -1
         self.sent = 0
         if stream.chunked:
             hasBody = chunked = True
         else:
             chunked = False
-            length = stream.getRequestHeader(b"content-length")
             hasBody = length is not None and length != b"0"
             if hasBody:
                 self.declared = int(length)
@@ -247,9 +257,8 @@ class RouterFilter(HTTPFilter):
             # An HTTP/2 upstream takes the fields themselves (h2 encodes them), pseudo-headers first.
             return self.cluster.pools.requestFields(stream), chunked, hasBody
         # The connection manager already added the forwarding headers; Host goes first, as clients send it.
-        headers = [(b"host", stream.authority)]
-        headers += stream.requestHeaders
-        return h1.encodeRequestHead(stream.method, stream.path, headers, chunked), chunked, hasBody
+        return (h1.encodeRequestHead(stream.method, stream.path, stream.requestHeaders, chunked, stream.authority),
+                chunked, hasBody)
 
     def requestData(self, stream: Stream, data: bytes, end: bool) -> object:
         if self.idleTimer is not None:
@@ -351,6 +360,14 @@ class RouterFilter(HTTPFilter):
         self.rqStart = self.shared.clock.seconds()
         conn.pool.host.rq_active += 1  # what least_request balances on
         stream = self.stream
+        up = getattr(conn, "output", None)  # an HTTP/1.1 upstream connection
+        if up is not None:
+            # See twistedmesh.http.output: while a read of either connection is handled, the writes it causes
+            # on the other are collected and sent once it is handled.
+            down = getattr(stream.codec, "output", None)  # an HTTP/1.1 downstream
+            conn.peerOutput = down
+            if down is not None:
+                down.hold(up)
         conn.begin(self, stream.method, self.head, self.hasBody)
         stream.codec.registerResponseProducer(conn.transport)
         for data in self.buffered:

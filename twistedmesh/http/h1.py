@@ -757,10 +757,11 @@ class ResponseParser:
             self._trailer(name, value)
             return
         headers = self._headers
-        self._headerBytes += len(name) + len(value)
-        if self._headerBytes > self._maxHeaderBytes:
-            raise _Reject(0, "response head too large")
-        if len(headers) >= self._maxHeaders:
+        size = self._headerBytes + len(name) + len(value)
+        self._headerBytes = size
+        if size > self._maxHeaderBytes or len(headers) >= self._maxHeaders:
+            if size > self._maxHeaderBytes:
+                raise _Reject(0, "response head too large")
             raise _Reject(0, "too many response header fields")
         if name in _SPECIAL:
             if name == b"content-length":
@@ -1003,21 +1004,26 @@ def encodeResponseHead(
 
 
 def encodeRequestHead(
-    method: bytes, target: bytes, headers: Sequence[Tuple[bytes, bytes]], chunked: bool = False
+    method: bytes,
+    target: bytes,
+    headers: Sequence[Tuple[bytes, bytes]],
+    chunked: bool = False,
+    host: Optional[bytes] = None,
 ) -> bytes:
     """
     Serialize an C{HTTP/1.1} request head.
 
-    @param headers: end-to-end fields (including C{host}), written as given; they carry
-        C{content-length} when the body has a known length.
+    @param headers: end-to-end fields (including C{host}, unless given as C{host}), written as given;
+        they carry C{content-length} when the body has a known length.
     @param chunked: add C{transfer-encoding: chunked} (then C{headers} must not have content-length).
+    @param host: if given, a C{host} field written first (as clients send it), so that a caller
+        holding it apart from the other fields need not build a new list.
     """
     tail = _TE_CHUNKED + _CRLF if chunked else _CRLF
+    line = b" HTTP/1.1\r\n" if host is None else b" HTTP/1.1\r\nhost: " + host + _CRLF
     if headers:
-        return b"".join(
-            (method, b" ", target, b" HTTP/1.1\r\n", _CRLF.join(map(_joinField, headers)), _CRLF, tail)
-        )
-    return b"".join((method, b" ", target, b" HTTP/1.1\r\n", tail))
+        return b"".join((method, b" ", target, line, _CRLF.join(map(_joinField, headers)), _CRLF, tail))
+    return b"".join((method, b" ", target, line, tail))
 
 
 def encodeChunk(data: bytes) -> Tuple[bytes, ...]:
@@ -1046,6 +1052,12 @@ def encodeLastChunk(trailers: Optional[Iterable[Tuple[bytes, bytes]]] = None) ->
 HOP_BY_HOP = frozenset(
     [b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding", b"upgrade"]
 )
+# The Connection values almost every peer sends, and the one token each is.
+_PLAIN_CONNECTION = {b"keep-alive": b"keep-alive", b"close": b"close", b"Keep-Alive": b"keep-alive",
+                     b"Close": b"close"}
+_KEEP_ALIVE = frozenset([b"keep-alive"])
+_CLOSE = frozenset([b"keep-alive", b"close"])
+_HOP_BY_HOP_CLOSE = HOP_BY_HOP | {b"close"}  # with the fields a Connection: close nominates
 
 
 def stripHopByHop(headers: Headers) -> Headers:
@@ -1065,10 +1077,21 @@ def stripHopByHop(headers: Headers) -> Headers:
     nominated = set()
     for name, value in headers:
         if name == b"connection":
+            plain = _PLAIN_CONNECTION.get(value)
+            if plain is not None:
+                nominated.add(plain)  # what almost every peer sends, without splitting it
+                continue
             for token in value.split(b","):
                 token = token.strip(b" \t").lower()
                 if token:
                     nominated.add(token)
+        elif name == b"te":
+            nominated.add(b"te")  # never a plain filter: te may be kept
+    if nominated <= _KEEP_ALIVE:
+        return [field for field in headers if field[0] not in HOP_BY_HOP]
+    if nominated <= _CLOSE:
+        return [field for field in headers if field[0] not in _HOP_BY_HOP_CLOSE]
+    nominated.discard(b"te")
     result = []
     keptTE = False
     for name, value in headers:

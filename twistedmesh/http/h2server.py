@@ -68,8 +68,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Deque, Dict, Optional
 
-from h2.config import H2Configuration
-from h2.connection import ConnectionState, H2Connection
+from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -83,7 +82,7 @@ from h2.events import (
 )
 from h2.exceptions import DenialOfServiceError, H2Error, ProtocolError, StreamClosedError
 from h2.frame_buffer import CONTINUATION_BACKLOG, FrameBuffer
-from h2.settings import SettingCodes, Settings
+from h2.settings import SettingCodes
 from hyperframe.frame import (
     ContinuationFrame,
     DataFrame,
@@ -98,17 +97,15 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..observability.tracing import propagate
+from . import h2common
+from .h2common import CONNECTION_SPECIFIC, withoutConnectionFields
 from .server import HTTPSettings, HTTPStats, newRequestId
 from .stream import Headers, Stream
 from .xfcc import XFCC_ADDS, forwardedClientCert
 
-# Connection-specific fields (RFC 9113 section 8.2.2) are never sent in HTTP/2; "te" is allowed only as
-# "te: trailers" (filtered separately), and "host" has no place in a response.
-_CONNECTION_SPECIFIC = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
-                                  b"upgrade", b"te", b"host"))
-# In a request, the same minus "te" (checked on its own) and "host" (a stand-in for :authority).
-_CONNECTION_SPECIFIC_REQUEST = frozenset((b"connection", b"keep-alive", b"proxy-connection",
-                                          b"transfer-encoding", b"upgrade"))
+# Connection-specific fields (RFC 9113 section 8.2.2) make a request malformed, but for "te" (checked on its
+# own) and "host" (a stand-in for :authority).
+_CONNECTION_SPECIFIC_REQUEST = CONNECTION_SPECIFIC - {b"te", b"host"}
 _NO_BODY_STATUSES = frozenset((204, 304))
 _NO_ERROR = ErrorCodes.NO_ERROR
 _INTERNAL_ERROR = ErrorCodes.INTERNAL_ERROR
@@ -305,27 +302,6 @@ class HTTP2Stats:
         self.goaway_sent = codec.counter("goaway_sent")
 
 
-def _responseFields(headers: Headers) -> Headers:
-    """
-    C{headers} without the fields HTTP/2 forbids (RFC 9113 section 8.2.2); C{te} survives only as
-    C{te: trailers}. The common case, nothing to drop, returns C{headers} itself.
-    """
-    for name, _ in headers:
-        if name in _CONNECTION_SPECIFIC or name[:1] == b":":
-            break
-    else:
-        return headers
-    kept = []
-    for field in headers:
-        name = field[0]
-        if name == b"te":
-            if field[1].strip().lower() == b"trailers":
-                kept.append(field)
-        elif name not in _CONNECTION_SPECIFIC and name[:1] != b":":
-            kept.append(field)
-    return kept
-
-
 @implementer(IPushProducer)
 class _StreamCodec:
     """
@@ -452,7 +428,7 @@ class _StreamCodec:
         if status in _NO_BODY_STATUSES or stream.method == b"HEAD":
             self.bodyAllowed = False
         headers = [(b":status", b"%d" % status)]
-        headers += _responseFields(stream.responseHeaders)
+        headers += withoutConnectionFields(stream.responseHeaders)
         try:
             conn.h2.send_headers(self.sid, headers, end_stream=end)
         except StreamClosedError:
@@ -499,7 +475,7 @@ class _StreamCodec:
         conn = self.conn
         if conn.terminated or self.responseSent:
             return
-        fields = _responseFields(trailers)
+        fields = withoutConnectionFields(trailers)
         if self.pending:
             self.pendingTrailers = fields
             self.pendingEnd = True
@@ -580,8 +556,7 @@ class _StreamCodec:
         size = len(data)
         if not size:
             if end:
-                h2c.send_data(sid, b"", end_stream=True)
-                conn.inbound.dataFramesSent += 1
+                conn.inbound.dataFramesSent += h2common.endStream(h2c, sid, None)
                 self._sent()
             return
         window = h2c.local_flow_control_window(sid)
@@ -593,17 +568,10 @@ class _StreamCodec:
             if end:
                 self._sent()
             return
-        view = memoryview(data)
-        offset = 0
-        while offset < size and window > 0:
-            n = min(size - offset, window, maxFrame)
-            last = end and offset + n == size
-            h2c.send_data(sid, view[offset:offset + n], end_stream=last)
-            conn.inbound.dataFramesSent += 1
-            offset += n
-            window -= n
-        if offset < size:
-            self.pending = deque((view[offset:],))
+        rest, frames = h2common.sendInFrames(h2c, sid, data, window, maxFrame, end)
+        conn.inbound.dataFramesSent += frames
+        if rest is not None:
+            self.pending = deque((rest,))
             self.pendingEnd = end
             conn.blocked[sid] = self
             self._updateProducer()
@@ -615,24 +583,10 @@ class _StreamCodec:
         The client opened a window: send what is queued and fits.
         """
         pending = self.pending
-        inbound = self.conn.inbound
-        h2c = self.conn.h2
+        conn = self.conn
         sid = self.sid
-        window = h2c.local_flow_control_window(sid)
-        maxFrame = h2c.max_outbound_frame_size
-        while pending and window > 0:
-            chunk = pending[0]
-            n = len(chunk)
-            if n > window or n > maxFrame:
-                n = min(window, maxFrame)
-                pending[0] = chunk[n:]
-                chunk = chunk[:n]
-            else:
-                pending.popleft()
-            last = not pending and self.pendingEnd and self.pendingTrailers is None
-            h2c.send_data(sid, chunk, end_stream=last)
-            inbound.dataFramesSent += 1
-            window -= n
+        endAtLast = self.pendingEnd and self.pendingTrailers is None
+        conn.inbound.dataFramesSent += h2common.drainInFrames(conn.h2, sid, pending, endAtLast)
         if pending:
             return
         self.pending = None
@@ -649,12 +603,7 @@ class _StreamCodec:
         """
         End the stream with C{fields} as trailers (with an empty DATA frame if a filter removed them all).
         """
-        h2c = self.conn.h2
-        if fields:
-            h2c.send_headers(self.sid, fields, end_stream=True)
-        else:
-            h2c.send_data(self.sid, b"", end_stream=True)
-            self.conn.inbound.dataFramesSent += 1
+        self.conn.inbound.dataFramesSent += h2common.endStream(self.conn.h2, self.sid, fields)
         self._sent()
 
     def _updateProducer(self) -> None:
@@ -751,23 +700,8 @@ class HTTP2Connection(protocol.Protocol):
         maxHeaderList = limits.maxHeaderListSize or self.settings.maxHeaderBytes
         # Inbound fields are checked by _requestReceived in its one pass (a malformed request is a stream
         # error there, where h2's own check would end the whole connection), and cookie crumbs joined there.
-        # Outbound checking is switched off: it costs about a tenth of a request's CPU and adds nothing, since
-        # names are lowercase by the Stream's contract, the upstream's HTTP/1.1 parser has already rejected
-        # bad characters, and _responseFields drops what HTTP/2 forbids.
-        h2c = self.h2 = _Engine(H2Configuration(client_side=False, header_encoding=None,
-                                                validate_inbound_headers=False,
-                                                normalize_inbound_headers=False,
-                                                validate_outbound_headers=False,
-                                                normalize_outbound_headers=False))
+        h2c = self.h2 = _Engine(h2common.engineConfiguration(clientSide=False, checkInbound=False))
         h2c.controlLimit = limits.maxOutboundControlFrames
-        # Our SETTINGS must be in force from the first frame on (a client may use them before it ACKs), so
-        # they replace h2's initial values rather than being sent as a later update.
-        h2c.local_settings = Settings(client=False, initial_values={
-            SettingCodes.MAX_CONCURRENT_STREAMS: limits.maxConcurrentStreams,
-            SettingCodes.INITIAL_WINDOW_SIZE: limits.initialStreamWindowSize,
-            SettingCodes.MAX_FRAME_SIZE: limits.maxFrameSize,
-            SettingCodes.MAX_HEADER_LIST_SIZE: maxHeaderList,
-        })
         h2c.max_inbound_frame_size = limits.maxFrameSize
         # HPACK decodes every block whole, to keep its table in step; a block over our limit is answered
         # 431 per stream, and only one far over it (a decompression bomb) is a connection error. The block's
@@ -775,11 +709,12 @@ class HTTP2Connection(protocol.Protocol):
         blockLimit = max(2 * maxHeaderList, 64 * 1024)
         h2c.decoder.max_header_list_size = blockLimit
         self.inbound = h2c.incoming_buffer = _InboundFrames(limits, blockLimit)
-        h2c.initiate_connection()
-        # The connection window starts at 64 KiB whatever SETTINGS say; only WINDOW_UPDATE widens it.
-        extra = limits.initialConnectionWindowSize - 65535
-        if extra > 0:
-            h2c.increment_flow_control_window(extra)
+        h2common.startConnection(h2c, {
+            SettingCodes.MAX_CONCURRENT_STREAMS: limits.maxConcurrentStreams,
+            SettingCodes.INITIAL_WINDOW_SIZE: limits.initialStreamWindowSize,
+            SettingCodes.MAX_FRAME_SIZE: limits.maxFrameSize,
+            SettingCodes.MAX_HEADER_LIST_SIZE: maxHeaderList,
+        }, limits.initialConnectionWindowSize)
         transport.registerProducer(self, True)
         self._written()
         timeout = self.settings.idleTimeout
@@ -1182,22 +1117,7 @@ class HTTP2Connection(protocol.Protocol):
         blocked = self.blocked
         if not blocked:
             return
-        sid = event.stream_id if event is not None else 0
-        if sid:
-            codec = blocked.get(sid)
-            if codec is not None:
-                self._drain(codec)
-            return
-        # The connection window (or every stream's) opened: serve the waiting streams in the order they
-        # blocked; one that still waits goes to the back, so no stream starves the others.
-        h2c = self.h2
-        for codec in list(blocked.values()):
-            if h2c.outbound_flow_control_window <= 0:
-                break
-            self._drain(codec)
-            if codec.pending:
-                del blocked[codec.sid]
-                blocked[codec.sid] = codec
+        h2common.serveBlocked(self.h2, blocked, event.stream_id if event is not None else 0, self._drain)
 
     def _drain(self, codec: _StreamCodec) -> None:
         """
@@ -1219,10 +1139,8 @@ class HTTP2Connection(protocol.Protocol):
             self._close()
             return
         # A graceful GOAWAY from the client: it opens no more streams but still wants the answers to the
-        # ones it has. h2 forbids sending anything after a GOAWAY it received, which would leave those
-        # streams unanswered, so its connection state goes back to open (the streams' own states are
-        # untouched) and we finish them, then close.
-        self.h2.state_machine.state = ConnectionState.SERVER_OPEN
+        # ones it has, so we finish them, then close.
+        h2common.reopenAfterGoAway(self.h2)
         self.goingAway = True
         self.lastStreamId = self.h2.highest_inbound_stream_id
 

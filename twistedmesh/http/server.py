@@ -24,6 +24,7 @@ from zope.interface import implementer
 
 from . import h1
 from ..observability.tracing import propagate
+from .output import Output
 from .stream import Stream
 from .xfcc import XFCC_ADDS, forwardedClientCert
 
@@ -219,6 +220,8 @@ class HTTPConnection(protocol.Protocol):
         self._head = False
         self._chunked = False
         self._responseBodyAllowed = True
+        # Where responses are written: corked while a read is handled (see twistedmesh.http.output).
+        self.output: Optional[Output] = None
 
     # -- connection lifecycle ---------------------------------------------------------------------------------
 
@@ -228,6 +231,7 @@ class HTTPConnection(protocol.Protocol):
         if self.factory is not None:
             self.factory.connectionOpened(self)
         self.parser = h1.RequestParser(self, self.settings.maxHeaderBytes, self.settings.maxHeaders)
+        self.output = Output(self.transport)
         self.peer = self.transport.getPeer()
         # A UNIX-socket peer has no address to forward: then x-forwarded-for is left as the client sent it.
         self.peerHost = getattr(self.peer, "host", "").encode("ascii")
@@ -251,7 +255,14 @@ class HTTPConnection(protocol.Protocol):
             self.headersTimer = self.settings.clock.callLater(self.settings.requestHeadersTimeout,
                                                               self._headersTimedOut)
         parser = self.parser
-        parser.feed(data)
+        # Whatever this read makes us write (answers, and through Output.hold the requests upstream) goes
+        # out once it is handled, each connection's bytes in one system call.
+        output = self.output
+        output.corks += 1
+        try:
+            parser.feed(data)
+        finally:
+            output.uncork()
         if parser.upgradeData is not None and self.early is None and not self.closing:
             self.early = [parser.upgradeData] if parser.upgradeData else []
             self._pause()
@@ -406,7 +417,7 @@ class HTTPConnection(protocol.Protocol):
             stream.respond(405, b"CONNECT is not supported\n", details="connect_not_supported")
             return
         if sendContinue:
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.output.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         stream.receiveRequestHeaders()
 
     def startTunnel(self, stream: Stream, upstream, fromUpstream: bytes) -> None:
@@ -417,6 +428,7 @@ class HTTPConnection(protocol.Protocol):
         from .tunnel import Tunnel
 
         self.unregisterResponseProducer()
+        self.output.flush()  # the 101 goes before the tunnel's first bytes, which skip Output
         tunnel = self.tunnel = upstream.tunnel = Tunnel(self, upstream, stream)
         stream.responseEnded = True  # the HTTP part is over; a close from now on is no reset
         early, self.early = self.early or [], None
@@ -468,6 +480,7 @@ class HTTPConnection(protocol.Protocol):
         """
         self.finishing = True
         if self.active is None and not self.disconnected and self.tunnel is None:
+            self.output.flush()
             self.transport.loseConnection()
 
     # -- what the Stream asks of its codec --------------------------------------------------------------------
@@ -512,24 +525,24 @@ class HTTPConnection(protocol.Protocol):
         self._responseBodyAllowed = bodyAllowed
         if status == 101:
             keepAlive = True  # the head carries "connection: upgrade" itself; never "close"
-        self.transport.write(h1.encodeResponseHead(status, None, headers, chunked, keepAlive, stream.version))
+        self.output.write(h1.encodeResponseHead(status, None, headers, chunked, keepAlive, stream.version))
         if end:
             self._responseDone(stream)
 
     def writeData(self, stream: Stream, data: bytes, end: bool) -> None:
         if data and self._responseBodyAllowed:
             if self._chunked:
-                self.transport.writeSequence(h1.encodeChunk(data))
+                self.output.writeSequence(h1.encodeChunk(data))
             else:
-                self.transport.write(data)
+                self.output.write(data)
         if end:
             if self._chunked:
-                self.transport.write(h1.encodeLastChunk())
+                self.output.write(h1.encodeLastChunk())
             self._responseDone(stream)
 
     def writeTrailers(self, stream: Stream, trailers) -> None:
         if self._chunked:
-            self.transport.write(h1.encodeLastChunk(trailers))
+            self.output.write(h1.encodeLastChunk(trailers))
         self._responseDone(stream)
 
     def resetStream(self, stream: Stream, reason: str) -> None:
@@ -538,6 +551,7 @@ class HTTPConnection(protocol.Protocol):
         self._dropPending()
         if not self.disconnected:
             # A half-sent response must not look complete: abort, don't close gracefully.
+            self.output.flush()
             self.transport.abortConnection()
         # Count it out like any finished stream (Stream.reset's own complete() is then a no-op).
         self._finishStream(stream)
@@ -589,6 +603,7 @@ class HTTPConnection(protocol.Protocol):
         if not keepAlive:
             self.closing = True
             self._dropPending()
+            self.output.flush()
             self.transport.loseConnection()
             return
         if self.pending:
@@ -658,6 +673,7 @@ class HTTPConnection(protocol.Protocol):
         self.idleTimer = None
         if self.active is None:
             self.httpStats.downstream_cx_idle_timeout.value += 1
+            self.output.flush()
             self.transport.loseConnection()
         else:
             self._armIdle()

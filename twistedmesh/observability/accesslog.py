@@ -185,7 +185,7 @@ class _TimeFormat:
     Times are floats, good to about a microsecond at today's epoch: C{%7f}..C{%9f} are padded with zeros.
     """
 
-    __slots__ = ("_pieces", "_fracs", "_second", "_template")
+    __slots__ = ("_pieces", "_fracs", "second", "_template", "head", "tail")
 
     def __init__(self, fmt: str) -> None:
         pieces: List[Union[str, int]] = []  # strftime chunks (str), fraction digits (int), epoch (-1)
@@ -220,28 +220,45 @@ class _TimeFormat:
             pieces.append("".join(chunk))
         self._pieces = tuple(pieces)
         self._fracs = tuple(fracs)
-        self._second: Optional[int] = None
+        self.second: Optional[int] = None  # the cached second
         self._template = ""
+        # With exactly one %3f (the default format), the current second's text around the milliseconds:
+        # a compiled format inlines head + millis + tail (see millisOnly).
+        self.head = self.tail = ""
         try:
             self(0.0)
         except (ValueError, OverflowError) as e:
             raise FormatError(f"START_TIME format {fmt!r}: {e}") from None
 
-    def _build(self, second: int) -> str:
+    @property
+    def millisOnly(self) -> bool:
         """
-        The template for one second: strftime chunks and epoch rendered, a C{%s} per fraction.
+        Whether the format has exactly one fraction, of three digits (C{%3f}), as the default has.
+        """
+        return self._fracs == (3,)
+
+    def advance(self, second: int) -> None:
+        """
+        Make C{second} the cached one: its template (and C{head}, C{tail}).
         """
         tm = time.gmtime(second)
-        out = []
+        out: List[Optional[str]] = []
         for piece in self._pieces:
             if piece.__class__ is str:
-                text = time.strftime(piece, tm)
-                out.append(text.replace("%", "%%") if self._fracs else text)
+                out.append(time.strftime(piece, tm))
             elif piece == -1:
                 out.append(str(second))
             else:
-                out.append("%s")
-        return "".join(out)
+                out.append(None)  # a fraction's place
+        if self._fracs:
+            self._template = "".join("%s" if x is None else x.replace("%", "%%") for x in out)
+        else:
+            self._template = "".join(out)  # type: ignore[arg-type]
+        if self._fracs == (3,):
+            at = out.index(None)
+            self.head = "".join(out[:at])  # type: ignore[arg-type]
+            self.tail = "".join(out[at + 1:])  # type: ignore[arg-type]
+        self.second = second
 
     def ofRecord(self, record: Any, endTime: float) -> str:
         """
@@ -257,15 +274,18 @@ class _TimeFormat:
         # truncating that would log .309.
         us = round(t * 1_000_000)
         second, frac = divmod(us, 1_000_000)
-        if second != self._second:
-            self._template = self._build(second)
-            self._second = second
+        if second != self.second:
+            self.advance(second)
         fracs = self._fracs
         if not fracs:
             return self._template
         if fracs == (3,):  # the default format: keep its path short
-            return self._template % ("%03d" % (frac // 1000),)
+            return self.head + _MILLIS[frac // 1000] + self.tail
         return self._template % tuple(_fraction(frac, digits) for digits in fracs)
+
+
+#: C{"000"} .. C{"999"}: the default format's milliseconds, without a C{%} per line.
+_MILLIS: Tuple[str, ...] = tuple("%03d" % i for i in range(1000))
 
 
 def _fraction(micros: int, digits: int) -> str:
@@ -435,12 +455,15 @@ def _headerOperator(op: str, kind: str) -> Tuple[Callable, Callable]:
     return value, text
 
 
+_DEFAULT_TIME = "%Y-%m-%dT%H:%M:%S.%3fZ"  # what %START_TIME% without a format means
+
+
 def _startTime(arg: Optional[str], maxLen: Optional[int]) -> ValueGetter:
     """
     C{%START_TIME%} / C{%START_TIME(FORMAT)%}: the record's start time, formatted.
     """
     # A formatted time is never empty: the value getter is the text getter too.
-    return _TimeFormat(arg if arg else "%Y-%m-%dT%H:%M:%S.%3fZ").ofRecord
+    return _TimeFormat(arg if arg else _DEFAULT_TIME).ofRecord
 
 
 def _ms(start: float, end: float) -> int:
@@ -684,37 +707,213 @@ OPERATORS: Mapping[str, _Operator] = _operators()
 # -- compiling formats -----------------------------------------------------------------------------------------
 
 
+class _Piece:
+    """
+    One operator of a format being compiled: its getter (what L{CompiledFormat.segments} shows, and what
+    the render function calls when L{_inlineCode} has no code for the operator), plus what L{_inlineCode}
+    needs to write that code.
+    """
+
+    __slots__ = ("getter", "op", "arg", "maxLen", "json")
+
+    def __init__(self, getter: Getter, op: _Operator, arg: Optional[str], maxLen: Optional[int], json: bool) -> None:
+        self.getter = getter
+        self.op = op
+        self.arg = arg
+        self.maxLen = maxLen
+        self.json = json
+
+
+class _Source:
+    """
+    The source of one render function while L{CompiledFormat} writes it: the objects it refers to
+    (C{env}, its globals), statements before its C{return}, and the request and response header names
+    read by the one scan of each list (each name's first value lands in a variable).
+
+    Names in the generated code: C{r} the record, C{e} the end time, C{cN} objects, C{tN} temporaries,
+    C{qN} / C{pN} request / response header values, C{k} and C{v} the scan's loop variables.
+    """
+
+    def __init__(self) -> None:
+        self.env: Dict[str, Any] = {"_enc": encode_basestring_ascii, "__builtins__": __builtins__}
+        self.lines: List[str] = []
+        self.request: Dict[bytes, str] = {}
+        self.response: Dict[bytes, str] = {}
+        self._temps = 0
+
+    def const(self, value: Any) -> str:
+        """
+        A name for C{value} in the function's globals.
+        """
+        name = "c%d" % len(self.env)
+        self.env[name] = value
+        return name
+
+    def temp(self) -> str:
+        """
+        A fresh local variable name.
+        """
+        self._temps += 1
+        return "t%d" % self._temps
+
+    def header(self, kind: str, name: bytes) -> str:
+        """
+        The variable holding the first value of header C{name} (C{None} when absent) of the C{"request"}
+        or C{"response"}.
+        """
+        table = self.request if kind == "request" else self.response
+        var = table.get(name)
+        if var is None:
+            var = table[name] = ("q%d" if kind == "request" else "p%d") % len(table)
+        return var
+
+    def _scan(self, attr: str, table: Dict[bytes, str]) -> List[str]:
+        """
+        One loop over C{r.<attr>} filling every variable of C{table}, first value wins (as Envoy reads).
+        """
+        if not table:
+            return []
+        out = [" = ".join(table.values()) + " = None", f"for k, v in r.{attr}:"]
+        indent = "    "
+        if len(table) > 2:
+            # One hash probe per field instead of a comparison per wanted name.
+            out.append(f"    if k in {self.const(frozenset(table))}:")
+            indent = "        "
+        for i, (name, var) in enumerate(table.items()):
+            out.append(f"{indent}{'elif' if i else 'if'} k == {name!r}:")
+            out.append(f"{indent}    if {var} is None:")
+            out.append(f"{indent}        {var} = v")
+        return out
+
+    def function(self, template: str, values: List[str]) -> Tuple[Callable[[Any, float], str], str]:
+        """
+        Compile C{def render(r, e)} returning C{template % (values...)}; the function and its source.
+        """
+        body = self._scan("requestHeaders", self.request) + self._scan("responseHeaders", self.response)
+        body += self.lines
+        if values:
+            body.append(f"return {self.const(template)} % ({', '.join(values)},)")
+        else:
+            body.append(f"return {self.const(template.replace('%%', '%'))}")
+        source = "def render(r, e):\n" + "".join(f"    {line}\n" for line in body)
+        namespace = self.env
+        exec(compile(source, "<access log format>", "exec"), namespace)  # our own code, built from our pieces
+        return namespace.pop("render"), source
+
+
+_DECODE = ".decode('utf-8', 'backslashreplace')"  # as _decode: a line stays valid UTF-8
+_INT_FIELDS = {"RESPONSE_CODE": "status", "BYTES_RECEIVED": "bytesReceived", "BYTES_SENT": "bytesSent"}
+_PROTOCOLS_JSON = MappingProxyType({k: encode_basestring_ascii(v) for k, v in _PROTOCOLS.items()})
+
+
+def _inlineCode(piece: _Piece, src: _Source) -> Optional[str]:
+    """
+    An expression (after statements added to C{src.lines}) that renders C{piece} exactly as its getter
+    does, for the operators common enough to be worth it; C{None} for the others, whose getter is called.
+    Every value here reads the same attributes, with the same rules, as the getter it replaces (the tests
+    render each operator both ways).
+    """
+    op, maxLen, json = piece.op, piece.maxLen, piece.json
+    name = op.name
+    if name in ("REQ", "RESP", "REQUEST_ID"):
+        kind = "response" if name == "RESP" else "request"
+        sources = _headerNames(name, "X-REQUEST-ID" if name == "REQUEST_ID" else piece.arg or "", kind)
+        exprs = []
+        for where, key in sources:
+            if where == "field" and key != "status":
+                exprs.append(f"(r.{key} or None)")  # an empty field is unset
+            elif where in ("request", "response"):
+                exprs.append(src.header(where, key.encode("ascii")))
+            else:
+                return None  # trailers, :status: the getter
+        if len(exprs) == 1 and exprs[0][0] in "qp":
+            var = exprs[0]
+        else:
+            var = src.temp()
+            src.lines.append(f"{var} = {exprs[0]}")
+            for fallback in exprs[1:]:
+                src.lines.append(f"if {var} is None:")
+                src.lines.append(f"    {var} = {fallback}")
+        cut = "" if maxLen is None else f"[:{maxLen}]"
+        if json:  # present but empty is "", unset is null
+            return f"('null' if {var} is None else _enc({var}{_DECODE}{cut}))"
+        return f"('-' if not {var} else {var}{_DECODE}{cut})"
+    if name == "START_TIME":
+        fmt = _TimeFormat(piece.arg or _DEFAULT_TIME)
+        time = src.const(fmt)
+        if fmt.millisOnly:
+            second, micros = src.temp(), src.temp()
+            src.lines.append(f"{second}, {micros} = divmod(round(r.startTime * 1000000), 1000000)")
+            src.lines.append(f"if {second} != {time}.second:")
+            src.lines.append(f"    {time}.advance({second})")
+            text = f"{time}.head + {src.const(_MILLIS)}[{micros} // 1000] + {time}.tail"
+        else:
+            text = f"{time}(r.startTime)"
+        return f"_enc({text})" if json else text
+    if name == "DURATION":
+        return "(round((e - r.startTime) * 1000000) // 1000)"
+    if name in _INT_FIELDS:
+        attr = _INT_FIELDS[name]
+        return f"('null' if r.{attr} is None else r.{attr})" if json else f"r.{attr}"  # %s is str()
+    if name == "PROTOCOL":
+        known = src.const(_PROTOCOLS_JSON if json else _PROTOCOLS)
+        return f"({known}.get(r.version) or {src.const(piece.getter)}(r, e))"
+    if name == "RESPONSE_FLAGS":
+        join = src.const(",".join)
+        if json:
+            var = src.temp()
+            src.lines.append(f"{var} = {join}(r.responseFlags)")
+            return f"(_enc({var}) if {var} else 'null')"
+        return f"({join}(r.responseFlags) or '-')"
+    if name == "UPSTREAM_HOST":
+        cache: Dict[str, str] = {}
+
+        def address(endpoint: str) -> str:
+            text = _endpointAddress(endpoint)
+            if len(cache) < 4096:  # dynamic hosts come and go: stay bounded
+                cache[endpoint] = text
+            return text
+        host = src.temp()
+        src.lines.append(f"{host} = r.upstreamHost")
+        text = f"{src.const(cache)}.get({host}.endpoint) or {src.const(address)}({host}.endpoint)"
+        if json:
+            return f"('null' if {host} is None else _enc({text}))"
+        return f"('-' if {host} is None else ({text} or '-'))"
+    return None
+
+
 class CompiledFormat:
     """
-    A compiled format: C{segments} is a tuple of literal strings and getters. L{render} calls each getter
-    and joins the pieces: one line, newline included.
+    A compiled format. C{segments} is a tuple of literal strings and getters (C{(record, endTime) -> str}).
+    C{render(record, endTime)} gives one line, newline included: a function written for this format when it
+    is compiled, which scans the request (and response) headers once for every header the format names,
+    computes the common operators in place and calls the getters of the others, and pours the results
+    into one %-template. C{source} is that function's text.
     """
 
-    __slots__ = ("segments", "_literal", "_getters", "_template")
+    __slots__ = ("segments", "render", "source")
 
-    def __init__(self, segments: Sequence[Union[str, Getter]]) -> None:
-        merged: List[Union[str, Getter]] = []
+    def __init__(self, segments: Sequence[Union[str, Getter, _Piece]]) -> None:
+        merged: List[Union[str, Getter, _Piece]] = []
         for s in segments:
             if isinstance(s, str) and merged and isinstance(merged[-1], str):
                 merged[-1] += s
             elif not (isinstance(s, str) and not s):
                 merged.append(s)
-        self.segments = tuple(merged)
-        getters = [s for s in merged if not isinstance(s, str)]
-        self._getters = tuple(getters)
-        # Literals go into a %-template with a %s per getter: rendering is one list of getter results and
-        # one C-level format, about 10% cheaper on the default format than a join that tests each
-        # segment's type per line.
-        self._template = "".join(s.replace("%", "%%") if isinstance(s, str) else "%s" for s in merged)
-        self._literal = self._template.replace("%%", "%") if not getters else None
-
-    def render(self, record: Any, endTime: float) -> str:
-        """
-        The line for C{record} (a stream or a L{TCPAccessRecord}) ending at C{endTime}.
-        """
-        if self._literal is not None:
-            return self._literal
-        return self._template % tuple([g(record, endTime) for g in self._getters])
+        self.segments = tuple(s.getter if isinstance(s, _Piece) else s for s in merged)
+        src = _Source()
+        template: List[str] = []
+        values: List[str] = []
+        for s in merged:
+            if isinstance(s, str):
+                template.append(s.replace("%", "%%"))
+                continue
+            expr = _inlineCode(s, src) if isinstance(s, _Piece) else None
+            if expr is None:
+                expr = "%s(r, e)" % src.const(s.getter if isinstance(s, _Piece) else s)
+            template.append("%s")
+            values.append(expr)
+        self.render, self.source = src.function("".join(template), values)
 
 
 def _suggestOperator(name: str) -> str:
@@ -782,6 +981,15 @@ def _textGetter(op: _Operator, arg: Optional[str], maxLen: Optional[int], protoc
     return lambda r, e: value(r, e) or _MISSING
 
 
+def _textPiece(item: Tuple[_Operator, Optional[str], Optional[int], str], protocol: str) -> Union[str, _Piece]:
+    """
+    A parsed operator of a text format as a L{_Piece}, or a literal when it is constant for C{protocol}.
+    """
+    op, arg, maxLen, _ = item
+    getter = _textGetter(op, arg, maxLen, protocol)
+    return getter if isinstance(getter, str) else _Piece(getter, op, arg, maxLen, False)
+
+
 def _jsonGetter(op: _Operator, arg: Optional[str], maxLen: Optional[int], protocol: str) -> Union[str, Getter]:
     """
     A getter of the value as a JSON fragment: a number, a string, or C{null} when unset (Envoy's typed JSON).
@@ -820,9 +1028,9 @@ def compileFormat(text: str, protocol: str = "http") -> CompiledFormat:
     _checkProtocol(protocol)
     if text.endswith("\n"):
         text = text[:-1]
-    segments: List[Union[str, Getter]] = []
+    segments: List[Union[str, Getter, _Piece]] = []
     for item in _parse(text):
-        segments.append(item if isinstance(item, str) else _textGetter(item[0], item[1], item[2], protocol))
+        segments.append(item if isinstance(item, str) else _textPiece(item, protocol))
     segments.append("\n")
     return CompiledFormat(segments)
 
@@ -836,7 +1044,7 @@ def compileJSONFormat(fields: Sequence[Tuple[str, str]], protocol: str = "http")
     @raise FormatError: as L{compileFormat}, naming the key; or for an empty or repeated key.
     """
     _checkProtocol(protocol)
-    segments: List[Union[str, Getter]] = ["{"]
+    segments: List[Union[str, Getter, _Piece]] = ["{"]
     seen = set()
     for index, (key, template) in enumerate(fields):
         if not key:
@@ -851,12 +1059,12 @@ def compileJSONFormat(fields: Sequence[Tuple[str, str]], protocol: str = "http")
         segments.append(("," if index else "") + encode_basestring_ascii(key) + ":")
         if len(items) == 1 and not isinstance(items[0], str):
             op, arg, maxLen, _ = items[0]
-            segments.append(_jsonGetter(op, arg, maxLen, protocol))
+            getter = _jsonGetter(op, arg, maxLen, protocol)
+            segments.append(getter if isinstance(getter, str) else _Piece(getter, op, arg, maxLen, True))
         elif all(isinstance(i, str) for i in items):
             segments.append(encode_basestring_ascii("".join(items)))  # type: ignore[arg-type]
         else:
-            inner = CompiledFormat([i if isinstance(i, str) else _textGetter(i[0], i[1], i[2], protocol)
-                                    for i in items])
+            inner = CompiledFormat([i if isinstance(i, str) else _textPiece(i, protocol) for i in items])
             segments.append(lambda r, e, render=inner.render: encode_basestring_ascii(render(r, e)))
     segments.append("}\n")
     return CompiledFormat(segments)

@@ -30,6 +30,7 @@ to an exporter (L{twistedmesh.observability.export}).
 
 from __future__ import annotations
 
+from binascii import hexlify as _hexlify
 from typing import Any, Dict, List, Optional, Tuple
 
 from twisted.logger import Logger
@@ -56,6 +57,7 @@ TRACESTATE_MAX = 512
 _NAMES = frozenset((TRACEPARENT, TRACESTATE, B3, X_B3_TRACEID, X_B3_SPANID, X_B3_PARENTSPANID, X_B3_SAMPLED,
                     X_B3_FLAGS))
 _MULTI = (X_B3_TRACEID, X_B3_SPANID, X_B3_PARENTSPANID, X_B3_SAMPLED, X_B3_FLAGS)
+_LOW128 = (1 << 128) - 1
 _HEX = b"0123456789abcdef"
 _HEX_DASH = b"0123456789abcdef-"
 _ODD = b"13579bdf"  # last hex digit of a flags byte with bit 0 (sampled) set
@@ -253,24 +255,27 @@ def propagate(headers: Headers, random, sampleRate: float) -> TraceContext:
     @param sampleRate: the probability, from 0 to 1, of sampling a request with no incoming decision.
     @return: the proxy's trace context.
     """
-    # One pass; the common case (no trace field) allocates nothing here.
-    found: Optional[List[int]] = None
-    index = 0
+    # The common case first: no trace field came in. One pass that allocates nothing, then a new trace
+    # whose ids go upstream whether or not it is sampled (as Envoy does): an unsampled request still
+    # carries the decision, and the ids to hang it on, so that services behind the proxy do not sample it.
     for field in headers:
         if field[0] in _NAMES:
-            if found is None:
-                found = [index]
-            else:
-                found.append(index)
-        index += 1
-
-    if found is None:
-        traceId = _newTraceId(random)
-        spanId = _newSpanId(random)
+            break
+    else:
+        # One draw of 192 bits is the trace id's 128 (low bits) then the span id's 64: the same numbers
+        # as two draws, for the price of one call, and one hex conversion for both.
+        bits = random.getrandbits(192)
+        if bits & _LOW128 and bits >> 128:
+            ids = _hexlify(bits.to_bytes(24, "big"))  # span id's 16 digits, then the trace id's 32
+            traceId = ids[16:]
+            spanId = ids[:16]
+        else:  # an all-zero id (one chance in 2**64) is invalid: draw that one again
+            traceId = b"%032x" % (bits & _LOW128) if bits & _LOW128 else _newTraceId(random)
+            spanId = b"%016x" % (bits >> 128) if bits >> 128 else _newSpanId(random)
         sampled = sampleRate >= 1.0 or (sampleRate > 0.0 and random.random() < sampleRate)
         headers.append((TRACEPARENT, b"00-%s-%s-%s" % (traceId, spanId, b"01" if sampled else b"00")))
         return TraceContext(traceId, spanId, None, sampled, FORMAT_W3C)
-    return _propagateFound(headers, found, random, sampleRate)
+    return _propagateFound(headers, [i for i, f in enumerate(headers) if f[0] in _NAMES], random, sampleRate)
 
 
 def _propagateFound(headers: Headers, found: List[int], random, sampleRate: float) -> TraceContext:

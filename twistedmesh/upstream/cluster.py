@@ -257,20 +257,21 @@ class Cluster:
 def buildClusters(
     configs: Dict[str, ClusterConfig], reactor, stats: StatsStore, random: Optional[Random] = None,
     tls: Mapping[str, TLSConfig] = MappingProxyType({}), xds: Optional[XDSConfig] = None, resolver=None,
-    existing: Mapping[str, "Cluster"] = MappingProxyType({}),
+    existing: Mapping[str, "Cluster"] = MappingProxyType({}), xdsClient=None,
 ) -> Dict[str, Cluster]:
     """
     One L{Cluster} per config section; C{random} (the service's) drives the load balancers. A cluster
     with C{discovery} gets its source (L{Cluster.discovery}): DNS through C{resolver} (an
     L{twisted.internet.interfaces.IResolver}; twisted.names' system resolver if C{None}), xDS through one
     client of the control plane C{xds} names, shared by every xDS cluster built here (the control plane's
-    cluster may be one of C{existing}, the running clusters a reload keeps).
+    cluster may be one of C{existing}, the running clusters a reload keeps), or through C{xdsClient}
+    when given (the service's, which outlives a reload).
     """
     clusters = {name: Cluster(c, reactor, stats, random, tls[c.tls] if c.tls else None)
                 for name, c in configs.items()}
     rand = random if random is not None else Random()
-    xdsClient = None
-    if xds is not None and any(c.discovery is not None and c.discovery.type == "xds" for c in configs.values()):
+    if xdsClient is None and xds is not None and any(c.discovery is not None and c.discovery.type == "xds"
+                                                     for c in configs.values()):
         from .xds import XDSClient
 
         controlPlane = clusters.get(xds.cluster) or existing[xds.cluster]

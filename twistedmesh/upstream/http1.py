@@ -35,6 +35,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..http import h1
+from ..http.output import Output
 
 
 class Exchange:
@@ -108,11 +109,16 @@ class UpstreamConnection(protocol.Protocol):
         self.tunnel = None  # the Tunnel this connection belongs to after a 101
         self.pendingMethod: Optional[bytes] = None
         self.idleTimer = None
+        self.output: Optional[Output] = None  # where requests are written (see twistedmesh.http.output)
+        # The downstream's output, corked while a read of ours is handled so that a response head, its body
+        # and its end leave in one system call; set by the router for each exchange.
+        self.peerOutput: Optional[Output] = None
 
     def connectionMade(self) -> None:
         transport = self.transport
         if hasattr(transport, "setTcpNoDelay"):
             transport.setTcpNoDelay(True)
+        self.output = Output(transport)
         self.parser = h1.ResponseParser(self)
         self.pool.connectionMade(self)
 
@@ -132,23 +138,23 @@ class UpstreamConnection(protocol.Protocol):
         else:
             self.parser.expectResponse(method)
         self.pool.host.rq_total += 1
-        self.transport.write(head)
+        self.output.write(head)
 
     def writeBody(self, data: bytes, chunked: bool) -> None:
         """
         Send a piece of the request body (chunk-encoded when C{chunked}).
         """
         if chunked:
-            self.transport.writeSequence(h1.encodeChunk(data))
+            self.output.writeSequence(h1.encodeChunk(data))
         else:
-            self.transport.write(data)
+            self.output.write(data)
 
     def endBody(self, chunked: bool, trailers: Optional[list] = None) -> None:
         """
         The request body is complete (C{trailers} are sent only when C{chunked}).
         """
         if chunked:
-            self.transport.write(h1.encodeLastChunk(trailers))
+            self.output.write(h1.encodeLastChunk(trailers))
         self.requestDone = True
 
     def abandon(self) -> None:
@@ -157,6 +163,7 @@ class UpstreamConnection(protocol.Protocol):
         and no more exchange callbacks are made.
         """
         self.exchange = None
+        self.peerOutput = None
         self._close(True)
 
     def _close(self, abort: bool) -> None:
@@ -166,6 +173,8 @@ class UpstreamConnection(protocol.Protocol):
         self.keepAlive = False
         if not self.closing:
             self.closing = True
+            if self.output is not None:
+                self.output.flush()  # what was written goes before the close
             if abort:
                 self.transport.abortConnection()
             else:
@@ -182,10 +191,20 @@ class UpstreamConnection(protocol.Protocol):
             # Bytes nobody asked for: the connection's framing can no longer be trusted.
             self._close(True)
             return
-        self.parser.feed(data)
+        peer = self.peerOutput
+        if peer is None:
+            self.parser.feed(data)
+        else:
+            peer.corks += 1
+            try:
+                self.parser.feed(data)
+            finally:
+                peer.uncork()
         if self.upgraded:
             # A 101 ended the HTTP exchange: the rest of this read (and everything after) is the tunnel's.
             self.upgraded = False
+            self.peerOutput = None
+            self.output.flush()  # the tunnel writes to the transport directly
             exchange, self.exchange = self.exchange, None
             if exchange is not None:
                 exchange.upstreamUpgraded(self, self.parser.upgradeData or b"")
@@ -228,6 +247,7 @@ class UpstreamConnection(protocol.Protocol):
             self.upgraded = True
             return
         self.exchange = None
+        self.peerOutput = None
         self.endedInRead = True
         if self.requestDone and self.keepAlive:
             self.pool.release(self)
@@ -239,6 +259,7 @@ class UpstreamConnection(protocol.Protocol):
 
     def protocolError(self, reason: str) -> None:
         exchange, self.exchange = self.exchange, None
+        self.peerOutput = None
         if self.closed:
             # Called by feedEOF from connectionLost: a close in the middle of (or before) the response.
             reason = "upstream_reset"
@@ -259,6 +280,7 @@ class UpstreamConnection(protocol.Protocol):
     def connectionLost(self, reason) -> None:
         self.closed = self.closing = True
         self.keepAlive = False
+        self.peerOutput = None
         self.pool.lost(self)
         if self.tunnel is not None:
             self.tunnel.upstreamLost()

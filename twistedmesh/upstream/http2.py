@@ -64,8 +64,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Deque, Dict, List, Optional, Set
 
-from h2.config import H2Configuration
-from h2.connection import ConnectionState, H2Connection
+from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -78,18 +77,17 @@ from h2.events import (
     WindowUpdated,
 )
 from h2.exceptions import H2Error, ProtocolError
-from h2.settings import SettingCodes, Settings
+from h2.settings import SettingCodes
 from twisted.internet import protocol
 from twisted.internet.interfaces import IConsumer, IHandshakeListener, IPushProducer, ISSLTransport
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..config.model import HTTP2ClusterConfig
+from ..http import h2common
+from ..http.h2common import withoutConnectionFields
+from .accounting import PoolAccounting
 
-# Connection-specific fields (RFC 9113 section 8.2.2) never go out in HTTP/2; "te" only as "te: trailers".
-# "host" is carried by :authority instead.
-_CONNECTION_SPECIFIC = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
-                                  b"upgrade", b"te", b"host"))
 _CANCEL = ErrorCodes.CANCEL
 _REFUSED = ErrorCodes.REFUSED_STREAM
 _NO_ERROR = ErrorCodes.NO_ERROR
@@ -101,27 +99,6 @@ REMOTE_RESET = "remote_reset"
 REFUSED_STREAM = "remote_refused_stream_reset"
 
 
-def _fields(headers) -> list:
-    """
-    C{headers} without what HTTP/2 forbids (and without pseudo-headers); the common case, nothing to drop,
-    returns C{headers} itself.
-    """
-    for name, _ in headers:
-        if name in _CONNECTION_SPECIFIC or name[:1] == b":":
-            break
-    else:
-        return headers
-    kept = []
-    for field in headers:
-        name = field[0]
-        if name == b"te":
-            if b"trailers" in field[1].lower():
-                kept.append((b"te", b"trailers"))
-        elif name not in _CONNECTION_SPECIFIC and name[:1] != b":":
-            kept.append(field)
-    return kept
-
-
 def requestFields(stream, scheme: bytes) -> list:
     """
     The HTTP/2 header block of C{stream}'s request: C{:method}, C{:scheme} (the upstream connection's:
@@ -130,7 +107,7 @@ def requestFields(stream, scheme: bytes) -> list:
     """
     fields = [(b":method", stream.method), (b":scheme", scheme), (b":authority", stream.authority),
               (b":path", stream.path)]
-    fields += _fields(stream.requestHeaders)
+    fields += withoutConnectionFields(stream.requestHeaders)
     return fields
 
 
@@ -226,7 +203,7 @@ class H2Stream:
         if self.finished or self.requestDone:
             return
         self.requestDone = True
-        fields = _fields(trailers) if trailers else None
+        fields = withoutConnectionFields(trailers) if trailers else None
         if self.pending:
             self.pendingEnd = True
             self.pendingTrailers = fields
@@ -325,25 +302,18 @@ class H2Stream:
         if size <= window and size <= maxFrame:
             h2c.send_data(sid, data, end_stream=end)  # the common case: one frame, the bytes as they are
             return
-        view = memoryview(data)
-        offset = 0
-        while offset < size and window > 0:
-            n = min(size - offset, window, maxFrame)
-            h2c.send_data(sid, view[offset:offset + n], end_stream=end and offset + n == size)
-            offset += n
-            window -= n
-        if offset < size:
-            self.pending = deque((view[offset:],))
+        rest = h2common.sendInFrames(h2c, sid, data, window, maxFrame, end)[0]
+        if rest is not None:
+            self.pending = deque((rest,))
             self.pendingEnd = end
             self.conn.blocked[sid] = self
             self._updateProducer()
 
     def _sendEnd(self, fields: Optional[list]) -> None:
-        h2c = self.conn.h2
-        if fields:
-            h2c.send_headers(self.sid, fields, end_stream=True)
-        else:
-            h2c.send_data(self.sid, b"", end_stream=True)
+        """
+        END_STREAM, with C{fields} as trailers if there are any.
+        """
+        h2common.endStream(self.conn.h2, self.sid, fields)
 
     def _drain(self) -> None:
         """
@@ -354,19 +324,7 @@ class H2Stream:
             return
         h2c = self.conn.h2
         sid = self.sid
-        window = h2c.local_flow_control_window(sid)
-        maxFrame = h2c.max_outbound_frame_size
-        while pending and window > 0:
-            chunk = pending[0]
-            n = len(chunk)
-            if n > window or n > maxFrame:
-                n = min(window, maxFrame)
-                pending[0] = chunk[n:]
-                chunk = chunk[:n]
-            else:
-                pending.popleft()
-            h2c.send_data(sid, chunk, end_stream=not pending and self.pendingEnd and not self.pendingTrailers)
-            window -= n
+        h2common.drainInFrames(h2c, sid, pending, self.pendingEnd and not self.pendingTrailers)
         if pending:
             return
         self.pending = None
@@ -459,23 +417,12 @@ class H2UpstreamConnection(protocol.Protocol):
         if hasattr(transport, "setTcpNoDelay"):
             transport.setTcpNoDelay(True)
         settings: HTTP2ClusterConfig = self.pool.settings
-        # Inbound fields are checked (an upstream's bytes go to our clients); outbound checking is off, as
-        # downstream: the Stream's fields are lowercase by contract and were checked when they came in.
-        h2c = self.h2 = H2Connection(H2Configuration(client_side=True, header_encoding=None,
-                                                     validate_inbound_headers=True,
-                                                     normalize_inbound_headers=True,
-                                                     validate_outbound_headers=False,
-                                                     normalize_outbound_headers=False))
-        # In force from the first frame (the peer may use them before it ACKs): h2's initial values replaced.
-        h2c.local_settings = Settings(client=True, initial_values={
+        # Inbound fields are checked by h2: an upstream's bytes go to our clients.
+        h2c = self.h2 = H2Connection(h2common.engineConfiguration(clientSide=True, checkInbound=True))
+        h2common.startConnection(h2c, {
             SettingCodes.ENABLE_PUSH: 0,
             SettingCodes.INITIAL_WINDOW_SIZE: settings.initial_stream_window_size,
-        })
-        h2c.initiate_connection()
-        # The connection window starts at 64 KiB whatever SETTINGS say; only WINDOW_UPDATE widens it.
-        extra = settings.initial_connection_window_size - 65535
-        if extra > 0:
-            h2c.increment_flow_control_window(extra)
+        }, settings.initial_connection_window_size)
         transport.registerProducer(self, True)
         self._flush()
         self.pool.connectionMade(self)
@@ -530,7 +477,7 @@ class H2UpstreamConnection(protocol.Protocol):
                 elif kind is WindowUpdated:
                     self._windowUpdated(event.stream_id)
                 elif kind is TrailersReceived:
-                    self._streamEnded(event.stream_id, _fields(event.headers))
+                    self._streamEnded(event.stream_id, withoutConnectionFields(event.headers))
                 elif kind is StreamReset:
                     self._streamReset(event)
                 elif kind is RemoteSettingsChanged:
@@ -697,21 +644,7 @@ class H2UpstreamConnection(protocol.Protocol):
         blocked = self.blocked
         if not blocked:
             return
-        if sid:
-            s = blocked.get(sid)
-            if s is not None:
-                s._drain()
-            return
-        # The connection window (or every stream's) opened: the streams that blocked first go first; one
-        # that still waits goes to the back, so none starves the others.
-        h2c = self.h2
-        for s in list(blocked.values()):
-            if h2c.outbound_flow_control_window <= 0:
-                break
-            s._drain()
-            if s.pending:
-                del blocked[s.sid]
-                blocked[s.sid] = s
+        h2common.serveBlocked(self.h2, blocked, sid, H2Stream._drain)
 
     def _goAwayReceived(self, event: ConnectionTerminated) -> None:
         """
@@ -721,10 +654,8 @@ class H2UpstreamConnection(protocol.Protocol):
         self.goingAway = True
         self.pool.stats.goaway.value += 1
         last = event.last_stream_id if event.last_stream_id is not None else 0
-        # h2 forbids sending anything after a GOAWAY it received, which would strand the streams the peer
-        # still answers (their window updates, their request bodies): its connection state goes back to
-        # open; the streams' own states are untouched.
-        self.h2.state_machine.state = ConnectionState.CLIENT_OPEN
+        # The streams the peer still answers must get their window updates and request bodies.
+        h2common.reopenAfterGoAway(self.h2)
         for sid in sorted(self.streams):
             if sid > last:
                 s = self.streams[sid]
@@ -826,10 +757,11 @@ class _H2Stats:
         self.protocol_error = scope.counter("upstream_cx_protocol_error")
 
 
-class H2HostPool:
+class H2HostPool(PoolAccounting):
     """
     The HTTP/2 connections to one host, with the HTTP/1.1 pool's interface (C{acquire}, C{cancel},
-    C{release}, C{idle}, C{closeAll}): what it hands out is an L{H2Stream}.
+    C{release}, C{idle}, C{closeAll}): what it hands out is an L{H2Stream}. Connections are counted as the
+    HTTP/1.1 pool counts them (L{PoolAccounting}).
 
     @ivar connections: every connected connection.
     @ivar ready: the connected connections that take new streams, oldest first.
@@ -838,6 +770,7 @@ class H2HostPool:
     """
 
     log = Logger()
+    protocolCounter = "upstream_cx_http2_total"
 
     def __init__(self, host, cluster, clock, connectTimeout: float, settings: HTTP2ClusterConfig,
                  stats: _H2Stats, idleTimeout: float = 60.0) -> None:
@@ -958,13 +891,7 @@ class H2HostPool:
 
         def failed(failure) -> None:
             done()
-            host.cx_connect_fail += 1
-            cluster.upstream_cx_connect_fail.value += 1
-            if timedOut:
-                cluster.upstream_cx_connect_timeout.value += 1
-                reason = "connect timeout"
-            else:
-                reason = failure.getErrorMessage()
+            reason = self._countConnectFailure(failure, bool(timedOut))
             # The waiters this attempt was for: those the attempts still under way will not take.
             excess = min(len(self.waiting) - len(connecting) * self.expected, self.expected)
             for _ in range(max(excess, 0)):
@@ -980,18 +907,8 @@ class H2HostPool:
         """
         C{conn} connected: count it (L{lost} uncounts it) and offer it for streams.
         """
-        self.connections.add(conn)
+        PoolAccounting.connectionMade(self, conn)
         self.ready.append(conn)
-        conn.connectedAt = self.clock.seconds()
-        host, cluster = self.host, self.cluster
-        breaker = getattr(cluster, "breaker", None)
-        if breaker is not None:
-            breaker.connections.add(1)
-        host.cx_total += 1
-        host.cx_active += 1
-        cluster.upstream_cx_total.value += 1
-        cluster.upstream_cx_active.value += 1
-        cluster.upstream_cx_http2_total.value += 1
 
     def _goingAway(self, conn: H2UpstreamConnection) -> None:
         """
@@ -1008,16 +925,7 @@ class H2HostPool:
         """
         if conn in self.ready:
             self.ready.remove(conn)
-        if conn in self.connections:
-            length = getattr(self.cluster, "upstream_cx_length_ms", None)
-            if length is not None:
-                length.record((self.clock.seconds() - conn.connectedAt) * 1000.0)
-            self.connections.discard(conn)
-            self.host.cx_active -= 1
-            self.cluster.upstream_cx_active.value -= 1
-            breaker = getattr(self.cluster, "breaker", None)
-            if breaker is not None:
-                breaker.connections.add(-1)
+        self._countLost(conn)
         if self.waiting:
             self._connectIfNeeded(False)
 

@@ -1,11 +1,12 @@
 """
-xDS over REST-JSON: endpoint discovery (EDS) polled from a control plane (see docs/discovery.md).
+xDS over REST-JSON: the polling state machine shared by every resource type, and endpoint discovery (EDS)
+on it (see docs/discovery.md); cluster discovery (CDS) is the other type, in L{twistedmesh.upstream.cds}.
 
 One L{XDSClient} per service talks to the control plane in the static cluster C{[mesh] xds.cluster} names.
-Every cluster with C{discovery = xds} subscribes (L{XDSClient.subscribe}) to the C{ClusterLoadAssignment}
-named after it (or its C{service_name}); while any subscription runs, the client polls
-C{POST <path_prefix>/v3/discovery:endpoints} every C{xds.refresh_delay} (plus jitter drawn from the
-injected random) with a v3 C{DiscoveryRequest}:
+It runs one L{XDSStream} per resource type, each an instance of the same state machine parameterized by an
+L{XDSType} (the path, the type URL, the names asked for, how a resource is validated and applied). While it
+runs, a stream polls C{POST <path_prefix>/v3/discovery:<type>} every C{xds.refresh_delay} (plus jitter
+drawn from the injected random) with a v3 C{DiscoveryRequest}:
 
   - C{node} (C{id}, C{cluster}, C{user_agent_name}), the sorted C{resource_names}, the C{type_url}, the
     C{version_info} last applied and the C{response_nonce} of the last response;
@@ -13,10 +14,14 @@ injected random) with a v3 C{DiscoveryRequest}:
     stays the previous one and C{error_detail} (C{{code, message}}, code 3: INVALID_ARGUMENT) says why.
 
 A C{304} means nothing changed. A response is validated whole before anything is applied: one invalid
-resource rejects the update (NACK) and every cluster keeps its hosts. Unknown fields are ignored (logged
-once each); JSON field names may be snake_case or lowerCamelCase; resources may be C{@type}-tagged Any
+resource rejects the update (NACK) and what is in effect stays. Unknown fields are ignored (logged once
+each); JSON field names may be snake_case or lowerCamelCase; resources may be C{@type}-tagged Any
 messages; wrapper values may be written bare (C{3}) or wrapped (C{{"value": 3}}); durations are proto3 JSON
-strings (C{"1.5s"}). The subset honoured is listed in docs/discovery.md.
+strings (C{"1.5s"}).
+
+EDS: every cluster with C{discovery = xds} subscribes (L{XDSClient.subscribe}) to the
+C{ClusterLoadAssignment} named after it (or its C{service_name}); one request asks for all of them, and the
+last assignment accepted for each resource is kept so that a cluster rebuilt by a reload starts with it.
 
 Requests go through Twisted's HTTP/1.1 client on the control-plane cluster's own hosts (its load balancer,
 health and TLS), each bounded by C{xds.timeout} on the injected clock; nothing blocks the reactor.
@@ -48,8 +53,8 @@ if TYPE_CHECKING:
     from .cluster import Cluster
 
 __all__ = [
-    "XDSClient", "EDSSubscription", "InvalidResource", "Assignment", "parseAssignment", "parseResponse",
-    "parseDuration", "EDS_TYPE_URL", "EDS_PATH",
+    "XDSClient", "XDSStream", "XDSType", "EDSSubscription", "InvalidResource", "Assignment", "parseAssignment",
+    "parseResponse", "parseDuration", "EDS_TYPE_URL", "EDS_PATH",
 ]
 
 #: The type URL of an EDS resource (and of an EDS request and response).
@@ -67,6 +72,7 @@ _HEALTH = {"UNKNOWN": 0, "HEALTHY": 1, "UNHEALTHY": 2, "DRAINING": 3, "TIMEOUT":
 #: health_status values whose hosts are not used (Envoy's: failed, going away, or timed out).
 _UNUSABLE = frozenset((2, 3, 4))
 _UINT32 = 0xFFFFFFFF
+_DNS_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?$")
 
 
 class InvalidResource(ValueError):
@@ -173,9 +179,11 @@ class Assignment:
     staleAfter: Optional[float] = None
 
 
-def parseAssignment(value: Any, path: str, unknown: Callable[[str], None]) -> Assignment:
+def parseAssignment(value: Any, path: str, unknown: Callable[[str], None], names: bool = False) -> Assignment:
     """
     Validate one EDS resource (an Any tagged with L{EDS_TYPE_URL}, or the bare message).
+
+    @param names: accept DNS names as well as IP addresses (the C{load_assignment} of a DNS cluster).
 
     @raise InvalidResource: the resource is invalid (then the whole update is rejected).
     """
@@ -205,7 +213,7 @@ def parseAssignment(value: Any, path: str, unknown: Callable[[str], None]) -> As
         usable = byPriority.setdefault(priority, [])
         for j, lbEndpoint in enumerate(lbEndpoints):
             listed += 1
-            host = _lbEndpoint(lbEndpoint, f"{gpath}.lb_endpoints[{j}]", unknown)
+            host = _lbEndpoint(lbEndpoint, f"{gpath}.lb_endpoints[{j}]", unknown, names)
             if host is not None:
                 usable.append(host)
         locality.done()
@@ -228,7 +236,7 @@ def parseAssignment(value: Any, path: str, unknown: Callable[[str], None]) -> As
     return Assignment(name, hosts, listed, staleAfter)
 
 
-def _lbEndpoint(value: Any, path: str, unknown: Callable[[str], None]) -> Optional[DiscoveredHost]:
+def _lbEndpoint(value: Any, path: str, unknown: Callable[[str], None], names: bool = False) -> Optional[DiscoveredHost]:
     """
     One C{LbEndpoint}: its host, or C{None} when its C{health_status} says not to use it.
     """
@@ -251,8 +259,10 @@ def _lbEndpoint(value: Any, path: str, unknown: Callable[[str], None]) -> Option
                               f"addresses are not supported)")
     socketAddress = _Fields(address.get("socket_address"), path + ".endpoint.address.socket_address", unknown)
     ip = socketAddress.get("address")
-    if not isinstance(ip, str) or not (isIPAddress(ip) or isIPv6Address(ip)):
-        raise InvalidResource(f"{path}.endpoint.address.socket_address.address: {ip!r} is not an IP address")
+    if not isinstance(ip, str) or not (isIPAddress(ip) or isIPv6Address(ip)
+                                       or (names and _DNS_NAME.match(ip) is not None)):
+        what = "an IP address or a DNS name" if names else "an IP address"
+        raise InvalidResource(f"{path}.endpoint.address.socket_address.address: {ip!r} is not {what}")
     protocol = socketAddress.get("protocol", "TCP")
     if protocol not in ("TCP", 0):
         raise InvalidResource(f"{path}.endpoint.address.socket_address.protocol: only TCP is supported")
@@ -270,17 +280,22 @@ def _lbEndpoint(value: Any, path: str, unknown: Callable[[str], None]) -> Option
 class Response:
     """
     A validated C{DiscoveryResponse}.
+
+    @ivar resources: the validated resources by name (L{Assignment}s for EDS, cluster configs for CDS).
     """
 
     version: str
     nonce: str
-    assignments: Dict[str, Assignment]
+    resources: Dict[str, Any]
 
 
-def parseResponse(body: bytes, unknown: Callable[[str], None]) -> Response:
+def parseResponse(body: bytes, unknown: Callable[[str], None], typeURL: str = EDS_TYPE_URL,
+                  parseResource: Callable[[Any, str, Callable[[str], None]], Any] = parseAssignment) -> Response:
     """
     Validate a C{DiscoveryResponse} body whole.
 
+    @param typeURL: the type of the resources asked for: a response of another type is refused.
+    @param parseResource: validates one resource (C{(value, path, unknown)}); what it returns has a C{name}.
     @raise InvalidResource: not JSON, not a response, or one of its resources is invalid.
     """
     try:
@@ -292,23 +307,23 @@ def parseResponse(body: bytes, unknown: Callable[[str], None]) -> Response:
     nonce = response.get("nonce", "")
     if not isinstance(version, str) or not isinstance(nonce, str):
         raise InvalidResource("response: version_info and nonce are strings")
-    typeURL = response.get("type_url", EDS_TYPE_URL)
-    if typeURL != EDS_TYPE_URL:
-        raise InvalidResource(f"response: type_url {typeURL!r}, expected {EDS_TYPE_URL}")
+    given = response.get("type_url", typeURL)
+    if given != typeURL:
+        raise InvalidResource(f"response: type_url {given!r}, expected {typeURL}")
     resources = response.get("resources", [])
     if not isinstance(resources, list):
         raise InvalidResource("response.resources: expected a list")
     # Read (and so not reported as unknown) but not used.
     response.get("control_plane")
     response.get("canary")
-    assignments: Dict[str, Assignment] = {}
+    parsed: Dict[str, Any] = {}
     for i, resource in enumerate(resources):
-        assignment = parseAssignment(resource, f"response.resources[{i}]", unknown)
-        if assignment.name in assignments:
-            raise InvalidResource(f"response.resources[{i}]: cluster {assignment.name!r} is given twice")
-        assignments[assignment.name] = assignment
+        item = parseResource(resource, f"response.resources[{i}]", unknown)
+        if item.name in parsed:
+            raise InvalidResource(f"response.resources[{i}]: {item.name!r} is given twice")
+        parsed[item.name] = item
     response.done()
-    return Response(version, nonce, assignments)
+    return Response(version, nonce, parsed)
 
 
 @implementer(IBodyProducer)
@@ -337,23 +352,122 @@ class _BytesProducer:
 
 class _HostEndpoints:
     """
-    The endpoint factory of the client's agent: the control-plane cluster's pick, for every request.
+    The endpoint factory of the client's agent: a pick of the client's control-plane cluster (the one in
+    effect now), for every request.
     """
 
-    def __init__(self, cluster: "Cluster") -> None:
-        self.cluster = cluster
+    def __init__(self, client: "XDSClient") -> None:
+        self.client = client
 
     def endpointForURI(self, uri):
-        host = self.cluster.pick()
+        cluster = self.client.controlPlane
+        host = cluster.pick()
         if host is None:
-            raise ConnectionError(f"cluster {self.cluster.name} has no healthy host")
+            raise ConnectionError(f"cluster {cluster.name} has no healthy host")
         return host.client
 
 
-class NoChange(Exception):
+class XDSType:
     """
-    The control plane answered 304: nothing changed.
+    What one resource type (EDS, CDS) adds to the shared polling state machine (L{XDSStream}): the path
+    and type it polls, the names it asks for, how a resource is validated, and what happens to an answer.
+    Subclasses override what they need.
+
+    @ivar typeURL: the C{type_url} of requests and responses.
+    @ivar path: the REST path, after C{xds.path_prefix}.
     """
+
+    typeURL = ""
+    path = ""
+
+    def resourceNames(self) -> List[str]:
+        """
+        The C{resource_names} of the next request (empty: every resource, as CDS asks).
+        """
+        return []
+
+    def parseResource(self, value: Any, path: str, unknown: Callable[[str], None]) -> Any:
+        """
+        Validate one resource of a response; the result has a C{name}.
+
+        @raise InvalidResource: the resource is invalid (the whole update is rejected).
+        """
+        raise NotImplementedError
+
+    def attempted(self) -> Any:
+        """
+        A poll starts; the result is given back to L{accept}, L{rejected} or L{failed} for that poll.
+        """
+        return None
+
+    def accept(self, response: Response, token: Any) -> None:
+        """
+        Apply a validated response.
+
+        @raise InvalidResource: it cannot be applied after all; nothing of it may have been applied then
+            (the update is rejected like an invalid one).
+        """
+
+    def rejected(self, why: str, token: Any) -> None:
+        """
+        A response was rejected (NACK).
+        """
+
+    def failed(self, why: str, token: Any) -> None:
+        """
+        A poll failed: the control plane was unreachable, timed out or answered neither C{200} nor C{304}.
+        """
+
+
+class _EDS(XDSType):
+    """
+    Endpoint discovery: the assignments of the running L{EDSSubscription}s, one request for them all.
+    """
+
+    typeURL = EDS_TYPE_URL
+    path = EDS_PATH
+
+    def __init__(self, client: "XDSClient") -> None:
+        self.client = client
+        #: The last assignment accepted for each resource subscribed to, with its version: a cluster
+        #: rebuilt by a reload or CDS starts with it rather than empty.
+        self.known: Dict[str, Tuple[Assignment, str]] = {}
+
+    def resourceNames(self) -> List[str]:
+        return sorted({s.resource for s in self.client.subscriptions if s.running})
+
+    def parseResource(self, value: Any, path: str, unknown: Callable[[str], None]) -> Assignment:
+        return parseAssignment(value, path, unknown)
+
+    def attempted(self) -> Tuple[List["EDSSubscription"], Set[str]]:
+        running = [s for s in self.client.subscriptions if s.running]
+        for s in running:
+            s.stats.update_attempt.value += 1
+        return running, {s.resource for s in running}
+
+    def accept(self, response: Response, token: Tuple[List["EDSSubscription"], Set[str]]) -> None:
+        asked = token[1]
+        known = self.known
+        for name in asked:
+            assignment = response.resources.get(name)
+            if assignment is not None and assignment.listed:
+                known[name] = (assignment, response.version)
+        # The subscriptions running now, not those of when the request left: a cluster a reload rebuilt
+        # meanwhile gets the answer its predecessor asked for.
+        running = [s for s in self.client.subscriptions if s.running and s.resource in asked]
+        for name in list(known):
+            if not any(s.resource == name for s in self.client.subscriptions):
+                del known[name]
+        for s in running:
+            s.apply(response.resources.get(s.resource), response.version)
+
+    def rejected(self, why: str, token: Tuple[List["EDSSubscription"], Set[str]]) -> None:
+        for s in token[0]:
+            s.update_rejected.value += 1
+
+    def failed(self, why: str, token: Tuple[List["EDSSubscription"], Set[str]]) -> None:
+        for s in token[0]:
+            s.stats.update_failure.value += 1
 
 
 @implementer(IDiscovery)
@@ -382,16 +496,25 @@ class EDSSubscription:
         """
         if not self.running:
             self.running = True
-            self.client._subscriptionsChanged()
+            client = self.client
+            if self not in client.subscriptions:
+                client.subscriptions.append(self)
+            known = client.eds.kind.known.get(self.resource)
+            if known is not None:
+                self.apply(*known)  # what the control plane said last, until it says more
+            client._subscriptionsChanged()
 
     def stop(self) -> None:
         """
-        Leave the polls (the last subscription to leave stops them); the cluster keeps its hosts.
+        Leave the polls (the last subscription to leave stops them); the cluster keeps its hosts. A stopped
+        subscription is forgotten by its client.
         """
         if self.running:
             self.running = False
             self._cancelStale()
-            self.client._subscriptionsChanged()
+        if self in self.client.subscriptions:
+            self.client.subscriptions.remove(self)
+        self.client._subscriptionsChanged()
 
     def apply(self, assignment: Optional[Assignment], version: str) -> None:
         """
@@ -426,15 +549,169 @@ class EDSSubscription:
             stale.cancel()
 
 
-class XDSClient:
+class XDSStream:
     """
-    Polls the control plane for the subscribed clusters' assignments (see the module docstring).
+    The polling state machine of one resource type, the same for EDS and CDS (see the module docstring):
+    a request every C{refresh_delay} plus jitter, ACK and NACK by C{version_info}, C{response_nonce} and
+    C{error_detail}, C{304} as "nothing changed", a timeout on the injected clock.
 
+    @ivar kind: the L{XDSType} polled.
     @ivar version: C{version_info} of the last response accepted (sent back as the ACK), C{""} before one.
     @ivar nonce: the nonce of the last response read, C{""} before one.
     @ivar errorDetail: the C{error_detail} of the next request (after a NACK), or C{None}.
     @ivar polling: a poll is scheduled or in flight.
     @ivar requests: the requests sent, as dicts (the last few, for tests and debugging).
+    """
+
+    def __init__(self, client: "XDSClient", kind: XDSType) -> None:
+        self.client = client
+        self.kind = kind
+        self.path = client.config.path_prefix + kind.path
+        self.version = ""
+        self.nonce = ""
+        self.errorDetail: Optional[Dict[str, Any]] = None
+        self.polling = False
+        self.requests: List[Dict[str, Any]] = []
+        self._timer = None
+        self._inflight: Optional[defer.Deferred] = None
+        self._again = False  # poll again at once when the request in flight is answered
+
+    def start(self) -> None:
+        """
+        Start polling: the first request goes out on the next turn of the reactor, so that everything
+        started in this one is in it.
+        """
+        if not self.polling:
+            self.polling = True
+            self._timer = self.client.clock.callLater(0, self.poll)
+
+    def soon(self) -> None:
+        """
+        Poll now, or as soon as the request in flight is answered (the resources asked for changed).
+        """
+        if not self.polling:
+            return
+        if self._inflight is not None:
+            self._again = True
+        elif self._timer is not None and self._timer.active():
+            self._timer.reset(0)
+
+    def stop(self) -> None:
+        """
+        Stop polling: cancel the timer and the request in flight.
+        """
+        if self.polling:
+            self.polling = False
+            timer, self._timer = self._timer, None
+            if timer is not None and timer.active():
+                timer.cancel()
+            inflight, self._inflight = self._inflight, None
+            if inflight is not None:
+                inflight.cancel()
+
+    def request(self) -> Dict[str, Any]:
+        """
+        The next C{DiscoveryRequest}.
+        """
+        config = self.client.config
+        request: Dict[str, Any] = {
+            "version_info": self.version,
+            "node": {"id": config.node_id, "cluster": config.node_cluster, "user_agent_name": "twistedmesh"},
+            "resource_names": self.kind.resourceNames(),
+            "type_url": self.kind.typeURL,
+            "response_nonce": self.nonce,
+        }
+        if self.errorDetail is not None:
+            request["error_detail"] = self.errorDetail
+        return request
+
+    def poll(self) -> None:
+        """
+        Send one request now (the timer calls it).
+        """
+        self._timer = None
+        if not self.polling:
+            return
+        request = self.request()
+        self.requests = self.requests[-9:] + [request]
+        token = self.kind.attempted()
+        client = self.client
+        d = defer.maybeDeferred(client.post, self.path, json.dumps(request).encode("utf-8"))
+        self._inflight = d
+        timer = client.clock.callLater(client.config.timeout, d.cancel)
+
+        def ended(result):
+            if timer.active():
+                timer.cancel()
+            return result
+
+        d.addBoth(ended)
+        d.addCallbacks(self._answered, self._failed, callbackArgs=(token,), errbackArgs=(token,))
+        d.addErrback(lambda f: client.log.failure("xDS poll failed unexpectedly", f))
+        d.addBoth(self._next, d)
+
+    def _answered(self, answer: Tuple[int, bytes], token: Any) -> None:
+        status, body = answer
+        if status == 304:
+            return
+        if status != 200:
+            text = body[:200].decode("utf-8", "replace")
+            self._failed(Failure(ConnectionError(f"HTTP status {status}: {text!r}")), token)
+            return
+        kind = self.kind
+        try:
+            response = parseResponse(body, self.client._unknownField, kind.typeURL, kind.parseResource)
+            kind.accept(response, token)
+        except InvalidResource as e:
+            self._reject(str(e), body, token)
+            return
+        self.nonce = response.nonce
+        self.version = response.version
+        self.errorDetail = None
+        self.client.log.debug("xDS: applied {path} version {version}", path=kind.path, version=response.version)
+
+    def _reject(self, why: str, body: bytes, token: Any) -> None:
+        """
+        NACK: keep what was applied and the last version; say why in the next request.
+        """
+        try:
+            nonce = json.loads(body).get("nonce")
+        except Exception:  # not JSON, or not an object: no nonce to echo
+            nonce = None
+        if isinstance(nonce, str):
+            self.nonce = nonce
+        self.errorDetail = {"code": INVALID_ARGUMENT, "message": why}
+        self.kind.rejected(why, token)
+        self.client.log.warn("xDS: rejected an update of {path} from the control plane (kept version "
+                             "{version!r}): {why}", path=self.kind.path, version=self.version, why=why)
+
+    def _failed(self, failure: Failure, token: Any) -> None:
+        if failure.check(defer.CancelledError) and not self.polling:
+            return  # stopped
+        why = "timed out" if failure.check(defer.CancelledError) else failure.getErrorMessage()
+        self.kind.failed(why, token)
+        self.client.log.warn("xDS: cannot reach the control plane for {path} ({why})", path=self.kind.path, why=why)
+
+    def _next(self, _, d: defer.Deferred) -> None:
+        if self._inflight is d:
+            self._inflight = None
+        if self.polling:
+            config = self.client.config
+            delay = config.refresh_delay * (1.0 + config.jitter * self.client.random.random())
+            if self._again:
+                self._again, delay = False, 0
+            self._timer = self.client.clock.callLater(delay, self.poll)
+
+
+class XDSClient:
+    """
+    This proxy's link to its control plane: one L{XDSStream} per resource type, EDS for the subscribed
+    clusters' assignments and, when asked for (L{watchClusters}), CDS. Both speak through L{post}.
+
+    @ivar controlPlane: the cluster the control plane is in; the service points it at the running one
+        when a reload rebuilds that cluster.
+    @ivar eds: the EDS stream (it polls while a subscription runs).
+    @ivar cds: the CDS stream, or C{None} until L{watchClusters}.
     """
 
     log = Logger()
@@ -451,138 +728,46 @@ class XDSClient:
         self.random = random
         self.post = post if post is not None else self._post
         self.subscriptions: List[EDSSubscription] = []
-        self.version = ""
-        self.nonce = ""
-        self.errorDetail: Optional[Dict[str, Any]] = None
-        self.polling = False
-        self.requests: List[Dict[str, Any]] = []
-        self._timer = None
-        self._inflight: Optional[defer.Deferred] = None
+        self.eds = XDSStream(self, _EDS(self))
+        self.cds: Optional[XDSStream] = None
         self._unknown: Set[str] = set()
         self._agent = None
-        self.path = config.path_prefix + EDS_PATH
 
     def subscribe(self, cluster: "Cluster") -> EDSSubscription:
         """
-        The L{IDiscovery} of an xDS cluster: a subscription to its assignment.
+        The L{IDiscovery} of an xDS cluster: a subscription to its assignment, in the polls once started.
         """
-        subscription = EDSSubscription(self, cluster)
-        self.subscriptions.append(subscription)
-        return subscription
+        return EDSSubscription(self, cluster)
+
+    def watchClusters(self, kind: XDSType) -> XDSStream:
+        """
+        Poll CDS too, for C{kind} (a L{twistedmesh.upstream.cds.CDSSubscription}); started by the caller.
+        """
+        self.cds = XDSStream(self, kind)
+        return self.cds
+
+    def stop(self) -> None:
+        """
+        Stop every stream (the client is being replaced, or the service stops).
+        """
+        self.eds.stop()
+        if self.cds is not None:
+            self.cds.stop()
 
     def resourceNames(self) -> List[str]:
         """
-        The sorted resource names of the running subscriptions.
+        The sorted resource names of the running EDS subscriptions.
         """
-        return sorted({s.resource for s in self.subscriptions if s.running})
+        return self.eds.kind.resourceNames()
 
     def _subscriptionsChanged(self) -> None:
-        running = any(s.running for s in self.subscriptions)
-        if running and not self.polling:
-            self.polling = True
-            # Next turn of the reactor, so that every cluster started in this one is in the first request.
-            self._timer = self.clock.callLater(0, self.poll)
-        elif not running and self.polling:
-            self.polling = False
-            timer, self._timer = self._timer, None
-            if timer is not None and timer.active():
-                timer.cancel()
-            inflight, self._inflight = self._inflight, None
-            if inflight is not None:
-                inflight.cancel()
-
-    def request(self) -> Dict[str, Any]:
-        """
-        The next C{DiscoveryRequest}.
-        """
-        request: Dict[str, Any] = {
-            "version_info": self.version,
-            "node": {"id": self.config.node_id, "cluster": self.config.node_cluster,
-                     "user_agent_name": "twistedmesh"},
-            "resource_names": self.resourceNames(),
-            "type_url": EDS_TYPE_URL,
-            "response_nonce": self.nonce,
-        }
-        if self.errorDetail is not None:
-            request["error_detail"] = self.errorDetail
-        return request
-
-    def poll(self) -> None:
-        """
-        Send one request now (the timer calls it).
-        """
-        self._timer = None
-        if not self.polling:
-            return
-        request = self.request()
-        self.requests = self.requests[-9:] + [request]
-        running = [s for s in self.subscriptions if s.running]
-        for s in running:
-            s.stats.update_attempt.value += 1
-        d = defer.maybeDeferred(self.post, self.path, json.dumps(request).encode("utf-8"))
-        self._inflight = d
-        timer = self.clock.callLater(self.config.timeout, d.cancel)
-
-        def ended(result):
-            if timer.active():
-                timer.cancel()
-            return result
-
-        d.addBoth(ended)
-        d.addCallbacks(self._answered, self._failed, callbackArgs=(running,), errbackArgs=(running,))
-        d.addErrback(lambda f: self.log.failure("xDS poll failed unexpectedly", f))
-        d.addBoth(self._next, d)
-
-    def _answered(self, answer: Tuple[int, bytes], running: List[EDSSubscription]) -> None:
-        status, body = answer
-        if status == 304:
-            return
-        if status != 200:
-            text = body[:200].decode("utf-8", "replace")
-            self._failed(Failure(ConnectionError(f"HTTP status {status}: {text!r}")), running)
-            return
-        try:
-            response = parseResponse(body, self._unknownField)
-        except InvalidResource as e:
-            self._reject(str(e), body, running)
-            return
-        self.nonce = response.nonce
-        self.version = response.version
-        self.errorDetail = None
-        for s in running:
-            s.apply(response.assignments.get(s.resource), response.version)
-        self.log.debug("xDS: applied version {version}", version=response.version)
-
-    def _reject(self, why: str, body: bytes, running: List[EDSSubscription]) -> None:
-        """
-        NACK: keep every cluster's hosts and the last version; say why in the next request.
-        """
-        try:
-            nonce = json.loads(body).get("nonce")
-        except Exception:  # not JSON, or not an object: no nonce to echo
-            nonce = None
-        if isinstance(nonce, str):
-            self.nonce = nonce
-        self.errorDetail = {"code": INVALID_ARGUMENT, "message": why}
-        for s in running:
-            s.update_rejected.value += 1
-        self.log.warn("xDS: rejected an update from the control plane (kept version {version!r}): {why}",
-                      version=self.version, why=why)
-
-    def _failed(self, failure: Failure, running: List[EDSSubscription]) -> None:
-        if failure.check(defer.CancelledError) and not self.polling:
-            return  # stopped
-        for s in running:
-            s.stats.update_failure.value += 1
-        why = "timed out" if failure.check(defer.CancelledError) else failure.getErrorMessage()
-        self.log.warn("xDS: cannot reach the control plane ({why})", why=why)
-
-    def _next(self, _, d: defer.Deferred) -> None:
-        if self._inflight is d:
-            self._inflight = None
-        if self.polling:
-            delay = self.config.refresh_delay * (1.0 + self.config.jitter * self.random.random())
-            self._timer = self.clock.callLater(delay, self.poll)
+        eds = self.eds
+        if not any(s.running for s in self.subscriptions):
+            eds.stop()
+        elif not eds.polling:
+            eds.start()
+        elif not eds.requests or not set(self.resourceNames()) <= set(eds.requests[-1]["resource_names"]):
+            eds.soon()  # a resource not asked for yet: ask now rather than after refresh_delay
 
     def _unknownField(self, path: str) -> None:
         # List indices differ from one resource to the next: one log line per field, whatever its place.
@@ -596,7 +781,7 @@ class XDSClient:
         POST C{body} to C{path} on a host of the control-plane cluster; fires with C{(status, body)}.
         """
         if self._agent is None:
-            self._agent = Agent.usingEndpointFactory(self.clock, _HostEndpoints(self.controlPlane))
+            self._agent = Agent.usingEndpointFactory(self.clock, _HostEndpoints(self))
         host = (self.config.host or self.controlPlane.name).encode("ascii")
         headers = Headers({b"content-type": [b"application/json"], b"accept": [b"application/json"]})
         d = self._agent.request(b"POST", b"http://" + host + path.encode("ascii"), headers, _BytesProducer(body))

@@ -1,5 +1,6 @@
 """
-C{python -m twistedmesh.workers SPEC}: the entry point of one worker process (see L{child.main}).
+C{python -m twistedmesh.workers} (its SPEC on standard input): the entry point of one worker process
+(see L{child.main}).
 """
 
 from .child import main

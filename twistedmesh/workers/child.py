@@ -1,12 +1,15 @@
 """
-One worker process: C{python -m twistedmesh.workers SPEC}, started by the L{Supervisor}.
+One worker process: C{python -m twistedmesh.workers}, started by the L{Supervisor}, which writes the
+worker's SPEC (JSON, see L{Supervisor.spec}) to its standard input and closes it.
 
-SPEC is JSON (see L{Supervisor.spec}). The worker loads the configuration file, drops what the parent runs
-(the admin endpoint and the demo upstreams), and runs a L{MeshService} whose listeners listen on the shared
-sockets: an inherited descriptor, or a socket of its own with C{SO_REUSEPORT}. It answers the parent's
-control commands, and drains and exits on the parent's L{Drain}, on SIGTERM, or when the parent is gone.
-SIGINT is ignored: a Ctrl-C in a terminal reaches the whole process group, and the parent coordinates the
-drain.
+The SPEC carries the configuration as text: what the parent read and checked, and last applied. The worker
+never reads the configuration file itself, so every worker runs what the parent applied, whatever the file
+on disk says when a worker is started again. It builds that text without the parent's parts (the admin
+endpoint and the demo upstreams), and runs a L{MeshService} whose listeners listen on the shared sockets:
+an inherited descriptor, or a socket of its own with C{SO_REUSEPORT}. It answers the parent's control
+commands (a L{Reload} brings the new text along), and drains and exits on the parent's L{Drain}, on
+SIGTERM, or when the parent is gone. SIGINT is ignored: a Ctrl-C in a terminal reaches the whole process
+group, and the parent coordinates the drain.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import signal
 import socket
 import sys
 from types import MappingProxyType
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List
 
 from twisted.internet import defer, protocol
 from twisted.internet.error import CannotListenError
@@ -27,7 +30,7 @@ from twisted.logger import (FilteringLogObserver, Logger, LogLevel, LogLevelFilt
                             jsonFileLogObserver)
 from zope.interface import implementer
 
-from ..config import Config, ConfigErrors, loadFile
+from ..config import Config, ConfigErrors, loadString
 from .protocol import Ready, WorkerControl
 from .sockets import InheritedEndpoint, ReusePortEndpoint, SocketAddress, parseAddress
 
@@ -40,6 +43,21 @@ def workerConfig(config: Config) -> Config:
     """
     mesh = dataclasses.replace(config.mesh, admin=None, admin_tls=None)
     return dataclasses.replace(config, mesh=mesh, echoes=MappingProxyType({}))
+
+
+def reloadFromText(mesh) -> Callable[[str, str], defer.Deferred]:
+    """
+    The C{reloadConfig} of a worker's L{WorkerControl}: given the configuration's C{text} and the name of
+    the C{file} it came from, reload C{mesh} (a L{twistedmesh.service.MeshService}) with that text, built as
+    a worker runs it (L{workerConfig}); the file itself is not read.
+    """
+
+    def reloadConfig(text: str, file: str) -> defer.Deferred:
+        # MeshService.reload builds what its loadConfig hook returns for the path: here, this text.
+        mesh.loadConfig = lambda path: workerConfig(loadString(text, path))
+        return mesh.reload(file)
+
+    return reloadConfig
 
 
 @implementer(IStreamServerEndpoint)
@@ -104,14 +122,13 @@ def run(reactor, spec: Dict[str, Any]) -> int:
     index = spec["index"]
     status: List[int] = [0]
     try:
-        # The file as it is now: a worker started again after the file changed runs the new one (or, if
-        # it has errors, exits, and is started again after the back-off until the file is fixed).
-        mesh = MeshService(workerConfig(loadFile(spec["config"])), reactor,
+        # The text the parent last applied, not the file as it is now: it may have been edited since (or
+        # a reload of it refused), and every worker must run what the parent runs.
+        mesh = MeshService(workerConfig(loadString(spec["text"], spec["file"])), reactor,
                            listenerEndpoint=listenerEndpoints(reactor, spec))
     except ConfigErrors as e:
         log.error("worker {index}: invalid configuration:\n{errors}", index=index, errors=e)
         return 2
-    mesh.loadConfig = lambda path: workerConfig(loadFile(path))
     mesh.healthCheckFailed = bool(spec.get("healthCheckFailed"))
     draining: List[bool] = []
 
@@ -121,7 +138,7 @@ def run(reactor, spec: Dict[str, Any]) -> int:
             if reactor.running:
                 reactor.stop()  # the shutdown trigger below drains
 
-    control = WorkerControl(mesh, exit=drain, reloadConfig=mesh.reload, lost=drain)
+    control = WorkerControl(mesh, exit=drain, reloadConfig=reloadFromText(mesh), lost=drain)
     fd = spec["control"]
     os.set_blocking(fd, False)
     reactor.adoptStreamConnection(fd, socket.AF_UNIX, _One(control))
@@ -146,12 +163,20 @@ def run(reactor, spec: Dict[str, Any]) -> int:
     return status[0]
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def readSpec(stream) -> Dict[str, Any]:
     """
-    The worker's entry point: C{argv[1]} is the JSON spec.
+    The worker's SPEC: JSON, the whole of C{stream} (binary), which the parent closes once it has written
+    it. (Not on the command line: the configuration text in it may be longer than one argument can be.)
     """
-    argv = sys.argv if argv is None else argv
-    spec = json.loads(argv[1])
+    return json.loads(stream.read().decode("utf-8"))
+
+
+def main() -> None:
+    """
+    The worker's entry point: the JSON spec comes on standard input (L{readSpec}).
+    """
+    # Read before the reactor runs: a blocking read of a pipe at start-up costs nothing.
+    spec = readSpec(sys.stdin.buffer)
     globalLogBeginner.beginLoggingTo([_observer()], redirectStandardIO=False)
     from twisted.internet import reactor
 

@@ -2,10 +2,10 @@
 The control protocol between the supervisor and each worker: AMP (L{twisted.protocols.amp}) over a
 socket pair the supervisor makes for each worker process.
 
-Parent to worker: L{Stats} (the worker's stats, as data), L{Reload} (load the configuration file again),
-L{Drain} (stop accepting, finish the open connections, and exit if asked), L{HealthCheck} (fail health
-checks, or pass them again). Worker to parent: L{Ready} (every listener
-of the worker is listening).
+Parent to worker: L{Stats} (the worker's stats, as data), L{Reload} (swap in the configuration text the
+parent read and checked), L{Drain} (stop accepting, finish the open connections, and exit if asked),
+L{HealthCheck} (fail health checks, or pass them again). Worker to parent: L{Ready} (every listener of the
+worker is listening).
 """
 
 from __future__ import annotations
@@ -58,12 +58,15 @@ class Stats(amp.Command):
 
 class Reload(amp.Command):
     """
-    Parent to worker: load the configuration file (C{path}, or the one in effect) and swap it in
-    (L{twistedmesh.service.MeshService.reload}). C{applied}: the new configuration is in effect; C{ok}:
-    and all of it listens; C{errors} says what went wrong.
+    Parent to worker: build configuration C{text} (the file the parent read and checked, as it read it;
+    C{file} is its name, for messages) and swap it in (L{twistedmesh.service.MeshService.reload}). The
+    worker never reads the file itself: what it runs is what the parent applied, whatever the file on disk
+    says by then. C{applied}: the new configuration is in effect; C{ok}: and all of it listens; C{errors}
+    says what went wrong.
     """
 
-    arguments = [(b"path", amp.Unicode(optional=True))]
+    # The text may be over AMP's 64 KiB limit for one value: JSONValue splits it.
+    arguments = [(b"text", JSONValue()), (b"file", amp.Unicode())]
     response = [(b"ok", amp.Boolean()), (b"applied", amp.Boolean()), (b"errors", JSONValue())]
 
 
@@ -117,14 +120,15 @@ class WorkerControl(amp.AMP):
 
     @ivar mesh: the worker's service.
     @ivar exit: called to drain and exit.
-    @ivar reloadConfig: given a path (or C{None}), reloads and returns (or fires with) C{(ok, errors)}.
+    @ivar reloadConfig: given a configuration's text and file name, reloads and returns (or fires with) a
+        L{twistedmesh.reload.ReloadResult} or C{(ok, errors)}.
     @ivar lost: called when the parent is gone (the worker then drains and exits too).
     """
 
     log = Logger()
 
     def __init__(self, mesh, exit: Callable[[], None],
-                 reloadConfig: Callable[[Optional[str]], Any], lost: Optional[Callable[[], None]] = None) -> None:
+                 reloadConfig: Callable[[str, str], Any], lost: Optional[Callable[[], None]] = None) -> None:
         super().__init__()
         self.mesh = mesh
         self.exit = exit
@@ -141,11 +145,11 @@ class WorkerControl(amp.AMP):
         return {"stats": snapshot(self.mesh.stats), "clusters": clusterSnapshot(self.mesh.clusters)}
 
     @Reload.responder
-    def reload(self, path: Optional[str] = None):
+    def reload(self, text: str, file: str):
         """
-        Reload, and answer with the outcome.
+        Reload from C{text}, and answer with the outcome.
         """
-        d = defer.maybeDeferred(self.reloadConfig, path)
+        d = defer.maybeDeferred(self.reloadConfig, text, file)
         d.addCallback(reloadResult)
         d.addErrback(lambda f: (False, False, [f"reload failed: {f.getErrorMessage()}"]))
         return d.addCallback(lambda r: {"ok": r[0], "applied": r[1], "errors": r[2]})

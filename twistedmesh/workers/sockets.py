@@ -37,7 +37,7 @@ class SocketAddress:
 
     def toJSON(self) -> list:
         """
-        The address as data for a worker's command line.
+        The address as data for a worker's spec (JSON).
         """
         return [self.family, self.host, self.port, self.backlog]
 

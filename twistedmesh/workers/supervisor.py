@@ -2,6 +2,10 @@
 The parent of the worker processes: L{Supervisor} makes the shared listening sockets, runs the admin
 endpoint and demo upstreams, and keeps C{[mesh] workers} L{WorkerSlot}s each running one worker, restarted
 with back-off when it dies. Reload, drain and stats fan out to the workers over their control connections.
+
+The parent alone reads the configuration file: it checks it, and hands the workers its text (in a new
+worker's spec, and in each L{Reload}), so every worker runs the configuration the parent applied, whatever
+the file on disk says when a worker is started again.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 from twisted.application import service
 from twisted.internet import defer, protocol, task
 from twisted.internet.error import CannotListenError
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger, eventFromJSON
 
-from ..config import Config, ConfigErrors
+from ..config import Config, ConfigError, ConfigErrors, loadString
 from ..demo import makeEchoFactory
 from ..observability.stats import StatsStore
 from ..reload import ReloadResult, diffConfigs
@@ -38,6 +43,36 @@ STATS_REFRESH = 5.0
 EXIT_GRACE = 1.0
 #: The longest line of a worker's output kept while waiting for its end; a longer one is dropped.
 MAX_OUTPUT_LINE = 1024 * 1024
+
+
+def readConfig(path: str) -> Tuple[str, Config]:
+    """
+    Read the configuration file at C{path} once and check its text as start-up does (L{checkText}).
+
+    @return: the text as read, and the configuration built from it.
+    @raise ConfigErrors: with every error found (or why the file cannot be read).
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigErrors([ConfigError(path, None, None, f"cannot read the file: {e.strerror}")]) from None
+    return text, checkText(text, path)
+
+
+def checkText(text: str, file: str) -> Config:
+    """
+    Load configuration C{text} (C{file} names it in errors) and build a service from it against a memory
+    reactor (nothing listens or connects), which finds every error the loader and the plugins can see: what
+    C{twistedmesh.tap.check} does with a file.
+
+    @raise ConfigErrors: with every error found.
+    """
+    from ..service import MeshService
+
+    config = loadString(text, file)
+    MeshService(config, MemoryReactorClock())
+    return config
 
 
 @dataclass(frozen=True)
@@ -65,6 +100,8 @@ class WorkerSlot(protocol.ProcessProtocol):
     @ivar retired: the counters and histograms of the slot's earlier processes, so that summed counters do
         not fall back when a worker is replaced (what they counted after their last report is lost).
     @ivar exited: while a process runs, a Deferred that fires when it ends.
+    @ivar configText: the configuration text the running worker runs: the one the parent had applied when
+        the worker started, or the last one it applied in a L{Reload} since.
     """
 
     log = Logger()
@@ -83,6 +120,7 @@ class WorkerSlot(protocol.ProcessProtocol):
         self.clusters: List = []  # the running worker's last clusterSnapshot
         self.retired: Snapshot = []
         self.exited: Optional[defer.Deferred] = None
+        self.configText: Optional[str] = None
         self._restart = None
         self._stable = None
         self._output: Dict[int, bytes] = {}
@@ -101,6 +139,8 @@ class WorkerSlot(protocol.ProcessProtocol):
         self._restart = None
         self.exited = defer.Deferred()
         self.starts += 1
+        # What the parent applied last, not the file as it is now (see Supervisor.spec).
+        self.configText = self.supervisor.configText
         try:
             self.supervisor.spawner(self)
         except Exception:
@@ -276,16 +316,28 @@ class Supervisor(service.MultiService):
         inherits (C{inherit}), or a bound one that reserves the address, and the port picked for port 0,
         for the workers' C{SO_REUSEPORT} sockets (C{reuseport}).
     @ivar addresses: by listener name, where the workers listen (the port resolved).
+    @ivar config: the configuration in effect: built from L{configText}.
+    @ivar configText: the text of the configuration file as the parent read it, checked and applied it
+        (at start, or by the last reload every worker applied): what a worker started from now on runs.
     """
 
     log = Logger()
 
     def __init__(self, config: Config, reactor=None, spawner: Optional[Callable[[WorkerSlot], None]] = None,
-                 backOff: BackOff = BackOff()) -> None:
+                 backOff: BackOff = BackOff(), text: Optional[str] = None) -> None:
+        """
+        @param config: the checked configuration.
+        @param text: the text C{config} was built from; by default the file C{config.file} is read and
+            checked again (and what is read now is what runs, parent and workers alike).
+        @raise ConfigErrors: if C{text} is not given and the file no longer loads.
+        """
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
+        if text is None:
+            text, config = readConfig(config.file)
         self.config = config
+        self.configText = text
         self.reactor = reactor
         self.backOff = backOff
         self.spawner = spawner if spawner is not None else self._spawn
@@ -405,11 +457,14 @@ class Supervisor(service.MultiService):
 
     def spec(self, slot: WorkerSlot, fds: Dict[str, int]) -> Dict:
         """
-        What a worker is told on its command line: the config file, its index, how to share each listener
-        (C{fds}: the descriptor each inherited socket has in the worker), its control descriptor (3).
+        What a worker is told on its standard input: the configuration text the slot's worker is to run
+        (L{WorkerSlot.configText}: the last the parent applied) and the name of its file, its index, how to
+        share each listener (C{fds}: the descriptor each inherited socket has in the worker), its control
+        descriptor (3).
         """
         return {
-            "config": self.config.file,
+            "file": self.config.file,
+            "text": slot.configText,
             "index": slot.index,
             "sharing": self.sharing,
             "control": 3,
@@ -423,9 +478,10 @@ class Supervisor(service.MultiService):
 
     def _spawn(self, slot: WorkerSlot) -> None:
         """
-        Start C{python -m twistedmesh.workers SPEC} for C{slot}: descriptor 3 is its end of a new socket
-        pair (the control connection), 4 and up the inherited listening sockets; its stdout and stderr
-        come to the slot (see L{WorkerSlot.childDataReceived}).
+        Start C{python -m twistedmesh.workers} for C{slot}, and write its L{spec} (JSON) to its standard
+        input: descriptor 3 is its end of a new socket pair (the control connection), 4 and up the
+        inherited listening sockets; its stdout and stderr come to the slot (see
+        L{WorkerSlot.childDataReceived}).
         """
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -435,8 +491,13 @@ class Supervisor(service.MultiService):
                 for fd, (name, sock) in enumerate(self.sockets.items(), 4):
                     childFDs[fd] = sock.fileno()
                     fds[name] = fd
-            argv = [sys.executable, "-m", "twistedmesh.workers", json.dumps(self.spec(slot, fds))]
-            self.reactor.spawnProcess(slot, sys.executable, argv, env=dict(os.environ), childFDs=childFDs)
+            spec = json.dumps(self.spec(slot, fds)).encode("utf-8")
+            argv = [sys.executable, "-m", "twistedmesh.workers"]
+            process = self.reactor.spawnProcess(slot, sys.executable, argv, env=dict(os.environ),
+                                                childFDs=childFDs)
+            # The configuration text can be longer than a command-line argument may be: a pipe has no limit.
+            process.write(spec)
+            process.closeStdin()
         except BaseException:
             ours.close()
             raise
@@ -502,22 +563,25 @@ class Supervisor(service.MultiService):
 
     def reload(self, path: Optional[str] = None) -> defer.Deferred:
         """
-        Check the configuration file (C{path}, or the one in effect) here, then have every running worker
-        reload it (SIGHUP and the admin C{POST /reload} call this). C{[mesh] workers} and
-        C{workers.sharing} take a restart to change; so does the parent's own part (the admin endpoint,
-        the demo upstreams). Never fails: the outcome is the result.
+        Read the configuration file (C{path}, or the one in effect) and check it here, then have every
+        running worker swap its text in (SIGHUP and the admin C{POST /reload} call this): the workers never
+        read the file, so all of them run what the parent read, and a worker started later runs the text
+        the parent last applied. C{[mesh] workers} and C{workers.sharing} take a restart to change; so does
+        the parent's own part (the admin endpoint, the demo upstreams). Never fails: the outcome is the
+        result.
+
+        A new configuration is applied only if every worker applied it; otherwise the workers that did are
+        sent the previous text again (L{_converge}), so that they all run what the parent shows.
 
         @return: a Deferred firing with a L{ReloadResult}: C{applied} if every worker swapped the new
             configuration in, C{ok} if moreover everything listens; each error names its worker.
         """
-        from ..tap import check
-
         path = path if path is not None else self.config.file
         now = self.reactor.seconds()
         if self.state == "DRAINING":
             return defer.succeed(self._reloaded(ReloadResult(False, False, ("the server is draining",), now, path)))
         try:
-            config = check(path)
+            text, config = readConfig(path)
         except ConfigErrors as e:
             return defer.succeed(self._reloaded(
                 ReloadResult(False, False, tuple(str(error) for error in e.errors), now, path)))
@@ -534,17 +598,16 @@ class Supervisor(service.MultiService):
         slots = [slot for slot in self.slots if slot.control is not None]
 
         def asked(slot: WorkerSlot) -> defer.Deferred:
-            d = slot.control.callRemote(Reload, path=path)
-            d.addCallback(lambda r: (r["ok"], r["applied"], [f"worker {slot.index}: {e}" for e in r["errors"]]))
-            d.addErrback(lambda f: (False, False, [f"worker {slot.index}: {f.getErrorMessage()}"]))
+            d = self._sendText(slot, text, path)
+            d.addCallback(lambda r: (r[0], r[1], [f"worker {slot.index}: {e}" for e in r[2]]))
             return d
 
         def answered(results: List[Tuple[bool, bool, List[str]]]) -> ReloadResult:
             applied = all(r[1] for r in results)
             errors = tuple(e for r in results for e in r[2])
             if applied:
-                # A worker started from now on reads the file as it is: that is the new configuration.
-                self.config = config
+                # A worker started from now on runs this text.
+                self.config, self.configText = config, text
                 if diff.admin or diff.echoes.changed:
                     self.log.warn("reload of {file}: the admin endpoint and the demo upstreams run in the parent, "
                                   "and take a restart to change", file=path)
@@ -555,9 +618,46 @@ class Supervisor(service.MultiService):
                     if sock is not None:
                         sock.close()
                     self.addresses.pop(name, None)
+            self._converge()
             return self._reloaded(ReloadResult(applied and not errors, applied, errors, now, path, diff))
 
         return defer.gatherResults([asked(slot) for slot in slots]).addCallback(answered)
+
+    def _sendText(self, slot: WorkerSlot, text: str, file: str) -> defer.Deferred:
+        """
+        Have C{slot}'s worker reload with configuration C{text}, and note it as what the worker runs if it
+        applied it.
+
+        @return: a Deferred firing with C{(ok, applied, errors)}; never failing.
+        """
+        d = slot.control.callRemote(Reload, text=text, file=file)
+
+        def answer(response) -> Tuple[bool, bool, List[str]]:
+            if response["applied"] and slot.control is not None:
+                slot.configText = text
+            return response["ok"], response["applied"], list(response["errors"])
+
+        d.addCallback(answer)
+        d.addErrback(lambda f: (False, False, [f.getErrorMessage()]))
+        return d
+
+    def _converge(self) -> None:
+        """
+        Send the applied text to every running worker that runs another: one that applied a reload the
+        others refused (it goes back), or one started while a reload was under way (it goes forward).
+        """
+        for slot in self.slots:
+            if slot.control is None or slot.configText == self.configText:
+                continue
+            self.log.warn("worker {index} runs another configuration than the one in effect: reloading it",
+                          index=slot.index)
+
+            def done(result: Tuple[bool, bool, List[str]], slot: WorkerSlot = slot) -> None:
+                if not result[1]:
+                    self.log.error("worker {index} cannot run the configuration in effect:\n{errors}",
+                                   index=slot.index, errors="\n".join(result[2]))
+
+            self._sendText(slot, self.configText, self.config.file).addCallback(done)
 
     def _reloaded(self, result: ReloadResult) -> ReloadResult:
         self.lastReload = result
