@@ -15,7 +15,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.application import service
 from twisted.python import usage
 
-from .config import Config, ConfigErrors, loadFile
+from .config import Config, ConfigErrors, loadString, readText
 
 
 def check(path: str) -> Config:
@@ -25,9 +25,18 @@ def check(path: str) -> Config:
 
     @raise ConfigErrors: with every error found.
     """
+    return checkText(readText(path), path)
+
+
+def checkText(text: str, file: str) -> Config:
+    """
+    L{check} for configuration C{text} already read (C{file} names it in errors).
+
+    @raise ConfigErrors: with every error found.
+    """
     from .service import MeshService
 
-    config = loadFile(path)
+    config = loadString(text, file)
     MeshService(config, MemoryReactorClock())
     return config
 
@@ -43,7 +52,9 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         try:
-            self.meshConfig = check(self["config"])
+            # Read once: with workers, what the parent checked is the very text the workers run.
+            self.configText = readText(self["config"])
+            self.meshConfig = checkText(self.configText, self["config"])
         except ConfigErrors as e:
             if self["validate"]:
                 sys.stderr.write(f"{e}\n{len(e.errors)} error(s)\n")
@@ -119,5 +130,5 @@ def makeService(options: Options) -> service.IService:
         # [mesh] workers = N: this process supervises N worker processes (docs/workers.md).
         from .workers import Supervisor
 
-        return _Signals(Supervisor(options.meshConfig))
+        return _Signals(Supervisor(options.meshConfig, text=options.configText))
     return _Signals(MeshService(options.meshConfig))

@@ -43,18 +43,26 @@ _EPHEMERAL = re.compile(r"^tcp6?:0(:|$)")  # port 0: the system picks a free por
 _DEFAULT_FILTERS = {"tcp": ("tcp_proxy",), "http": ("router",)}
 
 
+def readText(path: str) -> str:
+    """
+    The text of the configuration file at C{path}.
+
+    @raise ConfigErrors: saying why the file cannot be read.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise ConfigErrors([ConfigError(path, None, None, f"cannot read the file: {e.strerror}")]) from None
+
+
 def loadFile(path: str) -> Config:
     """
     Read and validate the configuration file at C{path}.
 
     @raise ConfigErrors: with every error found.
     """
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise ConfigErrors([ConfigError(path, None, None, f"cannot read the file: {e.strerror}")]) from None
-    return loadString(text, path)
+    return loadString(readText(path), path)
 
 
 def loadString(text: str, file: str = "<string>") -> Config:

@@ -20,10 +20,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 from twisted.application import service
 from twisted.internet import defer, protocol, task
 from twisted.internet.error import CannotListenError
-from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger, eventFromJSON
 
-from ..config import Config, ConfigError, ConfigErrors, loadString
+from ..config import Config, ConfigErrors, readText
 from ..demo import makeEchoFactory
 from ..observability.stats import StatsStore
 from ..reload import ReloadResult, diffConfigs
@@ -47,32 +46,15 @@ MAX_OUTPUT_LINE = 1024 * 1024
 
 def readConfig(path: str) -> Tuple[str, Config]:
     """
-    Read the configuration file at C{path} once and check its text as start-up does (L{checkText}).
+    Read the configuration file at C{path} once and check its text as start-up does.
 
     @return: the text as read, and the configuration built from it.
     @raise ConfigErrors: with every error found (or why the file cannot be read).
     """
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise ConfigErrors([ConfigError(path, None, None, f"cannot read the file: {e.strerror}")]) from None
+    from ..tap import checkText
+
+    text = readText(path)
     return text, checkText(text, path)
-
-
-def checkText(text: str, file: str) -> Config:
-    """
-    Load configuration C{text} (C{file} names it in errors) and build a service from it against a memory
-    reactor (nothing listens or connects), which finds every error the loader and the plugins can see: what
-    C{twistedmesh.tap.check} does with a file.
-
-    @raise ConfigErrors: with every error found.
-    """
-    from ..service import MeshService
-
-    config = loadString(text, file)
-    MeshService(config, MemoryReactorClock())
-    return config
 
 
 @dataclass(frozen=True)
