@@ -556,7 +556,9 @@ class _StreamCodec:
         size = len(data)
         if not size:
             if end:
-                conn.inbound.dataFramesSent += h2common.endStream(h2c, sid, None)
+                # Every response whose body ends apart from its last chunk ends here: kept inline.
+                h2c.send_data(sid, b"", end_stream=True)
+                conn.inbound.dataFramesSent += 1
                 self._sent()
             return
         window = h2c.local_flow_control_window(sid)
