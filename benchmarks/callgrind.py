@@ -14,11 +14,12 @@ Two measurements:
   lock-step (one request on each, then every answer). Counters are zeroed after the warm-up and dumped
   after the measured requests (``callgrind_control``), so they cover exactly those requests: reactor,
   Twisted and our code, user space only. With ``--strace`` the proxy runs under ``strace -c -f`` instead
-  and the system calls per request are listed (the warm-up is included, so it is kept short).
+  and the system calls per request are listed (a run with the warm-up alone is subtracted).
 
     python3 benchmarks/callgrind.py hotpath [--requests 2000]
     python3 benchmarks/callgrind.py reactor [--requests 2000] [--connections 1]
     python3 benchmarks/callgrind.py reactor --strace
+    python3 benchmarks/callgrind.py reactor --cprofile FILE   # where the time goes, with the same load
 
 Needs valgrind (``callgrind_control``) and, for ``--strace``, strace. Python's hash seed is fixed so that
 runs compare. Figures are per proxied request; lower is better.
@@ -198,15 +199,17 @@ def load(port: int, connections: int, requests: int, socks) -> None:
 
 
 def twistdArgv(conf: str) -> list:
-    twistd = shutil.which("twistd")
-    script = None
-    for path in (os.path.join(os.path.dirname(sys.executable), "twistd"), twistd):
-        if path and open(path, "rb").read(2) == b"#!" and b"python" in open(path, "rb").readline():
-            script = path
-            break
-    if script is None:
-        raise SystemExit("cannot find the twistd script")
-    return [sys.executable, script, "-n", "--pidfile=", "twistedmesh", "--config", conf]
+    """
+    The command running twistd's console script with this Python (C{which twistd} may be a shell shim).
+    """
+    for path in (os.path.join(os.path.dirname(sys.executable), "twistd"), shutil.which("twistd")):
+        if not path or not os.path.isfile(path):
+            continue
+        with open(path, "rb") as f:
+            first = f.readline()
+        if first.startswith(b"#!") and b"python" in first:
+            return [sys.executable, path, "-n", "--pidfile=", "twistedmesh", "--config", conf]
+    raise SystemExit("cannot find the twistd script")
 
 
 def parseStrace(path: str) -> dict:
@@ -273,10 +276,12 @@ def reactor(opts):
                 socks.append(s)
             load(port, opts.connections, opts.warm, socks)
             if wrapper and not opts.strace:
-                subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, stdout=subprocess.DEVNULL)
+                subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
             load(port, opts.connections, opts.requests, socks)
             if wrapper and not opts.strace:
-                subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, stdout=subprocess.DEVNULL)
+                subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
             for s in socks:
                 s.close()
         finally:
@@ -293,6 +298,7 @@ def reactor(opts):
                 proc.kill()
                 proc.wait()
             log.close()
+            origin.sock.close()
         measured = opts.requests // opts.connections * opts.connections
         if opts.cprofile:
             import pstats

@@ -23,261 +23,34 @@ import http.client
 import os
 import platform
 import pstats
-import re
 import shutil
-import signal
-import socket
-import statistics
 import subprocess
 import sys
-import sysconfig
-import tempfile
 import time
 from typing import Dict, List, Optional, Sequence
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BODY = (b"twistedmesh-benchmark-body-" + b"0123456789abcdefghijklmnopqrstuvwxyz" * 3)[:100]
-assert len(BODY) == 100
-ORIGIN_CPU = "0"
-PROXY_CPU = "1"
-WARMUP_SECONDS = 2
-READY_TIMEOUT = 20.0
-STOP_TIMEOUT = 10.0
-LOG_TAIL_LINES = 40
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:  # common.py, also when another script loads this one from its file
+    sys.path.insert(0, HERE)
+
+# observability.py loads this file and takes some of these from it (twistdScript, say).
+from common import (  # noqa: E402,F401
+    BODY, LOG_TAIL_LINES, ORIGIN_CPU, PROXY_CPU, WARMUP_SECONDS, BenchError, Proc, Procs, commandVersion,
+    cpuModel, findNginx, freePort, getOnce, medianRun, meshConfig, nginxConfig, parseWrk, pinned, procRssMiB,
+    procTimes, reportFailures, runScript, startMesh, startNginx, tail, twistdScript, waitReady,
+)
+
 PROFILE_TOP = 25
-
-
-class BenchError(Exception):
-    """
-    A failure that ends the run with a message rather than a traceback.
-    """
-
-
-# -- small helpers ----------------------------------------------------------------------------------------
-
-
-def freePort() -> int:
-    """
-    A port free on 127.0.0.1 now, found by binding to port 0.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def tail(path: str, lines: int = LOG_TAIL_LINES) -> str:
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        return f"(no log: {e})"
-    text = data.decode("utf-8", "replace").splitlines()
-    return "\n".join(text[-lines:]) if text else "(log is empty)"
-
-
-def cpuModel() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def commandVersion(argv: Sequence[str]) -> str:
-    try:
-        out = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=10)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"unavailable ({e})"
-    lines = out.stdout.decode("utf-8", "replace").strip().splitlines()
-    return lines[0].strip() if lines else "unknown"
-
-
-def procTimes(pid: int) -> Optional[float]:
-    """
-    CPU seconds (user + system) the process has used so far, from /proc.
-    """
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def procRssMiB(pid: int) -> Optional[float]:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def twistdScript() -> str:
-    """
-    The twistd console script as a Python file (C{which twistd} may be a pyenv shell shim, which cProfile
-    cannot run).
-    """
-    candidates = [os.path.join(sysconfig.get_path("scripts"), "twistd"),
-                  os.path.join(os.path.dirname(sys.executable), "twistd")]
-    found = shutil.which("twistd")
-    if found:
-        candidates.append(found)
-    for path in candidates:
-        try:
-            with open(path, "rb") as f:
-                head = f.read(200)
-        except OSError:
-            continue
-        if head.startswith(b"#!") and b"python" in head.split(b"\n", 1)[0]:
-            return path
-    raise BenchError("cannot find the twistd script of this Python (is Twisted installed?)")
-
-
-# -- processes --------------------------------------------------------------------------------------------
-
-
-class Proc:
-    """
-    A process started by this script, with its output in a log file.
-    """
-
-    def __init__(self, name: str, argv: List[str], log: str, cwd: str) -> None:
-        self.name = name
-        self.argv = argv
-        self.log = log
-        self._logFile = open(log, "wb")
-        # Own session: a Ctrl-C at the terminal reaches only this script, which then stops the children
-        # itself, in order, so a profiled twistd still drains and writes its profile.
-        self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._logFile,
-                                      stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True)
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def stop(self, timeout: float = STOP_TIMEOUT) -> Optional[int]:
-        """
-        SIGTERM, wait up to C{timeout}, then SIGKILL. Returns the exit status.
-        """
-        try:
-            if self.popen.poll() is None:
-                try:
-                    self.popen.send_signal(signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-                try:
-                    self.popen.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    print(f"  {self.name}: no exit {timeout:.0f}s after SIGTERM, killing", flush=True)
-                    self.popen.kill()
-                    self.popen.wait(5)
-            return self.popen.returncode
-        finally:
-            self._logFile.close()
-
-
-class Procs:
-    def __init__(self) -> None:
-        self.running: List[Proc] = []
-
-    def start(self, name: str, argv: List[str], log: str, cwd: str) -> Proc:
-        p = Proc(name, argv, log, cwd)
-        self.running.append(p)
-        return p
-
-    def stop(self, p: Proc) -> Optional[int]:
-        if p in self.running:
-            self.running.remove(p)
-        return p.stop()
-
-    def stopAll(self) -> None:
-        while self.running:
-            p = self.running.pop()
-            try:
-                p.stop()
-            except Exception as e:  # keep stopping the others
-                print(f"  stopping {p.name} failed: {e!r}", file=sys.stderr)
-
-
-def pinned(cpu: Optional[str], argv: List[str]) -> List[str]:
-    return ["taskset", "-c", cpu] + argv if cpu is not None else argv
-
-
-def getOnce(port: int, timeout: float = 5.0):
-    """
-    One C{GET /} on a fresh connection: (status, body).
-    """
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", "/", headers={"Host": f"127.0.0.1:{port}"})
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
-
-
-def waitReady(proc: Proc, port: int, timeout: float = READY_TIMEOUT) -> None:
-    """
-    Poll until the port accepts a connection and answers a GET; raise with the log tail if the process
-    dies or the time runs out.
-    """
-    deadline = time.monotonic() + timeout
-    last = "no attempt"
-    while time.monotonic() < deadline:
-        if not proc.alive():
-            raise BenchError(f"{proc.name} exited with status {proc.popen.returncode} before answering.\n"
-                             f"--- last {LOG_TAIL_LINES} lines of its output ---\n{tail(proc.log)}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                pass
-            status, _ = getOnce(port, timeout=2)
-            return
-        except (OSError, http.client.HTTPException) as e:
-            last = repr(e)
-        time.sleep(0.1)
-    raise BenchError(f"{proc.name} did not answer on 127.0.0.1:{port} within {timeout:.0f}s ({last}).\n"
-                     f"--- last {LOG_TAIL_LINES} lines of its output ---\n{tail(proc.log)}")
 
 
 # -- the parties ------------------------------------------------------------------------------------------
 
 
-NGINX_CONF = """\
-daemon off;
-master_process off;
-worker_processes 1;
-error_log stderr;
-pid {tmp}/nginx.pid;
-events {{
-    worker_connections 4096;
-}}
-http {{
-    access_log off;
-    keepalive_requests 1000000;
-    keepalive_timeout 300s;
-    default_type text/plain;
-    client_body_temp_path {tmp}/client_body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-    server {{
+NGINX_SERVER = """\
         listen 127.0.0.1:{port};
         location / {{
             return 200 "{body}";
-        }}
-    }}
-}}
-"""
+        }}"""
 
 # The fallback origin when nginx is missing: keep-alive HTTP/1.1 on a bare Protocol (GET without bodies).
 TWISTED_ORIGIN = """\
@@ -315,25 +88,6 @@ reactor.listenTCP(port, Site(ReverseProxyResource("127.0.0.1", originPort, b""))
 reactor.run()
 """
 
-MESH_CONF = """\
-[mesh]
-admin = tcp:{admin}:interface=127.0.0.1
-drain_timeout = 2s
-
-[listener:web]
-endpoint = tcp:{port}:interface=127.0.0.1
-protocol = http
-routes = main
-
-[route:main/all]
-prefix = /
-cluster = origin
-
-[cluster:origin]
-endpoints = tcp:127.0.0.1:{origin}
-"""
-
-
 class Target:
     def __init__(self, key: str, label: str) -> None:
         self.key = key
@@ -363,13 +117,12 @@ class Bench:
 
     def startOrigin(self) -> Proc:
         port = freePort()
-        nginx = self.opts.nginx if os.access(self.opts.nginx, os.X_OK) else shutil.which("nginx")
+        nginx = findNginx(self.opts.nginx)
         if nginx:
-            conf = os.path.join(self.tmp, "nginx.conf")
-            with open(conf, "w") as f:
-                f.write(NGINX_CONF.format(tmp=self.tmp, port=port, body=BODY.decode("ascii")))
-            argv = [nginx, "-p", self.tmp + "/", "-e", "stderr", "-c", conf]
             self.originName = "nginx"
+            server = NGINX_SERVER.format(port=port, body=BODY.decode("ascii"))
+            p = startNginx(self.procs, nginx, self.tmp, nginxConfig(self.tmp, server), self.cpu(ORIGIN_CPU), port,
+                           "origin.log")
         else:
             print("NOTE: nginx not found: falling back to a tiny Twisted origin (a much lower ceiling than "
                   "nginx; figures are not comparable with BENCHMARKS.md).")
@@ -378,9 +131,9 @@ class Bench:
                 f.write(TWISTED_ORIGIN)
             argv = [sys.executable, script, str(port), BODY.hex()]
             self.originName = "twisted-origin"
-        p = self.procs.start(self.originName, pinned(self.cpu(ORIGIN_CPU), argv),
-                             os.path.join(self.tmp, "origin.log"), self.tmp)
-        waitReady(p, port)
+            p = self.procs.start(self.originName, pinned(self.cpu(ORIGIN_CPU), argv),
+                                 os.path.join(self.tmp, "origin.log"), self.tmp)
+            waitReady(p, port)
         self.originPort = port
         return p
 
@@ -388,18 +141,10 @@ class Bench:
 
     def startMesh(self, profileTo: Optional[str] = None):
         port, admin = freePort(), freePort()
-        conf = os.path.join(self.tmp, "mesh.ini")
-        with open(conf, "w") as f:
-            f.write(MESH_CONF.format(admin=admin, port=port, origin=self.originPort))
-        twistd = twistdScript()
-        argv = [sys.executable]
-        if profileTo:
-            argv += ["-m", "cProfile", "-o", profileTo]
-        argv += [twistd, "-n", "--pidfile=", "twistedmesh", "--config", conf]
+        config = meshConfig(port, self.originPort, mesh=f"admin = tcp:{admin}:interface=127.0.0.1\n")
         name = "twistedmesh" + (" (cProfile)" if profileTo else "")
-        log = os.path.join(self.tmp, "twistd-profile.log" if profileTo else "twistd.log")
-        p = self.procs.start(name, pinned(self.cpu(PROXY_CPU), argv), log, self.tmp)
-        waitReady(p, port)
+        p = startMesh(self.procs, self.tmp, name, config, port, self.cpu(PROXY_CPU),
+                      "mesh-profile" if profileTo else "mesh", profileTo)
         return p, port
 
     def startWebProxy(self):
@@ -477,58 +222,6 @@ class Bench:
                                  f"--- last {LOG_TAIL_LINES} lines ---\n{tail(proc.log)}")
 
 
-# -- wrk output -------------------------------------------------------------------------------------------
-
-
-_UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0, "h": 3600000.0}
-
-
-def toMs(value: str) -> float:
-    m = re.fullmatch(r"([0-9.]+)(us|ms|s|m|h)", value.strip())
-    if not m:
-        raise ValueError(f"unparsable wrk latency {value!r}")
-    return float(m.group(1)) * _UNITS_MS[m.group(2)]
-
-
-def parseWrk(text: str) -> dict:
-    rps = re.search(r"^Requests/sec:\s+([0-9.]+)", text, re.M)
-    if not rps:
-        raise BenchError(f"no Requests/sec in wrk's output:\n{text}")
-    pct = dict(re.findall(r"^\s+(50|75|90|99)%\s+([0-9.]+(?:us|ms|s|m|h))\s*$", text, re.M))
-    if "50" not in pct or "99" not in pct:
-        raise BenchError(f"no Latency Distribution in wrk's output:\n{text}")
-    errors = []
-    non2xx = re.search(r"^\s*Non-2xx or 3xx responses:\s*(\d+)", text, re.M)
-    if non2xx and int(non2xx.group(1)):
-        errors.append(non2xx.group(0).strip())
-    sock = re.search(r"^\s*Socket errors:.*$", text, re.M)
-    if sock and any(int(n) for n in re.findall(r"\d+", sock.group(0))):
-        errors.append(sock.group(0).strip())
-    total = re.search(r"^\s*(\d+) requests in", text, re.M)
-    return {
-        "rps": float(rps.group(1)),
-        "p50": toMs(pct["50"]),
-        "p99": toMs(pct["99"]),
-        "requests": int(total.group(1)) if total else None,
-        "errors": errors,
-        "cpu": None,
-        "rss": None,
-        "raw": text,
-    }
-
-
-def medianRun(runs: List[dict]) -> dict:
-    """
-    The run with the median requests/s (the lower middle one for an even count), so its p50/p99 belong to
-    the same run; error lines are merged from all runs.
-    """
-    ordered = sorted(runs, key=lambda r: r["rps"])
-    med = dict(ordered[(len(ordered) - 1) // 2])
-    med["errors"] = sorted({e for r in runs for e in r["errors"]})
-    med["runs"] = [r["rps"] for r in runs]
-    return med
-
-
 # -- report -----------------------------------------------------------------------------------------------
 
 
@@ -603,7 +296,7 @@ def parseArgs(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def header(opts: argparse.Namespace, bench: Bench) -> None:
     import twisted
 
-    nginx = opts.nginx if os.access(opts.nginx, os.X_OK) else shutil.which("nginx")
+    nginx = findNginx(opts.nginx)
     print("twistedmesh HTTP/1.1 benchmark")
     print(f"  Python   {platform.python_version()} ({sys.executable})")
     print(f"  Twisted  {twisted.__version__}")
@@ -676,37 +369,11 @@ def run(opts: argparse.Namespace, tmp: str, procs: Procs) -> int:
                   f"{r['served']:,} requests from wrk (warm-up included), so ncalls / {r['served']:,} "
                   f"is calls per request")
         printProfile(profilePath)
-    if bench.failures:
-        print("\nFAILURES:")
-        for f in bench.failures:
-            print(f"  {f}")
-        return 1
-    return 0
+    return reportFailures(bench.failures)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    opts = parseArgs(argv)
-
-    def onTerm(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, onTerm)
-    procs = Procs()
-    tmp = tempfile.mkdtemp(prefix="twistedmesh-bench-")
-    try:
-        return run(opts, tmp, procs)
-    except BenchError as e:
-        print(f"\nERROR: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: stopping everything", file=sys.stderr)
-        return 130
-    finally:
-        # A second Ctrl-C must not cut the clean-up short.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        procs.stopAll()
-        shutil.rmtree(tmp, ignore_errors=True)
+    return runScript("twistedmesh-bench-", parseArgs(argv), run)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,13 @@ an HTTP/2 (h2c) downstream and (a) an HTTP/1.1 upstream cluster, (b) an HTTP/2 u
     python3 benchmarks/http2.py [--requests 20000] [--clients 10] [--streams 10] [--repeat 1] [--no-transfer]
 
 One run: the origin (nginx, 1 worker, C{GET /} -> 200 with a 100-byte body, on an HTTP/1.1 port and an h2c
-port) and h2load share CPU 0; twistedmesh runs alone on CPU 1, one process, as in C{benchmarks/http1.py}
-(whose helpers this script uses). Each figure: C{h2load -n N -c C -m M} after a warm-up of N/10 requests;
-requests/s from h2load, p50/p99 from its per-request log (C{--log-file}).
+port) and h2load share CPU 0; twistedmesh runs alone on CPU 1, one process, as in C{benchmarks/http1.py}.
+Each figure: C{h2load -n N -c C -m M} after a warm-up of N/10 requests; requests/s from h2load, p50/p99
+from its per-request log (C{--log-file}).
 
 Standard library and Twisted only (plus h2load, nginx, curl and taskset as programs). Everything listens on
 127.0.0.1; files live in a temporary directory, removed at the end; every process started is stopped.
+What it shares with the other benchmark scripts is in C{benchmarks/common.py}.
 """
 
 from __future__ import annotations
@@ -22,59 +23,29 @@ import os
 import platform
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from typing import Dict, List, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from http1 import (  # noqa: E402  (this directory's sibling script)
-    BODY,
-    ORIGIN_CPU,
-    PROXY_CPU,
-    BenchError,
-    Proc,
-    Procs,
-    commandVersion,
-    cpuModel,
-    freePort,
-    pinned,
-    procRssMiB,
-    procTimes,
-    tail,
-    twistdScript,
-    waitReady,
+from common import (  # noqa: E402  (this directory's module of shared pieces)
+    BODY, ORIGIN_CPU, PROXY_CPU, BenchError, Proc, Procs, commandVersion, cpuModel, findNginx, freePort,
+    medianRun, meshConfig, nginxConfig, pinned, procRssMiB, procTimes, reportFailures, runScript, startMesh,
+    startNginx, tail,
 )
 
 TRANSFER = 100 << 20
 
-NGINX_CONF = """\
-daemon off;
-master_process off;
-worker_processes 1;
-error_log stderr;
-pid {tmp}/nginx.pid;
-events {{
-    worker_connections 4096;
-}}
-http {{
-    access_log off;
-    keepalive_requests 1000000;
-    keepalive_timeout 300s;
+# Besides nginxConfig's keep-alive settings: long HTTP/2 connections, and bodies up to 200 MiB.
+NGINX_HTTP = """\
     http2_max_requests 1000000;
     http2_max_concurrent_streams 128;
-    default_type text/plain;
-    client_max_body_size 200m;
-    client_body_temp_path {tmp}/client_body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-    server {{
+    client_max_body_size 200m;"""
+
+NGINX_SERVER = """\
         listen 127.0.0.1:{h1};
         listen 127.0.0.1:{h2} http2;
         root {tmp}/www;
@@ -84,29 +55,7 @@ http {{
         location /upload/ {{
             dav_methods PUT;
             create_full_put_path on;
-        }}
-    }}
-}}
-"""
-
-MESH_CONF = """\
-[mesh]
-admin = off
-drain_timeout = 2s
-
-[listener:web]
-endpoint = tcp:{port}:interface=127.0.0.1
-protocol = http
-routes = main
-
-[route:main/all]
-prefix = /
-cluster = origin
-
-[cluster:origin]
-endpoints = tcp:127.0.0.1:{origin}
-protocol = {protocol}
-"""
+        }}"""
 
 
 def h2load(opts, port: int, n: int, log: Optional[str]) -> dict:
@@ -158,30 +107,22 @@ class Bench:
         self.failures: List[str] = []
 
     def startOrigin(self):
-        nginx = self.opts.nginx if os.access(self.opts.nginx, os.X_OK) else shutil.which("nginx")
+        nginx = findNginx(self.opts.nginx)
         if not nginx:
             raise BenchError("nginx is needed (an h2c origin): not found")
         h1, h2 = freePort(), freePort()
         os.makedirs(os.path.join(self.tmp, "www", "upload"))
-        conf = os.path.join(self.tmp, "nginx.conf")
-        with open(conf, "w") as f:
-            f.write(NGINX_CONF.format(tmp=self.tmp, h1=h1, h2=h2, body=BODY.decode("ascii")))
-        p = self.procs.start("nginx", pinned(ORIGIN_CPU if self.opts.pin else None,
-                                             [nginx, "-p", self.tmp + "/", "-e", "stderr", "-c", conf]),
-                             os.path.join(self.tmp, "nginx.log"), self.tmp)
-        waitReady(p, h1)
+        server = NGINX_SERVER.format(tmp=self.tmp, h1=h1, h2=h2, body=BODY.decode("ascii"))
+        p = startNginx(self.procs, nginx, self.tmp, nginxConfig(self.tmp, server, NGINX_HTTP),
+                       ORIGIN_CPU if self.opts.pin else None, h1)
         return p, h1, h2
 
     def startMesh(self, protocol: str, origin: int):
         port = freePort()
-        conf = os.path.join(self.tmp, f"mesh-{protocol}.ini")
-        with open(conf, "w") as f:
-            f.write(MESH_CONF.format(port=port, origin=origin, protocol=protocol))
-        argv = [sys.executable, twistdScript(), "-n", "--pidfile=", "twistedmesh", "--config", conf]
-        p = self.procs.start(f"twistedmesh ({protocol} upstream)",
-                             pinned(PROXY_CPU if self.opts.pin else None, argv),
-                             os.path.join(self.tmp, f"twistd-{protocol}.log"), self.tmp)
-        waitReady(p, port)  # an HTTP/1.1 GET through to the origin: the listener speaks both
+        # Ready once an HTTP/1.1 GET goes through to the origin: the listener speaks both.
+        p = startMesh(self.procs, self.tmp, f"twistedmesh ({protocol} upstream)",
+                      meshConfig(port, origin, cluster=f"protocol = {protocol}\n"), port,
+                      PROXY_CPU if self.opts.pin else None, f"mesh-{protocol}")
         return p, port
 
     def measure(self, label: str, proc: Optional[Proc], port: int) -> dict:
@@ -197,10 +138,7 @@ class Bench:
             r["cpu"] = (cpu1 - cpu0) / wall * 100 if cpu0 is not None and cpu1 is not None else None
             r["rss"] = procRssMiB(proc.pid) if proc else None
             runs.append(r)
-        runs.sort(key=lambda r: r["rps"])
-        med = dict(runs[(len(runs) - 1) // 2])
-        med["runs"] = [r["rps"] for r in runs]
-        med["errors"] = sorted({e for r in runs for e in r["errors"]})
+        med = medianRun(runs)
         for e in med["errors"]:
             self.failures.append(f"{label}: {e}")
         print(f"  {label}: {med['rps']:,.0f} req/s, p50 {med['p50']:.2f} ms, p99 {med['p99']:.2f} ms", flush=True)
@@ -321,36 +259,11 @@ def run(opts, tmp: str, procs: Procs) -> int:
                 print(f"  {mesh.name} exited with status {status}\n{tail(mesh.log)}")
     procs.stop(origin)
     printTable(results, opts)
-    if bench.failures:
-        print("\nFAILURES:")
-        for f in bench.failures:
-            print(f"  {f}")
-        return 1
-    return 0
+    return reportFailures(bench.failures)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    opts = parseArgs(argv)
-
-    def onTerm(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, onTerm)
-    procs = Procs()
-    tmp = tempfile.mkdtemp(prefix="twistedmesh-bench-h2-")
-    try:
-        return run(opts, tmp, procs)
-    except BenchError as e:
-        print(f"\nERROR: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: stopping everything", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        procs.stopAll()
-        shutil.rmtree(tmp, ignore_errors=True)
+    return runScript("twistedmesh-bench-h2-", parseArgs(argv), run)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ connections and requests it served.
 Scaling: wrk through C{workers = 1} and C{workers = 2} (the default sharing), nothing pinned for either
 (see the README: on 2 cores the load generator and the origin compete with the workers).
 
-Reuses benchmarks/http1.py (origin, process handling, wrk parsing); standard library and Twisted only.
+Reuses benchmarks/http1.py's bench (the origin, wrk) and benchmarks/common.py (processes, the proxy's
+config); standard library and Twisted only.
 """
 
 from __future__ import annotations
@@ -23,38 +24,18 @@ import argparse
 import http.client
 import json
 import os
-import shutil
-import signal
 import sys
-import tempfile
 import threading
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import http1  # noqa: E402  (the sibling script, for its helpers)
-from http1 import BenchError, Procs, freePort, tail, twistdScript, waitReady  # noqa: E402
-
-MESH_CONF = """\
-[mesh]
-admin = tcp:{admin}:interface=127.0.0.1
-drain_timeout = 2s
-workers = {workers}
-workers.sharing = {sharing}
-
-[listener:web]
-endpoint = tcp:{port}:interface=127.0.0.1:backlog=1024
-protocol = http
-routes = main
-
-[route:main/all]
-prefix = /
-cluster = origin
-
-[cluster:origin]
-endpoints = tcp:127.0.0.1:{origin}
-"""
+import http1  # noqa: E402  (the sibling script: its bench, the origin and wrk)
+from common import (  # noqa: E402  (this directory's module of shared pieces)
+    READY_TIMEOUT, WARMUP_SECONDS, BenchError, cpuModel, freePort, getOnce, meshConfig, procTimes, runScript,
+    startMesh, tail,
+)
 
 
 def adminStats(admin: int, worker: Optional[int] = None) -> Dict[str, float]:
@@ -96,7 +77,7 @@ def shortConnections(port: int, total: int, threads: int) -> int:
                     return
                 state["left"] -= 1
             try:
-                status, _ = http1.getOnce(port)
+                status, _ = getOnce(port)
                 ok = status == 200
             except (OSError, http.client.HTTPException):
                 ok = False
@@ -122,18 +103,14 @@ class WorkersBench(http1.Bench):
 
     def startWorkers(self, workers: int, sharing: str):
         port, admin = freePort(), freePort()
-        conf = os.path.join(self.tmp, f"mesh-{workers}-{sharing}.ini")
-        with open(conf, "w") as f:
-            f.write(MESH_CONF.format(admin=admin, port=port, origin=self.originPort, workers=workers,
-                                     sharing=sharing))
-        argv = [sys.executable, twistdScript(), "-n", "--pidfile=", "twistedmesh", "--config", conf]
-        log = os.path.join(self.tmp, f"twistd-{workers}-{sharing}.log")
-        p = self.procs.start(f"twistedmesh workers={workers} {sharing}", argv, log, self.tmp)
-        waitReady(p, port)
-        deadline = time.monotonic() + http1.READY_TIMEOUT
+        config = meshConfig(port, self.originPort, endpoint=":backlog=1024", mesh=(
+            f"admin = tcp:{admin}:interface=127.0.0.1\nworkers = {workers}\nworkers.sharing = {sharing}\n"))
+        p = startMesh(self.procs, self.tmp, f"twistedmesh workers={workers} {sharing}", config, port, None,
+                      f"mesh-{workers}-{sharing}")
+        deadline = time.monotonic() + READY_TIMEOUT
         while adminStats(admin).get("workers.live", workers) < workers:  # every worker serving
             if time.monotonic() > deadline:
-                raise BenchError(f"not every worker went live:\n{tail(log)}")
+                raise BenchError(f"not every worker went live:\n{tail(p.log)}")
             time.sleep(0.1)
         return p, port, admin
 
@@ -174,12 +151,12 @@ def scaling(bench: WorkersBench, opts, sharing: str) -> None:
         proc, port, admin = bench.startWorkers(workers, sharing)
         try:
             for c in opts.conns:
-                bench.wrk(port, c, http1.WARMUP_SECONDS)
-                cpu0 = sum(filter(None, (http1.procTimes(pid) for pid in treePids(proc.pid))))
+                bench.wrk(port, c, WARMUP_SECONDS)
+                cpu0 = sum(filter(None, (procTimes(pid) for pid in treePids(proc.pid))))
                 t0 = time.monotonic()
                 r = bench.wrk(port, c, opts.duration)
                 elapsed = time.monotonic() - t0
-                cpu1 = sum(filter(None, (http1.procTimes(pid) for pid in treePids(proc.pid))))
+                cpu1 = sum(filter(None, (procTimes(pid) for pid in treePids(proc.pid))))
                 results[(workers, c)] = r
                 print(f"  workers = {workers}, wrk -c{c}: {r['rps']:,.0f} req/s, p50 {r['p50']:.2f} ms, "
                       f"p99 {r['p99']:.2f} ms, proxy CPU {100.0 * (cpu1 - cpu0) / elapsed:.0f}%"
@@ -228,36 +205,22 @@ def parseArgs(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return opts
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    opts = parseArgs(argv)
-    def onTerm(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
+def run(opts, tmp: str, procs) -> int:
+    bench = WorkersBench(opts, tmp, procs)
+    if not os.access(opts.wrk, os.X_OK):
+        raise BenchError(f"wrk not found at {opts.wrk}")
+    print(f"twistedmesh workers benchmark: {cpuModel()}, {os.cpu_count()} CPUs, nothing pinned")
+    origin = bench.startOrigin()
+    print(f"origin: {bench.originName} on 127.0.0.1:{bench.originPort}")
+    for sharing in ("reuseport", "inherit"):
+        balance(bench, opts, sharing)
+    scaling(bench, opts, opts.sharing)
+    procs.stop(origin)
+    return 0
 
-    signal.signal(signal.SIGTERM, onTerm)
-    procs = Procs()
-    tmp = tempfile.mkdtemp(prefix="twistedmesh-workers-bench-")
-    try:
-        bench = WorkersBench(opts, tmp, procs)
-        if not os.access(opts.wrk, os.X_OK):
-            raise BenchError(f"wrk not found at {opts.wrk}")
-        print(f"twistedmesh workers benchmark: {http1.cpuModel()}, {os.cpu_count()} CPUs, nothing pinned")
-        origin = bench.startOrigin()
-        print(f"origin: {bench.originName} on 127.0.0.1:{bench.originPort}")
-        for sharing in ("reuseport", "inherit"):
-            balance(bench, opts, sharing)
-        scaling(bench, opts, opts.sharing)
-        procs.stop(origin)
-        return 0
-    except BenchError as e:
-        print(f"\nERROR: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: stopping everything", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        procs.stopAll()
-        shutil.rmtree(tmp, ignore_errors=True)
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return runScript("twistedmesh-workers-bench-", parseArgs(argv), run)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """
 Helpers the integration tests share (not a test module: trial collects only C{test_*.py}): ports, the
-proxy's and the demo echo's lifecycle in a test, the C{twistd} subprocess, polling and buffer sampling on
-the real reactor, raw TCP exchanges and a minimal HTTP/2 client over TCP.
+proxy's and the demo echo's lifecycle in a test, proxy configurations, a small backend, the C{twistd}
+subprocess, nginx, polling and buffer sampling on the real reactor, raw TCP exchanges, a keep-alive
+HTTP/1.1 client, curl and headless Chromium, and a minimal HTTP/2 client over TCP.
 
 Import them relatively, as the test modules import each other: C{from .support import freePort}.
 """
@@ -31,10 +32,18 @@ from h2.settings import SettingCodes, Settings
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.task import deferLater
+from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.plugin import getPlugins
 from twisted.trial import unittest
+from twisted.web import resource
+from twisted.web.server import Site
 
-from twistedmesh.config import loadString
+from twistedmesh.config import loadFile, loadString
+from twistedmesh.interfaces import IHTTPFilterFactory
 from twistedmesh.service import MeshService
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # -- ports and services ----------------------------------------------------------------------------------------
 
@@ -91,6 +100,105 @@ def startEcho(test: unittest.TestCase, protocol: Optional[str] = None):
     echo = startService(test, text)
     yield echo.whenLive
     return port(echo.echoes["e"])
+
+
+# -- proxy configurations --------------------------------------------------------------------------------------
+
+
+def proxyConfig(cluster: str, sections: str = "", mesh: str = "admin = off\n", listener: str = "edge",
+                options: str = "", route: str = "") -> str:
+    """
+    The INI text of a proxy with one HTTP listener, C{listener}, on a free loopback port, whose every path
+    goes to the cluster C{cluster}: C{mesh} is the body of the C{[mesh]} section, C{options} and C{route}
+    more lines of the listener's and of the route's sections, C{sections} the other sections (the
+    clusters', the filters').
+    """
+    return f"""
+[mesh]
+{mesh}
+[listener:{listener}]
+endpoint = tcp:0:interface=127.0.0.1
+protocol = http
+routes = main
+{options}
+[route:main/all]
+prefix = /
+cluster = {cluster}
+{route}
+{sections}
+"""
+
+
+def edgeConfig(upstream: int, filters: Optional[str] = None, sections: str = "") -> str:
+    """
+    A L{proxyConfig} in front of one upstream: no admin, the listener C{edge} sending every path to the
+    cluster C{echo} at C{127.0.0.1:upstream}; C{filters} is the listener's filter chain (name the router
+    last), C{sections} more sections (the filters' own).
+    """
+    return proxyConfig("echo", sections + f"\n[cluster:echo]\nendpoints = tcp:127.0.0.1:{upstream}\n",
+                       options=f"filters = {filters}\n" if filters is not None else "")
+
+
+def exampleService(name: str) -> MeshService:
+    """
+    The service the shipped example C{etc/examples/NAME} builds, on a memory reactor (nothing listens or
+    connects).
+    """
+    return MeshService(loadFile(os.path.join(ROOT, "etc", "examples", name)), MemoryReactorClock())
+
+
+
+class FilterPluginTests:
+    """
+    Mixed into the C{TestCase} of an HTTP filter plugin: the plugin C{plugin} is found among the HTTP filter
+    factories, and the shipped example C{etc/examples/EXAMPLE} (C{example}) builds a service whose one
+    listener is C{edge}.
+    """
+
+    plugin: str
+    example: str
+
+    def test_found(self) -> None:
+        """
+        L{getPlugins} finds an HTTP filter factory named C{plugin}.
+        """
+        self.assertIn(self.plugin, [p.name for p in getPlugins(IHTTPFilterFactory)])
+
+    def test_exampleINI(self) -> None:
+        """
+        The shipped example loads and builds a service (without listening or connecting).
+        """
+        self.assertEqual(sorted(exampleService(self.example).listeners), ["edge"])
+
+# -- a small backend -------------------------------------------------------------------------------------------
+
+
+class Whoami(resource.Resource):
+    """
+    A backend answering every request with its name.
+    """
+
+    isLeaf = True
+
+    def __init__(self, name: bytes) -> None:
+        super().__init__()
+        self.name = name
+
+    def render(self, request) -> bytes:
+        """
+        The name.
+        """
+        return self.name
+
+
+def serveWhoami(test: unittest.TestCase, name: bytes, number: int = 0, interface: str = "127.0.0.1"):
+    """
+    Listen with a L{Whoami} called C{name} on C{interface}, port C{number} (a free one by default), until
+    C{test} ends; return the listening port.
+    """
+    listening = reactor.listenTCP(number, Site(Whoami(name)), interface=interface)
+    test.addCleanup(listening.stopListening)
+    return listening
 
 
 # -- the twistd command ----------------------------------------------------------------------------------------
@@ -165,8 +273,6 @@ def startNginx(test: unittest.TestCase, locations: str, http: str = ""):
     C{http} block. Stopped (SIGTERM, its exit awaited) when C{test} ends. Fires with C{(port, root)} once
     it accepts connections.
     """
-    from twisted.internet.utils import getProcessOutputAndValue
-
     if NGINX is None:
         raise unittest.SkipTest("nginx is not installed")
     out, err, code = yield getProcessOutputAndValue(NGINX, ["-V"])
@@ -204,22 +310,28 @@ http {{
         return exited.ended
 
     test.addCleanup(stop)
-    for _ in range(200):
-        try:
-            p = yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", number), protocol.Protocol())
-            p.transport.loseConnection()
-            break
-        except Exception:
-            yield deferLater(reactor, 0.02, lambda: None)
+    yield waitListening(number, 10, lambda: "nginx to accept connections:\n" + _tail(os.path.join(root, "error.log")),
+                        lambda: exited.ended.called)
     return number, root
+
+
+def _tail(path: str, lines: int = 20) -> str:
+    """
+    The last C{lines} lines of the file at C{path}, for a failure message.
+    """
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError as e:
+        return f"({path}: {e.strerror})"
 
 
 # -- waiting on the real reactor -------------------------------------------------------------------------------
 
 
 @defer.inlineCallbacks
-def waitFor(predicate: Callable[[], object], bound: float, what: Union[str, Callable[[], str]],
-            step: float = 0.02):
+def waitFor(predicate: Callable[[], object], bound: float = 5.0,
+            what: Union[str, Callable[[], str]] = "the condition", step: float = 0.02):
     """
     Poll C{predicate} every C{step} seconds until it is true; fail after C{bound} seconds, saying C{what}
     was awaited (a callable is asked then, to describe the state it timed out in). Nothing sleeps: a
@@ -232,17 +344,44 @@ def waitFor(predicate: Callable[[], object], bound: float, what: Union[str, Call
         yield deferLater(reactor, step, lambda: None)
 
 
+@defer.inlineCallbacks
+def waitListening(number: int, bound: float, what: Union[str, Callable[[], str]],
+                  ended: Callable[[], bool] = lambda: False):
+    """
+    Try to connect to port C{number} on 127.0.0.1 until a connection is accepted (and closed at once); fail
+    after C{bound} seconds, or as soon as C{ended()} says the server will never listen (its process
+    exited), saying C{what} was awaited. For a server in another process, with no event to wait on.
+    """
+    deadline = reactor.seconds() + bound
+    while True:
+        try:
+            p = yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", number), protocol.Protocol())
+        except Exception:
+            if ended() or reactor.seconds() > deadline:
+                gave = "gave up" if ended() else f"timed out after {bound}s"
+                raise AssertionError(f"{gave} waiting on port {number} for {what() if callable(what) else what}")
+            yield deferLater(reactor, 0.02, lambda: None)
+        else:
+            p.transport.loseConnection()
+            return
+
+
 class Traffic:
     """
-    Requests to C{url}, one after another, each on a new connection (treq): what answered, and what
-    failed.
+    Requests to C{url}, one after another, each on a new connection or through a pool (treq): what
+    answered, and what failed.
 
     @ivar seen: every answer's body, in order.
     @ivar failures: C{(status, body)} of every answer that was not a 200.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, pool=None) -> None:
+        """
+        @param pool: a C{HTTPConnectionPool} to send every request through (its connections kept between
+            requests) instead of a new connection each.
+        """
         self.url = url
+        self.options = {"pool": pool} if pool is not None else {"persistent": False}
         self.seen: List[bytes] = []
         self.failures: List[Tuple[int, bytes]] = []
 
@@ -252,7 +391,7 @@ class Traffic:
         Send C{n} requests; fire when the last is answered.
         """
         for _ in range(n):
-            response = yield treq.get(self.url, persistent=False)
+            response = yield treq.get(self.url, **self.options)
             body = yield response.content()
             if response.code != 200:
                 self.failures.append((response.code, body))
@@ -314,6 +453,98 @@ def rawExchange(port: int, payload: bytes) -> defer.Deferred:
     client = Exchange(payload)
     return connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client).addCallback(
         lambda _: client.done)
+
+
+class KeepAliveClient(protocol.Protocol):
+    """
+    A keep-alive HTTP/1.1 client for one response at a time: L{request} sends a C{GET} and fires with the
+    whole response, head and body (its length from C{content-length}, none without), or with C{b""} if the
+    connection ends first (a refused handshake, say); C{lost} fires, and C{reason} is set, when the
+    connection ends.
+    """
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.waiting: Optional[defer.Deferred] = None
+        self.lost: defer.Deferred = defer.Deferred()
+        self.reason = None
+
+    def request(self, path: bytes = b"/", host: bytes = b"localhost") -> defer.Deferred:
+        """
+        Send C{GET path} with C{Host: host}; the Deferred fires with the raw response.
+        """
+        self.waiting = defer.Deferred()
+        self.transport.write(b"GET " + path + b" HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+        return self.waiting
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        head, sep, body = self.buffer.partition(b"\r\n\r\n")
+        if not sep:
+            return
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        if len(body) >= length and self.waiting is not None:
+            response, self.buffer = head + sep + body[:length], body[length:]
+            waiting, self.waiting = self.waiting, None
+            waiting.callback(response)
+
+    def connectionLost(self, reason) -> None:
+        self.reason = reason
+        if self.waiting is not None:
+            waiting, self.waiting = self.waiting, None
+            waiting.callback(b"")
+        self.lost.callback(None)
+
+
+# -- client programs: curl, Chromium ---------------------------------------------------------------------------
+
+
+@defer.inlineCallbacks
+def requireCurlHTTP2():
+    """
+    Fire with the path of a C{curl} that speaks HTTP/2; the test is skipped where there is none.
+    """
+    curl = shutil.which("curl")
+    if curl is None:
+        raise unittest.SkipTest("curl is not installed")
+    out, err, code = yield getProcessOutputAndValue(curl, ["--version"])
+    if b"HTTP2" not in out:
+        raise unittest.SkipTest("this curl has no HTTP/2")
+    return curl
+
+
+def requireChromium() -> str:
+    """
+    A headless-capable Chromium (or Chrome) on PATH; the test is skipped where there is none.
+    """
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        path = shutil.which(name)
+        if path is not None:
+            return path
+    raise unittest.SkipTest("chromium is not installed (apt-get install chromium)")
+
+
+@defer.inlineCallbacks
+def dumpDOM(test: unittest.TestCase, chromium: str, url: str):
+    """
+    Load C{url} in headless C{chromium} (a profile of its own, removed when C{test} ends); fire with the DOM
+    it ends on. Fails C{test} with Chromium's error output if it exits with a non-zero status.
+    """
+    profile = tempfile.mkdtemp(prefix="twistedmesh-chromium-")
+    test.addCleanup(shutil.rmtree, profile, True)
+    # A child process (the reactor goes on); `timeout` bounds it whatever Chromium does. --no-sandbox
+    # because the suite may run as root, which Chromium's sandbox refuses.
+    args = ["60", chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+            "--no-first-run", "--disable-extensions", "--disable-background-networking",
+            f"--user-data-dir={profile}", "--dump-dom", url]
+    out, err, code = yield getProcessOutputAndValue(shutil.which("timeout") or "timeout", args,
+                                                   env=dict(os.environ), reactor=reactor)
+    test.assertEqual(code, 0, err.decode(errors="replace")[-2000:])
+    return out.decode("utf-8")
 
 
 # -- a minimal HTTP/2 client -----------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from types import SimpleNamespace
 from typing import Dict, List, Tuple
 
@@ -1052,10 +1053,20 @@ class CompiledFunctionTests(unittest.TestCase):
         scans the request headers once for its four header operators.
         """
         source = compileFormat(DEFAULT_FORMAT).source
-        body = source.split("\n", 1)[1]
-        self.assertEqual(body.count("(r, e)"), 1)
-        self.assertEqual(source.count("in r.requestHeaders"), 1)
-        self.assertEqual(source.count("in r.responseHeaders"), 1)
+        # Two functions: the strict-UTF-8 one, and the one it falls back on for other bytes.
+        self.assertEqual(source.count("def "), 2)
+        self.assertEqual(len(set(re.findall(r"(c[0-9]+)\(r, e\)", source))), 1)
+        self.assertEqual(source.count("in r.requestHeaders"), 2)
+        self.assertEqual(source.count("in r.responseHeaders"), 2)
+
+    def test_notUTF8FallsBack(self):
+        """
+        A value that is not UTF-8 makes the whole line render the safe way; the next line is fast again.
+        """
+        fmt = compileFormat('%REQ(USER-AGENT)% %REQ(X-NOPE)% "%REQ(:PATH)%" %RESPONSE_CODE%')
+        s = makeStream(requestHeaders=[(b"user-agent", b"caf\xc3\xa9 \xff")], path=b"/\xfe")
+        self.assertEqual(fmt.render(s, END), 'caf\u00e9 \\xff - "/\\xfe" 204\n')
+        self.assertEqual(fmt.render(makeStream(), END), 'nsq2http - "/api/v1/locations" 204\n')
 
     def test_repeatedHeaderAmongSeveral(self):
         """

@@ -6,9 +6,6 @@ Tests for the admin web interface (L{twistedmesh.admin}) and the Prometheus expo
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from types import MappingProxyType
 from typing import Dict, List, Optional
 
@@ -23,8 +20,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.protocols.policies import WrappingFactory
-from twisted.internet.utils import getProcessOutputAndValue
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -37,6 +33,8 @@ from twistedmesh.config import ClusterConfig, Config, FilterConfig, HostConfig, 
 from twistedmesh.observability.prometheus import PrometheusExporter, StatsCollector, bucketLabel, metricName
 from twistedmesh.observability.stats import DEFAULT_BUCKETS, StatsStore
 from twistedmesh.upstream.cluster import Cluster, Host
+
+from .support import dumpDOM, requireChromium, waitFor
 
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 #: The C{/stats} line of the histogram L{FakeServer} fills (values 3, 7, 40, 40 and 120 ms).
@@ -802,10 +800,8 @@ class LoopbackTests(TestCase):
         async def closeAll() -> None:
             await pool.closeCachedConnections()
             await port.stopListening()
-            for _ in range(200):  # the server's side of each connection closes a moment after the client's
-                if not wrapper.protocols:
-                    return
-                await deferLater(globalReactor, 0.01, lambda: None)
+            # The server's side of each connection closes a moment after the client's.
+            await waitFor(lambda: not wrapper.protocols, 5, "the admin's connections to close")
 
         self.addCleanup(lambda: Deferred.fromCoroutine(closeAll()))
         base = f"http://127.0.0.1:{port.getHost().port}"
@@ -1002,14 +998,6 @@ class CrossSiteTests(TestCase):
         self.assertEqual(request.responseCode, 405)
 
 
-def _chromium() -> Optional[str]:
-    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
-        path = shutil.which(name)
-        if path is not None:
-            return path
-    return None
-
-
 class BrowserTests(TestCase):
     """
     Form posts made by headless Chromium to an admin listening on loopback: from another site's page, and
@@ -1024,31 +1012,12 @@ class BrowserTests(TestCase):
         return port.getHost().port
 
     @inlineCallbacks
-    def browse(self, chromium: str, url: str):
-        """
-        The DOM Chromium ends on after loading C{url} (the page's form submits itself).
-        """
-        profile = tempfile.mkdtemp(prefix="twistedmesh-chromium-")
-        self.addCleanup(shutil.rmtree, profile, True)
-        # Off the reactor thread (a child process); `timeout` bounds it whatever Chromium does. --no-sandbox
-        # because the suite may run as root, which Chromium's sandbox refuses.
-        args = ["60", chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--no-first-run", "--disable-extensions", "--disable-background-networking",
-                f"--user-data-dir={profile}", "--dump-dom", url]
-        out, err, code = yield getProcessOutputAndValue(shutil.which("timeout") or "timeout", args,
-                                                       env=dict(os.environ), reactor=globalReactor)
-        self.assertEqual(code, 0, err.decode(errors="replace")[-2000:])
-        return out.decode("utf-8")
-
-    @inlineCallbacks
     def test_formPosts(self) -> None:
         """
         A page on another site whose form posts to the admin's C{/healthcheck/fail} gets the 403 and
         changes nothing; the same form on a page of the admin's own origin works.
         """
-        chromium = _chromium()
-        if chromium is None:
-            raise SkipTest("chromium is not installed (apt-get install chromium)")
+        chromium = requireChromium()
         server = FakeServer(globalReactor)
         root = Resource()
         root.putChild(b"admin", AdminResource(server, globalReactor))
@@ -1063,15 +1032,16 @@ class BrowserTests(TestCase):
         elsewhere.putChild(b"post", page(f"http://127.0.0.1:{adminPort}/admin/healthcheck/fail"))
         otherPort = self.listen(Site(elsewhere))
 
-        # localhost and 127.0.0.1 are different sites to a browser.
-        dom = yield self.browse(chromium, f"http://localhost:{otherPort}/post")
+        # localhost and 127.0.0.1 are different sites to a browser; the DOM is the one Chromium ends on after
+        # the page's form submitted itself.
+        dom = yield dumpDOM(self, chromium, f"http://localhost:{otherPort}/post")
         self.assertIn("cross-site request refused: Sec-Fetch-Site is cross-site", dom)
         self.assertFalse(server.healthCheckFailed)
         # Another port of the same host is another origin of the same site.
-        dom = yield self.browse(chromium, f"http://127.0.0.1:{otherPort}/post")
+        dom = yield dumpDOM(self, chromium, f"http://127.0.0.1:{otherPort}/post")
         self.assertIn("cross-site request refused: Sec-Fetch-Site is same-site", dom)
         self.assertFalse(server.healthCheckFailed)
 
-        dom = yield self.browse(chromium, f"http://127.0.0.1:{adminPort}/post")
+        dom = yield dumpDOM(self, chromium, f"http://127.0.0.1:{adminPort}/post")
         self.assertIn("OK", dom)
         self.assertTrue(server.healthCheckFailed)

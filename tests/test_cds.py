@@ -27,7 +27,8 @@ from twistedmesh.service import MeshService
 from twistedmesh.upstream.cds import CDS_PATH, CDS_TYPE_URL, HTTP_OPTIONS, parseCluster
 from twistedmesh.upstream.xds import EDS_PATH, EDS_TYPE_URL, InvalidResource
 
-from .test_xds import Whoami, _cla, _lb, _loadExample
+from .support import Traffic, port, proxyConfig, serveWhoami, startService, waitFor
+from .test_xds import _cla, _lb, _loadExample
 
 CONFIG = """
 [mesh]
@@ -635,58 +636,25 @@ class CDSIntegrationTests(TestCase):
         example = _loadExample()
         backends = {}
         for name in (b"a", b"b"):
-            port = reactor.listenTCP(0, Site(Whoami(name)), interface="127.0.0.1")
-            self.addCleanup(port.stopListening)
-            backends[name] = port.getHost().port
+            backends[name] = serveWhoami(self, name).getHost().port
         endpoints: Dict[str, list] = {"api": [{"address": "127.0.0.1", "port": backends[b"a"]},
                                               {"address": "127.0.0.1", "port": backends[b"b"]}]}
         clusters: List[Dict[str, Any]] = []
         plane = example.EndpointsResource(lambda: endpoints, lambda: clusters)
         planePort = reactor.listenTCP(0, Site(plane), interface="127.0.0.1")
         self.addCleanup(planePort.stopListening)
-        text = f"""
-[mesh]
-admin = off
-xds.cluster = control_plane
-xds.cds = true
-xds.refresh_delay = 50ms
-[listener:edge]
-endpoint = tcp:0:interface=127.0.0.1
-protocol = http
-routes = main
-[route:main/all]
-prefix = /
-cluster = api
-[cluster:control_plane]
-endpoints = tcp:127.0.0.1:{planePort.getHost().port}
-"""
-        service = MeshService(loadString(text, "cds.ini"), reactor, seed=1)
-        service.startService()
-        self.addCleanup(service.stopService)
+        service = startService(self, proxyConfig(
+            "api", f"[cluster:control_plane]\nendpoints = tcp:127.0.0.1:{planePort.getHost().port}\n",
+            mesh="admin = off\nxds.cluster = control_plane\nxds.cds = true\nxds.refresh_delay = 50ms\n"))
         yield service.whenLive
-        url = f"http://127.0.0.1:{service.listeners['edge'].port.getHost().port}/"
+        url = f"http://127.0.0.1:{port(service.listeners['edge'])}/"
         pool = HTTPConnectionPool(reactor, persistent=True)
         self.addCleanup(pool.closeCachedConnections)
+        load = Traffic(url, pool)
+        traffic, seen, failures = load.run, load.seen, load.failures
 
-        @defer.inlineCallbacks
         def until(check, what):
-            for _ in range(300):
-                if check():
-                    return
-                yield deferLater(reactor, 0.02, lambda: None)
-            self.fail(f"never: {what}")
-
-        seen: List[bytes] = []
-        failures: List[object] = []
-
-        @defer.inlineCallbacks
-        def traffic(n):
-            for _ in range(n):
-                response = yield treq.get(url, pool=pool)
-                body = yield response.content()
-                if response.code != 200:
-                    failures.append((response.code, body))
-                seen.append(body)
+            return waitFor(check, 10, what)
 
         # Before CDS provides it: 503.
         yield until(lambda: service.stats.get("cluster_manager.cds.update_success").value >= 1, "a CDS answer")

@@ -6,19 +6,14 @@ Chromium renders it from a proxy listening on loopback.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import tempfile
 from html.parser import HTMLParser
 from types import MappingProxyType
 from typing import Dict, List, Optional, Tuple
 
-from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock
-from twisted.internet.utils import getProcessOutputAndValue
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 from twisted.web.test.requesthelper import DummyRequest
 
 from twistedmesh.admin.dashboard import RateSampler
@@ -27,6 +22,8 @@ from twistedmesh.config import ClusterConfig, Config, HostConfig, ListenerConfig
 from twistedmesh.observability.stats import StatsStore
 from twistedmesh.service import MeshService
 from twistedmesh.upstream.cluster import Cluster
+
+from .support import dumpDOM, port, requireChromium, startService
 
 CONFIG = """
 [mesh]
@@ -379,14 +376,6 @@ class RateTests(TestCase):
         self.assertEqual(self.sampler.rates()[("cluster", "late")], 3.0)
 
 
-def _chromium() -> Optional[str]:
-    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
-        path = shutil.which(name)
-        if path is not None:
-            return path
-    return None
-
-
 class ChromiumTests(TestCase):
     """
     The dashboard served by a proxy on loopback, rendered by headless Chromium.
@@ -397,26 +386,11 @@ class ChromiumTests(TestCase):
     @inlineCallbacks
     def test_renders(self) -> None:
         """Chromium loads C{/} from the admin port and the rendered DOM names every cluster and listener."""
-        chromium = _chromium()
-        if chromium is None:
-            raise SkipTest("chromium is not installed (apt-get install chromium)")
-        service = MeshService(loadString(CONFIG, "test.ini"), reactor, seed=1)
-        service.startService()
-        self.addCleanup(service.stopService)
+        chromium = requireChromium()
+        service = startService(self, CONFIG)
         yield service.whenLive
         service.clusters["checkout-api"].hosts[1].setHealthFlag("failed_active_hc", True, "connection refused")
-        url = f"http://127.0.0.1:{service.admin.port.getHost().port}/"
-        profile = tempfile.mkdtemp(prefix="twistedmesh-chromium-")
-        self.addCleanup(shutil.rmtree, profile, True)
-        # Off the reactor thread (a child process); `timeout` bounds it whatever Chromium does. --no-sandbox
-        # because the suite may run as root, which Chromium's sandbox refuses.
-        args = [str(60), chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--no-first-run", "--disable-extensions", "--disable-background-networking",
-                f"--user-data-dir={profile}", "--dump-dom", url]
-        out, err, code = yield getProcessOutputAndValue(shutil.which("timeout") or "timeout", args,
-                                                       env=dict(os.environ), reactor=reactor)
-        self.assertEqual(code, 0, err.decode(errors="replace")[-2000:])
-        dom = out.decode("utf-8")
+        dom = yield dumpDOM(self, chromium, f"http://127.0.0.1:{port(service.admin)}/")
         self.assertIn("<h1>twistedmesh", dom)
         page = _Page(dom)
         self.assertEqual([h.split()[0] for h in page.headings], ["checkout-api", "ledger-db"])

@@ -14,8 +14,6 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.names import client, dns, error, server
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
-from twisted.web import resource
-from twisted.web.server import Site
 
 from twistedmesh.config import loadString
 from twistedmesh.observability.stats import StatsStore
@@ -23,7 +21,7 @@ from twistedmesh.service import MeshService
 from twistedmesh.upstream.cluster import Cluster
 from twistedmesh.upstream.dns import DNSDiscovery, addressEndpoint, parseTarget
 
-from .support import Traffic, waitFor
+from .support import Traffic, proxyConfig, serveWhoami, waitFor
 
 Answer = Union[List[tuple], Exception, defer.Deferred]
 
@@ -345,21 +343,6 @@ class Records:
         return defer.succeed((records, [], []))
 
 
-class Whoami(resource.Resource):
-    """
-    A backend answering every request with its name.
-    """
-
-    isLeaf = True
-
-    def __init__(self, name: bytes) -> None:
-        super().__init__()
-        self.name = name
-
-    def render(self, request) -> bytes:
-        return self.name
-
-
 def _ipv6Loopback() -> bool:
     try:
         with socket.socket(socket.AF_INET6) as s:
@@ -377,42 +360,28 @@ class DNSIntegrationTests(TestCase):
 
     timeout = 30
 
-    def listen(self, port: int, interface: str, name: bytes):
-        p = reactor.listenTCP(port, Site(Whoami(name)), interface=interface)
-        self.addCleanup(p.stopListening)
-        return p
-
     @defer.inlineCallbacks
     def test_answerChangesUnderTraffic(self):
         """Hosts follow the DNS answer (IPv4 only, both, IPv6 only) with no failed request on the way."""
         if not _ipv6Loopback():
             raise SkipTest("no IPv6 loopback (::1): the test needs two loopback addresses on one port")
         # One port, two loopback addresses: the DNS answer alone decides which backend gets traffic.
-        v4 = self.listen(0, "127.0.0.1", b"v4")
+        v4 = serveWhoami(self, b"v4")
         port = v4.getHost().port
-        self.listen(port, "::1", b"v6")
+        serveWhoami(self, b"v6", port, "::1")
         records = Records()
         records.answers["api.test"] = ["127.0.0.1"]
         factory = server.DNSServerFactory(authorities=[records])
         udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
         self.addCleanup(udp.stopListening)
-        text = f"""
-[mesh]
-admin = off
-[listener:edge]
-endpoint = tcp:0:interface=127.0.0.1
-protocol = http
-routes = main
-[route:main/all]
-prefix = /
-cluster = api
+        text = proxyConfig("api", f"""
 [cluster:api]
 discovery = strict_dns
 endpoints = tcp:api.test:{port}
 dns_lookup_family = all
 dns_refresh_rate = 100ms
 dns_timeout = 2s
-"""
+""")
         service = MeshService(loadString(text, "dns.ini"), reactor, seed=1)
         cluster = service.clusters["api"]
         cluster.discovery.resolver = client.Resolver(servers=[("127.0.0.1", udp.getHost().port)], reactor=reactor)

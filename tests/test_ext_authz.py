@@ -9,30 +9,27 @@ authorization service, a proxy with C{filters = authz, router} and the built-in 
 
 from __future__ import annotations
 
-import os
 import random
-import socket
 from typing import Dict, List, Optional, Tuple
 
 import treq
 from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
-from twisted.plugin import getPlugins
 from twisted.trial import unittest
 from twisted.web import resource, server
 
-from twistedmesh.config import ConfigError, ListenerConfig, Options, loadFile, loadString
+from twistedmesh.config import ConfigError, ListenerConfig, Options
 from twistedmesh.filters.ext_authz import ExtAuthzFactory, ExtAuthzFilter, TreqRequester
-from twistedmesh.interfaces import IHTTPFilterFactory
 from twistedmesh.observability.stats import StatsStore
 from twistedmesh.plugins import FilterContext
 from twistedmesh.service import MeshService
 from twistedmesh.testing import FilterHarness
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from .support import FilterPluginTests, edgeConfig, freePort, port, startEcho, startService, stopProxy
+
 URI = {"uri": "http://authz.local:9000/authz"}
 STATS = ("ok", "denied", "error", "failure_mode_allowed")
 
@@ -374,24 +371,12 @@ class ConfigErrorTests(unittest.TestCase):
         self.assertEqual(stats(context, "authn"), (0, 0, 0, 0))
 
 
-class PluginTests(unittest.TestCase):
+class PluginTests(FilterPluginTests, unittest.TestCase):
     """
-    Registration and the shipped example.
+    The filter is registered like any plugin, and its shipped example stays valid.
     """
 
-    def test_found(self):
-        """
-        L{getPlugins} finds an C{ext_authz} HTTP filter factory.
-        """
-        self.assertIn("ext_authz", [p.name for p in getPlugins(IHTTPFilterFactory)])
-
-    def test_exampleINI(self):
-        """
-        C{etc/examples/ext-authz.ini} loads and builds a service (without listening or connecting).
-        """
-        service = MeshService(loadFile(os.path.join(ROOT, "etc", "examples", "ext-authz.ini")),
-                              MemoryReactorClock())
-        self.assertEqual(sorted(service.listeners), ["edge"])
+    plugin, example = "ext_authz", "ext-authz.ini"
 
     def test_pool(self):
         """
@@ -424,15 +409,6 @@ class AuthzResource(resource.Resource):
         return b"who are you?\n"
 
 
-def freePort() -> int:
-    """
-    A loopback TCP port nobody listens on (now).
-    """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class LoopbackTests(unittest.TestCase):
     """
     The filter on the real reactor, with treq, a twisted.web authorization service and an echo upstream.
@@ -445,59 +421,38 @@ class LoopbackTests(unittest.TestCase):
         site.log = lambda request: None
         self.authzPort = reactor.listenTCP(0, site, interface="127.0.0.1")
         self.addCleanup(self.authzPort.stopListening)
-        self.echo = MeshService(loadString("[mesh]\nadmin = off\n[echo:e]\nendpoint = tcp:0:interface=127.0.0.1\n"),
-                                reactor)
-        self.echo.startService()
-        self.addCleanup(self.echo.stopService)
-        yield self.echo.whenLive
+        self.echoPort = yield startEcho(self)
 
     @defer.inlineCallbacks
     def startProxy(self, authzPort: int, extra: str = ""):
         """
         A proxy whose listener C{edge} asks the service on C{authzPort}, then routes to the echo.
         """
-        proxy = MeshService(loadString(f"""
-[mesh]
-admin = off
-[listener:edge]
-endpoint = tcp:0:interface=127.0.0.1
-protocol = http
-filters = authz, router
-routes = main
-[route:main/all]
-prefix = /
-cluster = echo
+        proxy = startService(self, edgeConfig(self.echoPort, "authz, router", f"""
 [filter:authz]
 type = ext_authz
 uri = http://127.0.0.1:{authzPort}/authz
 timeout = 2s
 allowed_upstream_headers = x-user-id
 {extra}
-[cluster:echo]
-endpoints = tcp:127.0.0.1:{self.echo.echoes['e'].port.getHost().port}
-""", "test.ini"), reactor, seed=1)
-        proxy.startService()
-        self.addCleanup(self.stopProxy, proxy)
+"""), stop=self.stopWithFilter)
         yield proxy.whenLive
         return proxy
 
     @defer.inlineCallbacks
-    def stopProxy(self, proxy: MeshService):
+    def stopWithFilter(self, proxy: MeshService):
         """
-        Drain C{proxy}, close the filter's pool to the service and the pooled upstream connections.
+        Stop C{proxy} as L{stopProxy} does, then close the filter's pool to the service too.
         """
-        yield proxy.stopService()
+        yield stopProxy(proxy)
         yield proxy.listeners["edge"].factory.settings.makers[0](None).close()
-        for cluster in proxy.clusters.values():
-            cluster.pools.closeAll()
-        yield deferLater(reactor, 0.01, lambda: None)
 
     @defer.inlineCallbacks
     def get(self, proxy: MeshService, path: str, token: Optional[str] = None):
         """
         GET C{path} through C{proxy}; return C{(response, body)}.
         """
-        url = f"http://127.0.0.1:{proxy.listeners['edge'].port.getHost().port}{path}"
+        url = f"http://127.0.0.1:{port(proxy.listeners['edge'])}{path}"
         headers = {"authorization": token} if token else {}
         response = yield treq.get(url, headers=headers, persistent=False)
         body = yield response.content()

@@ -6,26 +6,21 @@ stats, config errors, its registration as a plugin, and a real proxy answering 5
 
 from __future__ import annotations
 
-import os
 import random
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import treq
-from twisted.internet import defer, reactor
-from twisted.internet.task import Clock, deferLater
-from twisted.internet.testing import MemoryReactorClock
-from twisted.plugin import getPlugins
+from twisted.internet import defer
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from twistedmesh.config import ConfigError, ListenerConfig, Options, loadFile, loadString
+from twistedmesh.config import ConfigError, ListenerConfig, Options
 from twistedmesh.filters.fault import FaultFactory, FaultFilter
-from twistedmesh.interfaces import IHTTPFilterFactory
 from twistedmesh.observability.stats import StatsStore
 from twistedmesh.plugins import FilterContext
-from twistedmesh.service import MeshService
 from twistedmesh.testing import FilterHarness
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from .support import FilterPluginTests, edgeConfig, port, startEcho, startService, stopProxy
 
 
 class Fault:
@@ -499,29 +494,12 @@ class ConfigErrorTests(unittest.TestCase):
         ])
 
 
-class PluginTests(unittest.TestCase):
+class PluginTests(FilterPluginTests, unittest.TestCase):
     """
-    The filter is registered like any plugin.
-    """
-
-    def test_found(self):
-        """
-        L{getPlugins} finds a C{fault} HTTP filter factory.
-        """
-        self.assertIn("fault", [p.name for p in getPlugins(IHTTPFilterFactory)])
-
-
-class ExampleConfigTests(unittest.TestCase):
-    """
-    The shipped example configuration stays valid.
+    The filter is registered like any plugin, and its shipped example stays valid.
     """
 
-    def test_examplesFaultINI(self):
-        """
-        C{etc/examples/fault.ini} loads and builds a service (without listening).
-        """
-        service = MeshService(loadFile(os.path.join(ROOT, "etc", "examples", "fault.ini")), MemoryReactorClock())
-        self.assertEqual(sorted(service.listeners), ["edge"])
+    plugin, example = "fault", "fault.ini"
 
 
 class IntegrationTests(unittest.TestCase):
@@ -530,48 +508,19 @@ class IntegrationTests(unittest.TestCase):
     """
 
     @defer.inlineCallbacks
-    def stopProxy(self, service: MeshService):
-        """
-        Drain C{service}, close its pooled upstream connections and let them finish closing.
-        """
-        yield service.stopService()
-        for cluster in service.clusters.values():
-            cluster.pools.closeAll()
-        yield deferLater(reactor, 0.01, lambda: None)
-
-    @defer.inlineCallbacks
     def test_abortAtHundredPercent(self):
         """
         At 100% every request is answered 503 by the proxy and the echo never sees one.
         """
-        echo = MeshService(loadString("[mesh]\nadmin = off\n[echo:e]\nendpoint = tcp:0:interface=127.0.0.1\n"),
-                           reactor)
-        echo.startService()
-        self.addCleanup(echo.stopService)
-        yield echo.whenLive
-        echoPort = echo.echoes["e"].port.getHost().port
-        proxy = MeshService(loadString(f"""
-[mesh]
-admin = off
-[listener:edge]
-endpoint = tcp:0:interface=127.0.0.1
-protocol = http
-filters = chaos, router
-routes = main
-[route:main/all]
-prefix = /
-cluster = echo
+        echoPort = yield startEcho(self)
+        proxy = startService(self, edgeConfig(echoPort, "chaos, router", """
 [filter:chaos]
 type = fault
 abort.http_status = 503
 abort.percentage = 100
-[cluster:echo]
-endpoints = tcp:127.0.0.1:{echoPort}
-""", "test.ini"), reactor, seed=1)
-        proxy.startService()
-        self.addCleanup(self.stopProxy, proxy)
+"""), stop=stopProxy)
         yield proxy.whenLive
-        url = f"http://127.0.0.1:{proxy.listeners['edge'].port.getHost().port}/hello"
+        url = f"http://127.0.0.1:{port(proxy.listeners['edge'])}/hello"
         for _ in range(2):
             response = yield treq.get(url, persistent=False)
             body = yield response.content()
@@ -585,33 +534,14 @@ endpoints = tcp:127.0.0.1:{echoPort}
         """
         A gRPC request through a real proxy is answered 200 with C{grpc-status: 14} and no body.
         """
-        echo = MeshService(loadString("[mesh]\nadmin = off\n[echo:e]\nendpoint = tcp:0:interface=127.0.0.1\n"),
-                           reactor)
-        echo.startService()
-        self.addCleanup(echo.stopService)
-        yield echo.whenLive
-        echoPort = echo.echoes["e"].port.getHost().port
-        proxy = MeshService(loadString(f"""
-[mesh]
-admin = off
-[listener:edge]
-endpoint = tcp:0:interface=127.0.0.1
-protocol = http
-filters = chaos, router
-routes = main
-[route:main/all]
-prefix = /
-cluster = echo
+        echoPort = yield startEcho(self)
+        proxy = startService(self, edgeConfig(echoPort, "chaos, router", """
 [filter:chaos]
 type = fault
 abort.grpc_status = 14
-[cluster:echo]
-endpoints = tcp:127.0.0.1:{echoPort}
-""", "test.ini"), reactor, seed=1)
-        proxy.startService()
-        self.addCleanup(self.stopProxy, proxy)
+"""), stop=stopProxy)
         yield proxy.whenLive
-        url = f"http://127.0.0.1:{proxy.listeners['edge'].port.getHost().port}/svc.Echo/Say"
+        url = f"http://127.0.0.1:{port(proxy.listeners['edge'])}/svc.Echo/Say"
         response = yield treq.post(url, data=b"", headers={b"content-type": [b"application/grpc"]},
                                    persistent=False)
         body = yield response.content()

@@ -1435,6 +1435,15 @@ class EncoderTests(SynchronousTestCase):
         """
         self.assertEqual(encodeRequestHead(b"GET", b"/", []), b"GET / HTTP/1.1\r\n\r\n")
 
+    def test_requestHeadHostFirst(self) -> None:
+        """
+        A host given apart is written as the first field, before the others, with or without them.
+        """
+        self.assertEqual(encodeRequestHead(b"GET", b"/", [(b"accept", b"*/*")], host=b"example"),
+                         b"GET / HTTP/1.1\r\nhost: example\r\naccept: */*\r\n\r\n")
+        self.assertEqual(encodeRequestHead(b"GET", b"/", [], chunked=True, host=b"example"),
+                         b"GET / HTTP/1.1\r\nhost: example\r\ntransfer-encoding: chunked\r\n\r\n")
+
     def test_chunkDoesNotCopy(self) -> None:
         """
         encodeChunk frames the data object itself (hex size, data, CRLF) for writeSequence.
@@ -1505,6 +1514,21 @@ class HopByHopTests(SynchronousTestCase):
                          [(b"te", b"trailers")])
         self.assertEqual(stripHopByHop([(b"te", b"deflate;q=0.5, Trailers")]), [(b"te", b"trailers")])
         self.assertEqual(stripHopByHop([(b"te", b"deflate")]), [])
+
+    def test_plainConnectionValues(self) -> None:
+        """
+        The common Connection values (keep-alive, close, in either case) are stripped without splitting;
+        close still nominates a field named close, and te is still kept when it lists trailers.
+        """
+        headers = [(b"server", b"s"), (b"connection", b"keep-alive"), (b"close", b"x")]
+        self.assertEqual(stripHopByHop(headers), [(b"server", b"s"), (b"close", b"x")])
+        for value in (b"close", b"Close"):
+            headers = [(b"server", b"s"), (b"connection", value), (b"close", b"x"), (b"x-1", b"1")]
+            self.assertEqual(stripHopByHop(headers), [(b"server", b"s"), (b"x-1", b"1")])
+        headers = [(b"connection", b"Keep-Alive"), (b"te", b"trailers"), (b"x-1", b"1")]
+        self.assertEqual(stripHopByHop(headers), [(b"te", b"trailers"), (b"x-1", b"1")])
+        headers = [(b"connection", b"keep-alive"), (b"connection", b"x-2"), (b"x-2", b"2"), (b"x-1", b"1")]
+        self.assertEqual(stripHopByHop(headers), [(b"x-1", b"1")])
 
     def test_proxyAuthenticateKept(self) -> None:
         """

@@ -707,6 +707,27 @@ class GoAwayTests(unittest.TestCase):
         self.assertEqual(peer.responses[sid].data, b"last")
         self.assertTrue(proto.transport.disconnecting)
 
+    def test_refusedAndResetInOneRead(self):
+        """
+        A stream opened after our GOAWAY and reset by the client in the same read needs no refusal: the
+        stream still being answered is unharmed.
+        """
+        peer, proto, clock, stats = h2(lambda s: Hold())
+        sid = peer.request(head())
+        proto.factory.drain()
+        peer.pump()
+        peer.client.state_machine.state = peer.client.state_machine.state.CLIENT_OPEN
+        late = peer.client.get_next_available_stream_id()
+        peer.client.send_headers(late, head(b"/late"), end_stream=True)
+        peer.client.reset_stream(late, ErrorCodes.CANCEL)
+        peer.pump()
+        self.assertEqual(stat(stats, "http2.tx_reset"), 0)
+        self.assertFalse(proto.transport.disconnecting)
+        Hold.streams[0].respond(200, b"last")
+        peer.pump()
+        self.assertEqual(peer.responses[sid].data, b"last")
+        self.assertTrue(proto.transport.disconnecting)
+
     def test_drainIdle(self):
         """
         An idle HTTP/2 connection closes as soon as the listener drains.
@@ -714,6 +735,8 @@ class GoAwayTests(unittest.TestCase):
         peer, proto, clock, stats = h2()
         proto.factory.drain()
         self.assertTrue(proto.transport.disconnecting)
+        clock.advance(1)
+        self.assertTrue(proto.transport.disconnected)
 
     def test_maxRequestsPerConnection(self):
         """
@@ -726,6 +749,26 @@ class GoAwayTests(unittest.TestCase):
         self.assertEqual(peer.responses[sid].data, b"GET /2 0")
         self.assertEqual(peer.goaway()[0].last_stream_id, sid)
         self.assertTrue(proto.transport.disconnecting)
+        # A client that stops reading does not keep the closing connection open.
+        self.assertFalse(proto.transport.disconnected)
+        clock.advance(1)
+        self.assertTrue(proto.transport.disconnected)
+
+    def test_gracefulCloseWaitsForAReader(self):
+        """
+        A closing connection whose client still reads (the transport's buffer shrinks) gets another period
+        each time; one whose client stopped is aborted a period later.
+        """
+        peer, proto, clock, stats = h2(maxRequestsPerConnection=1)
+        proto.transport.dataBuffer = b"x" * 3000  # what a TCP transport still has to write
+        peer.request(head(b"/1"))
+        self.assertTrue(proto.transport.disconnecting)
+        for left in (2000, 1000):
+            proto.transport.dataBuffer = b"x" * left
+            clock.advance(1)
+            self.assertFalse(proto.transport.disconnected)
+        clock.advance(1)
+        self.assertTrue(proto.transport.disconnected)
 
     def test_idleTimeout(self):
         """
@@ -755,6 +798,8 @@ class GoAwayTests(unittest.TestCase):
         out = proto.transport.value()
         self.assertIn(b"bye", out)
         self.assertTrue(proto.transport.disconnecting)
+        clock.advance(1)
+        self.assertTrue(proto.transport.disconnected)
 
 
 class DetectionTests(unittest.TestCase):
@@ -988,17 +1033,37 @@ class AbuseTests(unittest.TestCase):
 
     def test_windowUpdateFlood(self):
         """
-        WINDOW_UPDATE frames are allowed 10 per DATA frame sent (plus 10).
+        WINDOW_UPDATE frames are allowed as Envoy allows them: 5 + 2 x (streams opened + 10 x DATA frames
+        sent) over the connection's life.
         """
         peer, proto, clock, stats = h2()
         update = WindowUpdateFrame(0, window_increment=1).serialize()
-        proto.dataReceived(update * 10)
+        proto.dataReceived(update * 5)
         self.assertFalse(proto.transport.disconnecting)
-        peer.request(head())  # one DATA frame sent: ten more allowed
-        proto.dataReceived(update * 10)
+        peer.request(head())  # a stream opened, one DATA frame sent: 5 + 2 x (1 + 10) = 27 in all
+        proto.dataReceived(update * 22)
         self.assertFalse(proto.transport.disconnecting)
         proto.dataReceived(update)
         self.assertCalmedDown(peer, proto, stats, "inbound_window_update_frames_flood")
+
+    def test_windowUpdatesForHeadOnlyAnswers(self):
+        """
+        A client that widens every stream's window, answered with HEADERS alone (no DATA frame at all), is
+        not taken for a flood: each stream opened allows two WINDOW_UPDATE frames.
+        """
+        peer, proto, clock, stats = h2(lambda s: Hold())
+        for i in range(50):
+            sid = peer.client.get_next_available_stream_id()
+            peer.client.send_headers(sid, head(b"/%d" % i), end_stream=True)
+            peer.client.increment_flow_control_window(1 << 20, sid)
+            peer.client.increment_flow_control_window(1 << 16)
+            peer.pump()
+            Hold.streams[-1].respond(204, b"")
+            peer.pump()
+        self.assertEqual(proto.http2.inbound.dataFramesSent, 0)
+        self.assertEqual(peer.goaway(), [])
+        self.assertFalse(proto.transport.disconnecting)
+        self.assertEqual(stat(stats, "http2.inbound_window_update_frames_flood"), 0)
 
     def test_oversizedFrame(self):
         """
@@ -1017,6 +1082,27 @@ class AbuseTests(unittest.TestCase):
         proto.dataReceived(DataFrame(sid, data=b"x" * 20000).serialize())
         self.assertFalse(proto.transport.disconnecting)
         self.assertEqual(len(b"".join(Hold.streams[0].state["hold"].body)), 20000)
+
+
+    def test_oversizedFrameHeader(self):
+        """
+        A frame announcing more than our SETTINGS_MAX_FRAME_SIZE is refused at its 9-byte header, before
+        its payload is buffered: GOAWAY(FRAME_SIZE_ERROR), the connection closes (aborted a second later if
+        the client does not read), and what follows is never held.
+        """
+        peer, proto, clock, stats = h2()
+        header = (0xFFFFFF).to_bytes(3, "big") + b"\x00\x00" + (1).to_bytes(4, "big")
+        proto.dataReceived(header)
+        for i in range(4):
+            proto.dataReceived(b"x" * 65536)
+        self.assertLessEqual(len(proto.http2.inbound._data), 9)
+        self.assertTrue(proto.transport.disconnecting)
+        events = peer.client.receive_data(proto.transport.value())
+        self.assertEqual([e.error_code for e in events if isinstance(e, ConnectionTerminated)],
+                         [ErrorCodes.FRAME_SIZE_ERROR])
+        self.assertEqual(stat(stats, "downstream_cx_protocol_error"), 1)
+        clock.advance(1)
+        self.assertTrue(proto.transport.disconnected)
 
 
 class MalformedRequestTests(unittest.TestCase):
@@ -1086,6 +1172,30 @@ class MalformedRequestTests(unittest.TestCase):
             Hold.streams = []
             self.assertMalformed(head(extra=[(b"x-v", value)]), "http2.invalid.header.field")
 
+    def test_invalidContentLength(self):
+        """
+        A content-length that is not all digits, or two that disagree, is malformed: a stream error, even
+        with the body in the same read, none of which reaches a filter; equal copies are a request.
+        """
+        for values in ([b"1x"], [b""], [b"-1"], [b" 5"], [b"5", b"6"]):
+            Hold.streams = []
+            self.assertMalformed(head(b"/up", b"POST", extra=[(b"content-length", v) for v in values]),
+                                 "http2.invalid.header.field")
+        Hold.streams = []
+        proto, transport, clock, stats = serve(lambda s: Hold())
+        peer = Peer(proto, transport, lax=True)
+        sid = peer.client.get_next_available_stream_id()
+        peer.client.send_headers(sid, head(b"/up", b"POST", extra=[(b"content-length", b"4x")]))
+        peer.client.send_data(sid, b"body", end_stream=True)
+        peer.pump()
+        self.assertEqual(peer.responses[sid].reset, ErrorCodes.PROTOCOL_ERROR)
+        self.assertEqual(Hold.streams, [])
+        self.assertEqual(peer.goaway(), [])
+        sid = peer.request(head(b"/up", b"POST", extra=[(b"content-length", b"4"), (b"content-length", b"04")]),
+                           b"body")
+        self.assertEqual(b"".join(Hold.streams[0].state["hold"].body), b"body")
+        self.assertIsNone(getattr(peer.responses.get(sid), "reset", None))
+
     def test_missingPseudoHeaders(self):
         """
         Without :method, :scheme or :path (or with an empty :path) the request is malformed.
@@ -1148,6 +1258,27 @@ class MalformedRequestTests(unittest.TestCase):
         fields = Hold.streams[0].requestHeaders
         self.assertEqual([f for f in fields if f[0] in (b"cookie", b"x-mid")],
                          [(b"cookie", b"a=1; b=2; c=3"), (b"x-mid", b"m")])
+
+    def test_malformedAndResetInOneRead(self):
+        """
+        A malformed request whose RST_STREAM from the client arrives in the same read is over without our
+        reset (the stream is closed on the wire already), and the connection's other streams carry on.
+        """
+        proto, transport, clock, stats = serve(lambda s: Hold())
+        peer = Peer(proto, transport, lax=True)
+        good = peer.request(head(b"/held"))
+        bad = peer.client.get_next_available_stream_id()
+        peer.client.send_headers(bad, head(extra=[(b"Bad-Name", b"x")]), end_stream=True)
+        peer.client.reset_stream(bad, ErrorCodes.CANCEL)
+        peer.pump()
+        self.assertEqual(stat(stats, "http2.rx_messaging_error"), 1)
+        self.assertEqual(stat(stats, "http2.tx_reset"), 0)
+        self.assertEqual(stat(stats, "http2.rx_reset"), 1)
+        self.assertFalse(proto.transport.disconnecting)
+        Hold.streams[0].respond(200, b"still here")
+        peer.pump()
+        self.assertEqual((good, peer.responses[good].data), (1, b"still here"))
+        self.assertEqual(stat(stats, "downstream_rq_active"), 0)
 
     def test_malformedFloodIsRapidReset(self):
         """

@@ -10,13 +10,16 @@ from types import SimpleNamespace
 
 from h2.connection import H2Connection
 from h2.events import DataReceived, RemoteSettingsChanged, StreamEnded, TrailersReceived
-from h2.exceptions import ProtocolError
+from h2.errors import ErrorCodes
+from h2.exceptions import FrameTooLargeError, ProtocolError
 from h2.settings import SettingCodes
-from hyperframe.frame import GoAwayFrame
+from hyperframe.frame import DataFrame, GoAwayFrame
 from twisted.trial.unittest import SynchronousTestCase
 
-from twistedmesh.http.h2common import (drainInFrames, endStream, engineConfiguration, reopenAfterGoAway,
-                                        sendInFrames, serveBlocked, startConnection, withoutConnectionFields)
+from twistedmesh.http import h2common
+from twistedmesh.http.h2common import (FrameBuffer, acknowledgeConnection, acknowledgeStream, drainInFrames,
+                                        endStream, engineConfiguration, reopenAfterGoAway, sendInFrames,
+                                        serveBlocked, startConnection, withoutConnectionFields)
 
 REQUEST = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"x"), (b":path", b"/")]
 
@@ -248,3 +251,105 @@ class ServeBlockedTests(SynchronousTestCase):
         serveBlocked(self.h2c, self.blocked, 0, drain)
         self.assertEqual(self.drained, [1])
         self.assertEqual(list(self.blocked), [3, 5, 1])
+
+
+class FrameBufferTests(SynchronousTestCase):
+    """
+    The inbound frame buffer refuses an oversized frame from its header on, without buffering its payload.
+    """
+
+    def test_oversizedHeaderRefused(self):
+        """
+        A frame header announcing more than SETTINGS_MAX_FRAME_SIZE is a FRAME_SIZE_ERROR as soon as the
+        9 bytes are in: h2 queues GOAWAY(FRAME_SIZE_ERROR), and not one byte of the payload is held.
+        """
+        client, server, _ = pair()
+        server.incoming_buffer = FrameBuffer(server=False)
+        header = (0xFFFFFF).to_bytes(3, "big") + b"\x00\x00" + (1).to_bytes(4, "big")
+        with self.assertRaises(FrameTooLargeError):
+            server.receive_data(header)
+        self.assertEqual(len(server.incoming_buffer._data), 9)
+        [goaway] = [e for e in client.receive_data(server.data_to_send()) if e.__class__.__name__ ==
+                    "ConnectionTerminated"]
+        self.assertEqual(goaway.error_code, ErrorCodes.FRAME_SIZE_ERROR)
+
+    def test_framesInPiecesAccepted(self):
+        """
+        Frames within the limit are parsed as ever, whether they arrive whole or byte by byte.
+        """
+        client, server, _ = pair()
+        server.incoming_buffer = FrameBuffer(server=False)
+        client.send_headers(1, REQUEST)
+        client.send_data(1, b"x" * 16384, end_stream=True)
+        wire = client.data_to_send()
+        events = []
+        for i in range(len(wire)):
+            events += server.receive_data(wire[i:i + 1])
+        self.assertEqual(sum(len(e.data) for e in events if isinstance(e, DataReceived)), 16384)
+        self.assertTrue(any(isinstance(e, StreamEnded) for e in events))
+
+
+class AcknowledgementTests(SynchronousTestCase):
+    """
+    Received data acknowledged to the connection window and the stream window apart.
+    """
+
+    def test_connectionAndStreamApart(self):
+        """
+        acknowledgeConnection reopens only the connection window, acknowledgeStream only the stream's.
+        """
+        client, server, _ = pair()
+        client.send_headers(1, REQUEST)
+        for size in (16384, 16384, 7232):
+            client.send_data(1, b"x" * size)
+        deliver(client, server)
+        self.assertEqual((client.outbound_flow_control_window, client.local_flow_control_window(1)),
+                         (65535 - 40000, 65535 - 40000))
+        acknowledgeConnection(server, 40000)
+        deliver(server, client)
+        self.assertEqual(client.outbound_flow_control_window, 65535)
+        self.assertEqual(client._get_stream_by_id(1).outbound_flow_control_window, 65535 - 40000)
+        acknowledgeStream(server, 1, 40000)
+        deliver(server, client)
+        self.assertEqual(client.local_flow_control_window(1), 65535)
+        acknowledgeStream(server, 99, 10)  # a stream that is gone: nothing to send, no error
+        self.assertEqual(server.data_to_send(), b"")
+
+
+class CostTests(SynchronousTestCase):
+    """
+    The hot-path savings around h2 and hpack change nothing anyone can see.
+    """
+
+    def test_hpackDebugQuiet(self):
+        """
+        hpack's module loggers do nothing at DEBUG (about a hundred calls per request), and pass every other
+        level on to the real logger.
+        """
+        import logging
+
+        import hpack.hpack
+        import hpack.table
+        for module in (hpack.hpack, hpack.table):
+            self.assertIsNone(module.log.debug("Encoding %d with %d bits", 1, 2))
+            self.assertIs(module.log.debug, h2common._silent)
+            self.assertIs(module.log.warning.__self__, logging.getLogger(module.__name__))
+
+    def test_headersSentAsTheyAre(self):
+        """
+        A list of plain bytes fields goes to HPACK as it is (no copy); text and h2's never-indexed fields
+        still go through h2's own conversion, and the frames on the wire are the same either way.
+        """
+        import h2.stream
+        from hpack import NeverIndexedHeaderTuple
+        fields = [(b":status", b"200"), (b"x-a", b"1")]
+        self.assertIs(h2.stream.utf8_encode_headers(fields), fields)
+        self.assertEqual(h2.stream.utf8_encode_headers([(":status", "200")]), [(b":status", b"200")])
+        secret = [NeverIndexedHeaderTuple(b"authorization", b"x")]
+        converted = h2.stream.utf8_encode_headers(secret)
+        self.assertIsNot(converted, secret)
+        self.assertIsInstance(converted[0], NeverIndexedHeaderTuple)
+        client, server, _ = pair()
+        client.send_headers(1, REQUEST + [(b"x-b", b"2")], end_stream=True)
+        [event, _] = deliver(client, server)
+        self.assertEqual(event.headers, REQUEST + [(b"x-b", b"2")])

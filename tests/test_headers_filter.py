@@ -6,25 +6,18 @@ through a real proxy to the built-in HTTP echo.
 
 from __future__ import annotations
 
-import os
 from typing import Dict, List, Tuple
 
 import treq
-from twisted.internet import defer, reactor
-from twisted.internet.task import deferLater
-from twisted.internet.testing import MemoryReactorClock
-from twisted.plugin import getPlugins
+from twisted.internet import defer
 from twisted.trial import unittest
 
-from twistedmesh.config import ConfigError, Options, loadFile, loadString
+from twistedmesh.config import ConfigError, Options
 from twistedmesh.filters.headers import HeadersFactory, HeadersFilter
 from twistedmesh.http.stream import HTTPFilter
-from twistedmesh.interfaces import IHTTPFilterFactory
-from twistedmesh.service import MeshService
 from twistedmesh.testing import FilterHarness
 
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from .support import FilterPluginTests, edgeConfig, port, startEcho, startService, stopProxy
 
 
 def configure(items: Dict[str, str]) -> Tuple[object, List[ConfigError]]:
@@ -321,31 +314,12 @@ class ConfigErrorTests(unittest.TestCase):
         self.assertEqual(h.upstream.headers, [(b"x-ok", b"1")])
 
 
-class PluginTests(unittest.TestCase):
+class PluginTests(FilterPluginTests, unittest.TestCase):
     """
-    The filter is registered like any plugin.
-    """
-
-    def test_found(self):
-        """
-        L{getPlugins} finds a C{headers} HTTP filter factory.
-        """
-        names = [p.name for p in getPlugins(IHTTPFilterFactory)]
-        self.assertIn("headers", names)
-
-
-class ExampleConfigTests(unittest.TestCase):
-    """
-    The shipped example configuration stays valid.
+    The filter is registered like any plugin, and its shipped example stays valid.
     """
 
-    def test_examplesHeadersINI(self):
-        """
-        C{etc/examples/headers.ini} loads and builds a service (without listening).
-        """
-        path = os.path.join(ROOT, "etc", "examples", "headers.ini")
-        service = MeshService(loadFile(path), MemoryReactorClock())
-        self.assertEqual(sorted(service.listeners), ["edge"])
+    plugin, example = "headers", "headers.ini"
 
 
 class IntegrationTests(unittest.TestCase):
@@ -354,38 +328,12 @@ class IntegrationTests(unittest.TestCase):
     """
 
     @defer.inlineCallbacks
-    def stopProxy(self, service: MeshService):
-        """
-        Drain C{service}, then close its pooled upstream connections (C{stopService} leaves them open) and
-        let them finish closing before trial checks the reactor.
-        """
-        yield service.stopService()
-        for cluster in service.clusters.values():
-            cluster.pools.closeAll()
-        yield deferLater(reactor, 0.01, lambda: None)
-
-    @defer.inlineCallbacks
     def test_throughProxy(self):
         """
         The upstream sees the request edits and the client sees the response edits.
         """
-        echo = MeshService(loadString("[mesh]\nadmin = off\n[echo:e]\nendpoint = tcp:0:interface=127.0.0.1\n"),
-                           reactor)
-        echo.startService()
-        self.addCleanup(echo.stopService)
-        yield echo.whenLive
-        echoPort = echo.echoes["e"].port.getHost().port
-        proxy = MeshService(loadString(f"""
-[mesh]
-admin = off
-[listener:edge]
-endpoint = tcp:0:interface=127.0.0.1
-protocol = http
-filters = hdr, router
-routes = main
-[route:main/all]
-prefix = /
-cluster = echo
+        echoPort = yield startEcho(self)
+        proxy = startService(self, edgeConfig(echoPort, "hdr, router", """
 [filter:hdr]
 type = headers
 request.add =
@@ -396,13 +344,9 @@ request.remove = x-drop
 response.add = x-mesh: yes
 response.set = content-type: text/x-mesh
 response.remove = x-echo-server
-[cluster:echo]
-endpoints = tcp:127.0.0.1:{echoPort}
-""", "test.ini"), reactor, seed=1)
-        proxy.startService()
-        self.addCleanup(self.stopProxy, proxy)
+"""), stop=stopProxy)
         yield proxy.whenLive
-        url = f"http://127.0.0.1:{proxy.listeners['edge'].port.getHost().port}/hello"
+        url = f"http://127.0.0.1:{port(proxy.listeners['edge'])}/hello"
         response = yield treq.get(url, headers={"X-Drop": "gone", "X-Replace": "old", "X-Keep": "one"},
                                   persistent=False)
         text = yield response.text()

@@ -14,8 +14,6 @@ from __future__ import annotations
 import configparser
 import dataclasses
 import os
-import shutil
-import socket
 from random import Random
 from typing import Dict, List, Optional
 
@@ -31,12 +29,11 @@ from hyperframe.frame import GoAwayFrame
 import treq
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.address import IPv4Address
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, serverFromString
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import INegotiated
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
-from twisted.internet.utils import getProcessOutputAndValue
 from twisted.plugin import getPlugins
 from twisted.protocols.policies import WrappingFactory
 from twisted.trial import unittest
@@ -44,18 +41,19 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
 
-from twistedmesh.config import ClusterConfig, ConfigError, HostConfig, ListenerConfig, Options, loadFile, loadString
+from twistedmesh.config import ClusterConfig, ConfigError, HostConfig, ListenerConfig, Options, loadFile
 from twistedmesh.config.health import HealthConfig, parseHealth, parsePayload, parseStatuses
 from twistedmesh.filters.health_check import HealthCheckFactory, HealthState, ServerHealthState
 from twistedmesh.interfaces import IHTTPFilterFactory
 from twistedmesh.observability.stats import StatsStore
 from twistedmesh.plugins import FilterContext
-from twistedmesh.service import MeshService
 from twistedmesh.testing import FilterHarness
 from twistedmesh.upstream.cluster import Cluster
 from twistedmesh.upstream.health import (
     FAILED_ACTIVE_HC, PENDING_ACTIVE_HC, HealthChecker, _hostLabel,
 )
+
+from .support import proxyConfig, startNginx, startService, waitFor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "etc", "examples", "health.ini")
@@ -84,10 +82,13 @@ def parse(items: Dict[str, str], section: str = "cluster:api") -> "tuple[Optiona
 @implementer(INegotiated)
 class TLSStringTransport(StringTransport):
     """
-    A L{StringTransport} that looks like a TLS transport (it provides L{INegotiated}).
+    A L{StringTransport} that looks like a TLS transport (it provides L{INegotiated}) that negotiated
+    C{negotiatedProtocol} by ALPN.
     """
 
-    negotiatedProtocol = None
+    def __init__(self, negotiatedProtocol: Optional[bytes] = None) -> None:
+        super().__init__()
+        self.negotiatedProtocol = negotiatedProtocol
 
 
 class PendingConnection:
@@ -117,6 +118,16 @@ class PendingConnection:
         self.protocol.makeConnection(self.transport)
         self.deferred.callback(self.protocol)
         return self.protocol
+
+    def handshake(self, alpn: Optional[bytes] = None) -> TLSStringTransport:
+        """
+        Connect over a memory transport that looks like TLS, negotiating C{alpn}, and complete the TLS
+        handshake; return the transport.
+        """
+        transport = TLSStringTransport(alpn)
+        self.accept(transport)
+        self.protocol.handshakeCompleted()
+        return transport
 
     def refuse(self) -> None:
         """
@@ -890,11 +901,7 @@ class HTTP1ReuseTests(unittest.TestCase):
         """
         c = Checked({"health.path": "/", "health.codec": "http1"}, protocol="http2")
         c.start()
-        transport = TLSStringTransport()
-        transport.negotiatedProtocol = b"h2"
-        pending = c.endpoints[0].last
-        pending.accept(transport)
-        pending.protocol.handshakeCompleted()
+        transport = c.endpoints[0].last.handshake(b"h2")
         self.assertEqual(c.host.healthReason,
                          "failed active health check: protocol error: ALPN negotiated h2, not http/1.1")
         self.assertTrue(transport.disconnected)
@@ -1186,18 +1193,12 @@ class H2CheckTests(unittest.TestCase):
         Over TLS, a host that negotiated http/1.1 by ALPN fails the check; one that negotiated h2 passes.
         """
         c = h2Checked()
-        transport = TLSStringTransport()
-        transport.negotiatedProtocol = b"http/1.1"
-        pending = c.endpoints[0].last
-        pending.accept(transport)
-        pending.protocol.handshakeCompleted()
+        transport = c.endpoints[0].last.handshake(b"http/1.1")
         self.assertEqual(c.host.healthReason,
                          "failed active health check: protocol error: ALPN negotiated http/1.1, not h2")
         self.assertTrue(transport.disconnected)
         c.next()
-        transport = TLSStringTransport()
-        transport.negotiatedProtocol = b"h2"
-        peer = h2Accept(c, transport)
+        peer = h2Accept(c, TLSStringTransport(b"h2"))
         peer.pending.protocol.handshakeCompleted()
         peer.respond(200)
         self.assertEqual((c.stat("health_check.success"), c.stat("health_check.failure")), (1, 1))
@@ -1716,18 +1717,6 @@ class QuietSite(Site):
         """
 
 
-@defer.inlineCallbacks
-def waitFor(predicate, timeout: float = 5.0):
-    """
-    Poll C{predicate} on the real reactor every 10ms until it holds; fail after C{timeout} seconds.
-    """
-    deadline = reactor.seconds() + timeout
-    while not predicate():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        yield deferLater(reactor, 0.01, lambda: None)
-
-
 class LoopbackTests(unittest.TestCase):
     """
     Health checks of real hosts over loopback, on the real reactor.
@@ -1884,23 +1873,24 @@ class H2LoopbackTests(unittest.TestCase):
         """
         A started service with the admin endpoint, a listener and C{clusters} (stopped at cleanup).
         """
-        service = MeshService(loadString(f"""
-[mesh]
-admin = tcp:0:interface=127.0.0.1
-drain_timeout = 1s
-[listener:web]
-endpoint = tcp:0:interface=127.0.0.1
-protocol = http
-routes = main
-[route:main/all]
-prefix = /
-cluster = origin
-{clusters}
-""", "test.ini"), reactor, seed=3)
-        service.startService()
-        self.addCleanup(service.stopService)
+        mesh = "admin = tcp:0:interface=127.0.0.1\ndrain_timeout = 1s\n"
+        service = startService(self, proxyConfig("origin", clusters, mesh=mesh, listener="web"), seed=3)
         yield service.whenLive
         return service
+
+    def serveH2(self, options=None) -> "tuple[H2HostFactory, str]":
+        """
+        An HTTP/2 host listening on a loopback port, over TLS with C{options} (else h2c), until the test
+        ends and its connections have closed; return it and its endpoint string.
+        """
+        origin = H2HostFactory()
+        if options is None:
+            port = reactor.listenTCP(0, origin, interface="127.0.0.1")
+        else:
+            port = reactor.listenSSL(0, origin, options, interface="127.0.0.1")
+        self.addCleanup(origin.whenAllClosed)
+        self.addCleanup(port.stopListening)
+        return origin, f"tcp:127.0.0.1:{port.getHost().port}"
 
     @defer.inlineCallbacks
     def clustersPage(self, service) -> "defer.Deferred[str]":
@@ -1918,11 +1908,7 @@ cluster = origin
         An h2c host behind a C{protocol = http2} cluster turns healthy, then unhealthy when it answers 503,
         as C{/clusters} shows; every check is a new stream of one connection.
         """
-        origin = H2HostFactory()
-        port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(origin)
-        self.addCleanup(origin.whenAllClosed)
-        self.addCleanup(port.stopListening)
-        endpoint = f"tcp:127.0.0.1:{port.getHost().port}"
+        origin, endpoint = self.serveH2()
         service = yield self.startMesh(f"""
 [cluster:origin]
 endpoints = {endpoint}
@@ -1965,11 +1951,7 @@ health.timeout = 2s
         cert = pki.twistedClient("server")
         options = CertificateOptions(privateKey=cert.privateKey.original, certificate=cert.original,
                                      acceptableProtocols=[b"h2"])
-        origin = H2HostFactory()
-        port = reactor.listenSSL(0, origin, options, interface="127.0.0.1")
-        self.addCleanup(origin.whenAllClosed)
-        self.addCleanup(port.stopListening)
-        endpoint = f"tcp:127.0.0.1:{port.getHost().port}"
+        origin, endpoint = self.serveH2(options)
         service = yield self.startMesh(f"""
 [cluster:origin]
 endpoints = {endpoint}
@@ -2032,61 +2014,13 @@ class NginxHealthTests(unittest.TestCase):
         C{/healthz} (200) makes one cluster's host healthy, C{/down} (503) another's unhealthy, and
         C{health.codec = http1} fails against the h2c-only port.
         """
-        nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
-        if nginx is None:
-            raise unittest.SkipTest("nginx is not installed")
-        out, err, code = yield getProcessOutputAndValue(nginx, ["-V"])
-        if b"http_v2_module" not in err + out:
-            raise unittest.SkipTest("this nginx has no HTTP/2 module")
-        root = os.path.abspath(self.mktemp())
-        os.makedirs(root)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            number = s.getsockname()[1]
-        conf = os.path.join(root, "nginx.conf")
-        temp = " ".join(f"{kind}_temp_path {root}/{kind};" for kind in
-                        ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-        with open(conf, "w") as f:
-            f.write(f"""
-daemon off;
-master_process off;
-worker_processes 1;
-error_log {root}/error.log;
-pid {root}/nginx.pid;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    {temp}
-    server {{
-        listen 127.0.0.1:{number} http2;
-        location = /healthz {{ return 200 "ok\\n"; }}
-        location = /down {{ return 503 "down\\n"; }}
-    }}
-}}
+        number, _ = yield startNginx(self, """
+        location = /healthz { return 200 "ok\\n"; }
+        location = /down { return 503 "down\\n"; }
 """)
-        ended = defer.Deferred()
-
-        class Exited(protocol.ProcessProtocol):
-            def processEnded(self, reason) -> None:
-                ended.callback(None)
-
-        process = reactor.spawnProcess(Exited(), nginx, [nginx, "-p", root, "-c", conf], env=os.environ)
-
-        def stop():
-            process.signalProcess("TERM")
-            return ended
-
-        self.addCleanup(stop)
-        for _ in range(200):
-            try:
-                p = yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", number), protocol.Protocol())
-                p.transport.loseConnection()
-                break
-            except Exception:
-                yield deferLater(reactor, 0.02, lambda: None)
         endpoint = f"tcp:127.0.0.1:{number}"
         checks = "health.interval = 50ms\nhealth.no_traffic_interval = 50ms\nhealth.timeout = 2s\n"
-        service = MeshService(loadString(f"""
+        service = startService(self, f"""
 [mesh]
 admin = off
 [cluster:origin]
@@ -2105,9 +2039,7 @@ protocol = http2
 health.path = /healthz
 health.codec = http1
 {checks}
-""", "test.ini"), reactor, seed=3)
-        service.startService()
-        self.addCleanup(service.stopService)
+""", seed=3)
         good, bad, old = (service.clusters[n].hosts[0] for n in ("origin", "broken", "old"))
         yield waitFor(lambda: good.healthy and "pending" not in bad.healthReason + old.healthReason)
         self.assertEqual(bad.healthReason, "failed active health check: status 503")

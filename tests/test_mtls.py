@@ -17,9 +17,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
-from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
@@ -29,6 +28,7 @@ from twisted.web import resource, server
 from twistedmesh.config import ConfigErrors, loadString
 from twistedmesh.service import MeshService
 
+from .support import KeepAliveClient, startService
 from .test_tls import BACKEND, FRONTEND, OPENSSL, PKI, bump, serialOf, standardPKI
 
 CURL = shutil.which("curl")
@@ -84,46 +84,6 @@ class Upstream(resource.Resource):
         return b"ok"
 
 
-class Client(Protocol):
-    """
-    A keep-alive HTTP/1.1 client: L{request} sends one request and fires with the whole response (its
-    body length taken from C{content-length}); C{lost} fires when the connection ends.
-    """
-
-    def __init__(self) -> None:
-        self.buffer = b""
-        self.waiting: Optional[Deferred] = None
-        self.lost: Deferred = Deferred()
-        self.reason = None
-
-    def request(self, path: bytes = b"/", host: bytes = b"localhost") -> Deferred:
-        self.waiting = Deferred()
-        self.transport.write(b"GET " + path + b" HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
-        return self.waiting
-
-    def dataReceived(self, data: bytes) -> None:
-        self.buffer += data
-        head, sep, body = self.buffer.partition(b"\r\n\r\n")
-        if not sep:
-            return
-        length = 0
-        for line in head.split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value)
-        if len(body) >= length and self.waiting is not None:
-            response, self.buffer = head + sep + body[:length], body[length:]
-            waiting, self.waiting = self.waiting, None
-            waiting.callback(response)
-
-    def connectionLost(self, reason) -> None:
-        self.reason = reason
-        if self.waiting is not None:
-            waiting, self.waiting = self.waiting, None
-            waiting.callback(b"")  # nothing came back: refused
-        self.lost.callback(None)
-
-
 class MTLSTests(TestCase):
     """
     A proxy with an mTLS edge and an mTLS admin, on loopback, with a PKI made for the test.
@@ -148,10 +108,8 @@ class MTLSTests(TestCase):
         """
         Start a L{MeshService} for config C{text}; fire with it once it listens.
         """
-        service = MeshService(loadString(text, "test.ini"), reactor, seed=1)
-        service.startService()
         self.addCleanup(lambda: deferLater(reactor, 0.05, lambda: None))  # let closed sockets go
-        self.addCleanup(service.stopService)
+        service = startService(self, text)
         yield service.whenLive
         return service
 
@@ -192,11 +150,11 @@ cluster = up
                                    clientCertificate=pki.twistedClient(clientCert) if clientCert else None)
 
     @inlineCallbacks
-    def connect(self, port: int, creator) -> Client:
+    def connect(self, port: int, creator) -> KeepAliveClient:
         """
-        A L{Client} connected over TLS from C{creator} to C{port}; it is closed at cleanup.
+        A L{KeepAliveClient} connected over TLS from C{creator} to C{port}; it is closed at cleanup.
         """
-        client = Client()
+        client = KeepAliveClient()
         endpoint = wrapClientTLS(creator, TCP4ClientEndpoint(reactor, "127.0.0.1", port))
         yield connectProtocol(endpoint, client)
 

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 from typing import List, Optional
 
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.task import deferLater
 from twisted.trial import unittest
 from twisted.web import resource, server
 
-from twistedmesh.config import loadString
 from twistedmesh.service import MeshService
+
+from .support import Exchange, freePort, port, startService, waitFor
 
 CONFIG = """
 [mesh]
@@ -110,35 +110,6 @@ class Origin(resource.Resource):
         return server.NOT_DONE_YET
 
 
-class Client(protocol.Protocol):
-    """
-    Sends one raw request and collects the answer until the connection closes.
-    """
-
-    def __init__(self, payload: bytes) -> None:
-        self.payload = payload
-        self.chunks: List[bytes] = []
-        self.closed: defer.Deferred = defer.Deferred()
-
-    def connectionMade(self) -> None:
-        self.transport.write(self.payload)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.chunks.append(data)
-
-    def connectionLost(self, reason) -> None:
-        self.closed.callback(b"".join(self.chunks))
-
-
-def closedPort() -> int:
-    """
-    A loopback port that was free a moment ago and that nothing listens on: connecting is refused.
-    """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class OutcomeTests(unittest.TestCase):
     """
     Each test sends the request that produces one outcome and checks the client's answer and the
@@ -155,31 +126,30 @@ class OutcomeTests(unittest.TestCase):
         self.originPort = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
         self.addCleanup(self.originPort.stopListening)
         self.logPath = os.path.abspath(self.mktemp())
-        text = CONFIG.format(log=self.logPath, origin=self.originPort.getHost().port, dead=closedPort())
-        self.service = MeshService(loadString(text, "outcomes.ini"), reactor, seed=3)
-        self.service.startService()
-        self.addCleanup(self._stop)
+        # The dead cluster's port: nothing listens there, connecting is refused.
+        text = CONFIG.format(log=self.logPath, origin=self.originPort.getHost().port, dead=freePort())
+        self.service = startService(self, text, seed=3, stop=self._stop)
         yield self.service.whenLive
-        self.port = self.service.listeners["edge"].port.getHost().port
+        self.port = port(self.service.listeners["edge"])
         self.sink = self.service.accessLogSinks.get(self.logPath)
 
     @defer.inlineCallbacks
-    def _stop(self):
+    def _stop(self, service: MeshService):
         for request in self.origin.held:
             if not request.finished and not request._disconnected:
                 request.finish()
-        yield self.service.stopService()
+        yield service.stopService()
         # Let the upstream connections the pools closed finish closing before trial checks the reactor.
         yield deferLater(reactor, 0.02, lambda: None)
 
     def connect(self, path: str, headers: str = "", close: bool = True, port: Optional[int] = None) -> defer.Deferred:
         """
-        Open a connection to the proxy (or to C{port}) and send C{GET path}; fires with the L{Client}.
+        Open a connection to the proxy (or to C{port}) and send C{GET path}; fires with the L{Exchange}.
         """
         head = f"GET {path} HTTP/1.1\r\nHost: outcomes.test\r\n{headers}"
         if close:
             head += "Connection: close\r\n"
-        client = Client((head + "\r\n").encode())
+        client = Exchange((head + "\r\n").encode())
         return connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port or self.port), client)
 
     @defer.inlineCallbacks
@@ -188,7 +158,7 @@ class OutcomeTests(unittest.TestCase):
         C{GET path} on a connection of its own; fires with the whole raw answer.
         """
         client = yield self.connect(path, headers, port=port)
-        answer = yield client.closed
+        answer = yield client.done
         return answer
 
     @defer.inlineCallbacks
@@ -250,7 +220,7 @@ class OutcomeTests(unittest.TestCase):
             "/narrow/second 503 UO upstream_reset_before_response_started{overflow} narrow")
         held.write(b"late but fine")
         held.finish()
-        answer = yield first.closed
+        answer = yield first.done
         self.assertTrue(answer.startswith(b"HTTP/1.1 200 OK"), answer)
         logged = yield self.logLine("/narrow/first")
         self.assertEqual(logged, "/narrow/first 200 - via_upstream narrow")
@@ -278,14 +248,10 @@ class OutcomeTests(unittest.TestCase):
         client = yield self.connect("/hang", close=False)
         held = yield self.origin.arrivals.get()
         client.transport.abortConnection()
-        yield client.closed
+        yield client.done
         logged = yield self.logLine("/hang")
         self.assertEqual(logged, "/hang 0 DC downstream_remote_disconnect origin")
-        for _ in range(200):  # the proxy closes the upstream exchange it no longer needs
-            if held._disconnected:
-                break
-            yield deferLater(reactor, 0.01, lambda: None)
-        self.assertTrue(held._disconnected)
+        yield waitFor(lambda: held._disconnected, 5, "the proxy to close the upstream exchange it no longer needs")
 
     @defer.inlineCallbacks
     def test_statsQuantiles(self):

@@ -111,6 +111,20 @@ class OutputTests(SynchronousTestCase):
         up.write(b"request")
         self.assertEqual(upT.calls, [[b"request"]])
 
+    def test_writeWhole(self) -> None:
+        """
+        A whole message is collected while corked, and written at once otherwise.
+        """
+        t = CountingTransport()
+        out = Output(t)
+        out.writeWhole(b"GET / HTTP/1.1\r\n\r\n")
+        self.assertEqual(t.calls, [[b"GET / HTTP/1.1\r\n\r\n"]])
+        out.cork()
+        out.writeWhole(b"again")
+        self.assertEqual(len(t.calls), 1)
+        out.uncork()
+        self.assertEqual(t.calls[1], [b"again"])
+
     def test_flush(self) -> None:
         """
         flush() sends what was collected now, and the output stays corked.
@@ -185,6 +199,17 @@ class SendNowTests(TestCase):
         self.assertNotIn(self.transport, reactor.getWriters())
         data = yield self.client.until(23)
         self.assertEqual(data, b"HTTP/1.1 200 OK\r\n\r\nbody")
+
+    @defer.inlineCallbacks
+    def test_writeWholeDirect(self):
+        """
+        Output.writeWhole outside a read goes straight to the socket too.
+        """
+        Output(self.transport).writeWhole(b"GET / HTTP/1.1\r\n\r\n")
+        self.assertEqual((self.transport.dataBuffer, self.transport._tempDataLen), (b"", 0))
+        self.assertNotIn(self.transport, reactor.getWriters())
+        data = yield self.client.until(18)
+        self.assertEqual(data, b"GET / HTTP/1.1\r\n\r\n")
 
     @defer.inlineCallbacks
     def test_afterBuffered(self):
@@ -372,7 +397,7 @@ endpoints = tcp:127.0.0.1:{echo}
         client = _Client()
         yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port(service.listeners["web"])), client)
         self.addCleanup(client.transport.abortConnection)
-        head, body = yield client.get(b"/first")  # connects upstream: outside any read, the old path
+        head, body = yield client.get(b"/first")  # makes the upstream connection
         self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
         yield deferLater(reactor, 0.01, lambda: None)  # let the reactor finish that first write
         (down,) = service.listeners["web"].factory.connections

@@ -7,28 +7,24 @@ and a real proxy answering 429 once the bucket is empty.
 
 from __future__ import annotations
 
-import os
 import random
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import treq
-from twisted.internet import defer, reactor
-from twisted.internet.task import Clock, deferLater
-from twisted.internet.testing import MemoryReactorClock
-from twisted.plugin import getPlugins
+from twisted.internet import defer
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from twistedmesh.config import ConfigError, ListenerConfig, Options, loadFile, loadString
+from twistedmesh.config import ConfigError, ListenerConfig, Options
 from twistedmesh.config.routes import RouteConfig
 from twistedmesh.filters.ratelimit import LocalRateLimitFactory, LocalRateLimitFilter
 from twistedmesh.http.routes import RouteTable
-from twistedmesh.interfaces import IHTTPFilterFactory
 from twistedmesh.observability.stats import StatsStore
 from twistedmesh.plugins import FilterContext
-from twistedmesh.service import MeshService
 from twistedmesh.testing import FilterHarness
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from .support import FilterPluginTests, edgeConfig, port, startEcho, startService, stopProxy
+
 BASE = {"max_tokens": "3", "tokens_per_fill": "2", "fill_interval": "1s"}
 
 
@@ -552,30 +548,12 @@ class ConfigErrorTests(unittest.TestCase):
         ])
 
 
-class PluginTests(unittest.TestCase):
+class PluginTests(FilterPluginTests, unittest.TestCase):
     """
-    The filter is registered like any plugin.
-    """
-
-    def test_found(self):
-        """
-        L{getPlugins} finds a C{local_ratelimit} HTTP filter factory.
-        """
-        self.assertIn("local_ratelimit", [p.name for p in getPlugins(IHTTPFilterFactory)])
-
-
-class ExampleConfigTests(unittest.TestCase):
-    """
-    The shipped example configuration stays valid.
+    The filter is registered like any plugin, and its shipped example stays valid.
     """
 
-    def test_examplesRatelimitINI(self):
-        """
-        C{etc/examples/ratelimit.ini} loads and builds a service (without listening).
-        """
-        service = MeshService(loadFile(os.path.join(ROOT, "etc", "examples", "ratelimit.ini")),
-                              MemoryReactorClock())
-        self.assertEqual(sorted(service.listeners), ["edge"])
+    plugin, example = "local_ratelimit", "ratelimit.ini"
 
 
 class IntegrationTests(unittest.TestCase):
@@ -584,48 +562,19 @@ class IntegrationTests(unittest.TestCase):
     """
 
     @defer.inlineCallbacks
-    def stopProxy(self, service: MeshService):
-        """
-        Drain C{service}, close its pooled upstream connections and let them finish closing.
-        """
-        yield service.stopService()
-        for cluster in service.clusters.values():
-            cluster.pools.closeAll()
-        yield deferLater(reactor, 0.01, lambda: None)
-
-    @defer.inlineCallbacks
     def test_429WhenEmpty(self):
         """
         With two tokens and no refill in sight, the third request is answered 429 by the proxy.
         """
-        echo = MeshService(loadString("[mesh]\nadmin = off\n[echo:e]\nendpoint = tcp:0:interface=127.0.0.1\n"),
-                           reactor)
-        echo.startService()
-        self.addCleanup(echo.stopService)
-        yield echo.whenLive
-        echoPort = echo.echoes["e"].port.getHost().port
-        proxy = MeshService(loadString(f"""
-[mesh]
-admin = off
-[listener:edge]
-endpoint = tcp:0:interface=127.0.0.1
-protocol = http
-filters = limit, router
-routes = main
-[route:main/all]
-prefix = /
-cluster = echo
+        echoPort = yield startEcho(self)
+        proxy = startService(self, edgeConfig(echoPort, "limit, router", """
 [filter:limit]
 type = local_ratelimit
 max_tokens = 2
 fill_interval = 1h
-[cluster:echo]
-endpoints = tcp:127.0.0.1:{echoPort}
-""", "test.ini"), reactor, seed=1)
-        proxy.startService()
-        self.addCleanup(self.stopProxy, proxy)
+"""), stop=stopProxy)
         yield proxy.whenLive
-        url = f"http://127.0.0.1:{proxy.listeners['edge'].port.getHost().port}/hello"
+        url = f"http://127.0.0.1:{port(proxy.listeners['edge'])}/hello"
         codes, bodies = [], []
         for _ in range(3):
             response = yield treq.get(url, persistent=False)

@@ -10,12 +10,9 @@ port, skipped when it is not installed), and two proxies sharing one Redis.
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
-import socket
 import subprocess
-import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import treq
@@ -24,23 +21,24 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.task import Clock, deferLater
-from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.plugin import getPlugins
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from twistedmesh.config import ConfigError, ListenerConfig, Options, loadFile, loadString
+from twistedmesh.config import ConfigError, ListenerConfig, Options
 from twistedmesh.filters.ratelimit_global import GlobalRateLimitFactory, GlobalRateLimitFilter
-from twistedmesh.interfaces import IHTTPFilterFactory
 from twistedmesh.observability.stats import StatsStore
 from twistedmesh.plugins import FilterContext
 from twistedmesh.redis import RedisClient, RedisConnectionError, RedisError, RedisProtocol, _parse, encodeCommand
 from twistedmesh.service import MeshService
 from twistedmesh.testing import FilterHarness
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from .support import (
+    FilterPluginTests, edgeConfig, freePort, port, startEcho, startService, stopProxy, waitFor, waitListening,
+)
+
 REDIS_SERVER = shutil.which("redis-server")
 NO_REDIS = "redis-server is not installed (apt-get install redis-server)"
 USER = {"redis": "tcp:127.0.0.1:6379", "domain": "edge", "descriptor.user.key": "header:x-user",
@@ -619,33 +617,12 @@ class ConfigErrorTests(unittest.TestCase):
         self.assertEqual(stats(context, "fleet"), (0, 0, 0, 0))
 
 
-class PluginTests(unittest.TestCase):
+class PluginTests(FilterPluginTests, unittest.TestCase):
     """
-    Registration and the shipped example.
+    The filter is registered like any plugin, and its shipped example stays valid.
     """
 
-    def test_found(self):
-        """
-        L{getPlugins} finds a C{ratelimit} HTTP filter factory.
-        """
-        self.assertIn("ratelimit", [p.name for p in getPlugins(IHTTPFilterFactory)])
-
-    def test_exampleINI(self):
-        """
-        C{etc/examples/ratelimit-global.ini} loads and builds a service (without listening or connecting).
-        """
-        service = MeshService(loadFile(os.path.join(ROOT, "etc", "examples", "ratelimit-global.ini")),
-                              MemoryReactorClock())
-        self.assertEqual(sorted(service.listeners), ["edge"])
-
-
-def freePort() -> int:
-    """
-    A loopback TCP port nobody listens on (now).
-    """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    plugin, example = "ratelimit", "ratelimit-global.ini"
 
 
 class RedisServerCase(unittest.TestCase):
@@ -663,16 +640,7 @@ class RedisServerCase(unittest.TestCase):
             [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.addCleanup(self.stopRedis)
-        # Wait for it to listen, on the reactor (bounded: 10 s), not by sleeping.
-        for _ in range(500):
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                if self.process.poll() is not None:
-                    break
-                yield deferLater(reactor, 0.02, lambda: None)
-        self.fail(f"redis-server did not start on port {self.port}")
+        yield waitListening(self.port, 10, "redis-server to listen", lambda: self.process.poll() is not None)
 
     def stopRedis(self) -> None:
         """
@@ -713,8 +681,7 @@ class RealRedisTests(RedisServerCase):
         for _ in range(3):
             h = FilterHarness(filt, clock=reactor)  # type: ignore[arg-type]
             h.request(b"GET", b"/", [(b"x-user", b"ann")])
-            while h.paused:
-                yield deferLater(reactor, 0.005, lambda: None)
+            yield waitFor(lambda: not h.paused, 5, "the filter to hear from Redis", step=0.005)
             if h.upstream.method is not None:
                 h.respond(200, [(b"content-length", b"2")], b"ok")
             codes.append(h.downstream.status)
@@ -732,17 +699,13 @@ class RealRedisTests(RedisServerCase):
         self.assertEqual((yield client.execute([[b"INCRBY", b"k", b"1"]])), [1])
         self.process.terminate()
         self.process.wait(10)
-        while client.protocol is not None:
-            yield deferLater(reactor, 0.01, lambda: None)
+        yield waitFor(lambda: client.protocol is None, 10, "the client to see Redis go", step=0.01)
         with self.assertRaises(RedisConnectionError):
             yield client.execute([[b"INCRBY", b"k", b"1"]])
         self.process = subprocess.Popen(
             [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while client.protocol is None:
-            self.assertLess(time.monotonic(), deadline, "the client did not reconnect")
-            yield deferLater(reactor, 0.05, lambda: None)
+        yield waitFor(lambda: client.protocol is not None, 10, "the client to reconnect", step=0.05)
         self.assertEqual((yield client.execute([[b"INCRBY", b"k", b"1"]])), [1])
 
 
@@ -756,17 +719,7 @@ class TwoProxiesTests(RedisServerCase):
         """
         A proxy whose listener C{edge} limits to 5 requests a day in total, in front of the echo.
         """
-        proxy = MeshService(loadString(f"""
-[mesh]
-admin = off
-[listener:edge]
-endpoint = tcp:0:interface=127.0.0.1
-protocol = http
-filters = limit, router
-routes = main
-[route:main/all]
-prefix = /
-cluster = echo
+        proxy = startService(self, edgeConfig(echoPort, "limit, router", f"""
 [filter:limit]
 type = ratelimit
 redis = tcp:127.0.0.1:{self.port}
@@ -776,24 +729,17 @@ descriptor.all.key = generic:all
 descriptor.all.requests_per_unit = 5
 descriptor.all.unit = day
 timeout = 2s
-[cluster:echo]
-endpoints = tcp:127.0.0.1:{echoPort}
-""", "test.ini"), reactor, seed=1)
-        proxy.startService()
-        self.addCleanup(self.stopProxy, proxy)
+"""), stop=self.stopWithRedis)
         yield proxy.whenLive
         return proxy
 
     @defer.inlineCallbacks
-    def stopProxy(self, service: MeshService):
+    def stopWithRedis(self, service: MeshService):
         """
-        Drain C{service}, close its Redis connection and pooled upstream connections.
+        Stop C{service} as L{stopProxy} does, then close the filter's Redis connection too.
         """
-        yield service.stopService()
+        yield stopProxy(service)
         yield service.listeners["edge"].factory.settings.makers[0](None).client.close()
-        for cluster in service.clusters.values():
-            cluster.pools.closeAll()
-        yield deferLater(reactor, 0.01, lambda: None)
 
     @defer.inlineCallbacks
     def test_sharedCount(self):
@@ -801,17 +747,12 @@ endpoints = tcp:127.0.0.1:{echoPort}
         Limit 5: three requests through A and three through B give exactly one 429, and the stats of the
         two proxies add up.
         """
-        echo = MeshService(loadString("[mesh]\nadmin = off\n[echo:e]\nendpoint = tcp:0:interface=127.0.0.1\n"),
-                           reactor)
-        echo.startService()
-        self.addCleanup(echo.stopService)
-        yield echo.whenLive
-        echoPort = echo.echoes["e"].port.getHost().port
+        echoPort = yield startEcho(self)
         a = yield self.startProxy(echoPort)
         b = yield self.startProxy(echoPort)
         codes = []
         for proxy in (a, b, a, b, a, b):
-            url = f"http://127.0.0.1:{proxy.listeners['edge'].port.getHost().port}/hello"
+            url = f"http://127.0.0.1:{port(proxy.listeners['edge'])}/hello"
             response = yield treq.get(url, persistent=False)
             yield response.content()
             codes.append(response.code)

@@ -28,7 +28,7 @@ from twisted.web.client import HTTPConnectionPool
 
 from twistedmesh.service import MeshService
 
-from .support import startService, stopProxy, waitFor
+from .support import proxyConfig, startService, stopProxy, waitFor
 from .test_http import CountingSite
 from .test_tls import PKI
 
@@ -95,7 +95,13 @@ class ResilienceBase(unittest.TestCase):
         self.addCleanup(lambda: port.stopListening() if port.connected else None)
         return origin, site, port
 
-    def startProxy(self, config: str) -> MeshService:
+    def startProxy(self, cluster: str, sections: str, route: str) -> MeshService:
+        """
+        A proxy (no admin, 1 s drain) whose listener C{web} sends every path to C{cluster} (C{route} more
+        lines of that route), with the other C{sections}; stopped with its pools closed when the test ends.
+        """
+        config = proxyConfig(cluster, sections, mesh="admin = off\ndrain_timeout = 1s\n", listener="web",
+                             route=route)
         return startService(self, config, seed=7, stop=stopProxy)
 
     def stat(self, service: MeshService, name: str):
@@ -135,20 +141,8 @@ class RetryAndEjectionTests(ResilienceBase):
         # most CONCURRENCY), so the ejection always needs some connect failures after the kill: the
         # connect-failure assertion below cannot depend on timing. (Resets and connect failures both count
         # as 503s here: split_external_local_origin_errors is off.)
-        service = self.startProxy(f"""
-[mesh]
-admin = off
-drain_timeout = 1s
-[listener:web]
-endpoint = tcp:0:interface=127.0.0.1
-protocol = http
-routes = main
-[route:main/all]
-prefix = /
-cluster = three
-timeout = 5s
-retry.on = 5xx, connect-failure, reset
-retry.num = 2
+        retries = "timeout = 5s\nretry.on = 5xx, connect-failure, reset\nretry.num = 2\n"
+        service = self.startProxy("three", route=retries, sections=f"""
 [cluster:three]
 endpoints =
 {endpoints}
@@ -254,18 +248,7 @@ class TLSHealthCheckTests(ResilienceBase):
                                      certificate=serverCert.original)
         origin, site, port = yield self.listen(b"secure", options)
 
-        service = self.startProxy(f"""
-[mesh]
-admin = off
-drain_timeout = 1s
-[listener:web]
-endpoint = tcp:0:interface=127.0.0.1
-protocol = http
-routes = main
-[route:main/all]
-prefix = /
-cluster = up
-timeout = 5s
+        service = self.startProxy("up", route="timeout = 5s\n", sections=f"""
 [cluster:up]
 endpoints = tcp:127.0.0.1:{port.getHost().port}
 connect_timeout = 2s

@@ -20,7 +20,7 @@ from twistedmesh.config import ConfigErrors, loadString
 from twistedmesh.service import MeshService
 from twistedmesh.tap import Options
 
-from .support import Exchange, freePort, port, requireTwistd, startEcho, startService, startTwistd
+from .support import Exchange, freePort, port, proxyConfig, requireTwistd, startEcho, startService, startTwistd
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -202,24 +202,13 @@ endpoints = tcp:127.0.0.1:{echoPort}
         Stopping the service calls close() on filter makers that have one (filters keeping connections).
         """
         clock = MemoryReactorClock()
-        service = MeshService(loadString("""
-[mesh]
-admin = off
-drain_timeout = 1s
-[listener:web]
-endpoint = tcp:0:interface=127.0.0.1
-protocol = http
-filters = authz, router
-routes = main
+        service = MeshService(loadString(proxyConfig("c", """
 [filter:authz]
 type = ext_authz
 uri = http://127.0.0.1:1/check
-[route:main/all]
-prefix = /
-cluster = c
 [cluster:c]
 endpoints = tcp:127.0.0.1:1
-"""), clock)
+""", mesh="admin = off\ndrain_timeout = 1s\n", listener="web", options="filters = authz, router\n")), clock)
         closed = []
         [maker] = [m for m in service.filterMakers if hasattr(m, "close")]
         maker.close = lambda: closed.append(True)

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from typing import List
 
 import treq
 from twisted.internet import defer, error, reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import Logger
 from twisted.trial import unittest
@@ -33,6 +32,8 @@ from twistedmesh.observability.export import (
 from twistedmesh.observability.stats import StatsStore
 from twistedmesh.observability.tracing import Span, SpanRecorder
 from twistedmesh.service import MeshService
+
+from .support import freePort, port, proxyConfig, requireCurlHTTP2, startEcho, startService, waitFor
 
 from .test_h2 import h2
 from .test_server import connect
@@ -504,21 +505,11 @@ class EncodingTests(unittest.TestCase):
 
 
 def mesh(extra: str = "", listener: str = "") -> str:
-    return f"""
-[mesh]
-admin = off
-{extra}
-[listener:web]
-endpoint = tcp:0:interface=127.0.0.1
-protocol = http
-routes = main
-{listener}
-[route:main/all]
-prefix = /
-cluster = c
-[cluster:c]
-endpoints = tcp:127.0.0.1:1
-"""
+    """
+    A config with C{extra} lines in C{[mesh]} and C{listener} lines in its one listener's section, C{web}.
+    """
+    return proxyConfig("c", "[cluster:c]\nendpoints = tcp:127.0.0.1:1\n", mesh=f"admin = off\n{extra}\n",
+                       listener="web", options=listener)
 
 
 class ConfigTests(unittest.TestCase):
@@ -656,18 +647,6 @@ class CollectorResource(resource.Resource):
         return d
 
 
-@defer.inlineCallbacks
-def waitFor(predicate, seconds: float = 5.0):
-    """
-    Poll C{predicate} every 10ms until it holds (fail after C{seconds}): for effects with no event to wait on.
-    """
-    for _ in range(int(seconds / 0.01)):
-        if predicate():
-            return
-        yield deferLater(reactor, 0.01, lambda: None)
-    raise AssertionError("condition not met in time")
-
-
 class IntegrationTests(unittest.TestCase):
     """
     client → proxy A (Zipkin) → proxy B (OTLP) → echo upstream, on loopback, reporting to one collector.
@@ -682,31 +661,27 @@ class IntegrationTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def service(self, text: str, stop: bool = True):
-        service = MeshService(loadString(text, "t.ini"), reactor, seed=None)
-        service.startService()
-        if stop:
-            self.addCleanup(service.stopService)
+        """
+        Start a L{MeshService} from C{text}, stopped when the test ends unless the test stops it itself
+        (C{stop} false); fire with it once it is live.
+        """
+        service = startService(self, text, seed=None, stop=MeshService.stopService if stop else lambda s: None)
         yield service.whenLive
         return service
 
     def proxy(self, name: str, provider: str, collector: str, upstream: int, extra: str = "") -> str:
-        return f"""
-[mesh]
+        """
+        The config of a proxy C{name} tracing to C{collector} with C{provider} (C{extra} more lines of
+        C{[mesh]}), its listener C{in} sending everything to C{upstream}.
+        """
+        cluster = f"[cluster:next]\nendpoints = tcp:127.0.0.1:{upstream}\n"
+        return proxyConfig("next", cluster, listener="in", mesh=f"""\
 admin = off
 tracing.provider = {provider}
 tracing.collector = {collector}
 tracing.service_name = {name}
 {extra}
-[listener:in]
-endpoint = tcp:0:interface=127.0.0.1
-protocol = http
-routes = main
-[route:main/all]
-prefix = /
-cluster = next
-[cluster:next]
-endpoints = tcp:127.0.0.1:{upstream}
-"""
+""")
 
     @defer.inlineCallbacks
     def test_twoProxies(self):
@@ -715,14 +690,13 @@ endpoints = tcp:127.0.0.1:{upstream}
         stops): one trace id everywhere, B's span a child of A's, the echo's parent B's span.
         """
         collector, cport = yield self.startCollector()
-        echo = yield self.service("[mesh]\nadmin = off\n[echo:e]\nendpoint = tcp:0:interface=127.0.0.1\n")
-        echoPort = echo.echoes["e"].port.getHost().port
+        echoPort = yield startEcho(self)
         b = yield self.service(self.proxy("proxy-b", "otlp", f"http://127.0.0.1:{cport}", echoPort,
                                           "tracing.flush_interval = 1h"), stop=False)
-        bPort = b.listeners["in"].port.getHost().port
+        bPort = port(b.listeners["in"])
         a = yield self.service(self.proxy("proxy-a", "zipkin", f"http://127.0.0.1:{cport}/api/v2/spans", bPort,
                                           "tracing.batch_size = 1"))
-        aPort = a.listeners["in"].port.getHost().port
+        aPort = port(a.listeners["in"])
 
         zipkinSent = collector.nextReport()
         response = yield treq.get(f"http://127.0.0.1:{aPort}/hello", persistent=False, timeout=5)
@@ -736,7 +710,7 @@ endpoints = tcp:127.0.0.1:{upstream}
         self.assertEqual(aSpan["tags"]["upstream_address"], f"127.0.0.1:{bPort}")
         self.assertEqual(aSpan["tags"]["http.status_code"], "200")
         sent = a.stats.get("tracing.zipkin.spans_sent")
-        yield waitFor(lambda: sent.value == 1)  # the collector's answer has reached A
+        yield waitFor(lambda: sent.value == 1, 5, "the collector's answer to reach A")
 
         self.assertEqual(collector.reports[1:], [])  # B holds its span until its timer or its stop
         yield b.stopService()
@@ -761,18 +735,12 @@ endpoints = tcp:127.0.0.1:{upstream}
         curl speaking HTTP/2 (prior knowledge) with a B3 context: the proxy's OTLP span continues the B3
         trace, says HTTP/2, and the upstream gets B3 headers naming the span as parent.
         """
-        curl = shutil.which("curl")
-        if curl is None:
-            raise unittest.SkipTest("curl is not installed")
-        out, err, code = yield getProcessOutputAndValue(curl, ["--version"])
-        if b"HTTP2" not in out:
-            raise unittest.SkipTest("this curl has no HTTP/2")
+        curl = yield requireCurlHTTP2()
         collector, cport = yield self.startCollector()
-        echo = yield self.service("[mesh]\nadmin = off\n[echo:e]\nendpoint = tcp:0:interface=127.0.0.1\n")
-        echoPort = echo.echoes["e"].port.getHost().port
+        echoPort = yield startEcho(self)
         a = yield self.service(self.proxy("proxy-a", "otlp", f"http://127.0.0.1:{cport}", echoPort,
                                           "tracing.batch_size = 1\ntracing.sample_rate = 0"))
-        aPort = a.listeners["in"].port.getHost().port
+        aPort = port(a.listeners["in"])
         reported = collector.nextReport()
         out, err, code = yield getProcessOutputAndValue(curl, [
             "-sS", "--http2-prior-knowledge", "-H", f"b3: {TRACE.decode()}-{SPAN.decode()}-1",
@@ -794,20 +762,17 @@ endpoints = tcp:127.0.0.1:{upstream}
         reports and the requests are answered all the same.
         """
         collector, cport = yield self.startCollector()
-        closed = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(server.Site(collector))
-        deadPort = closed.getHost().port
-        yield closed.stopListening()
-        echo = yield self.service("[mesh]\nadmin = off\n[echo:e]\nendpoint = tcp:0:interface=127.0.0.1\n")
-        echoPort = echo.echoes["e"].port.getHost().port
+        deadPort = freePort()
+        echoPort = yield startEcho(self)
         a = yield self.service(self.proxy("proxy-a", "zipkin", f"http://127.0.0.1:{deadPort}", echoPort,
                                           "tracing.batch_size = 1\ntracing.sample_rate = 0"))
-        aPort = a.listeners["in"].port.getHost().port
+        aPort = port(a.listeners["in"])
         for i in range(3):
             response = yield treq.get(f"http://127.0.0.1:{aPort}/x", headers={"traceparent": TP.decode()},
                                       persistent=False, timeout=5)
             self.assertIn(f"traceparent: 00-{TRACE.decode()}-".encode(), (yield response.content()))
             self.assertEqual(response.code, 200)
         failed = a.stats.get("tracing.zipkin.reports_failed")
-        yield waitFor(lambda: failed.value == 3)
+        yield waitFor(lambda: failed.value == 3, 5, "three failed reports")
         self.assertEqual(a.stats.get("tracing.zipkin.spans_sent").value, 0)
         self.assertEqual(collector.reports, [])

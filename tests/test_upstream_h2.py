@@ -412,6 +412,37 @@ class ConcurrencyTests(PoolTestBase):
         # Four waiting, two streams per connection: two more connections.
         self.assertEqual(len(self.endpoint.attempts), 3)
 
+    def test_peerAllowsNoStream(self):
+        """
+        A host announcing SETTINGS_MAX_CONCURRENT_STREAMS = 0 is not met with a connection storm: never more
+        connections under way than waiters, and a waiter waits for a SETTINGS change.
+        """
+        zero = {SettingCodes.MAX_CONCURRENT_STREAMS: 0}
+        waiter = Recorder()
+        self.pool.acquire(waiter)
+        conn, peer = self.endpoint.succeed(settings=zero)
+        self.pool.release(waiter.stream)
+        peer.read()
+        self.assertEqual(self.pool.expected, 1)
+        waiters = [Recorder() for _ in range(3)]
+        for w in waiters:
+            self.pool.acquire(w)
+        self.assertEqual(len(self.endpoint.attempts), 3)  # the first connection and two more: one per waiter
+        peers = [peer]
+        for i in (1, 2):
+            c, p = self.endpoint.succeed(index=i, settings=zero)
+            p.read()
+            peers.append(p)
+        self.assertEqual(len(self.endpoint.attempts), 3)
+        # A new connection takes its first stream before the SETTINGS (the host will refuse it if it must);
+        # the third waiter waits for the first connection's limit to change.
+        self.assertEqual([w.events for w in waiters], [[("ready",)], [("ready",)], []])
+        peer.h2.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: 2})
+        peer.flush()
+        self.assertEqual(waiters[2].events, [("ready",)])
+        self.assertIs(waiters[2].stream.conn, conn)
+        self.assertEqual(len(self.endpoint.attempts), 3)
+
     def test_capLimitsStreams(self):
         """
         http2.max_concurrent_streams caps a connection below a generous peer.
@@ -623,6 +654,81 @@ class ResetTests(PoolTestBase):
         self.assertEqual(first.events[1:], [("reset", "protocol_error: ALPN negotiated http/1.1, not h2", False)])
         self.assertTrue(peer.closed)
 
+    def test_invalidStatus(self):
+        """
+        A final :status that is not three ASCII digits from 200 to 599 resets that stream alone
+        (PROTOCOL_ERROR) and fails its exchange as a protocol error before the head (a 503, as a bad
+        HTTP/1.1 status line); the other streams of the connection carry on.
+        """
+        for bad in (b"abc", b"600", b"099", b"0", b"20", b"2000", b"+20", b"2\xd9\xa0"):
+            self.setUp()
+            first, conn, peer = self.connect()
+            self.begin(first)
+            second = Recorder()
+            self.pool.acquire(second)
+            self.begin(second)
+            peer.read()
+            peer.h2.send_headers(1, [(b":status", bad)])
+            peer.flush()
+            self.assertEqual(first.events[1:], [("reset", "protocol_error: invalid :status", False)], bad)
+            peer.read()
+            [reset] = [e for e in peer.events if isinstance(e, StreamReset)]
+            self.assertEqual((reset.stream_id, reset.error_code), (1, ErrorCodes.PROTOCOL_ERROR))
+            peer.respond(3, 599, b"fine")
+            self.assertEqual(second.events[1:], [("head", 599, [], True), ("end", None)])
+            self.assertEqual(b"".join(second.data), b"fine")
+            self.assertFalse(peer.closed)
+            self.assertEqual(self.stat("upstream_cx_protocol_error"), 0)
+
+    def test_malformedResponseFields(self):
+        """
+        A response head with an invalid field (uppercase, connection-specific, a bad value, a misplaced or
+        unknown pseudo-header) resets that stream alone and fails its exchange before the head; a trailer
+        block with a pseudo-header or a bad field does so after the head. The connection carries on.
+        """
+        heads = ([(b":status", b"200"), (b"X-Upper", b"1")], [(b":status", b"200"), (b"connection", b"close")],
+                 [(b":status", b"200"), (b"x-a", b" padded")], [(b":status", b"200"), (b":path", b"/")],
+                 [(b"x-a", b"1"), (b":status", b"200")], [(b":status", b"200"), (b":status", b"200")])
+        for fields in heads + ((),):
+            self.setUp()
+            first, conn, peer = self.connect()
+            peer.h2.config.validate_outbound_headers = peer.h2.config.normalize_outbound_headers = False
+            self.begin(first)
+            second = Recorder()
+            self.pool.acquire(second)
+            self.begin(second)
+            peer.read()
+            if fields:
+                peer.h2.send_headers(1, fields)
+                peer.flush()
+                self.assertEqual(first.events[1][0], "reset", fields)
+                self.assertTrue(first.events[1][1].startswith("protocol_error: "))
+                self.assertFalse(first.events[1][2])
+            else:
+                peer.h2.send_headers(1, [(b":status", b"200")])
+                peer.h2.send_headers(1, [(b"grpc-status", b"0"), (b":path", b"/")], end_stream=True)
+                peer.flush()
+                self.assertEqual(first.events[2], ("reset", "protocol_error: invalid trailer field", True))
+            peer.read()
+            # (A stream both sides ended is over already: nothing to reset.)
+            resets = [(e.stream_id, e.error_code) for e in peer.events if isinstance(e, StreamReset)]
+            self.assertEqual(resets, [(1, ErrorCodes.PROTOCOL_ERROR)] if fields else [])
+            peer.respond(3, 200, b"ok", trailers=[(b"grpc-status", b"0")])
+            self.assertEqual(second.events[-1], ("end", [(b"grpc-status", b"0")]))
+            self.assertFalse(peer.closed)
+
+    def test_oversizedFrameHeader(self):
+        """
+        An upstream frame announcing more than our SETTINGS_MAX_FRAME_SIZE fails the connection as a
+        protocol error at its header, before its payload is buffered.
+        """
+        first, conn, peer = self.connect()
+        self.begin(first)
+        conn.dataReceived((0xFFFFFF).to_bytes(3, "big") + b"\x00\x00" + (1).to_bytes(4, "big"))
+        self.assertTrue(first.events[1][1].startswith("protocol_error"))
+        self.assertTrue(peer.closed)
+        self.assertEqual(self.stat("upstream_cx_protocol_error"), 1)
+
     def test_protocolError(self):
         """
         Garbage from the peer fails every stream as a protocol error and closes the connection.
@@ -659,6 +765,38 @@ class FlowControlTests(PoolTestBase):
         peer.read()
         self.assertEqual(peer.h2.local_flow_control_window(1), 65536)
         self.assertEqual(b"".join(first.data), b"x" * 60000)
+
+    def test_slowStreamsDoNotStallOthers(self):
+        """
+        Streams whose downstream stopped reading hold back their own windows, not the connection's: with
+        more of them full than the connection window holds (17 x 64 KiB > 1 MiB), another stream on the
+        same connection still gets its whole window, and a resumed stream gets its own back.
+        """
+        first, conn, peer = self.connect()
+        waiters = [first]
+        self.begin(first)
+        for i in range(17):
+            w = Recorder()
+            self.pool.acquire(w)
+            self.begin(w)
+            waiters.append(w)
+        peer.read()
+        slow, other = waiters[:17], waiters[17]
+        for w in slow:
+            w.stream.pauseProducing()
+            peer.h2.send_headers(w.stream.sid, [(b":status", b"200")])
+            peer.sendData(w.stream.sid, b"x" * 65536)
+            peer.read()
+        self.assertEqual([peer.h2.local_flow_control_window(w.stream.sid) for w in slow], [0] * 17)
+        self.assertEqual(peer.h2.local_flow_control_window(other.stream.sid), 65536)
+        peer.h2.send_headers(other.stream.sid, [(b":status", b"200")])
+        peer.sendData(other.stream.sid, b"y" * 65536, end=True)
+        self.assertEqual(b"".join(other.data), b"y" * 65536)
+        self.assertEqual(other.events[-1], ("end", None))
+        slow[0].stream.resumeProducing()
+        peer.read()
+        self.assertEqual(peer.h2.local_flow_control_window(slow[0].stream.sid), 65536)
+        self.assertEqual(peer.h2.local_flow_control_window(slow[1].stream.sid), 0)
 
     def test_pausedDuringDelivery(self):
         """
@@ -804,6 +942,63 @@ class IdleTests(PoolTestBase):
         self.assertFalse(peer.closed)
         self.clock.advance(10)
         self.assertTrue(peer.closed)
+
+    def test_drainIdle(self):
+        """
+        A drained pool closes an idle connection at once, its idle timer cancelled rather than left pending.
+        """
+        first, conn, peer = self.connect()
+        self.pool.release(first.stream)
+        timer = conn.idleTimer
+        self.assertTrue(timer.active())
+        self.cluster.pools.drain()
+        self.assertTrue(peer.closed)
+        self.assertIsNone(conn.idleTimer)
+        self.assertFalse(timer.active())
+
+    def test_drainBusy(self):
+        """
+        A busy connection of a drained pool takes no new stream and closes when its last one ends; a
+        request already waiting is served on a new connection that closes after it; an attempt that
+        connects after the drain with nobody left to serve closes at once.
+        """
+        self.pool.maxStreams = 1
+        first, conn, peer = self.connect()
+        self.begin(first)
+        waiter = Recorder()
+        self.pool.acquire(waiter)
+        self.assertEqual(len(self.endpoint.attempts), 2)
+        self.cluster.pools.drain()
+        self.assertTrue(conn.goingAway)
+        peer.read()
+        peer.respond(1)
+        self.assertTrue(peer.closed)
+        conn2, peer2 = self.endpoint.succeed(index=1)
+        self.assertIs(waiter.stream.conn, conn2)
+        self.begin(waiter)
+        peer2.read()
+        peer2.respond(1)
+        self.assertEqual(waiter.events[-1], ("end", None))
+        self.assertTrue(peer2.closed)
+        gone = Recorder()
+        self.pool.acquire(gone)
+        self.pool.cancel(gone)
+        conn3, peer3 = self.endpoint.succeed(index=2)
+        self.assertTrue(peer3.closed)
+
+    def test_drainCancelsUnwantedAttempts(self):
+        """
+        With nobody waiting, a drain cancels the connection attempts under way, which count as no connect
+        failure; pools made after the drain are retired from the start.
+        """
+        waiter = Recorder()
+        self.pool.acquire(waiter)
+        self.pool.cancel(waiter)
+        self.assertEqual(len(self.pool.connecting), 1)
+        self.cluster.pools.drain()
+        self.assertEqual(self.pool.connecting, set())
+        self.assertEqual(self.stat("upstream_cx_connect_fail"), 0)
+        self.assertTrue(self.cluster.pools.forHost("another host").draining)
 
     def test_closeAll(self):
         """

@@ -12,20 +12,20 @@ from typing import Any, Dict, List
 
 import treq
 from twisted.internet import defer, reactor
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from twisted.web import resource
 from twisted.web.server import Site
 
 from twistedmesh.config import loadString
 from twistedmesh.observability.stats import StatsStore
-from twistedmesh.service import MeshService
 from twistedmesh.upstream.cluster import buildClusters
 from twistedmesh.upstream.xds import EDS_TYPE_URL, InvalidResource, _BoundedBody, parseAssignment, parseDuration
+
+from .support import Traffic, port, proxyConfig, serveWhoami, startService, waitFor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLE = os.path.join(os.path.dirname(HERE), "examples", "xds_control_plane", "control_plane.py")
@@ -463,17 +463,6 @@ def _loadExample():
     return module
 
 
-class Whoami(resource.Resource):
-    isLeaf = True
-
-    def __init__(self, name: bytes) -> None:
-        super().__init__()
-        self.name = name
-
-    def render(self, request) -> bytes:
-        return self.name
-
-
 class XDSIntegrationTests(TestCase):
     """
     The example control plane (examples/xds_control_plane) serving a proxy on loopback.
@@ -488,63 +477,32 @@ class XDSIntegrationTests(TestCase):
         example = _loadExample()
         backends = {}
         for name in (b"a", b"b", b"c"):
-            port = reactor.listenTCP(0, Site(Whoami(name)), interface="127.0.0.1")
-            self.addCleanup(port.stopListening)
-            backends[name] = port.getHost().port
+            backends[name] = serveWhoami(self, name).getHost().port
         table: Dict[str, list] = {"api": [{"address": "127.0.0.1", "port": backends[b"a"]}]}
         plane = example.EndpointsResource(lambda: table)
         planePort = reactor.listenTCP(0, Site(plane), interface="127.0.0.1")
         self.addCleanup(planePort.stopListening)
-        text = f"""
-[mesh]
-admin = tcp:0:interface=127.0.0.1
-xds.cluster = control_plane
-xds.refresh_delay = 50ms
-[listener:edge]
-endpoint = tcp:0:interface=127.0.0.1
-protocol = http
-routes = main
-[route:main/all]
-prefix = /
-cluster = api
+        service = startService(self, proxyConfig("api", f"""
 [cluster:control_plane]
 endpoints = tcp:127.0.0.1:{planePort.getHost().port}
 [cluster:api]
 discovery = xds
 health.path = /
 health.interval = 200ms
-"""
-        service = MeshService(loadString(text, "xds.ini"), reactor, seed=1)
-        service.startService()
-        self.addCleanup(service.stopService)
+""", mesh="admin = tcp:0:interface=127.0.0.1\nxds.cluster = control_plane\nxds.refresh_delay = 50ms\n"))
         yield service.whenLive
         cluster = service.clusters["api"]
-        url = f"http://127.0.0.1:{service.listeners['edge'].port.getHost().port}/"
+        load = Traffic(f"http://127.0.0.1:{port(service.listeners['edge'])}/")
+        traffic, seen, failures = load.run, load.seen, load.failures
 
         def ports():
             return sorted(int(h.endpoint.rsplit("=", 1)[1]) for h in cluster.hosts)
 
-        @defer.inlineCallbacks
         def until(names):
             expected = sorted(backends[n] for n in names)
-            for _ in range(300):
-                # New hosts are pending their first health check: wait until it passed.
-                if ports() == expected and all(h.healthy for h in cluster.hosts):
-                    return
-                yield deferLater(reactor, 0.02, lambda: None)
-            self.fail(f"hosts are on {ports()}, not {expected}")
-
-        seen: List[bytes] = []
-        failures: List[object] = []
-
-        @defer.inlineCallbacks
-        def traffic(n):
-            for _ in range(n):
-                response = yield treq.get(url, persistent=False)
-                body = yield response.content()
-                if response.code != 200:
-                    failures.append((response.code, body))
-                seen.append(body)
+            # New hosts are pending their first health check: wait until it passed.
+            return waitFor(lambda: ports() == expected and all(h.healthy for h in cluster.hosts), 10,
+                           lambda: f"healthy hosts on {expected} (they are on {ports()})")
 
         yield until([b"a"])
         yield traffic(3)
@@ -577,10 +535,7 @@ health.interval = 200ms
         self.assertIn(f"api::tcp:host=127.0.0.1:port={backends[b'c']}::weight::2", lines)
         # A control plane that fails keeps the proxy on its last endpoints.
         table["api"] = [{"address": "not-an-ip", "port": 1}]
-        for _ in range(300):
-            if plane.requests[-1].get("error_detail"):
-                break
-            yield deferLater(reactor, 0.02, lambda: None)
+        yield waitFor(lambda: plane.requests[-1].get("error_detail"), 10, "a NACK")
         self.assertIn("not an IP address", plane.requests[-1]["error_detail"]["message"])
         self.assertEqual(ports(), sorted([backends[b"b"], backends[b"c"]]))
         yield traffic(2)

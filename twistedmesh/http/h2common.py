@@ -10,11 +10,18 @@ Every function takes the h2 engine (and the stream id) it works on and keeps no 
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
+import h2.stream
+import hpack.hpack
+import hpack.table
 from h2.config import H2Configuration
 from h2.connection import ConnectionState, H2Connection
+from h2.exceptions import FrameTooLargeError
+from h2.frame_buffer import FrameBuffer as _FrameBuffer
 from h2.settings import Settings
+from hyperframe.frame import WindowUpdateFrame
 
 #: Connection-specific fields (RFC 9113 section 8.2.2): never sent in HTTP/2. C{te} is allowed only as
 #: C{te: trailers} (see L{withoutConnectionFields}); C{host} is carried by C{:authority} in a request and has
@@ -22,8 +29,121 @@ from h2.settings import Settings
 CONNECTION_SPECIFIC = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
                                  b"upgrade", b"te", b"host"))
 
+# Connection-specific fields (RFC 9113 section 8.2.2) make a message malformed, but for "te" (checked on its
+# own) and "host" (a request's stand-in for :authority, a plain field in a response).
+_CONNECTION_SPECIFIC_RECEIVED = CONNECTION_SPECIFIC - {b"te", b"host"}
+
+# Field checks (RFC 9113 section 8.2), each one C-level bytes.translate: deleting every allowed byte leaves
+# nothing when the whole name or value is allowed. A name is a lowercase token (RFC 9110 section 5.6.2;
+# uppercase is malformed in HTTP/2); a value may hold anything but NUL, CR and LF, and may not start or end
+# with whitespace.
+_NAME_BYTES = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
+#: The bytes a field value (or a pseudo-header's) may hold: all but NUL, CR and LF.
+FIELD_VALUE_BYTES = bytes(b for b in range(256) if b not in (0, 10, 13))
+_OWS = (32, 9)
+
+
+def badField(name: bytes, value: bytes) -> bool:
+    """
+    Whether a regular (not pseudo) field received in HTTP/2 makes its message malformed: an invalid or
+    uppercase name, a connection-specific field, C{te} other than C{trailers}, or an invalid value. Both
+    codecs check what they receive with it (h2's own inbound checks are off: they would make each of these
+    a connection error, where RFC 9113 section 8.1.1 wants a stream error).
+    """
+    if not name or name.translate(None, _NAME_BYTES) or name in _CONNECTION_SPECIFIC_RECEIVED:
+        return True
+    if name == b"te" and value.lower() != b"trailers":
+        return True
+    return bool(value) and (value.translate(None, FIELD_VALUE_BYTES) != b"" or value[0] in _OWS
+                            or value[-1] in _OWS)
+
+
 # The size of every new connection's flow-control window, whatever SETTINGS say (RFC 9113 section 6.9.2).
 _DEFAULT_CONNECTION_WINDOW = 65535
+
+
+class FrameBuffer(_FrameBuffer):
+    """
+    h2's inbound frame buffer, refusing an oversized frame as soon as its 9-byte header is in. h2 checks a
+    frame's length against SETTINGS_MAX_FRAME_SIZE only once the whole frame is buffered, so a peer could
+    make us hold up to 16 MiB (the largest length a frame header can announce) per connection first.
+    """
+
+    def __next__(self):
+        try:
+            return _FrameBuffer.__next__(self)
+        except StopIteration:
+            # Only when a frame is incomplete (not on the hot path): is the one waiting too large?
+            data = self._data
+            if len(data) >= 9 and (data[0] << 16 | data[1] << 8 | data[2]) > self.max_frame_size:
+                raise FrameTooLargeError("frame of %d bytes announced, max %d"
+                                         % (data[0] << 16 | data[1] << 8 | data[2], self.max_frame_size))
+            raise
+
+
+def _silent(*args, **kwargs) -> None:
+    """
+    A log call that does nothing (see L{_QuietLog}).
+    """
+
+
+class _QuietLog:
+    """
+    A logger whose C{debug} (and h2's C{trace}) does nothing at the cost of one plain call, the rest passed
+    to C{logger} (or ignored without one).
+
+    hpack logs at DEBUG for every integer and every field it encodes or decodes, about a hundred calls per
+    proxied HTTP/2 request; each is a C{logging.Logger.debug} call and its level check even when nothing is
+    logged, about a tenth of a request's CPU. h2's own default logger is a no-op already, but a method
+    bound on every call. Neither says anything an operator of this proxy needs: our own logging is
+    C{twisted.logger}.
+    """
+
+    def __init__(self, logger: Optional[logging.Logger] = None) -> None:
+        self._logger = logger
+        # Instance attributes, not methods: no binding on each call.
+        self.debug = self.trace = _silent
+
+    def __getattr__(self, name: str):
+        if self._logger is None:
+            return _silent
+        return getattr(self._logger, name)
+
+
+def _quietHPACK() -> None:
+    """
+    Replace hpack's module loggers with L{_QuietLog}s, once, at import: only when their DEBUG level is not
+    enabled (whoever turned it on before importing us, to debug hpack, keeps it); every other level still
+    goes to the real logger.
+    """
+    for module in (hpack.hpack, hpack.table):
+        log = getattr(module, "log", None)
+        if isinstance(log, logging.Logger) and not log.isEnabledFor(logging.DEBUG):
+            module.log = _QuietLog(log)
+
+
+_quietHPACK()
+_ENGINE_LOG = _QuietLog()
+
+
+def _bytesHeaders(headers, _encode=h2.stream.utf8_encode_headers):
+    """
+    h2's C{utf8_encode_headers} (which it calls on every header block it sends, to turn text fields into
+    bytes), without the copy when there is nothing to encode: a list of plain C{(bytes, bytes)} tuples, as
+    both our codecs always send, is returned as it is. Anything else (text, h2's C{HeaderTuple}s that say
+    never to index a field) goes to h2's own function, so other users of h2 in the process see no change.
+    """
+    if headers.__class__ is list:
+        for field in headers:
+            if field.__class__ is not tuple or field[0].__class__ is not bytes or field[1].__class__ is not bytes:
+                break
+        else:
+            return headers
+    return _encode(headers)
+
+
+# h2's stream module looks the function up by this name on each send; see _bytesHeaders.
+h2.stream.utf8_encode_headers = _bytesHeaders
 
 
 def withoutConnectionFields(headers: List[Tuple[bytes, bytes]]) -> List[Tuple[bytes, bytes]]:
@@ -64,7 +184,8 @@ def engineConfiguration(clientSide: bool, checkInbound: bool) -> H2Configuration
     """
     return H2Configuration(client_side=clientSide, header_encoding=None,
                            validate_inbound_headers=checkInbound, normalize_inbound_headers=checkInbound,
-                           validate_outbound_headers=False, normalize_outbound_headers=False)
+                           validate_outbound_headers=False, normalize_outbound_headers=False,
+                           logger=_ENGINE_LOG)
 
 
 def startConnection(h2c: H2Connection, settings: Dict[int, int], connectionWindow: int) -> None:
@@ -81,6 +202,32 @@ def startConnection(h2c: H2Connection, settings: Dict[int, int], connectionWindo
     extra = connectionWindow - _DEFAULT_CONNECTION_WINDOW
     if extra > 0:
         h2c.increment_flow_control_window(extra)
+
+
+def acknowledgeConnection(h2c: H2Connection, size: int) -> None:
+    """
+    Hand C{size} received flow-controlled bytes back to the peer's connection window only (a WINDOW_UPDATE
+    on stream 0 once enough has gathered, as h2 batches them). With L{acknowledgeStream}, this splits
+    h2's C{acknowledge_received_data} in two, so that a stream whose reader is slow holds back its own
+    window and not the window every stream of the connection shares.
+    """
+    increment = h2c._inbound_flow_control_window_manager.process_bytes(size)
+    if increment:
+        frame = WindowUpdateFrame(0)
+        frame.window_increment = increment
+        h2c._prepare_for_sending([frame])
+
+
+def acknowledgeStream(h2c: H2Connection, sid: int, size: int) -> None:
+    """
+    Hand C{size} received flow-controlled bytes back to stream C{sid}'s window only (see
+    L{acknowledgeConnection}). Nothing is sent for a stream that is closed or gone.
+    """
+    stream = h2c.streams.get(sid)
+    if stream is not None and stream.open:
+        frames = stream.acknowledge_received_data(size)
+        if frames:
+            h2c._prepare_for_sending(frames)
 
 
 def reopenAfterGoAway(h2c: H2Connection) -> None:

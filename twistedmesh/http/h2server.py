@@ -42,8 +42,11 @@ flood limits): 100 concurrent streams, 64 KiB stream window, 1 MiB connection wi
 Abuse is met as Envoy meets it
 ==============================
 
-Every limit below ends the connection with GOAWAY(ENHANCE_YOUR_CALM), then closes it; a client that does
-not read the GOAWAY is aborted a second later, so no abusive connection stays open. Each has a counter.
+Every limit below ends the connection with GOAWAY(ENHANCE_YOUR_CALM), then closes it. Each has a counter.
+Any close (these, and the graceful ones: draining, C{max_requests_per_connection}, idle, the client's own
+GOAWAY) waits for the client to read what is left only while it keeps reading: a client that reads nothing
+for a second (C{delayedCloseTimeout}) is aborted, so no closing connection stays open (Envoy's delayed
+close).
 
   - Rapid reset (CVE-2023-44487): once a connection has closed 500 streams, more than half of them reset
     by the client within a second of opening (or refused as malformed, which the client provoked) closes
@@ -51,16 +54,19 @@ not read the GOAWAY is aborted a second later, so no abusive connection stays op
   - Inbound frames are counted as h2's frame buffer parses them, before h2 acts on them (L{_InboundFrames}):
     a header block still arriving in CONTINUATION frames is bounded in compressed bytes and frames (so is
     the decoded list, by HPACK: bombs), empty HEADERS/CONTINUATION/DATA frames in a row, PRIORITY frames
-    per stream opened, WINDOW_UPDATE frames per DATA frame sent.
+    per stream opened, WINDOW_UPDATE frames per stream opened and DATA frame sent.
   - Outbound control frames (PING and SETTINGS acknowledgements, RST_STREAMs) are counted while they are
     not yet with a writing transport (L{_Engine}): the answers to one read, plus everything queued while
     the client's socket is full. A client that floods us with frames whose answers it does not read is cut
     off at 1000.
 
 A malformed request (an uppercase or invalid field name, a connection-specific field, a bad pseudo-header
-set) is a stream error, RST_STREAM(PROTOCOL_ERROR), as RFC 9113 section 8.1.1 has it: the connection's
-other streams carry on. The fields are checked in the pass that translates them anyway (h2's own inbound
-validation is off: it would make each of these a connection error).
+set, an invalid or conflicting C{content-length}) is a stream error, RST_STREAM(PROTOCOL_ERROR), as RFC 9113
+section 8.1.1 has it: the connection's other streams carry on. The fields are checked in the pass that
+translates them anyway (h2's own inbound validation is off: it would make each of these a connection
+error). One case stays a connection error, as h2 makes it: a body longer or shorter than its valid
+C{content-length}, found while h2 parses the DATA frames (their bytes must never reach an HTTP/1.1 upstream
+that trusts the length).
 """
 
 from __future__ import annotations
@@ -81,8 +87,9 @@ from h2.events import (
     WindowUpdated,
 )
 from h2.exceptions import DenialOfServiceError, H2Error, ProtocolError, StreamClosedError
-from h2.frame_buffer import CONTINUATION_BACKLOG, FrameBuffer
+from h2.frame_buffer import CONTINUATION_BACKLOG
 from h2.settings import SettingCodes
+from h2.stream import H2Stream
 from hyperframe.frame import (
     ContinuationFrame,
     DataFrame,
@@ -98,40 +105,35 @@ from zope.interface import implementer
 
 from ..observability.tracing import propagate
 from . import h2common
-from .h2common import CONNECTION_SPECIFIC, withoutConnectionFields
+from .h2common import FIELD_VALUE_BYTES as _VALUE_BYTES
+from .h2common import badField as _badField
+from .h2common import withoutConnectionFields
 from .server import HTTPSettings, HTTPStats, newRequestId
 from .stream import Headers, Stream
 from .xfcc import XFCC_ADDS, forwardedClientCert
 
-# Connection-specific fields (RFC 9113 section 8.2.2) make a request malformed, but for "te" (checked on its
-# own) and "host" (a stand-in for :authority).
-_CONNECTION_SPECIFIC_REQUEST = CONNECTION_SPECIFIC - {b"te", b"host"}
 _NO_BODY_STATUSES = frozenset((204, 304))
 _NO_ERROR = ErrorCodes.NO_ERROR
 _INTERNAL_ERROR = ErrorCodes.INTERNAL_ERROR
 _PROTOCOL_ERROR = ErrorCodes.PROTOCOL_ERROR
-
-# Request field checks (RFC 9113 section 8.2), each one C-level bytes.translate: deleting every allowed
-# byte leaves nothing when the whole name or value is allowed. A name is a lowercase token (RFC 9110
-# section 5.6.2; uppercase is malformed in HTTP/2); a value may hold anything but NUL, CR and LF, and may not
-# start or end with whitespace.
-_NAME_BYTES = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
-_VALUE_BYTES = bytes(b for b in range(256) if b not in (0, 10, 13))
-_OWS = (32, 9)
 _MALFORMED_FIELD = "http2.invalid.header.field"
 _MALFORMED_MESSAGE = "http2.violation.of.messaging.rule"
 
 
-def _badField(name: bytes, value: bytes) -> bool:
+def _pendingBytes(transport) -> Optional[int]:
     """
-    Whether a regular (not pseudo) request field is malformed in HTTP/2: an invalid or uppercase name, a
-    connection-specific field, C{te} other than C{trailers}, or an invalid value.
+    How many bytes C{transport} still has to write, to tell a client that reads slowly from one that
+    stopped; C{None} when the transport does not say (then a closing connection is not given more time).
+    A TLS transport is asked through to the TCP transport beneath it (what TLS itself holds is small).
     """
-    if not name or name.translate(None, _NAME_BYTES) or name in _CONNECTION_SPECIFIC_REQUEST:
-        return True
-    if name == b"te" and value.lower() != b"trailers":
-        return True
-    return bool(value) and (value.translate(None, _VALUE_BYTES) != b"" or value[0] in _OWS or value[-1] in _OWS)
+    for _ in range(3):
+        buffer = getattr(transport, "dataBuffer", None)
+        if buffer is not None:
+            return len(buffer) - getattr(transport, "offset", 0) + getattr(transport, "_tempDataLen", 0)
+        transport = getattr(transport, "transport", None)
+        if transport is None:
+            return None
+    return None
 
 
 class _Abuse(DenialOfServiceError):
@@ -145,12 +147,15 @@ class _Abuse(DenialOfServiceError):
         self.stat = stat
 
 
-class _InboundFrames(FrameBuffer):
+class _InboundFrames(h2common.FrameBuffer):
     """
-    h2's inbound frame buffer, with the inbound abuse limits counted as each frame is parsed (before h2
+    h2's inbound frame buffer (one that refuses an oversized frame from its header on, see
+    L{h2common.FrameBuffer}), with the inbound abuse limits counted as each frame is parsed (before h2
     dispatches it): a header block in pieces is bounded in bytes and frames (CONTINUATION floods), and
-    empty frames, PRIORITY and WINDOW_UPDATE frames are counted as Envoy counts them. A limit passed raises
-    L{_Abuse}, which h2 turns into GOAWAY(ENHANCE_YOUR_CALM).
+    empty frames, PRIORITY and WINDOW_UPDATE frames are counted as Envoy counts them: PRIORITY frames up to
+    C{maxInboundPriorityFramesPerStream x (1 + streams opened)}, WINDOW_UPDATE frames up to C{5 + 2 x
+    (streams opened + maxInboundWindowUpdateFramesPerDataFrameSent x DATA frames sent)}. A limit passed
+    raises L{_Abuse}, which h2 turns into GOAWAY(ENHANCE_YOUR_CALM).
 
     @ivar streamsOpened: streams the client has opened (kept by the connection).
     @ivar dataFramesSent: DATA frames we have sent (kept by the connection).
@@ -190,12 +195,29 @@ class _InboundFrames(FrameBuffer):
                 raise _Abuse("inbound_priority_frames_flood", "too many PRIORITY frames")
         elif kind is WindowUpdateFrame:
             self.windowUpdates += 1
-            if self.windowUpdates > self.windowUpdatesPerData * (1 + self.dataFramesSent):
+            # Envoy's allowance: a client widens each stream's window (even one we answer with HEADERS
+            # alone) and the connection's, and may answer every DATA frame we send a few times over.
+            if self.windowUpdates > 5 + 2 * (self.streamsOpened + self.windowUpdatesPerData * self.dataFramesSent):
                 raise _Abuse("inbound_window_update_frames_flood", "too many WINDOW_UPDATE frames")
         f = super()._update_header_buffer(f)
         if self.blockBytes and not self._headers_buffer:
             self.blockBytes = 0
         return f
+
+
+class _LenientStream(H2Stream):
+    """
+    h2's stream, but an invalid or conflicting C{content-length} is not h2's to judge: h2 would raise out of
+    the whole read and end the connection, where RFC 9113 section 8.1.1 makes a malformed request a stream
+    error. L{HTTP2Connection._requestReceived} checks the field in its own pass and resets the stream; until
+    then no length is enforced for it, and none of its body is forwarded.
+    """
+
+    def _initialize_content_length(self, headers):
+        try:
+            H2Stream._initialize_content_length(self, headers)
+        except ProtocolError:
+            self._expected_content_length = None
 
 
 class _Engine(H2Connection):
@@ -208,6 +230,11 @@ class _Engine(H2Connection):
 
     controlPending = 0
     controlLimit = 1000
+
+    def _begin_new_stream(self, stream_id, allowed_ids):
+        stream = H2Connection._begin_new_stream(self, stream_id, allowed_ids)
+        stream.__class__ = _LenientStream  # see _LenientStream; same layout, one more method
+        return stream
 
     def _receive_frame(self, frame):
         before = len(self._data_to_send)
@@ -240,15 +267,16 @@ class HTTP2Settings:
         no payload and no END_STREAM; beyond, the connection is closed (C{http2.inbound_empty_frames_flood}).
     @ivar maxInboundPriorityFramesPerStream: PRIORITY frames allowed per stream opened (plus one stream's
         worth); beyond, the connection is closed (C{http2.inbound_priority_frames_flood}).
-    @ivar maxInboundWindowUpdateFramesPerDataFrameSent: WINDOW_UPDATE frames allowed per DATA frame we sent
-        (plus one's worth); beyond, the connection is closed (C{http2.inbound_window_update_frames_flood}).
+    @ivar maxInboundWindowUpdateFramesPerDataFrameSent: WINDOW_UPDATE frames allowed per DATA frame we sent,
+        as Envoy counts them: C{5 + 2 x (streams opened + this x DATA frames sent)} over the connection's
+        life; beyond, the connection is closed (C{http2.inbound_window_update_frames_flood}).
     @ivar prematureResetMinStreamLifetime: a stream the client resets sooner than this (seconds) after
         opening it counts as a premature reset.
     @ivar prematureResetTotalStreamCount: the rapid-reset floor: once a connection has closed this many
         streams, more than half of them premature closes it; before, so does a premature count that alone is
         more than half of the floor (the outcome is decided already).
-    @ivar delayedCloseTimeout: after a GOAWAY for abuse, how long (seconds) the client has to read it before
-        the connection is aborted.
+    @ivar delayedCloseTimeout: once the connection is closing (a GOAWAY for abuse, or a graceful close),
+        how long (seconds) the client may go without reading what is left before the connection is aborted.
     """
 
     __slots__ = ("maxConcurrentStreams", "initialStreamWindowSize", "initialConnectionWindowSize",
@@ -676,7 +704,8 @@ class HTTP2Connection(protocol.Protocol):
         self.closedStreams = 0
         self.prematureResets = 0
         self.idleTimer = None
-        self.closeTimer = None  # aborts a connection whose client does not read our fatal GOAWAY
+        self.closeTimer = None  # aborts a closing connection whose client stopped reading (see _close)
+        self.closePending: Optional[int] = None  # bytes the transport still had to write at the last look
         self.inbound: Optional[_InboundFrames] = None
         self.peer = None
         self.peerHost = b""
@@ -857,8 +886,8 @@ class HTTP2Connection(protocol.Protocol):
         inbound.streamsOpened += 1
         if self.goingAway and sid > self.lastStreamId:
             # Opened after our GOAWAY: refused, so the client may safely retry it on a new connection.
-            self.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
-            self._queuedControl()
+            if self._resetOpen(sid, ErrorCodes.REFUSED_STREAM):
+                self._queuedControl()
             return
         settings = self.settings
         self.requests += 1
@@ -875,6 +904,7 @@ class HTTP2Connection(protocol.Protocol):
         kept = []
         peerHost = self.peerHost
         xff = requestId = hasLength = regular = False
+        length = 0
         xfcc = None  # incoming x-forwarded-client-cert values, when there are any
         crumbs = None  # cookie values, when there are any; joined at cookieAt
         cookieAt = 0
@@ -929,6 +959,12 @@ class HTTP2Connection(protocol.Protocol):
             elif name == b"x-request-id":
                 requestId = True
             elif name == b"content-length":
+                # 1*DIGIT (RFC 9110 section 8.6), and every copy the same length: else malformed, a stream
+                # error (h2, which tracks the body against it, is told nothing; see _LenientStream).
+                if not value.isdigit() or (hasLength and int(value) != length):
+                    malformed = _MALFORMED_FIELD
+                    break
+                length = int(value)
                 hasLength = True
             kept.append(field)
         if malformed is None:
@@ -1004,11 +1040,28 @@ class HTTP2Connection(protocol.Protocol):
         self.httpStats.downstream_rq_tx_reset.value += 1
         codec.responseSent = True
         codec.pending = None
-        self.h2.reset_stream(codec.sid, _PROTOCOL_ERROR)
-        self._queuedControl()
+        if self._resetOpen(codec.sid, _PROTOCOL_ERROR):
+            self._queuedControl()
         self._finishStream(codec)
         self.prematureResets += 1
         self._checkPrematureResets()
+
+    def _resetOpen(self, sid: int, code: int) -> bool:
+        """
+        RST_STREAM(C{code}) for stream C{sid}, unless it is closed on the wire already: the client's own
+        RST_STREAM (or END_STREAM after our answer) may have been parsed in the read being dispatched, and
+        resetting a closed stream would raise out of it and drop every other stream with the connection.
+
+        @return: whether an RST_STREAM was queued.
+        """
+        h2s = self.h2.streams.get(sid)
+        if h2s is None or h2s.closed:
+            return False
+        try:
+            self.h2.reset_stream(sid, code)
+        except StreamClosedError:
+            return False
+        return True
 
     def _dataReceived(self, event: DataReceived) -> None:
         """
@@ -1048,7 +1101,8 @@ class HTTP2Connection(protocol.Protocol):
             codec.requestEnded = True
             self.h2Stats.trailers.value += 1
             for name, value in event.headers:
-                if name[:1] == b":" or _badField(name, value):
+                if (name[:1] == b":" or _badField(name, value)
+                        or (name == b"content-length" and not value.isdigit())):
                     # Trailers carry no pseudo-headers and follow the same rules as any field.
                     self._malformed(codec, _MALFORMED_FIELD)
                     return
@@ -1193,7 +1247,9 @@ class HTTP2Connection(protocol.Protocol):
 
     def _close(self) -> None:
         """
-        Flush everything h2 has queued (even mid-dispatch: nothing may follow it) and close.
+        Flush everything h2 has queued (even mid-dispatch: nothing may follow it) and close, gracefully or
+        not: the close waits for the client to read what is buffered, but only while it keeps reading
+        (Envoy's delayed close, L{_closeTimedOut}).
         """
         if self.disconnected:
             return
@@ -1201,6 +1257,9 @@ class HTTP2Connection(protocol.Protocol):
         if data:
             self.transport.write(data)
         self.transport.loseConnection()
+        if not self.disconnected and self.closeTimer is None:
+            self.closePending = _pendingBytes(self.transport)
+            self.closeTimer = self.settings.clock.callLater(self.limits.delayedCloseTimeout, self._closeTimedOut)
 
     def _goAway(self) -> None:
         """
@@ -1222,7 +1281,7 @@ class HTTP2Connection(protocol.Protocol):
         self.h2Stats.goaway_sent.value += 1
         if not self.streams:
             self.terminated = True
-            self.transport.loseConnection()
+            self._close()
 
     def _terminate(self, code: Optional[int]) -> None:
         """
@@ -1235,19 +1294,25 @@ class HTTP2Connection(protocol.Protocol):
         if code is not None:
             self.h2.close_connection(code)
         self.h2Stats.goaway_sent.value += 1
+        # The GOAWAY is flushed first; a client that does not read it is not left holding the connection
+        # open (see _close).
         self._close()
-        if not self.disconnected and self.closeTimer is None:
-            # The GOAWAY is flushed first; a client that does not read it is not left holding the
-            # connection open (Envoy's delayed close).
-            self.closeTimer = self.settings.clock.callLater(self.limits.delayedCloseTimeout, self._abort)
 
-    def _abort(self) -> None:
+    def _closeTimedOut(self) -> None:
         """
-        The client did not read our GOAWAY in time: drop the connection.
+        The connection is closing and its client has had C{delayedCloseTimeout} to read what is left: if it
+        read some since the last look, it gets another period (a large last answer to a slow but steady
+        reader is not cut); otherwise it stopped reading, and the connection is dropped.
         """
         self.closeTimer = None
-        if not self.disconnected:
-            self.transport.abortConnection()
+        if self.disconnected:
+            return
+        pending = _pendingBytes(self.transport)
+        if pending is not None and self.closePending is not None and pending < self.closePending:
+            self.closePending = pending
+            self.closeTimer = self.settings.clock.callLater(self.limits.delayedCloseTimeout, self._closeTimedOut)
+            return
+        self.transport.abortConnection()
 
     def _idle(self) -> None:
         """

@@ -16,7 +16,9 @@ the hot path:
   writing from, a closing connection), goes through the transport's C{write} as before, after anything
   already buffered there: bytes are never reordered.
 - Outside a read (a timer, a Deferred firing, a connection just made), a write goes to the transport
-  directly, as it always did.
+  directly, as it always did; except a whole message that nothing follows at once (L{Output.writeWhole}:
+  a request without a body, say on a connection just made or from an HTTP/2 downstream), which is sent
+  straight away when it can be.
 
 Every byte still passes through the transport's producer machinery when it cannot be sent at once, so a
 slow peer pauses its producer exactly as before; what is held while corked is bounded by one read.
@@ -33,19 +35,19 @@ from twisted.internet import tcp
 _DIRECT = frozenset(
     cls for cls in (tcp.Server, tcp.Client)
     if all(hasattr(cls, name) for name in ("dataBuffer", "disconnecting", "_writeDisconnecting", "_aborting",
-                                            "TLS", "connected"))
+                                            "connected"))
 )
 _MAX_PIECES = 64  # more pieces than this are joined (sendmsg takes at most IOV_MAX buffers)
 
 
 def _direct(transport) -> bool:
     """
-    Whether bytes for C{transport} may be sent on its socket now, bypassing its buffer: a plain TCP
-    connection, open, not closing, with nothing buffered.
+    Whether bytes for C{transport}, one of Twisted's TCP transports, may be sent on its socket now,
+    bypassing its buffer: open, not closing, no TLS, nothing buffered.
     """
-    return (transport.__class__ in _DIRECT and transport.connected and not transport.dataBuffer
-            and not getattr(transport, "_tempDataLen", 1) and not transport.disconnecting
-            and not transport._writeDisconnecting and not transport._aborting and not transport.TLS)
+    return (transport.connected and not transport.dataBuffer and not getattr(transport, "_tempDataLen", 1)
+            and not transport.disconnecting and not transport._writeDisconnecting and not transport._aborting
+            and not getattr(transport, "TLS", False))
 
 
 def sendNow(transport, pieces: Sequence[bytes]) -> None:
@@ -53,7 +55,7 @@ def sendNow(transport, pieces: Sequence[bytes]) -> None:
     Write C{pieces}, in order, with one system call when the socket takes them all (see the module
     docstring); the rest goes through the transport's buffer.
     """
-    if _direct(transport):
+    if transport.__class__ in _DIRECT and _direct(transport):
         try:
             if len(pieces) == 1:
                 sent = transport.socket.send(pieces[0])
@@ -107,6 +109,16 @@ class Output:
         else:
             self.transport.write(data)
 
+    def writeWhole(self, data: bytes) -> None:
+        """
+        Write C{data}, a whole message that nothing follows at once (a request without a body): collected
+        while corked, else sent now, straight to the socket when it can be (see L{sendNow}).
+        """
+        if self.corks:
+            self.pending.append(data)
+        else:
+            sendNow(self.transport, (data,))
+
     def writeSequence(self, pieces: Sequence[bytes]) -> None:
         """
         Write C{pieces}, in order, without joining them.
@@ -127,10 +139,12 @@ class Output:
         The read is handled: when no other holds this output, send what was collected, then release the
         outputs held.
         """
-        self.corks -= 1
-        if not self.corks:
-            if self.pending:
-                self.flush()
+        corks = self.corks = self.corks - 1
+        if not corks:
+            pending = self.pending
+            if pending:
+                self.pending = []
+                sendNow(self.transport, pending)
             if self.held:
                 held, self.held = self.held, []
                 for output in held:
@@ -143,6 +157,12 @@ class Output:
         if self.corks and other is not self:
             other.corks += 1
             self.held.append(other)
+
+    def discard(self) -> None:
+        """
+        Drop what was collected: the connection is being aborted, which drops whatever it buffered.
+        """
+        self.pending = []
 
     def flush(self) -> None:
         """

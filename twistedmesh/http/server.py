@@ -37,6 +37,9 @@ def newRequestId(random) -> bytes:
     return b"%s-%s-4%s-%c%s-%s" % (h[:8], h[8:12], h[13:16], b"89ab"[h[16] & 3], h[17:20], h[20:])
 
 _NO_BODY_STATUSES = frozenset((204, 304))
+# The request fields the connection manager itself looks at (requestHead); all others pass untouched.
+_MANAGED = frozenset([b"host", b"x-forwarded-client-cert", b"x-forwarded-for", b"x-forwarded-proto", b"expect",
+                      b"x-request-id"])
 
 
 class HTTPSettings:
@@ -318,7 +321,12 @@ class HTTPConnection(protocol.Protocol):
         xff = False
         requestId = False
         xfcc = None  # incoming x-forwarded-client-cert values, when there are any
-        for name, value in h1.stripHopByHop(headers):
+        for field in h1.stripHopByHop(headers):
+            name = field[0]
+            if name not in _MANAGED:
+                kept.append(field)  # most fields: one set lookup, and the parser's tuple kept as it is
+                continue
+            value = field[1]
             if name == b"host":
                 authority = value
             elif name == b"x-forwarded-client-cert":
@@ -337,7 +345,7 @@ class HTTPConnection(protocol.Protocol):
             else:
                 if name == b"x-request-id":
                     requestId = True
-                kept.append((name, value))
+                kept.append(field)
         if not xff and peerHost:
             kept.append((b"x-forwarded-for", peerHost))
         kept.append((b"x-forwarded-proto", self.scheme))
@@ -550,8 +558,9 @@ class HTTPConnection(protocol.Protocol):
         self.closing = True
         self._dropPending()
         if not self.disconnected:
-            # A half-sent response must not look complete: abort, don't close gracefully.
-            self.output.flush()
+            # A half-sent response must not look complete: abort, don't close gracefully (dropping what the
+            # transport, or our output, still buffers).
+            self.output.discard()
             self.transport.abortConnection()
         # Count it out like any finished stream (Stream.reset's own complete() is then a no-op).
         self._finishStream(stream)

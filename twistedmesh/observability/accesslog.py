@@ -4,10 +4,12 @@ Access logs: one line per HTTP request (or per TCP connection), in Envoy's forma
 Three parts, each resolved once at config load so that a request pays only for what it logs:
 
   - B{Formats.} A format string such as C{[%START_TIME%] "%REQ(:METHOD)% %REQ(:PATH)%" %RESPONSE_CODE%} is
-    compiled by L{compileFormat} (or L{compileJSONFormat}) into a tuple of literal strings and I{getters},
-    small closures C{(record, endTime) -> str}. Rendering a line is one list of getter results poured into
-    a prepared template. Unknown operators and bad arguments are L{FormatError}s at compile time, never at
-    request time.
+    compiled by L{compileFormat} (or L{compileJSONFormat}) into literal strings and I{getters}, small
+    closures C{(record, endTime) -> str}, and from them into one render function written for the format
+    (Python source generated from our own pieces, never from user text: header names are checked tokens,
+    literals are constants): it scans the request headers once for every C{%REQ(...)%}, computes the
+    common operators in place, calls the getters of the rare ones, and fills one %-template. Unknown
+    operators and bad arguments are L{FormatError}s at compile time, never at request time.
   - B{Filters.} L{AccessLogger.log} checks the configured status, duration and flag filters first, on plain
     fields, so a request that is not logged costs a few comparisons and no formatting.
   - B{Sinks.} L{FileSink} never blocks the reactor: lines are appended to a list, and a timer (or a full
@@ -795,21 +797,31 @@ class _Source:
             body.append(f"return {self.const(template)} % ({', '.join(values)},)")
         else:
             body.append(f"return {self.const(template.replace('%%', '%'))}")
-        source = "def render(r, e):\n" + "".join(f"    {line}\n" for line in body)
+        if any(_DECODE in line for line in body):
+            # Header bytes are nearly always valid UTF-8, and a strict decode without arguments is the
+            # fastest: the function tries that, and only a value that is not UTF-8 reruns it the safe
+            # way (as _decode: \xNN escapes, so that the line stays valid UTF-8).
+            safe = "".join(f"    {line}\n" for line in body).replace(_DECODE, ".decode('utf-8', 'backslashreplace')")
+            fast = "".join(f"        {line}\n" for line in body).replace(_DECODE, ".decode()")
+            source = (f"def safe(r, e):\n{safe}\n"
+                      f"def render(r, e):\n    try:\n{fast}    except UnicodeDecodeError:\n        return safe(r, e)\n")
+        else:
+            source = "def render(r, e):\n" + "".join(f"    {line}\n" for line in body)
         namespace = self.env
         exec(compile(source, "<access log format>", "exec"), namespace)  # our own code, built from our pieces
         return namespace.pop("render"), source
 
 
-_DECODE = ".decode('utf-8', 'backslashreplace')"  # as _decode: a line stays valid UTF-8
+_DECODE = ".decode(@)"  # header bytes to text; L{_Source.function} writes the decoding it stands for
 _INT_FIELDS = {"RESPONSE_CODE": "status", "BYTES_RECEIVED": "bytesReceived", "BYTES_SENT": "bytesSent"}
 _PROTOCOLS_JSON = MappingProxyType({k: encode_basestring_ascii(v) for k, v in _PROTOCOLS.items()})
 
 
-def _inlineCode(piece: _Piece, src: _Source) -> Optional[str]:
+def _inlineCode(piece: _Piece, src: _Source) -> Union[str, Tuple[str, ...], None]:
     """
     An expression (after statements added to C{src.lines}) that renders C{piece} exactly as its getter
-    does, for the operators common enough to be worth it; C{None} for the others, whose getter is called.
+    does, or a tuple of expressions whose texts in a row do, for the operators common enough to be worth
+    it; C{None} for the others, whose getter is called.
     Every value here reads the same attributes, with the same rules, as the getter it replaces (the tests
     render each operator both ways).
     """
@@ -846,6 +858,8 @@ def _inlineCode(piece: _Piece, src: _Source) -> Optional[str]:
             src.lines.append(f"{second}, {micros} = divmod(round(r.startTime * 1000000), 1000000)")
             src.lines.append(f"if {second} != {time}.second:")
             src.lines.append(f"    {time}.advance({second})")
+            if not json:  # three slots of the template: no intermediate strings
+                return (f"{time}.head", f"{src.const(_MILLIS)}[{micros} // 1000]", f"{time}.tail")
             text = f"{time}.head + {src.const(_MILLIS)}[{micros} // 1000] + {time}.tail"
         else:
             text = f"{time}(r.startTime)"
@@ -911,8 +925,9 @@ class CompiledFormat:
             expr = _inlineCode(s, src) if isinstance(s, _Piece) else None
             if expr is None:
                 expr = "%s(r, e)" % src.const(s.getter if isinstance(s, _Piece) else s)
-            template.append("%s")
-            values.append(expr)
+            exprs = (expr,) if isinstance(expr, str) else expr  # some fill several slots
+            template.append("%s" * len(exprs))
+            values.extend(exprs)
         self.render, self.source = src.function("".join(template), values)
 
 

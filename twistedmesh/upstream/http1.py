@@ -138,7 +138,10 @@ class UpstreamConnection(protocol.Protocol):
         else:
             self.parser.expectResponse(method)
         self.pool.host.rq_total += 1
-        self.output.write(head)
+        if body:
+            self.output.write(head)
+        else:
+            self.output.writeWhole(head)
 
     def writeBody(self, data: bytes, chunked: bool) -> None:
         """
@@ -173,8 +176,13 @@ class UpstreamConnection(protocol.Protocol):
         self.keepAlive = False
         if not self.closing:
             self.closing = True
-            if self.output is not None:
-                self.output.flush()  # what was written goes before the close
+            output = self.output
+            if output is not None:
+                # What was written goes before a close; an abort drops it, as the transport drops its buffer.
+                if abort:
+                    output.discard()
+                else:
+                    output.flush()
             if abort:
                 self.transport.abortConnection()
             else:

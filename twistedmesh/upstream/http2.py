@@ -38,11 +38,13 @@ abandons (timeout, retry, the client went away) is reset with CANCEL; the connec
 Flow control is the backpressure, both ways
 ===========================================
 
-B{Response bodies.} A DATA frame is handed to the exchange, then acknowledged to the peer (which reopens
-its window) only if the downstream did not pause this stream meanwhile; while it is paused, the bytes
-are held and acknowledged when it resumes. So the upstream can have at most one stream window (64 KiB by
-default) of a stream in flight beyond what the downstream accepted, and one connection window (1 MiB)
-over all streams.
+B{Response bodies.} A DATA frame is handed to the exchange, then acknowledged to the peer. The connection
+window (which every stream shares) reopens at once; the stream's own window only if the downstream did not
+pause this stream meanwhile: while it is paused, the stream's bytes are held and acknowledged when it
+resumes. So the upstream can have at most one stream window (64 KiB by default) of a stream in flight
+beyond what the downstream accepted, and a slow client holds back its own stream alone: were the
+connection window held too, a handful of clients that stop reading (16 at the defaults: 16 x 64 KiB is
+the 1 MiB connection window) would stall every other stream multiplexed on that connection.
 
 B{Request bodies.} A chunk is sent only as far as the peer's stream and connection windows (and its
 frame size) allow; the rest waits on the stream and the downstream body producer is paused at once, so
@@ -85,7 +87,7 @@ from zope.interface import implementer
 
 from ..config.model import HTTP2ClusterConfig
 from ..http import h2common
-from ..http.h2common import withoutConnectionFields
+from ..http.h2common import badField, withoutConnectionFields
 from .accounting import PoolAccounting
 
 _CANCEL = ErrorCodes.CANCEL
@@ -254,8 +256,8 @@ class H2Stream:
         held, self.heldAck = self.heldAck, 0
         conn = self.conn
         if not conn.closing:
-            # For a finished stream this still reopens the connection window, which all streams share.
-            conn.h2.acknowledge_received_data(held, self.sid)
+            # Only the stream's window was held (the connection's reopened as the data came).
+            h2common.acknowledgeStream(conn.h2, self.sid, held)
 
     # -- the request body's producer (IConsumer) -----------------------------------------------------------------
 
@@ -347,8 +349,8 @@ class H2Stream:
         conn.streams.pop(self.sid, None)
         conn.blocked.pop(self.sid, None)
         self.pending = None
-        if self.heldAck:
-            self._releaseAck()
+        # Bytes held for the stream's window alone: the stream is over, there is no window to reopen.
+        self.heldAck = 0
         conn._slotFreed()
 
 
@@ -417,8 +419,10 @@ class H2UpstreamConnection(protocol.Protocol):
         if hasattr(transport, "setTcpNoDelay"):
             transport.setTcpNoDelay(True)
         settings: HTTP2ClusterConfig = self.pool.settings
-        # Inbound fields are checked by h2: an upstream's bytes go to our clients.
-        h2c = self.h2 = H2Connection(h2common.engineConfiguration(clientSide=True, checkInbound=True))
+        # Inbound fields are checked as they are translated (_responseReceived): an upstream's bytes go to our
+        # clients, and a malformed response is a stream error.
+        h2c = self.h2 = H2Connection(h2common.engineConfiguration(clientSide=True, checkInbound=False))
+        h2c.incoming_buffer = h2common.FrameBuffer(server=False)  # an oversized frame is refused from its header
         h2common.startConnection(h2c, {
             SettingCodes.ENABLE_PUSH: 0,
             SettingCodes.INITIAL_WINDOW_SIZE: settings.initial_stream_window_size,
@@ -477,7 +481,7 @@ class H2UpstreamConnection(protocol.Protocol):
                 elif kind is WindowUpdated:
                     self._windowUpdated(event.stream_id)
                 elif kind is TrailersReceived:
-                    self._streamEnded(event.stream_id, withoutConnectionFields(event.headers))
+                    self._trailersReceived(event)
                 elif kind is StreamReset:
                     self._streamReset(event)
                 elif kind is RemoteSettingsChanged:
@@ -495,8 +499,9 @@ class H2UpstreamConnection(protocol.Protocol):
         self._flush()
         if settledNow:
             pool = self.pool
-            # What the host allows is what its next connection will likely allow too.
-            pool.expected = min(self.h2.remote_settings.max_concurrent_streams, pool.maxStreams)
+            # What the host allows is what its next connection will likely allow too; at least one stream,
+            # so that a host announcing 0 makes us wait for it rather than connect for every waiter at once.
+            pool.expected = max(1, min(self.h2.remote_settings.max_concurrent_streams, pool.maxStreams))
             pool._serve()
 
     def connectionLost(self, reason) -> None:
@@ -578,17 +583,63 @@ class H2UpstreamConnection(protocol.Protocol):
         s = self.streams.get(event.stream_id)
         if s is None:
             return
+        # The fields are checked here, in the one pass made over them anyway (h2's own inbound checks are
+        # off: they would end the whole connection, where RFC 9113 section 8.1.1 wants this stream reset).
         status = 0
         headers = []
         for field in event.headers:
-            if field[0] == b":status":
-                status = int(field[1])
-            elif field[0][:1] != b":":
+            name, value = field
+            if name[:1] == b":":
+                # :status alone, once, before the fields; a final status is exactly three ASCII digits from
+                # 200 to 599 (h2 hands 1xx heads over apart, and they are skipped).
+                if name != b":status" or status or headers:
+                    self._malformedResponse(s, "invalid pseudo-header")
+                    return
+                if len(value) == 3 and value.isdigit() and 50 <= value[0] <= 53:
+                    status = int(value)
+                else:
+                    break
+            elif badField(name, value):
+                self._malformedResponse(s, "invalid header field")
+                return
+            else:
                 headers.append(field)
+        if not status:
+            self._malformedResponse(s, "invalid :status")
+            return
         s.headersReceived = True
         exchange = s.exchange
         if exchange is not None:
             exchange.upstreamHead(status, headers, event.stream_ended is None)
+
+    def _trailersReceived(self, event: TrailersReceived) -> None:
+        """
+        The response ended with trailers: checked as the head is (no pseudo-header, every field valid).
+        """
+        s = self.streams.get(event.stream_id)
+        if s is None:
+            return
+        for name, value in event.headers:
+            if name[:1] == b":" or badField(name, value):
+                self._malformedResponse(s, "invalid trailer field")
+                return
+        self._streamEnded(event.stream_id, event.headers)
+
+    def _malformedResponse(self, s: H2Stream, why: str) -> None:
+        """
+        The upstream's response on C{s} is malformed: RST_STREAM(PROTOCOL_ERROR) for that stream alone (RFC
+        9113 section 8.1.1), and its exchange fails as a protocol error before the response head, as an
+        HTTP/1.1 upstream's bad status line does (a 503 for the client).
+        """
+        self.pool.stats.tx_reset.value += 1
+        try:
+            self.h2.reset_stream(s.sid, ErrorCodes.PROTOCOL_ERROR)
+        except H2Error:
+            pass  # closed on the wire already (its END_STREAM or the peer's reset came with the head)
+        exchange, s.exchange = s.exchange, None
+        s._finish()
+        if exchange is not None:
+            exchange.upstreamFailed("protocol_error: " + why, s.headersReceived)
 
     def _dataReceived(self, event: DataReceived) -> None:
         sid = event.stream_id
@@ -599,11 +650,14 @@ class H2UpstreamConnection(protocol.Protocol):
                 self.h2.acknowledge_received_data(length, sid)
             return
         s.exchange.upstreamData(event.data)
-        if not length:
+        if not length or self.closing:
             return
         if s.paused and not s.finished:
-            s.heldAck += length  # see the module docstring: acknowledged when the downstream resumes
-        elif not self.closing:
+            # See the module docstring: the connection window reopens at once (the stream's window bounds
+            # what this stream may cost us); the stream's own waits until the downstream resumes.
+            h2common.acknowledgeConnection(self.h2, length)
+            s.heldAck += length
+        else:
             self.h2.acknowledge_received_data(length, sid)
 
     def _streamEnded(self, sid: int, trailers: Optional[list]) -> None:
@@ -703,6 +757,9 @@ class H2UpstreamConnection(protocol.Protocol):
             self.pool._serve()
             if self.streams or self.reserved:
                 return
+        if self.pool.draining:
+            self._idle()  # a retired pool keeps no idle connection
+            return
         # The idle timer is left running while streams come and go (one reset per idle moment, not a cancel
         # and a new call per stream); when it fires on a busy connection it just goes away.
         timeout = self.pool.idleTimeout
@@ -714,7 +771,12 @@ class H2UpstreamConnection(protocol.Protocol):
                 timer.reset(timeout)
 
     def _idle(self) -> None:
-        self.idleTimer = None
+        """
+        The idle timeout, or a retired pool letting go of an idle connection: GOAWAY and close.
+        """
+        timer, self.idleTimer = self.idleTimer, None
+        if timer is not None and timer.active():
+            timer.cancel()  # called by the pool rather than by the timer
         if self.streams or self.reserved or self.closing:
             return
         self.goingAway = True
@@ -789,6 +851,10 @@ class H2HostPool(PoolAccounting):
         self.ready: List[H2UpstreamConnection] = []
         self.connecting: Set[object] = set()
         self.waiting: Deque[object] = deque()
+        #: Retired (L{drain}): no connection is kept once it has no stream.
+        self.draining = False
+        #: Connection attempts that drain cancelled (nobody waited for them).
+        self.dropped: Set[object] = set()
 
     @property
     def idle(self) -> bool:
@@ -852,8 +918,15 @@ class H2HostPool(PoolAccounting):
         """
         breaker = getattr(self.cluster, "breaker", None)
         # A connection still waiting for the peer's SETTINGS will take more streams soon: count it as coming.
-        coming = len(self.connecting) + sum(1 for conn in self.ready if not conn.settled)
-        while len(self.waiting) > coming * self.expected:
+        # So does one whose peer allows no stream at all (SETTINGS_MAX_CONCURRENT_STREAMS = 0): it waits for
+        # a SETTINGS change or a GOAWAY, and a host that says 0 is not answered with a connection storm.
+        coming = len(self.connecting)
+        for conn in self.ready:
+            if not conn.settled or conn.h2.remote_settings.max_concurrent_streams == 0:
+                coming += 1
+        waiting = len(self.waiting)
+        # Never more connections under way than waiters, whatever the host allowed last.
+        while waiting > coming * self.expected and coming < waiting:
             coming += 1
             if breaker is not None and breaker.connections.full():
                 if countOverflow:
@@ -888,9 +961,14 @@ class H2HostPool(PoolAccounting):
         def connected(conn: H2UpstreamConnection) -> None:
             done()
             self._serve()
+            if self.draining and not conn.streams and not conn.reserved:
+                conn._idle()  # retired meanwhile, and nobody waits for it
 
         def failed(failure) -> None:
             done()
+            if d in self.dropped:
+                self.dropped.discard(d)  # cancelled by drain: not a failure of the host's
+                return
             reason = self._countConnectFailure(failure, bool(timedOut))
             # The waiters this attempt was for: those the attempts still under way will not take.
             excess = min(len(self.waiting) - len(connecting) * self.expected, self.expected)
@@ -931,9 +1009,13 @@ class H2HostPool(PoolAccounting):
 
     def drain(self) -> None:
         """
-        Retire this pool (its host was removed, or its cluster replaced): no new streams on any connection;
-        an idle one goes now (GOAWAY, close), a busy one when its last stream ends.
+        Retire this pool (its host was removed, or its cluster replaced): no new streams on the connections
+        it has; an idle one goes now (GOAWAY, close), a busy one when its last stream ends. From now on no
+        connection is kept once it has no stream, and connection attempts nobody waits for are cancelled.
+        Requests already waiting are still served (on a connection that closes after them), so a reload
+        fails none of them.
         """
+        self.draining = True
         for conn in list(self.connections):
             if conn.closing:
                 continue
@@ -942,6 +1024,10 @@ class H2HostPool(PoolAccounting):
                 self._goingAway(conn)
             else:
                 conn._idle()
+        if not self.waiting:
+            for d in list(self.connecting):
+                self.dropped.add(d)
+                d.cancel()
 
     def closeAll(self) -> None:
         """
@@ -973,6 +1059,7 @@ class H2ClusterPools:
         self.stats = _H2Stats(cluster.stats)
         self.pools: Dict[object, H2HostPool] = {}
         self.closed = False  # set at shutdown: routers must not retry into closing pools
+        self.draining = False  # set by drain: pools made later are retired from the start
 
     def requestFields(self, stream) -> list:
         """
@@ -988,12 +1075,14 @@ class H2ClusterPools:
         if pool is None:
             pool = self.pools[host] = H2HostPool(host, self.cluster, self.clock, self.cluster.connectTimeout,
                                                  self.settings, self.stats, self.idleTimeout)
+            pool.draining = self.draining
         return pool
 
     def drain(self) -> None:
         """
-        Retire every host's pool (see L{H2HostPool.drain}).
+        Retire every host's pool (see L{H2HostPool.drain}); pools made later keep no idle connection either.
         """
+        self.draining = True
         for pool in list(self.pools.values()):
             pool.drain()
 
