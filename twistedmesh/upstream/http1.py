@@ -36,6 +36,7 @@ from zope.interface import implementer
 
 from ..http import h1
 from ..http.output import Output
+from .accounting import PoolAccounting
 
 
 class Exchange:
@@ -336,7 +337,7 @@ class PoolWaiter:
         """
 
 
-class HostPool:
+class HostPool(PoolAccounting):
     """
     Keep-alive connections to one host: reuses the most recently used idle connection (its TCP window is
     warm), keeps at most C{maxIdle} of them, and closes those idle for C{idleTimeout} (on the injected
@@ -348,6 +349,7 @@ class HostPool:
     """
 
     log = Logger()
+    protocolCounter = "upstream_cx_http1_total"
 
     def __init__(self, host, cluster, clock, connectTimeout: float, maxIdle: int = 64,
                  idleTimeout: float = 60.0) -> None:
@@ -394,7 +396,7 @@ class HostPool:
             pass
 
     def _connect(self, waiter: PoolWaiter) -> None:
-        host, cluster, connecting = self.host, self.cluster, self.connecting
+        host, connecting = self.host, self.connecting
         timedOut = []
         d = host.client.connect(self.factory)
         connecting.add(d)
@@ -419,36 +421,13 @@ class HostPool:
             connecting.discard(d)
             if timer is not None and timer.active():
                 timer.cancel()
-            host.cx_connect_fail += 1
-            cluster.upstream_cx_connect_fail.value += 1
-            if timedOut:
-                cluster.upstream_cx_connect_timeout.value += 1
-                reason = "connect timeout"
-            else:
-                reason = failure.getErrorMessage()
-            waiter.poolFailed(reason, bool(timedOut))
+            waiter.poolFailed(self._countConnectFailure(failure, bool(timedOut)), bool(timedOut))
 
         d.addCallbacks(connected, failed)
         d.addErrback(self._waiterFailed)
 
     def _waiterFailed(self, failure) -> None:
         self.log.failure("pool waiter of {host} failed", failure, host=self.host)
-
-    def connectionMade(self, conn: UpstreamConnection) -> None:
-        """
-        C{conn} connected: count it (L{lost} uncounts it).
-        """
-        self.connections.add(conn)
-        conn.connectedAt = self.clock.seconds()
-        host, cluster = self.host, self.cluster
-        breaker = getattr(cluster, "breaker", None)
-        if breaker is not None:
-            breaker.connections.add(1)
-        host.cx_total += 1
-        host.cx_active += 1
-        cluster.upstream_cx_total.value += 1
-        cluster.upstream_cx_active.value += 1
-        cluster.upstream_cx_http1_total.value += 1
 
     def release(self, conn: UpstreamConnection) -> None:
         """
@@ -488,19 +467,11 @@ class HostPool:
         """
         C{conn} closed, for whatever reason.
         """
-        if conn in self.connections:
-            length = getattr(self.cluster, "upstream_cx_length_ms", None)
-            if length is not None:
-                length.record((self.clock.seconds() - conn.connectedAt) * 1000.0)
-            self.connections.discard(conn)
-            self.host.cx_active -= 1
-            self.cluster.upstream_cx_active.value -= 1
+        if self._countLost(conn) and self.waiting:
             breaker = getattr(self.cluster, "breaker", None)
-            if breaker is not None:
-                breaker.connections.add(-1)
-                if self.waiting and not breaker.connections.full():
-                    # A slot is free: connect for the first waiter in line.
-                    self._connect(self.waiting.popleft())
+            if breaker is not None and not breaker.connections.full():
+                # A slot is free: connect for the first waiter in line.
+                self._connect(self.waiting.popleft())
         if conn in self.idle:
             self.idle.remove(conn)
         timer = conn.idleTimer
