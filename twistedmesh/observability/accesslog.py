@@ -801,7 +801,8 @@ class _Source:
             # Header bytes are nearly always valid UTF-8, and a strict decode without arguments is the
             # fastest: the function tries that, and only a value that is not UTF-8 reruns it the safe
             # way (as _decode: \xNN escapes, so that the line stays valid UTF-8).
-            safe = "".join(f"    {line}\n" for line in body).replace(_DECODE, ".decode('utf-8', 'backslashreplace')")
+            safe = "".join(f"    {line}\n" for line in body)
+            safe = safe.replace(_DECODE, ".decode('utf-8', 'backslashreplace')")
             fast = "".join(f"        {line}\n" for line in body).replace(_DECODE, ".decode()")
             source = (f"def safe(r, e):\n{safe}\n"
                       f"def render(r, e):\n    try:\n{fast}    except UnicodeDecodeError:\n        return safe(r, e)\n")
