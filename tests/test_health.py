@@ -23,18 +23,19 @@ from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated, PingAckReceived, RemoteSettingsChanged, RequestReceived, StreamReset, WindowUpdated,
 )
-from h2.exceptions import ProtocolError as H2ProtocolError
+from h2.exceptions import ProtocolError as H2ProtocolError, TooManyStreamsError
 from h2.settings import SettingCodes
-from hyperframe.frame import GoAwayFrame
+from hyperframe.frame import GoAwayFrame, PingFrame
 import treq
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.interfaces import INegotiated
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.plugin import getPlugins
+from twisted.python.failure import Failure
 from twisted.protocols.policies import WrappingFactory
 from twisted.trial import unittest
 from twisted.web.resource import Resource
@@ -50,7 +51,7 @@ from twistedmesh.plugins import FilterContext
 from twistedmesh.testing import FilterHarness
 from twistedmesh.upstream.cluster import Cluster
 from twistedmesh.upstream.health import (
-    FAILED_ACTIVE_HC, PENDING_ACTIVE_HC, HealthChecker, _hostLabel,
+    FAILED_ACTIVE_HC, PENDING_ACTIVE_HC, HealthChecker, _hostLabel, finalStatus,
 )
 
 from .support import proxyConfig, startNginx, startService, waitFor
@@ -744,31 +745,93 @@ class HTTP1ReuseTests(unittest.TestCase):
 
     def test_bodyReadToEnd(self):
         """
-        The verdict comes from the head; the body is read and dropped, so the next check may reuse the
-        connection once the response ended.
+        The verdict waits for the end of the response (the body is read and dropped); the next check then
+        reuses the connection.
         """
         c = Checked()
         c.start()
         pending = c.answer(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nab")
-        self.assertTrue(c.host.healthy)
+        self.assertEqual((c.host.healthy, c.inFlight()), (False, True))
         pending.protocol.dataReceived(b"cd")
+        self.assertEqual((c.host.healthy, c.inFlight()), (True, False))
         c.next()
         self.assertEqual(len(c.endpoints[0].attempts), 1)
         self.assertEqual(pending.transport.value().count(b"GET /healthz"), 2)
 
-    def test_unfinishedResponseNotReused(self):
+    def test_unfinishedResponseFails(self):
         """
-        A response still arriving when the next check is due: that check closes the connection and
-        makes a new one.
+        A C{200} whose body stalls is no pass: the check times out (a network failure), the connection is
+        aborted, and the next check makes a new one.
+        """
+        c = Checked({"health.path": "/healthz", "health.timeout": "1s"})
+        c.start()
+        first = c.answer(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\npartial")
+        self.assertFalse(c.host.healthy)
+        c.clock.advance(1)
+        self.assertEqual(c.host.healthReason,
+                         "failed active health check: timeout before the response ended (status 200)")
+        self.assertEqual((c.stat("health_check.success"), c.stat("health_check.network_failure")), (0, 1))
+        self.assertTrue(first.transport.disconnected)
+        c.next()
+        self.assertEqual(len(c.endpoints[0].attempts), 2)
+        c.answer(OK)
+        self.assertEqual(c.stat("health_check.success"), 1)
+
+    def test_closedMidBodyFails(self):
+        """
+        A healthy host that answers C{200} and hangs up mid-body fails its check as a network failure.
+        """
+        c = Checked({"health.path": "/healthz", "health.unhealthy_threshold": "1"})
+        c.start()
+        first = c.answer(OK)
+        self.assertTrue(c.host.healthy)
+        c.next()
+        first.protocol.dataReceived(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\npart")
+        first.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual((c.host.healthy, c.host.healthReason), (
+            False, "failed active health check: connection closed before the response ended (status 200)"))
+        self.assertEqual(c.stat("health_check.network_failure"), 1)
+
+    def test_bodyUntilClose(self):
+        """
+        A body read until the close (no length, no chunking) ends with the close: that is the verdict.
         """
         c = Checked()
         c.start()
-        first = c.answer(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\npartial")
+        first = c.answer(b"HTTP/1.1 200 OK\r\n\r\nall of it")
+        self.assertFalse(c.host.healthy)
+        first.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual((c.host.healthy, c.stat("health_check.success")), (True, 1))
+
+    def test_failingStatusAtEnd(self):
+        """
+        A failing status is a verdict at the end of its response too, and no network failure.
+        """
+        c = Checked()
+        c.start()
+        first = c.answer(b"HTTP/1.1 503 X\r\ntransfer-encoding: chunked\r\n\r\n4\r\ndown\r\n")
+        self.assertTrue(c.inFlight())
+        first.protocol.dataReceived(b"0\r\n\r\n")
+        self.assertEqual(c.host.healthReason, "failed active health check: status 503")
+        self.assertEqual((c.stat("health_check.failure"), c.stat("health_check.network_failure")), (1, 0))
+        self.assertFalse(first.transport.disconnecting)  # kept: the response ended
+
+    def test_immediateFailFromHead(self):
+        """
+        The immediate-fail header fails the check from the head alone, as before; the body is still read
+        to its end so that the connection is reused.
+        """
+        c = Checked()
+        c.start()
+        first = c.answer(OK)
         c.next()
-        self.assertTrue(first.transport.disconnecting)
-        self.assertEqual(len(c.endpoints[0].attempts), 2)
-        c.answer(OK)
-        self.assertEqual(c.stat("health_check.success"), 2)
+        first.protocol.dataReceived(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n"
+                                    b"x-envoy-immediate-health-check-fail: true\r\n\r\nab")
+        self.assertEqual((c.host.healthy, c.host.healthReason), (
+            False, "failed active health check: immediate health check fail (status 200)"))
+        first.protocol.dataReceived(b"cd")
+        c.next()
+        self.assertEqual(len(c.endpoints[0].attempts), 1)
 
     def test_closeNotReused(self):
         """
@@ -1048,26 +1111,115 @@ class H2CheckTests(unittest.TestCase):
         self.assertEqual(c.host.healthReason,
                          "failed active health check: immediate health check fail (status 200)")
 
-    def test_bodyReset(self):
+    def test_bodyReadToEnd(self):
         """
-        A response with a body gets its verdict from the head; the stream is then reset (CANCEL) and the
-        DATA acknowledged, so the connection's window never shrinks.
+        A response with a body gets its verdict when the stream ends; its DATA is acknowledged as it comes,
+        so the connection's window never shrinks, and the stream is not reset.
         """
         c = h2Checked()
         peer = h2Accept(c)
         peer.respond(200, body=b"x" * 16384)
-        self.assertTrue(c.host.healthy)
-        # DATA still in flight when the reset goes out is acknowledged too (h2 updates the connection window
-        # once half of it is consumed).
+        self.assertEqual((c.host.healthy, c.inFlight()), (False, True))
         peer.h2.send_data(1, b"y" * 16384)
         peer.h2.send_data(1, b"z" * 16384)
         peer.send()
+        self.assertFalse(c.host.healthy)
         events = peer.read()
-        resets = [e for e in events if isinstance(e, StreamReset)]
-        self.assertEqual([(e.stream_id, e.error_code) for e in resets], [(1, ErrorCodes.CANCEL)])
         self.assertTrue(any(isinstance(e, WindowUpdated) and e.stream_id == 0 for e in events))
         # Unacknowledged, the host could send no more than 16383 bytes.
         self.assertGreater(peer.h2.outbound_flow_control_window, 65535 - 3 * 16384)
+        peer.h2.end_stream(1)
+        peer.send()
+        self.assertEqual((c.host.healthy, c.host.healthReason), (True, "healthy: last check passed"))
+        self.assertEqual([e for e in peer.read() if isinstance(e, StreamReset)], [])
+        self.assertFalse(peer.pending.transport.disconnecting)
+
+    def test_bodyStalls(self):
+        """
+        A C{200} head whose body never ends is no pass: the check times out, naming the status.
+        """
+        c = h2Checked()
+        peer = h2Accept(c)
+        peer.respond(200, body=b"partial")
+        c.clock.advance(c.config.timeout)
+        self.assertEqual((c.host.healthy, c.host.healthReason), (
+            False, "failed active health check: timeout before the response ended (status 200)"))
+        self.assertEqual(c.stat("health_check.network_failure"), 1)
+        self.assertTrue(peer.pending.transport.disconnected)
+
+    def test_resetMidBody(self):
+        """
+        A healthy host whose C{200} stream is reset mid-body fails the check as a network failure.
+        """
+        c = h2Checked({"health.path": "/", "health.unhealthy_threshold": "1"})
+        peer = h2Accept(c)
+        peer.respond(200)
+        c.next()
+        peer.respond(200, body=b"part")
+        peer.h2.reset_stream(3, ErrorCodes.INTERNAL_ERROR)
+        peer.send()
+        self.assertEqual((c.host.healthy, c.host.healthReason), (
+            False, "failed active health check: stream reset (INTERNAL_ERROR)"))
+        self.assertEqual(c.stat("health_check.network_failure"), 1)
+
+    def test_closedMidBody(self):
+        """
+        A connection lost mid-body fails the check, naming the status the head carried.
+        """
+        c = h2Checked()
+        peer = h2Accept(c)
+        peer.respond(200, body=b"part")
+        peer.pending.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(c.host.healthReason,
+                         "failed active health check: connection closed before the response ended (status 200)")
+
+    def test_trailersEnd(self):
+        """
+        Trailers end the response: that is the verdict.
+        """
+        c = h2Checked()
+        peer = h2Accept(c)
+        peer.respond(503, body=b"down")
+        self.assertTrue(c.inFlight())
+        peer.h2.send_headers(1, [(b"x-why", b"maintenance")], end_stream=True)
+        peer.send()
+        self.assertEqual(c.host.healthReason, "failed active health check: status 503")
+        self.assertEqual(c.stat("health_check.network_failure"), 0)
+
+    def test_immediateFailResetsBody(self):
+        """
+        An immediate-fail head is the verdict at once, body or not; the stream is then reset (CANCEL).
+        """
+        c = h2Checked()
+        peer = h2Accept(c)
+        peer.respond(200, extra=[(b"x-envoy-immediate-health-check-fail", b"true")], body=b"x")
+        self.assertEqual(c.host.healthReason,
+                         "failed active health check: immediate health check fail (status 200)")
+        resets = [e for e in peer.read() if isinstance(e, StreamReset)]
+        self.assertEqual([(e.stream_id, e.error_code) for e in resets], [(1, ErrorCodes.CANCEL)])
+
+    def test_invalidStatus(self):
+        """
+        A C{:status} that is not three ASCII digits (h2 passes any value) fails the check as a protocol
+        error, a network failure, and aborts the connection.
+        """
+        for value in (b"abc", b"20", b"2000", b"099", b"600", b"\xd9\xa2\xd9\xa0\xd9\xa0", b" 20"):
+            c = h2Checked()
+            peer = h2Accept(c)
+            peer.h2.config.validate_outbound_headers = False
+            peer.h2.send_headers(1, [(b":status", value)], end_stream=True)
+            peer.send()
+            self.assertEqual(c.host.healthReason, "failed active health check: protocol error: invalid :status",
+                             value)
+            self.assertEqual(c.stat("health_check.network_failure"), 1)
+            self.assertTrue(peer.pending.transport.disconnected)
+
+    def test_finalStatus(self):
+        """
+        L{finalStatus} accepts exactly three ASCII digits from 200 to 599.
+        """
+        self.assertEqual([finalStatus(v) for v in (b"200", b"404", b"599", b"199", b"600", b"2a0", b"20", b"")],
+                         [200, 404, 599, 0, 0, 0, 0, 0])
 
     def test_endedStreamNotReset(self):
         """
@@ -1327,6 +1479,148 @@ class H2ReuseTests(unittest.TestCase):
         peer.h2.ping(b"12345678")
         peer.send()
         self.assertTrue(any(isinstance(e, PingAckReceived) for e in peer.read()))
+
+    def test_noStreamRoomNotReused(self):
+        """
+        A kept connection whose host lowered C{SETTINGS_MAX_CONCURRENT_STREAMS} to 0 is not reused: the next
+        check closes it (GOAWAY) and connects afresh, where the host's refusal fails the check clearly.
+        """
+        c = h2Checked()
+        peer = h2Accept(c)
+        peer.respond(200)
+        peer.h2.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: 0})
+        peer.send()
+        c.next()  # raised TooManyStreamsError out of the timer before
+        self.assertTrue(peer.pending.transport.disconnecting)
+        self.assertTrue(any(isinstance(e, ConnectionTerminated) for e in peer.read()))
+        self.assertEqual(len(c.endpoints[0].attempts), 2)
+        fresh = h2Accept(c)
+        [request] = fresh.requests()
+        fresh.h2.reset_stream(request.stream_id, ErrorCodes.REFUSED_STREAM)
+        fresh.send()
+        self.assertEqual(c.host.healthReason, "healthy: last check failed (stream reset (REFUSED_STREAM)), "
+                         "1 of 3 failing checks to become unhealthy")
+
+    def test_streamRefusedByH2(self):
+        """
+        Should h2 refuse the stream of a connection that looked reusable, the check goes out on a new
+        connection within the same timeout, and the old one is closed.
+        """
+        c = h2Checked()
+        peer = h2Accept(c)
+        peer.respond(200)
+        kept = c.checker.checkers[c.host].connection
+
+        def refuse(*args, **kwargs):
+            raise TooManyStreamsError("no room")
+
+        kept.h2.send_headers = refuse
+        c.next()
+        self.assertTrue(peer.pending.transport.disconnecting)
+        self.assertEqual(len(c.endpoints[0].attempts), 2)
+        self.assertTrue(c.inFlight())
+        fresh = h2Accept(c)
+        fresh.respond(200)
+        self.assertEqual((c.stat("health_check.success"), c.stat("health_check.failure")), (2, 0))
+        # The old connection's close says nothing about the check that left it.
+        peer.pending.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(c.host.healthReason, "healthy: last check passed")
+
+
+class PausingTransport(StringTransport):
+    """
+    A L{StringTransport} whose host does not read: like a socket's, it pauses its streaming producer once
+    more than C{bufferSize} bytes wait to be written, and resumes it when the test drains it.
+    """
+
+    bufferSize = 65536
+
+    def write(self, data: bytes) -> None:
+        """
+        Buffer C{data}; pause the producer when the buffer is full.
+        """
+        super().write(data)
+        if self.producer is not None and self.streaming and len(self.io.getvalue()) > self.bufferSize \
+                and self.producerState == "producing":
+            self.producerState = "paused"
+            self.producer.pauseProducing()
+
+    def drain(self) -> None:
+        """
+        The host read everything: empty the buffer and resume the producer.
+        """
+        self.clear()
+        if self.producer is not None and self.producerState == "paused":
+            self.producerState = "producing"
+            self.producer.resumeProducing()
+
+
+def pings(n: int) -> bytes:
+    """
+    C{n} serialized PING frames.
+    """
+    frame = PingFrame(0)
+    frame.opaque_data = b"12345678"
+    return frame.serialize() * n
+
+
+class H2ControlFloodTests(unittest.TestCase):
+    """
+    The control frames h2 queues in answer to a host's are capped (1000 not taken by a writing transport).
+    """
+
+    def test_floodWhileIdleAborts(self):
+        """
+        A host that floods a kept connection with PINGs and reads nothing gets it aborted once the
+        transport is full and 1000 more answers are queued; counted, and no verdict changes.
+        """
+        c = h2Checked()
+        peer = h2Accept(c, PausingTransport())
+        peer.respond(200)
+        transport = peer.pending.transport
+        frame = pings(1)
+        sent = 0
+        while not transport.disconnected and sent < 100000:
+            peer.pending.protocol.dataReceived(frame)
+            sent += 1
+        self.assertTrue(transport.disconnected)
+        # The transport's 64 KiB, then 1000 answers more (17 bytes each): bounded, at about 81 KiB.
+        self.assertLess(len(transport.value()), 65536 + 1001 * 17 + 17)
+        self.assertEqual(c.stat("health_check.outbound_control_flood"), 1)
+        self.assertEqual((c.host.healthReason, c.stat("health_check.failure")), ("healthy: last check passed", 0))
+        c.next()
+        self.assertEqual(len(c.endpoints[0].attempts), 2)
+
+    def test_floodInOneRead(self):
+        """
+        More than 1000 answers to one read are a flood even while the transport writes; a check in flight
+        fails with it.
+        """
+        c = h2Checked()
+        peer = h2Accept(c)
+        peer.pending.protocol.dataReceived(pings(1001))
+        self.assertTrue(peer.pending.transport.disconnected)
+        self.assertEqual(c.host.healthReason,
+                         "failed active health check: protocol error: too many control frames queued")
+        self.assertEqual((c.stat("health_check.outbound_control_flood"),
+                          c.stat("health_check.network_failure")), (1, 1))
+
+    def test_readingHostNotCut(self):
+        """
+        A host that reads the answers may send any number of PINGs over time, and up to 1000 in one read.
+        """
+        c = h2Checked()
+        peer = h2Accept(c, PausingTransport())
+        peer.respond(200)
+        transport = peer.pending.transport
+        for _ in range(10):
+            peer.pending.protocol.dataReceived(pings(1000))
+            transport.drain()
+        self.assertFalse(transport.disconnected)
+        self.assertEqual(c.stat("health_check.outbound_control_flood"), 0)
+        c.next()
+        peer.respond(200)
+        self.assertEqual((c.stat("health_check.success"), len(c.endpoints[0].attempts)), (2, 1))
 
 
 class TCPCheckTests(unittest.TestCase):
@@ -1772,6 +2066,93 @@ class LoopbackTests(unittest.TestCase):
         yield deferLater(reactor, 0.05, lambda: None)
 
     @defer.inlineCallbacks
+    def test_stallingBody(self):
+        """
+        A real host that answers C{200} with C{content-length: 10} and sends 4 bytes of it is not healthy:
+        the check times out; one that then hangs up fails as a close mid-body.
+        """
+        hangUp = []
+
+        class Staller(protocol.Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\npart")
+                if hangUp:
+                    self.transport.loseConnection()
+
+        factory = protocol.Factory.forProtocol(Staller)
+        factory.noisy = False
+        wrapper = WrappingFactory(factory)
+        port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(wrapper)
+        self.addCleanup(port.stopListening)
+        checker = self.checker(f"tcp:127.0.0.1:{port.getHost().port}", {
+            "health.path": "/healthz", "health.interval": "50ms", "health.timeout": "200ms",
+        })
+        host = checker.cluster.hosts[0]
+        yield waitFor(lambda: host.healthReason != "pending first health check")
+        self.assertEqual((host.healthy, host.healthReason), (
+            False, "failed active health check: timeout before the response ended (status 200)"))
+        hangUp.append(True)
+        yield waitFor(lambda: "closed" in host.healthReason)
+        self.assertEqual((host.healthy, host.healthReason), (
+            False, "failed active health check: connection closed before the response ended (status 200)"))
+        checker.stop()
+        yield waitFor(lambda: not wrapper.protocols)
+
+    @defer.inlineCallbacks
+    def test_h2PingFlood(self):
+        """
+        A real HTTP/2 host that answers one check, then stops reading and floods the kept connection with
+        PINGs gets that connection aborted by the cap on queued answers (counted), not buffered without end.
+        """
+        flooders = []
+
+        class Flooder(protocol.Protocol):
+            def connectionMade(self) -> None:
+                self.h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+                self.h2.initiate_connection()
+                self.transport.write(self.h2.data_to_send())
+                self.sent = 0
+                self.lost = False
+                flooders.append(self)
+
+            def dataReceived(self, data: bytes) -> None:
+                for event in self.h2.receive_data(data):
+                    if isinstance(event, RequestReceived):
+                        self.h2.send_headers(event.stream_id, [(b":status", b"200")], end_stream=True)
+                        self.transport.write(self.h2.data_to_send())
+                        self.transport.pauseProducing()  # read nothing more
+                        # Once the check has had its answer, so that the flood alone is judged.
+                        reactor.callLater(0.05, self.flood)
+
+            def flood(self) -> None:
+                # Bounded: 2000 PINGs a turn, 200 turns at most (6.8 MB).
+                if self.lost or self.sent >= 400000:
+                    return
+                self.transport.write(pings(2000))
+                self.sent += 2000
+                reactor.callLater(0, self.flood)
+
+            def connectionLost(self, reason=None) -> None:
+                self.lost = True
+
+        factory = protocol.Factory.forProtocol(Flooder)
+        factory.noisy = False
+        port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
+        self.addCleanup(port.stopListening)
+        config = ClusterConfig("api", (HostConfig(f"tcp:127.0.0.1:{port.getHost().port}"),), protocol="http2")
+        cluster = Cluster(config, reactor, StatsStore())
+        health, errors = parse({"health.path": "/healthz", "health.interval": "1h", "health.timeout": "2s"})
+        checker = HealthChecker(cluster, health, reactor, Random(0))
+        checker.start()
+        self.addCleanup(checker.stop)
+        yield waitFor(lambda: flooders and (flooders[0].lost or flooders[0].sent >= 400000))
+        [flooder] = flooders
+        self.assertLess(flooder.sent, 400000)
+        self.assertEqual(checker.outbound_control_flood.value, 1)
+        self.assertEqual(checker.success.value, 1)
+        self.assertTrue(cluster.hosts[0].healthy)  # the check had passed; the abort judges nothing
+
+    @defer.inlineCallbacks
     def test_refused(self):
         """
         A closed port on loopback is reported as a refused connection.
@@ -1812,10 +2193,19 @@ class H2Host(protocol.Protocol):
             return
         for event in events:
             if isinstance(event, RequestReceived):
-                self.factory.requests.append((self, event.stream_id, event.headers))
-                self.h2.send_headers(event.stream_id, [(b":status", b"%d" % self.factory.status),
-                                                       (b"content-length", b"2")])
-                self.h2.send_data(event.stream_id, b"ok", end_stream=True)
+                factory = self.factory
+                factory.requests.append((self, event.stream_id, event.headers))
+                if factory.refuse and len(factory.requests) > 1:
+                    self.h2.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
+                    continue
+                self.h2.send_headers(event.stream_id, [(b":status", b"%d" % factory.status),
+                                                       (b"content-length", b"10")])
+                # A stalling host sends part of the body and never the rest.
+                self.h2.send_data(event.stream_id, b"ok" if factory.stall else b"ok" * 5,
+                                  end_stream=not factory.stall)
+                if factory.refuse:
+                    # No stream more: on this connection, nor (once acknowledged) on any other.
+                    self.h2.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: 0})
             elif isinstance(event, ConnectionTerminated):
                 self.transport.loseConnection()
         self.transport.write(self.h2.data_to_send())
@@ -1836,6 +2226,9 @@ class H2HostFactory(protocol.Factory):
     Builds L{H2Host}s and keeps what they saw.
 
     @ivar status: the status every request gets.
+    @ivar stall: answer with the head and 2 of the 10 bytes of the body, then nothing.
+    @ivar refuse: after the first request, advertise C{SETTINGS_MAX_CONCURRENT_STREAMS = 0} and refuse
+        every stream (REFUSED_STREAM).
     @ivar connections: every connection made, in order.
     @ivar requests: C{(connection, stream id, fields)} of every request.
     """
@@ -1845,6 +2238,8 @@ class H2HostFactory(protocol.Factory):
 
     def __init__(self) -> None:
         self.status = 200
+        self.stall = False
+        self.refuse = False
         self.connections: List[H2Host] = []
         self.open = set()
         self.requests: List[tuple] = []
@@ -1998,6 +2393,53 @@ health.interval = 50ms
                          "failed active health check: protocol error: the host answered in HTTP/1.x, not HTTP/2")
         yield service.stopService()
         yield waitFor(lambda: not wrapper.protocols)
+
+    @defer.inlineCallbacks
+    def test_stallingBody(self):
+        """
+        A host that answers C{200} and stalls mid-body never turns healthy: each check times out.
+        """
+        origin, endpoint = self.serveH2()
+        origin.stall = True
+        service = yield self.startMesh(f"""
+[cluster:origin]
+endpoints = {endpoint}
+protocol = http2
+health.path = /healthz
+health.interval = 50ms
+health.timeout = 200ms
+""")
+        host = service.clusters["origin"].hosts[0]
+        yield waitFor(lambda: host.healthReason != "pending first health check")
+        self.assertEqual((host.healthy, host.healthReason), (
+            False, "failed active health check: timeout before the response ended (status 200)"))
+
+    @defer.inlineCallbacks
+    def test_noStreamsLeft(self):
+        """
+        A host that passes once, then advertises C{SETTINGS_MAX_CONCURRENT_STREAMS = 0} and refuses
+        streams: the kept connection is not reused (nothing raises), and the fresh connection's refused
+        stream fails the checks.
+        """
+        origin, endpoint = self.serveH2()
+        origin.refuse = True
+        service = yield self.startMesh(f"""
+[cluster:origin]
+endpoints = {endpoint}
+protocol = http2
+health.path = /healthz
+health.interval = 50ms
+health.no_traffic_interval = 50ms
+health.unhealthy_threshold = 2
+health.timeout = 2s
+""")
+        host = service.clusters["origin"].hosts[0]
+        yield waitFor(lambda: host.healthy)
+        yield waitFor(lambda: not host.healthy)
+        self.assertEqual(host.healthReason, "failed active health check: stream reset (REFUSED_STREAM)")
+        self.assertGreaterEqual(len(origin.connections), 2)
+        # The first connection carried one stream only: the next check did not try it again.
+        self.assertEqual(sum(1 for conn, _, _ in origin.requests if conn is origin.connections[0]), 1)
 
 
 class NginxHealthTests(unittest.TestCase):

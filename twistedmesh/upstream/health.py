@@ -11,9 +11,12 @@ in the request pool: a check stuck behind a slow request would time out for the 
   - B{HTTP} checks send C{GET <path>} with the host (C{host}, or C{:authority} in HTTP/2) and
     C{user-agent: twistedmesh-health-check}, and pass when the response's status is one of
     C{expected_statuses}. They speak the cluster's protocol (C{health.codec} may override it): HTTP/1.1,
-    or HTTP/2 (h2c with prior knowledge on plaintext, h2 negotiated by ALPN over TLS). The verdict is
-    taken from the response head; the body is read and dropped (HTTP/1.1, to reach the next response) or
-    the stream reset (HTTP/2).
+    or HTTP/2 (h2c with prior knowledge on plaintext, h2 negotiated by ALPN over TLS). The status is
+    taken from the response head, but the verdict is given when the response ends (the body is read and
+    dropped): a host that answers C{200} and then stalls, resets or closes mid-body fails, as it would
+    fail real requests. Only C{x-envoy-immediate-health-check-fail} fails the check from the head alone
+    (the rest of the response is then read and dropped in HTTP/1.1, the stream reset in HTTP/2). A
+    malformed HTTP/2 C{:status} (anything but three ASCII digits from 200 to 599) is a protocol error.
   - B{TCP} checks connect (and, for a TLS host, complete the handshake), write C{send} if configured, and
     pass when C{receive} appears in what the host sends (or at once when no C{receive} is configured). A
     TCP check always uses a new connection.
@@ -22,11 +25,18 @@ Connection reuse (Envoy's C{reuse_connection}, on by default): an HTTP check's c
 a verdict the host answered (whatever the status), and the next check of the host sends its request on it
 (HTTP/1.1 keep-alive: the previous response must have ended and allowed keep-alive; HTTP/2: a new stream,
 ids 1, 3, 5, ..., unless the host sent GOAWAY). A network failure (timeout, reset, protocol error) closes
-it, and the next check connects again. A host may close an idle connection at any time (its keep-alive
-timeout), so a check whose request went out on a reused connection that the host closed, or refused by
-GOAWAY, before any of the response arrived is not the host's failure: it is sent again once on a new
-connection, within the same timeout. With C{reuse_connection = false} each check has its own connection:
-HTTP/1.1 sends C{connection: close}, HTTP/2 closes with GOAWAY after the verdict.
+it, and the next check connects again. An HTTP/2 connection is not reused once the host's
+C{SETTINGS_MAX_CONCURRENT_STREAMS} leaves no room for the check's stream (a fresh connection then tries,
+and the host refuses the stream, which fails the check clearly). The control frames h2 queues in answer
+to the host's (PING and SETTINGS acknowledgements, RST_STREAMs) are capped as the downstream server caps
+them: past 1000 not yet taken by a writing transport, the host is flooding a connection it does not read,
+and the connection is aborted (C{health_check.outbound_control_flood}).
+
+A host may close an idle connection at any time (its keep-alive timeout), so a check whose request went
+out on a reused connection that the host closed, or refused by GOAWAY, before any of the response arrived
+is not the host's failure: it is sent again once on a new connection, within the same timeout. With
+C{reuse_connection = false} each check has its own connection: HTTP/1.1 sends C{connection: close}, HTTP/2
+closes with GOAWAY after the verdict.
 
 A check that takes longer than C{timeout} (connecting included) fails: the connection attempt is
 cancelled, or the connection aborted. Everything is timed on the injected clock and every random draw
@@ -72,7 +82,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HealthChecker", "HostHealthChecker", "FAILED_ACTIVE_HC", "PENDING_ACTIVE_HC", "USER_AGENT",
-    "IMMEDIATE_FAIL_HEADER",
+    "IMMEDIATE_FAIL_HEADER", "finalStatus",
 ]
 
 #: The health flag (Envoy's name, as C{/clusters} shows it) of a host that active health checking failed.
@@ -88,9 +98,48 @@ _PENDING_REASON = "pending first health check"
 _PASSED_REASON = "healthy: last check passed"
 _FAILED_PREFIX = "failed active health check: "
 _OWN_FLAGS = frozenset((FAILED_ACTIVE_HC, PENDING_ACTIVE_HC))
+# Envoy's max_outbound_control_frames default: control frames h2 may queue in answer to the host's frames
+# while the transport is not writing (see _CheckEngine).
+_CONTROL_LIMIT = 1000
 # The last client stream id HTTP/2 allows (2**31 - 1): a reused connection that got there is replaced.
 _LAST_STREAM_ID = 0x7FFFFFFF
 _NO_ERROR = ErrorCodes.NO_ERROR
+
+
+def finalStatus(value: bytes) -> int:
+    """
+    The final status an HTTP/2 C{:status} field carries, or 0 when it is not exactly three ASCII digits from
+    200 to 599 (h2 does not check the value; 1xx heads it hands over apart, as informational responses).
+    """
+    if len(value) == 3 and value.isdigit() and 50 <= value[0] <= 53:
+        return int(value)
+    return 0
+
+
+class _ControlFlood(Exception):
+    """
+    The host made h2 queue more control frames than L{_CONTROL_LIMIT} while the transport was not writing.
+    """
+
+
+class _CheckEngine(H2Connection):
+    """
+    h2's connection, counting the control frames it queues in answer to the host's frames (PING and
+    SETTINGS acknowledgements, RST_STREAMs for frames on reset streams): C{controlPending} of them not yet
+    handed to a transport that is writing. Past L{_CONTROL_LIMIT} the host floods a connection whose
+    answers it does not read, and L{_ControlFlood} ends the read.
+    """
+
+    controlPending = 0
+
+    def _receive_frame(self, frame):
+        before = len(self._data_to_send)
+        events = H2Connection._receive_frame(self, frame)
+        if len(self._data_to_send) != before:
+            self.controlPending += 1
+            if self.controlPending > _CONTROL_LIMIT:
+                raise _ControlFlood()
+        return events
 
 
 class _Attempt:
@@ -143,7 +192,11 @@ class _Attempt:
         The timeout fired before a verdict.
         """
         self.timer = None
-        self.fail("timeout", network=True)
+        conn = self.conn
+        if conn is not None and conn.status:
+            self.fail(f"timeout before the response ended (status {conn.status})", network=True)
+        else:
+            self.fail("timeout", network=True)
 
     def _end(self, network: bool) -> bool:
         """
@@ -173,7 +226,11 @@ class _CheckProtocol(protocol.Protocol):
     @ivar attempt: the check this connection carries now, or carried last.
     @ivar handshaken: the TLS handshake is done (TLS hosts only).
     @ivar lost: the connection closed.
+    @ivar status: the status of the current check's response head, while its end is awaited (HTTP checks
+        give their verdict when the response ends); 0 before the head.
     """
+
+    status = 0
 
     def __init__(self, owner: "HostHealthChecker", attempt: _Attempt) -> None:
         self.owner = owner
@@ -212,10 +269,12 @@ class _CheckProtocol(protocol.Protocol):
     def closedBeforeVerdict(self, attempt: _Attempt, what: str) -> None:
         """
         The connection closed with C{attempt} in flight: the TLS handshake failed, or the host hung up
-        before C{what}.
+        before C{what} (before the response ended, once its head came).
         """
         if INegotiated.providedBy(self.transport) and not self.handshaken:
             attempt.fail("TLS handshake failed", network=True)
+        elif self.status:
+            attempt.fail(f"connection closed before the response ended (status {self.status})", network=True)
         else:
             attempt.fail("connection closed before " + what, network=True)
 
@@ -237,8 +296,8 @@ class _CheckProtocol(protocol.Protocol):
 class _HTTPCheck(_CheckProtocol):
     """
     HTTP/1.1 checks on one connection: writes the request once connected (and again for each check that
-    reuses the connection) and takes the verdict from the response head (an L{h1.ResponseHandler}). The
-    rest of the response is parsed and dropped, so that the connection is ready for the next request.
+    reuses the connection) and parses the response (an L{h1.ResponseHandler}): the status from its head,
+    the verdict at its end (the body is dropped), so that a host that stalls or hangs up mid-body fails.
 
     @ivar checks: checks sent on this connection (more than one: it was reused).
     @ivar received: bytes arrived since the current check's request was sent.
@@ -263,16 +322,18 @@ class _HTTPCheck(_CheckProtocol):
         self.parser = h1.ResponseParser(self)
         self.startCheck(self.attempt)
 
-    def startCheck(self, attempt: _Attempt) -> None:
+    def startCheck(self, attempt: _Attempt) -> bool:
         """
-        Send C{attempt}'s request (the parser then expects the response to a C{GET}).
+        Send C{attempt}'s request (the parser then expects the response to a C{GET}); C{True}: it went out.
         """
         self.attempt = attempt
         attempt.conn = self
         self.checks += 1
         self.received = self.idle = self.keepAlive = False
+        self.status = 0
         self.parser.expectResponse(b"GET")
         self.transport.write(self.owner.parent.request)
+        return True
 
     def reusable(self) -> bool:
         """
@@ -314,7 +375,8 @@ class _HTTPCheck(_CheckProtocol):
     def responseHead(self, status: int, reason: bytes, version: bytes, headers: h1.Headers, keepAlive: bool,
                      hasBody: bool, chunked: bool) -> None:
         """
-        The verdict: the immediate-fail header, else the status.
+        The immediate-fail header fails the check at once; otherwise the status waits for the response's
+        end (L{responseEnd}).
         """
         attempt = self.inFlight()
         if attempt is None:
@@ -322,10 +384,8 @@ class _HTTPCheck(_CheckProtocol):
         self.keepAlive = keepAlive and self.owner.parent.config.reuse_connection
         if any(name == IMMEDIATE_FAIL_HEADER for name, _ in headers):
             attempt.fail(f"immediate health check fail (status {status})", immediate=True)
-        elif self.owner.parent.config.statusPasses(status):
-            attempt.succeed()
         else:
-            attempt.fail(f"status {status}")
+            self.status = status
 
     def responseData(self, data: bytes) -> None:
         """
@@ -334,9 +394,14 @@ class _HTTPCheck(_CheckProtocol):
 
     def responseEnd(self, trailers: Optional[h1.Headers]) -> None:
         """
-        The response is over: the connection may carry the next check.
+        The response is over: the verdict, from the status of its head; the connection may carry the next
+        check.
         """
         self.idle = True
+        attempt = self.inFlight()
+        status, self.status = self.status, 0
+        if attempt is not None and status:
+            _statusVerdict(self.owner.parent.config, attempt, status)
 
     def protocolError(self, reason: str) -> None:
         """
@@ -344,6 +409,10 @@ class _HTTPCheck(_CheckProtocol):
         """
         attempt = self.inFlight()
         if attempt is not None:
+            if self.lost:
+                # feedEOF (connectionLost) found the response unfinished.
+                self.closedBeforeVerdict(attempt, "a response")
+                return
             if self.head[3:4] == b"\x04" and not self.head.startswith(b"HTTP"):
                 # A SETTINGS frame first: an h2c-only host answered with its server preface.
                 reason = "the host answered in HTTP/2, not HTTP/1.1"
@@ -367,21 +436,41 @@ class _HTTPCheck(_CheckProtocol):
         if self.checks > 1 and not self.received:
             self.attempt = None
             self.owner.retry(attempt)
+        elif self.status:
+            # A body read until the close ends here (a verdict); one cut short is a protocol error.
+            self.parser.feedEOF()
+            attempt = self.inFlight()
+            if attempt is not None:
+                self.closedBeforeVerdict(attempt, "a response")
         else:
             self.closedBeforeVerdict(attempt, "a response")
+
+
+def _statusVerdict(config: HealthConfig, attempt: _Attempt, status: int) -> None:
+    """
+    The verdict of a whole response with C{status}.
+    """
+    if config.statusPasses(status):
+        attempt.succeed()
+    else:
+        attempt.fail(f"status {status}")
 
 
 @implementer(IHandshakeListener)
 class _H2Check(_CheckProtocol):
     """
     HTTP/2 checks on one connection: the client preface, then one stream per check (C{GET}, no body) whose
-    response head gives the verdict. A stream still open after the verdict is reset (CANCEL): its body is
-    of no interest, and received DATA is acknowledged at once so that flow control never stalls the
-    connection. The connection closes with GOAWAY.
+    response head gives the status and whose end (END_STREAM) the verdict. Received DATA is acknowledged
+    at once and dropped, so that flow control never stalls the connection. A stream still open after an
+    immediate-fail head is reset (CANCEL). The connection closes with GOAWAY.
+
+    The transport's producer is this protocol, to know when the host stops reading: what h2 queues in
+    answer to the host's frames counts toward L{_CONTROL_LIMIT} while the transport is not writing.
 
     @ivar sid: the current (or last) check's stream id.
     @ivar ended: that stream is over (ended or reset by the host).
-    @ivar answered: the host answered that stream (a verdict from its head).
+    @ivar answered: the check's verdict came from the head (immediate fail), before the stream ended.
+    @ivar writeBlocked: the transport asked us to pause: the host is not reading.
     @ivar checks: checks sent on this connection.
     @ivar received: the host sent a frame of the current check's stream.
     @ivar goingAway: the host sent GOAWAY: no new streams.
@@ -399,37 +488,79 @@ class _H2Check(_CheckProtocol):
         self.received = False
         self.goingAway = False
         self.closing = False
+        self.writeBlocked = False
         self.prefaceHead: Optional[bytes] = b""
 
     def connectionMade(self) -> None:
         """
         Send the client preface (with push disabled: a check wants nothing pushed) and the first check.
         """
-        h2c = self.h2 = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        h2c = self.h2 = _CheckEngine(H2Configuration(client_side=True, header_encoding=None))
         # Set before the preface so that its SETTINGS carry them.
         h2c.local_settings = Settings(client=True, initial_values={SettingCodes.ENABLE_PUSH: 0})
         h2c.initiate_connection()
-        self.startCheck(self.attempt)
+        self.transport.registerProducer(self, True)
+        attempt = self.attempt
+        if not self.startCheck(attempt):
+            # The host's settings are not known yet, so h2 has no reason to refuse the first stream.
+            attempt.fail("protocol error: the check's stream could not be opened", network=True)
 
-    def startCheck(self, attempt: _Attempt) -> None:
+    def startCheck(self, attempt: _Attempt) -> bool:
         """
-        Open C{attempt}'s stream: C{HEADERS} with END_STREAM.
+        Open C{attempt}'s stream: C{HEADERS} with END_STREAM. C{False} if h2 refused to (the connection is
+        then closed and C{attempt} not taken: the caller connects afresh or fails it).
         """
         self.attempt = attempt
         attempt.conn = self
         self.checks += 1
         self.received = self.answered = False
+        self.status = 0
         h2c = self.h2
-        self.sid = h2c.get_next_available_stream_id()
+        try:
+            self.sid = h2c.get_next_available_stream_id()
+            h2c.send_headers(self.sid, self.owner.parent.h2Request, end_stream=True)
+        except H2Error:
+            # reusable() said yes, yet h2 disagrees (a limit it keeps that we did not check): let go of the
+            # attempt so that this connection's close says nothing about it.
+            self.attempt = None
+            attempt.conn = None
+            self.close()
+            return False
         self.ended = False
-        h2c.send_headers(self.sid, self.owner.parent.h2Request, end_stream=True)
         self._flush()
+        return True
 
     def reusable(self) -> bool:
         """
-        Whether the next check may open its stream on this connection.
+        Whether the next check may open its stream on this connection: it is open, the host is not going
+        away, stream ids are left, and the host's C{SETTINGS_MAX_CONCURRENT_STREAMS} leaves room (a host
+        may lower it to 0 at any time).
         """
-        return not (self.lost or self.closing or self.goingAway) and self.sid < _LAST_STREAM_ID - 2
+        if self.lost or self.closing or self.goingAway or self.sid >= _LAST_STREAM_ID - 2:
+            return False
+        h2c = self.h2
+        return h2c.open_outbound_streams < h2c.remote_settings.max_concurrent_streams
+
+    # -- the transport's producer: whether the host reads what we write ------------------------------------
+
+    def pauseProducing(self) -> None:
+        """
+        The transport's buffer is full (the host is not reading): queued control frames count from now on.
+        """
+        self.writeBlocked = True
+
+    def resumeProducing(self) -> None:
+        """
+        The host read what was queued.
+        """
+        self.writeBlocked = False
+        if self.h2 is not None:
+            self.h2.controlPending = 0
+
+    def stopProducing(self) -> None:
+        """
+        The connection is going away (L{connectionLost} follows).
+        """
 
     def checkEnded(self, network: bool) -> None:
         """
@@ -498,6 +629,9 @@ class _H2Check(_CheckProtocol):
                     return
         try:
             events = self.h2.receive_data(data)
+        except _ControlFlood:
+            self._flooded()
+            return
         except ProtocolError as e:
             # h2 queued a GOAWAY naming the error: send it, then close.
             self.closing = True
@@ -517,8 +651,7 @@ class _H2Check(_CheckProtocol):
             if kind is ResponseReceived:
                 if event.stream_id == sid:
                     self.received = True
-                    self.ended = self.ended or event.stream_ended is not None
-                    self._verdict(event.headers)
+                    self._head(event.headers)
             elif kind is DataReceived:
                 # Acknowledged at once, whichever stream (h2 only widens the connection's window for a
                 # stream already closed): a health check must never block on flow control.
@@ -527,6 +660,10 @@ class _H2Check(_CheckProtocol):
             elif kind is StreamEnded:
                 if event.stream_id == sid:
                     self.ended = True
+                    status, self.status = self.status, 0
+                    attempt = self.inFlight()
+                    if attempt is not None and status:
+                        _statusVerdict(self.owner.parent.config, attempt, status)
             elif kind is StreamReset:
                 if event.stream_id == sid:
                     self.received = self.ended = True
@@ -543,28 +680,49 @@ class _H2Check(_CheckProtocol):
                 self.ended = True
                 h2c.reset_stream(sid, ErrorCodes.CANCEL)
             self._flush()
+            if not self.writeBlocked:
+                # What h2 queued in answer to this read is with a transport that is writing: no longer
+                # pending (see _CheckEngine).
+                h2c.controlPending = 0
 
-    def _verdict(self, headers: List[Tuple[bytes, bytes]]) -> None:
+    def _head(self, headers: List[Tuple[bytes, bytes]]) -> None:
         """
-        The check's response head arrived: the immediate-fail header, else the status.
+        The check's response head arrived: an invalid C{:status} is a protocol error and the immediate-fail
+        header a verdict at once; otherwise the status waits for the stream's end.
         """
         attempt = self.inFlight()
         if attempt is None:
             return
-        self.answered = True
         status = 0
         immediate = False
         for name, value in headers:
             if name == b":status":
-                status = int(value)  # h2 validated it: three digits
+                status = finalStatus(value)
             elif name == IMMEDIATE_FAIL_HEADER:
                 immediate = True
-        if immediate:
+        if not status:
+            attempt.fail("protocol error: invalid :status", network=True)
+        elif immediate:
+            self.answered = True
             attempt.fail(f"immediate health check fail (status {status})", immediate=True)
-        elif self.owner.parent.config.statusPasses(status):
-            attempt.succeed()
         else:
-            attempt.fail(f"status {status}")
+            self.status = status
+
+    def _flooded(self) -> None:
+        """
+        The host made h2 queue more than L{_CONTROL_LIMIT} control frames it does not read: abort the
+        connection, counted; a check in flight on it fails.
+        """
+        parent = self.owner.parent
+        parent.outbound_control_flood.value += 1
+        parent.log.info("cluster {cluster}: health check connection to {host} aborted: too many control frames "
+                        "queued", cluster=parent.cluster.name, host=_hostLabel(self.owner.host.endpoint))
+        self.closing = True
+        self.owner.forget(self)
+        self.transport.abortConnection()
+        attempt = self.inFlight()
+        if attempt is not None:
+            attempt.fail("protocol error: too many control frames queued", network=True)
 
     def _goAway(self, event: ConnectionTerminated) -> None:
         """
@@ -809,10 +967,11 @@ class HostHealthChecker:
         connection, self.connection = self.connection, None
         if connection is not None:
             if connection.reusable():
-                connection.startCheck(attempt)
-                return
-            # Still reading the last response, or the host is going away: start afresh.
-            connection.close()
+                if connection.startCheck(attempt):
+                    return
+            else:
+                # Still reading the last response, or the host is going away: start afresh.
+                connection.close()
         self._connect(attempt)
 
     def keep(self, connection: _CheckProtocol) -> None:
@@ -972,7 +1131,9 @@ class HealthChecker:
 
     Stats, under C{cluster.<name>.health_check.} (Envoy's names): C{attempt}, C{success}, C{failure}
     (every failed check, network failures included), C{network_failure} (no answer: refused, reset, timed
-    out, not HTTP), and the gauge C{healthy} (hosts that active health checking does not fail).
+    out, not HTTP), C{outbound_control_flood} (HTTP/2 check connections aborted because the host flooded
+    them with frames to acknowledge without reading the answers), and the gauge C{healthy} (hosts that
+    active health checking does not fail).
 
     @ivar cluster: the L{Cluster}.
     @ivar config: the L{HealthConfig}.
@@ -999,6 +1160,7 @@ class HealthChecker:
         self.success = scope.counter("success")
         self.failure = scope.counter("failure")
         self.network_failure = scope.counter("network_failure")
+        self.outbound_control_flood = scope.counter("outbound_control_flood")
         self.healthy = scope.gauge("healthy")
         # health.codec, else the cluster's protocol.
         self.codec = config.codec or ("http2" if getattr(cluster, "http2", False) else "http1")
