@@ -2,9 +2,9 @@
 The proxy's own cost per HTTP/2 request, without sockets or the reactor: an h2c request is fed to a
 downstream connection on a memory transport, the router hands it to a pooled upstream connection on a
 memory transport (HTTP/1.1, or HTTP/2 multiplexed), and a canned response is fed back. The client's and
-the origin's frames are made before the clock (the process's CPU time) starts (HPACK-encoded in order, so the proxy's decoders stay
-in step), so what is timed is exactly the proxy's Python work: h2 and HPACK both ways, the stream, the
-filters, the route, the pool. The HTTP/1.1 twin of this is C{benchmarks/hotpath.py}.
+the origin's frames are made before the clock (the process's CPU time) starts, HPACK-encoded in order so
+that the proxy's decoders stay in step: what is timed is exactly the proxy's Python work (h2 and HPACK both
+ways, the stream, the filters, the route, the pool). The HTTP/1.1 twin of this is C{benchmarks/hotpath.py}.
 
     python3 benchmarks/h2_hotpath.py [--requests 20000] [--upstream http1|http2|both] [--profile]
 
@@ -14,7 +14,7 @@ the proxied requests' instructions:
 
     valgrind --tool=callgrind --callgrind-out-file=/dev/null $(python3 -c "import sys; print(sys.executable)") \
         benchmarks/h2_hotpath.py \
-        --upstream http2 --frames 2500 --requests 200     # then --requests 1200: (Ir2 - Ir1) / 1000
+        --upstream http2 --warm 200 --frames 1000 --requests 100     # then --requests 600: (Ir2 - Ir1) / 500
 """
 
 import argparse
@@ -137,8 +137,7 @@ def check(down, downT, up, upT, request: bytes, response: bytes, protocol: str) 
     upT.clear()
 
 
-def measure(protocol: str, n: int, profile: bool, made: int = 0) -> float:
-    warm = 1000
+def measure(protocol: str, n: int, profile: bool, made: int = 0, warm: int = 1000) -> float:
     frames = clientFrames(max(made, warm + 1 + n + (n if profile else 0)))
     total = len(frames) - 1
     responses = [H1_RESPONSE] * total if protocol == "http1" else originFrames(total)
@@ -170,9 +169,10 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--frames", type=int, default=0,
                         help="make at least this many requests' frames, whatever --requests (for callgrind)")
+    parser.add_argument("--warm", type=int, default=1000, help="requests proxied before the measured ones")
     args = parser.parse_args()
     for protocol in ("http1", "http2") if args.upstream == "both" else (args.upstream,):
-        us = measure(protocol, args.requests, args.profile, args.frames)
+        us = measure(protocol, args.requests, args.profile, args.frames, args.warm)
         print(f"h2c -> proxy -> {protocol}: {us:.1f} us per proxied request ({1e6 / us:,.0f}/s, one core, no I/O)")
 
 

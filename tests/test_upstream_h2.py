@@ -57,6 +57,7 @@ from twistedmesh.upstream.http2 import (
 )
 
 from .support import (
+    KeepAliveClient,
     Producer,
     Response,
     connectH2,
@@ -268,6 +269,20 @@ class TranslationTests(SynchronousTestCase):
         self.assertEqual(fields[4:], [(b"te", b"trailers"), (b"x-b", b"2")])
         fields = requestFields(self.stream([(b"te", b"gzip")]), b"http")
         self.assertEqual(fields[4:], [])
+
+    def test_requestIdNeverIndexed(self):
+        """
+        x-request-id goes as a never-indexed literal (it is unique: indexed, it would only crowd the HPACK
+        table); an encoder then leaves it out of its table, and every other field is indexed as before.
+        """
+        from hpack import Encoder, NeverIndexedHeaderTuple
+        fields = requestFields(self.stream([(b"x-a", b"1"), (b"x-request-id", b"abc"), (b"x-b", b"2")]), b"http")
+        self.assertEqual(fields[4:], [(b"x-a", b"1"), (b"x-request-id", b"abc"), (b"x-b", b"2")])
+        self.assertIsInstance(fields[5], NeverIndexedHeaderTuple)
+        encoder = Encoder()
+        encoder.encode(fields)
+        self.assertEqual(sorted(name for name, value in encoder.header_table.dynamic_entries),
+                         [b":authority", b":path", b"x-a", b"x-b"])
 
     def test_refusedStreamRetryPolicy(self):
         """
@@ -1064,7 +1079,8 @@ class H2Origin(protocol.Protocol):
     """
     A real HTTP/2 origin (h2c with prior knowledge, or h2 over TLS). Paths: C{/echo} answers with the
     request's method, path, body length and md5; C{/size/N} sends N bytes as the windows allow;
-    C{/trailers} ends with gRPC trailers; C{/reset} resets after its head; C{/refuse-once} refuses the
+    C{/trailers} ends with gRPC trailers; C{/reset} resets after its head; C{/bad-status} answers with
+    C{:status} 600; C{/refuse-once} refuses the
     first stream (REFUSED_STREAM) and answers the next; C{/slow} never answers; C{/stall} takes an upload
     without acknowledging it until L{release}. What it saw is kept on its factory.
     """
@@ -1138,6 +1154,8 @@ class H2Origin(protocol.Protocol):
             h2c.send_headers(sid, [(b":status", b"200")])
             h2c.send_data(sid, b"partial")
             h2c.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)
+        elif path == b"/bad-status":
+            h2c.send_headers(sid, [(b":status", b"600")])  # and a body that never comes
         elif path == b"/refuse-once" and not self.factory.refused:
             self.factory.refused += 1
             h2c.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
@@ -1397,6 +1415,56 @@ class IntegrationTests(IntegrationBase):
         with open(path) as f:
             self.assertEqual(f.read(), "503 UR upstream_reset_before_response_started{remote_reset}\n"
                                        "503 UR upstream_reset_before_response_started{remote_refused_stream_reset}\n")
+
+    @defer.inlineCallbacks
+    def test_slowClientsDoNotStallOthers(self):
+        """
+        Over real sockets, 17 clients that stop reading their downloads (more than the 1 MiB connection
+        window holds at one 64 KiB stream window each) do not stall another client's request multiplexed
+        on the same upstream connection: only their streams' windows are held.
+        """
+        slow = []
+        for i in range(17):
+            client = KeepAliveClient()
+            yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), client)
+            client.request(b"/size/%d" % (16 << 20))
+            client.transport.pauseProducing()
+            slow.append(client)
+        pool = self.service.clusters["origin"].pools
+        [hostPool] = pool.pools.values()
+
+        def held():
+            return sum(1 for conn in hostPool.connections for s in conn.streams.values() if s.paused)
+
+        yield waitFor(lambda: held() == 17, 20, lambda: "17 paused upstream streams (%d)" % held())
+        self.assertEqual(len(hostPool.connections), 1)
+        fast = KeepAliveClient()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), fast)
+        answer = yield fast.request(b"/echo").addTimeout(10, reactor)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200"), answer)
+        for client in slow + [fast]:
+            client.transport.abortConnection()
+
+    @defer.inlineCallbacks
+    def test_invalidStatusOverLoopback(self):
+        """
+        Over real sockets, an origin's invalid :status (600) is a 503 flagged UC with a protocol error, as
+        a bad HTTP/1.1 status line is; the origin sees its stream reset and the same upstream connection
+        answers the next request.
+        """
+        path = os.path.abspath(self.mktemp())
+        service = yield self.startProxy(f"tcp:127.0.0.1:{self.originPort.getHost().port}", listener=(
+            f"access_log = {path}\naccess_log.format = %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS%"))
+        port = service.listeners["web"].port.getHost().port
+        answer = yield rawExchange(port, b"GET /bad-status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 503"), answer)
+        answer = yield rawExchange(port, b"GET /after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200"), answer)
+        self.assertEqual(self.origin.connections, 1)
+        self.assertEqual(self.origin.resets, [(1, ErrorCodes.PROTOCOL_ERROR)])
+        yield stopProxy(service)
+        with open(path) as f:
+            self.assertEqual(f.read().splitlines()[0], "503 UC upstream_reset_before_response_started{protocol_error}")
 
     @defer.inlineCallbacks
     def test_resetAfterHeaders(self):

@@ -129,13 +129,14 @@ _ENGINE_LOG = _QuietLog()
 def _bytesHeaders(headers, _encode=h2.stream.utf8_encode_headers):
     """
     h2's C{utf8_encode_headers} (which it calls on every header block it sends, to turn text fields into
-    bytes), without the copy when there is nothing to encode: a list of plain C{(bytes, bytes)} tuples, as
-    both our codecs always send, is returned as it is. Anything else (text, h2's C{HeaderTuple}s that say
-    never to index a field) goes to h2's own function, so other users of h2 in the process see no change.
+    bytes), without the copy when there is nothing to encode: a list of tuples of bytes, as both our codecs
+    always send (plain tuples, or the C{HeaderTuple}s hpack decoded, whose class says whether a field may
+    be indexed), is returned as it is, which is what h2's function would rebuild. Anything else (text, a
+    generator) goes to h2's own function, so other users of h2 in the process see no change.
     """
     if headers.__class__ is list:
         for field in headers:
-            if field.__class__ is not tuple or field[0].__class__ is not bytes or field[1].__class__ is not bytes:
+            if not isinstance(field, tuple) or field[0].__class__ is not bytes or field[1].__class__ is not bytes:
                 break
         else:
             return headers
