@@ -5,7 +5,11 @@ Tests for the admin web interface (L{twistedmesh.admin}) and the Prometheus expo
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import shutil
+import tempfile
 from types import MappingProxyType
 from typing import Dict, List, Optional
 
@@ -13,14 +17,15 @@ import treq
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor as globalReactor
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
+from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import globalLogPublisher
 from twisted.protocols.policies import WrappingFactory
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -28,8 +33,9 @@ from twisted.web.static import Data
 from twisted.web.test.requesthelper import DummyRequest
 
 from twistedmesh.admin import makeAdminSite, redact, redactEndpoint
-from twistedmesh.admin.resource import AdminResource
-from twistedmesh.config import ClusterConfig, Config, FilterConfig, HostConfig, ListenerConfig, MeshConfig
+from twistedmesh.admin.resource import AdminResource, hostRefusal
+from twistedmesh.config import (ClusterConfig, Config, ConfigErrors, FilterConfig, HostConfig, ListenerConfig,
+                                MeshConfig, loadString)
 from twistedmesh.observability.prometheus import PrometheusExporter, StatsCollector, bucketLabel, metricName
 from twistedmesh.observability.stats import DEFAULT_BUCKETS, StatsStore
 from twistedmesh.upstream.cluster import Cluster, Host
@@ -101,6 +107,13 @@ class FakeServer:
         Count the calls instead of stopping anything.
         """
         self.shutdowns += 1
+
+
+def withAllowedHosts(config: Config, *names: str) -> Config:
+    """
+    C{config} with C{[mesh] admin.allowed_hosts} set to C{names}.
+    """
+    return dataclasses.replace(config, mesh=dataclasses.replace(config.mesh, admin_allowed_hosts=names))
 
 
 def render(resource: AdminResource, path: str, method: bytes = b"GET",
@@ -589,7 +602,7 @@ class ConfigDumpTests(AdminTestCase):
         dump = self.dump()
         self.assertEqual(dump["file"], "etc/mesh.ini")
         self.assertEqual(dump["mesh"], {"admin": "tcp:9901:interface=127.0.0.1", "admin_tls": None,
-                                        "drain_timeout": 10.0, "workers": 1,
+                                        "admin_allowed_hosts": [], "drain_timeout": 10.0, "workers": 1,
                                         "workers_sharing": "reuseport", "xds": None, "tracing": None})
         self.assertEqual(dump["clusters"]["api"]["endpoints"], [
             {"endpoint": "tcp:127.0.0.1:9001", "weight": 1}, {"endpoint": "tcp:127.0.0.1:9002", "weight": 3},
@@ -742,7 +755,7 @@ class SiteTests(TestCase):
 
     def test_servesHTTP(self) -> None:
         """A raw HTTP/1.1 request gets the admin's response."""
-        response = self.exchange(b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n")
+        response = self.exchange(b"GET /ready HTTP/1.1\r\nHost: 127.0.0.1:9901\r\n\r\n")
         self.assertTrue(response.startswith(b"HTTP/1.1 200 OK\r\n"))
         self.assertTrue(response.endswith(b"\r\n\r\nLIVE\n"))
         self.assertIn(b"X-Content-Type-Options: nosniff\r\n", response)
@@ -752,7 +765,7 @@ class SiteTests(TestCase):
         events: List[dict] = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        response = self.exchange(b"HEAD /ready HTTP/1.1\r\nHost: x\r\n\r\n")
+        response = self.exchange(b"HEAD /ready HTTP/1.1\r\nHost: 127.0.0.1:9901\r\n\r\n")
         self.assertTrue(response.startswith(b"HTTP/1.1 200 OK\r\n"))
         self.assertIn(b"Content-Length: 5\r\n", response)
         self.assertTrue(response.endswith(b"\r\n\r\n"))
@@ -760,7 +773,7 @@ class SiteTests(TestCase):
 
     def test_bareUsedOnly(self) -> None:
         """A bare C{?usedonly} (no C{=}), which twisted.web leaves out of C{request.args}, still applies."""
-        response = self.exchange(b"GET /stats?usedonly HTTP/1.1\r\nHost: x\r\n\r\n")
+        response = self.exchange(b"GET /stats?usedonly HTTP/1.1\r\nHost: 127.0.0.1:9901\r\n\r\n")
         self.assertIn(b"cluster.api.upstream_cx_total: 3\n", response)
         self.assertNotIn(b"server.total_connections", response)
 
@@ -779,7 +792,7 @@ class SiteTests(TestCase):
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
         self.site.doStart()
         self.addCleanup(self.site.doStop)
-        self.exchange(b"GET /stats HTTP/1.1\r\nHost: x\r\nUser-Agent: probe\r\n\r\n")
+        self.exchange(b"GET /stats HTTP/1.1\r\nHost: 127.0.0.1:9901\r\nUser-Agent: probe\r\n\r\n")
         self.assertEqual(events, [])
 
 
@@ -884,6 +897,8 @@ class CrossSiteTests(TestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.server = ReloadingServer(self.clock)
+        # A name the admin is reached by (through an SSH tunnel, say): allowed as a Host.
+        self.server.config = withAllowedHosts(self.server.config, "admin.internal")
         self.resource = AdminResource(self.server, self.clock)
 
     def post(self, path: str, headers: Dict[str, str], host: Optional[str] = "127.0.0.1:9901",
@@ -998,6 +1013,191 @@ class CrossSiteTests(TestCase):
         self.assertEqual(request.responseCode, 405)
 
 
+class HostTests(TestCase):
+    """
+    Every request must name the admin in C{Host} by an IP address, C{localhost} or an allowed name: a page
+    whose name was made to resolve to the admin's address (DNS rebinding) is same-origin with itself, so
+    only its C{Host} gives it away.
+    """
+
+    REBINDING = {"Host": "evil.example:9901", "Origin": "http://evil.example:9901", "Sec-Fetch-Site": "same-origin"}
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.server = ReloadingServer(self.clock)
+        self.server.config = withAllowedHosts(self.server.config, "admin.internal", "mesh.example")
+        self.resource = AdminResource(self.server, self.clock)
+
+    def request(self, path: str, headers: Dict[str, str], method: bytes = b"GET") -> DummyRequest:
+        request = DummyRequest([s.encode() for s in path.lstrip("/").split("/")] if path != "/" else [])
+        request.method = method
+        request.isSecure = lambda: False
+        for name, value in headers.items():
+            request.requestHeaders.addRawHeader(name.encode(), value.encode())
+        request.body = self.resource.render(request)
+        return request
+
+    def assertRefused(self, request: DummyRequest, host: str) -> None:
+        self.assertEqual((request.responseCode, request.responseMessage), (421, b"Misdirected Request"), host)
+        self.assertEqual(header(request, "content-type"), "text/plain; charset=utf-8")
+        self.assertEqual(request.body.decode(), (
+            f"misdirected request refused: Host {host} is not a name of this admin endpoint: the admin answers "
+            f"requests for an IP address, localhost, or a name listed in [mesh] admin.allowed_hosts (a web page "
+            f"whose name was made to resolve to this address must not reach it)\n"))
+
+    def test_rebindingRefused(self) -> None:
+        """
+        A page at C{evil.example:9901} (same-origin with itself) can neither read the admin (C{/config_dump},
+        C{/stats}, the dashboard...) nor drive it (C{/quitquitquit}, C{/reload}): each is a 421 with the
+        reason, nothing done, and a warning logged.
+        """
+        events: List[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        for path in ("/config_dump", "/stats", "/stats/prometheus", "/clusters", "/", "/help", "/ready", "/nope"):
+            self.assertRefused(self.request(path, self.REBINDING), "evil.example:9901")
+        for path in CrossSiteTests.POST_PATHS:
+            self.assertRefused(self.request(path, self.REBINDING, b"POST"), "evil.example:9901")
+        self.clock.advance(0)
+        self.assertEqual((self.server.healthCheckFailed, self.server.shutdowns, self.server.reloads,
+                          self.server.drains), (False, 0, 0, []))
+        warned = [e for e in events if e.get("log_format", "").startswith("admin: refused")]
+        self.assertEqual(len(warned), 13)
+        self.assertEqual((warned[0]["method"], warned[0]["path"]), ("GET", "/config_dump"))
+
+    def test_addressesAndLocalhostServed(self) -> None:
+        """IP addresses (IPv6 in brackets), C{localhost}, any port or none, letter case aside, are served."""
+        for host in ("127.0.0.1", "127.0.0.1:9901", "10.1.2.3:80", "[::1]", "[::1]:9901", "[fe80::1]:1",
+                     "localhost", "LocalHost:9901", "localhost.:9901", "127.0.0.1:"):
+            request = self.request("/ready", {"Host": host})
+            self.assertEqual((request.responseCode, request.body), (200, b"LIVE\n"), host)
+        request = self.request("/quitquitquit", {"Host": "[::1]:9901", "Origin": "http://[::1]:9901"}, b"POST")
+        self.assertEqual(request.responseCode, 200)
+
+    def test_allowedNamesServed(self) -> None:
+        """
+        A name of C{[mesh] admin.allowed_hosts} is served (letter case and a trailing dot aside), also with
+        the page's own C{Origin}; the names in effect are read per request, so a reload changes them at once.
+        """
+        for host in ("admin.internal", "Admin.Internal.:9901", "mesh.example:80"):
+            request = self.request("/config_dump", {"Host": host})
+            self.assertEqual(request.responseCode, 200, host)
+        request = self.request("/healthcheck/fail", {"Host": "admin.internal:9901",
+                                                     "Origin": "http://admin.internal:9901",
+                                                     "Sec-Fetch-Site": "same-origin"}, b"POST")
+        self.assertEqual(request.responseCode, 200)
+        self.assertTrue(self.server.healthCheckFailed)
+        self.server.config = withAllowedHosts(self.server.config, "other.internal")
+        self.assertRefused(self.request("/ready", {"Host": "admin.internal"}), "admin.internal")
+        self.assertEqual(self.request("/ready", {"Host": "other.internal"}).responseCode, 200)
+        self.server.config = None
+        self.assertRefused(self.request("/ready", {"Host": "other.internal"}), "other.internal")
+
+    def test_otherHostsRefused(self) -> None:
+        """
+        Names that are not allowed, names that merely start or end like an allowed one, and C{Host} values
+        that are not a host (an IPv6 address without brackets, a bad port, an IPv4 address in brackets).
+        """
+        for host in ("evil.example", "localhost.evil.example", "127.0.0.1.evil.example", "admin.internal.evil",
+                     "xadmin.internal", "::1", "[::1", "[127.0.0.1]", "127.0.0.1:x", "0x7f.0.0.1", "a b",
+                     "[::1]x", "localhost:9901:1"):
+            self.assertRefused(self.request("/ready", {"Host": host}), host.replace(" ", "?"))
+
+    def test_noHostServed(self) -> None:
+        """A request without C{Host} (HTTP/1.0), or with an empty one, names nothing and is served."""
+        self.assertEqual(self.request("/ready", {}).responseCode, 200)
+        self.assertEqual(self.request("/ready", {"Host": ""}).responseCode, 200)
+
+    def test_everyHostChecked(self) -> None:
+        """With several C{Host} headers, one that is not the admin's is enough to refuse."""
+        request = DummyRequest([b"ready"])
+        request.requestHeaders.setRawHeaders(b"host", [b"127.0.0.1", b"evil.example"])
+        self.assertIsNotNone(hostRefusal(request))
+        request.requestHeaders.setRawHeaders(b"host", [b"127.0.0.1", b"localhost"])
+        self.assertIsNone(hostRefusal(request))
+
+    def test_unixSocketNotChecked(self) -> None:
+        """Over a UNIX socket (C{admin = unix:...}), which no browser page reaches, C{Host} is not checked."""
+        request = DummyRequest([b"ready"])
+        request.requestHeaders.setRawHeaders(b"host", [b"evil.example"])
+        request.getHost = lambda: UNIXAddress(b"/run/twistedmesh/admin.sock")
+        self.assertIsNone(hostRefusal(request))
+
+
+class AllowedHostsConfigTests(TestCase):
+    """
+    C{[mesh] admin.allowed_hosts}: a list of host names, lowercased, without a trailing dot.
+    """
+
+    def test_parsed(self) -> None:
+        """Comma- or line-separated names; none by default."""
+        config = loadString("[mesh]\nadmin.allowed_hosts = Admin.Internal., mesh-1.example\n  ops_box\n", "m.ini")
+        self.assertEqual(config.mesh.admin_allowed_hosts, ("admin.internal", "mesh-1.example", "ops_box"))
+        self.assertEqual(loadString("[mesh]\n", "m.ini").mesh.admin_allowed_hosts, ())
+
+    def test_notNames(self) -> None:
+        """A value with a port, brackets or a blank is an error naming the file, section and key."""
+        with self.assertRaises(ConfigErrors) as caught:
+            loadString("[mesh]\nadmin.allowed_hosts = ok.example, a:80, [::1], *.example\n", "m.ini")
+        self.assertEqual([str(e) for e in caught.exception.errors], [
+            f"m.ini: [mesh] admin.allowed_hosts: must be host names without a port (IP addresses and localhost "
+            f"are always allowed), not {bad!r}" for bad in ("a:80", "[::1]", "*.example")])
+
+
+class HostLoopbackTests(TestCase):
+    """
+    The C{Host} check over real HTTP on loopback, with curl resolving a foreign name to C{127.0.0.1} as a
+    rebound DNS name would.
+    """
+
+    async def curl(self, host: str, port: int, path: str) -> bytes:
+        curl = shutil.which("curl")
+        if curl is None:
+            raise SkipTest("curl is not installed")
+        out, err, code = await getProcessOutputAndValue(
+            curl, ["-sS", "-i", "--max-time", "10", "--resolve", f"{host}:{port}:127.0.0.1",
+                   f"http://{host}:{port}{path}"], env=dict(os.environ), reactor=globalReactor)
+        self.assertEqual(code, 0, err)
+        return out
+
+    async def test_rebindingOverHTTP(self) -> None:
+        """
+        C{/config_dump} asked for by a name that resolves to the admin's address is a 421; the same request
+        by an allowed name, or by the address, is answered.
+        """
+        server = FakeServer(globalReactor)
+        server.config = withAllowedHosts(server.config, "admin.internal")
+        port = await serverFromString(globalReactor, "tcp:0:interface=127.0.0.1").listen(
+            makeAdminSite(server, globalReactor))
+        self.addCleanup(port.stopListening)
+        number = port.getHost().port
+        answer = await self.curl("evil.example", number, "/config_dump")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 421 Misdirected Request\r\n"), answer[:200])
+        self.assertIn(b"misdirected request refused: Host evil.example:%d" % (number,), answer)
+        self.assertNotIn(b"cluster", answer)
+        for host in ("admin.internal", "127.0.0.1"):
+            answer = await self.curl(host, number, "/config_dump")
+            self.assertTrue(answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer[:200])
+            self.assertIn(b'"clusters"', answer)
+
+
+@inlineCallbacks
+def dumpDOMResolving(test: TestCase, chromium: str, url: str, rules: str):
+    """
+    L{dumpDOM}, with Chromium resolving names by C{rules} (C{--host-resolver-rules}): how a test plays a
+    DNS name that an attacker made resolve to the admin's address.
+    """
+    profile = tempfile.mkdtemp(prefix="twistedmesh-chromium-")
+    test.addCleanup(shutil.rmtree, profile, True)
+    args = ["60", chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+            "--no-first-run", "--disable-extensions", "--disable-background-networking",
+            f"--host-resolver-rules={rules}", f"--user-data-dir={profile}", "--dump-dom", url]
+    out, err, code = yield getProcessOutputAndValue(shutil.which("timeout") or "timeout", args,
+                                                   env=dict(os.environ), reactor=globalReactor)
+    test.assertEqual(code, 0, err.decode(errors="replace")[-2000:])
+    return out.decode("utf-8")
+
+
 class BrowserTests(TestCase):
     """
     Form posts made by headless Chromium to an admin listening on loopback: from another site's page, and
@@ -1042,6 +1242,32 @@ class BrowserTests(TestCase):
         self.assertIn("cross-site request refused: Sec-Fetch-Site is same-site", dom)
         self.assertFalse(server.healthCheckFailed)
 
+        dom = yield dumpDOM(self, chromium, f"http://127.0.0.1:{adminPort}/post")
+        self.assertIn("OK", dom)
+        self.assertTrue(server.healthCheckFailed)
+
+    @inlineCallbacks
+    def test_rebinding(self) -> None:
+        """
+        A page of C{evil.example} whose name resolves to the admin's address (DNS rebinding, played with
+        Chromium's resolver rules) is same-origin with the admin: its form's C{POST} passes the cross-site
+        check, but its C{Host} names no address or allowed name: 421, nothing done; nor can it read
+        C{/config_dump}. The same page by the admin's address works.
+        """
+        chromium = requireChromium()
+        server = FakeServer(globalReactor)
+        root = Resource()
+        root.putChild(b"admin", AdminResource(server, globalReactor))
+        root.putChild(b"post", Data(b'<!doctype html><form id="f" method="post" action="/admin/healthcheck/fail">'
+                                    b'</form><script>document.getElementById("f").submit()</script>', "text/html"))
+        adminPort = self.listen(Site(root))
+        rules = "MAP evil.example 127.0.0.1"
+        dom = yield dumpDOMResolving(self, chromium, f"http://evil.example:{adminPort}/post", rules)
+        self.assertIn(f"misdirected request refused: Host evil.example:{adminPort}", dom)
+        self.assertFalse(server.healthCheckFailed)
+        dom = yield dumpDOMResolving(self, chromium, f"http://evil.example:{adminPort}/admin/config_dump", rules)
+        self.assertIn("misdirected request refused", dom)
+        self.assertNotIn("clusters", dom)
         dom = yield dumpDOM(self, chromium, f"http://127.0.0.1:{adminPort}/post")
         self.assertIn("OK", dom)
         self.assertTrue(server.healthCheckFailed)

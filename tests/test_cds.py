@@ -14,15 +14,20 @@ from typing import Any, Dict, List, Tuple
 import treq
 from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import Site
 
 from twistedmesh.config import ConfigErrors, loadString
 from twistedmesh.config.model import HostConfig
+from twistedmesh.observability.prometheus import PrometheusExporter
 from twistedmesh.service import MeshService
 from twistedmesh.upstream.cds import CDS_PATH, CDS_TYPE_URL, HTTP_OPTIONS, parseCluster
 from twistedmesh.upstream.xds import EDS_PATH, EDS_TYPE_URL, InvalidResource
@@ -310,6 +315,15 @@ class Proxy:
     def nextPoll(self, stream) -> None:
         self.reactor.advance(stream._timer.getTime() - self.reactor.seconds())
 
+    def open(self):
+        """
+        A downstream HTTP/1.1 connection to the edge listener, on a memory transport.
+        """
+        protocol = self.service.listeners["edge"].front.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
+        protocol.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5555),
+                                                hostAddress=IPv4Address("TCP", "127.0.0.1", 10000)))
+        return protocol
+
     def get(self, path: str = "/api") -> bytes:
         """
         One HTTP/1.1 request through the edge listener, over a memory transport: what was answered.
@@ -400,6 +414,76 @@ class CDSClientTests(SynchronousTestCase):
         self.assertIs(p.service.clusters["api"], api)
         self.assertEqual(p.plane.last(CDS_PATH)["version_info"], "v1")
 
+    def test_maxClusters(self) -> None:
+        """A set larger than xds.max_clusters is rejected whole before any cluster is parsed (NACK)."""
+        p = Proxy(CONFIG.replace("xds.cds = true", "xds.cds = true\nxds.max_clusters = 2"))
+        p.cds(_static("api", 8080), _static("web", 80))
+        p.nextPoll(p.service.xds.cds)
+        p.cds(_static("api", 8080), _static("web", 80), {"name": "broken", "lb_policy": "FASTEST"},
+              version="v2", nonce="n2")
+        self.assertEqual(set(p.service.cdsClusters), {"api", "web"})
+        self.assertEqual(p.stat("cluster_manager.cds.update_rejected"), 1)
+        p.nextPoll(p.service.xds.cds)
+        request = p.plane.last(CDS_PATH)
+        self.assertEqual((request["version_info"], request["response_nonce"]), ("v1", "n2"))
+        self.assertIn("3 resources, more than the 2", request["error_detail"]["message"])
+        self.assertEqual(loadString(CONFIG, "m.ini").mesh.xds.max_clusters, 10000)
+
+    def test_unchangedResendSkipped(self) -> None:
+        """A response with the version and clusters of the set in effect (a new nonce) is ACKed without
+        being parsed or built again; a change, or a new version, is applied."""
+        p = Proxy()
+        p.cds(_static("api", 8080))
+        api = p.service.clusters["api"]
+        builds = []
+        build = p.service._build
+        self.patch(p.service, "_build", lambda *a: builds.append(a) or build(*a))
+        p.nextPoll(p.service.xds.cds)
+        p.cds(_static("api", 8080), version="v1", nonce="n2")
+        self.assertEqual(builds, [])
+        self.assertIs(p.service.clusters["api"], api)
+        self.assertEqual(p.stat("cluster_manager.cds.update_success"), 2)
+        p.nextPoll(p.service.xds.cds)
+        request = p.plane.last(CDS_PATH)
+        self.assertEqual((request["version_info"], request["response_nonce"]), ("v1", "n2"))
+        self.assertNotIn("error_detail", request)
+        p.cds(_static("api", 8080), version="v2", nonce="n3")  # same clusters, new version: applied
+        self.assertEqual(len(builds), 1)
+        self.assertEqual(p.service.cds.version, "v2")
+        p.nextPoll(p.service.xds.cds)
+        p.cds(_static("api", 8081), version="v2", nonce="n4")  # same version, other clusters: applied
+        self.assertEqual(len(builds), 2)
+        self.assertIsNot(p.service.clusters["api"], api)
+
+    def test_resendAfterNACKSkipped(self) -> None:
+        """After a rejected set, the set in effect sent again is ACKed without work, clearing the error."""
+        p = Proxy()
+        p.cds(_static("api", 8080))
+        p.nextPoll(p.service.xds.cds)
+        p.cds(_static("api", 8080), _static("web", 80, lb_policy="FASTEST"), version="v2", nonce="n2")
+        p.nextPoll(p.service.xds.cds)
+        self.assertIn("error_detail", p.plane.last(CDS_PATH))
+        p.cds(_static("api", 8080), version="v1", nonce="n3")
+        p.nextPoll(p.service.xds.cds)
+        request = p.plane.last(CDS_PATH)
+        self.assertEqual((request["version_info"], request["response_nonce"]), ("v1", "n3"))
+        self.assertNotIn("error_detail", request)
+
+    def test_parseErrorIsNACKed(self) -> None:
+        """A value Python cannot convert (a non-ASCII digit, thousands of digits) is a NACK with the reason
+        and the nonce, counted as update_rejected."""
+        p = Proxy()
+        p.cds(_static("api", 8080, connect_timeout="9" * 5000 + "s"), version="v1", nonce="n1")
+        p.nextPoll(p.service.xds.cds)
+        p.cds(_static("api", 8080, circuit_breakers={"thresholds": [{"max_connections": "\u00b2"}]}),
+              version="v1", nonce="n2")
+        self.assertEqual(p.stat("cluster_manager.cds.update_rejected"), 2)
+        p.nextPoll(p.service.xds.cds)
+        request = p.plane.last(CDS_PATH)
+        self.assertEqual((request["version_info"], request["response_nonce"]), ("", "n2"))
+        self.assertIn("max_connections", request["error_detail"]["message"])
+        self.assertNotIn("api", p.service.clusters)
+
     def test_drainingRefuses(self) -> None:
         """While the proxy drains, a set is not applied (NACK): a rebuilt listener would not drain."""
         p = Proxy()
@@ -444,17 +528,87 @@ class ApplyTests(SynchronousTestCase):
         self.assertIn(b"503", p.get().split(b"\r\n")[0])  # the route's cluster is gone again
         self.assertEqual(set(p.service.cdsClusters), {"web"})
 
-    def test_unrelatedChangeKeepsListener(self) -> None:
-        """A set that changes a cluster no route names leaves the listener as it is."""
+    def test_clusterChangesKeepListener(self) -> None:
+        """CDS never touches a listener, as in Envoy: a routed cluster added, changed and removed leaves the
+        listener's build (filters, rate-limit buckets) as it is, a busy keep-alive connection is not told
+        to close, and each new request goes to the cluster in effect when it starts."""
+        p = Proxy()
+        built = p.service._built["edge"]
+        self.assertIn(b"503", p.get().split(b"\r\n")[0])  # no api yet
+        p.cds(_static("api", 8080))
+        self.assertIs(p.service._built["edge"], built)
+        # A busy keep-alive connection: its request went to api on 8080, the answer is not back yet.
+        protocol = p.service.listeners["edge"].front.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5555),
+                                    hostAddress=IPv4Address("TCP", "127.0.0.1", 10000))
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b"GET /api HTTP/1.1\r\nhost: edge\r\n\r\n")
+        self.assertEqual(p.upstreams()[-1][:2], ("10.0.0.1", 8080))
+        for i, moved in enumerate((8081, 8082)):  # the endpoint moves twice
+            p.nextPoll(p.service.xds.cds)
+            p.cds(_static("api", moved), _static("other", 80), version=f"v{i + 2}", nonce=f"n{i + 2}")
+        self.assertEqual(p.stat("cluster_manager.cluster_modified"), 2)
+        self.assertIs(p.service._built["edge"], built)
+        self.assertEqual((p.stat("listener_manager.listener_modified"),
+                          p.stat("listener_manager.total_listeners_draining")), (0, 0))
+        self.assertFalse(protocol.finishing)
+        self.assertEqual(p.get(), b"")  # forwarded, to the cluster in effect now
+        self.assertEqual(p.upstreams()[-1][:2], ("10.0.0.1", 8082))
+        p.nextPoll(p.service.xds.cds)
+        p.cds(_static("other", 80), version="v4", nonce="n4")  # api removed
+        self.assertIs(p.service._built["edge"], built)
+        self.assertIn(b"503", p.get().split(b"\r\n")[0])
+        self.assertFalse(protocol.finishing)
+
+    def test_removedClusterStatsDropped(self) -> None:
+        """The stats of a removed cluster are dropped once it has drained (not while a request is on it, at
+        the latest after drain_timeout): /stats and Prometheus no longer show them. A name the control plane
+        brings back starts from zero, with new objects."""
+        p = Proxy()
+        exporter = PrometheusExporter(p.service.stats)
+        p.cds(_static("api", 8080), _static("web", 80))
+        web = p.service.clusters["web"]
+        web.upstream_rq_total.value = 5
+        p.nextPoll(p.service.xds.cds)
+        p.cds(_static("api", 8080), version="v2", nonce="n2")  # web removed, idle: dropped at once
+        self.assertIsNone(p.service.stats.get("cluster.web.upstream_rq_total"))
+        self.assertFalse([s.name for s in p.service.stats if s.name.startswith("cluster.web.")])
+        self.assertNotIn(b'envoy_cluster_name="web"', exporter.generate())
+        self.assertIn(b'envoy_cluster_name="api"', exporter.generate())
+        p.nextPoll(p.service.xds.cds)
+        p.cds(_static("api", 8080), _static("web", 80), version="v3", nonce="n3")  # back: new stats
+        self.assertIsNot(p.service.clusters["web"].upstream_rq_total, web.upstream_rq_total)
+        self.assertEqual(p.service.stats.get("cluster.web.upstream_rq_total").value, 0)
+        # A request in flight on api when it is removed: its stats stay until it ends.
+        down = p.open()
+        down.dataReceived(b"GET /api HTTP/1.1\r\nhost: edge\r\n\r\n")
+        api = p.service.clusters["api"]
+        p.nextPoll(p.service.xds.cds)
+        p.cds(_static("web", 80), version="v4", nonce="n4")
+        p.reactor.advance(1)
+        self.assertIs(p.service.stats.get("cluster.api.upstream_rq_total"), api.upstream_rq_total)
+        down.connectionLost(Failure(ConnectionDone()))  # the request ends
+        p.reactor.advance(1)
+        self.assertIsNone(p.service.stats.get("cluster.api.upstream_rq_total"))
+
+    def test_removedStatsKeptWhenNameBack(self) -> None:
+        """A cluster removed while busy and back before it drained: the new cluster counts on in the same
+        stats, which are then not dropped (not even at the drain deadline)."""
         p = Proxy()
         p.cds(_static("api", 8080))
-        built = p.service._built["edge"]
+        down = p.open()
+        down.dataReceived(b"GET /api HTTP/1.1\r\nhost: edge\r\n\r\n")
+        old = p.service.clusters["api"]
         p.nextPoll(p.service.xds.cds)
-        p.cds(_static("api", 8080), _static("other", 80), version="v2", nonce="n2")
-        self.assertIs(p.service._built["edge"], built)
+        p.cds(version="v2", nonce="n2")
         p.nextPoll(p.service.xds.cds)
-        p.cds(_static("api", 8081), _static("other", 80), version="v3", nonce="n3")
-        self.assertIsNot(p.service._built["edge"], built)  # its route's cluster changed
+        p.cds(_static("api", 8081), version="v3", nonce="n3")
+        new = p.service.clusters["api"]
+        self.assertIsNot(new, old)
+        self.assertIs(new.upstream_rq_total, old.upstream_rq_total)
+        down.connectionLost(Failure(ConnectionDone()))
+        p.reactor.advance(60)  # past drain_timeout
+        self.assertIs(p.service.stats.get("cluster.api.upstream_rq_total"), new.upstream_rq_total)
 
     def test_edsClusterFromCDS(self) -> None:
         """A CDS cluster of type EDS subscribes at once (an EDS request goes out in the same turn); when CDS
@@ -620,6 +774,125 @@ class ReloadTests(SynchronousTestCase):
         self.assertTrue(result.ok, result.errors)
         self.assertIs(p.service.xds, client)
         self.assertIs(client.controlPlane, p.service.clusters["cp"])
+
+
+class InitialFetchTests(SynchronousTestCase):
+    """
+    C{xds.initial_fetch_timeout}: the listeners listen but do not accept, and the service stays STARTING,
+    until the first CDS answer or the timeout.
+    """
+
+    def test_heldUntilFirstAnswer(self) -> None:
+        """STARTING and not accepting until the control plane's first answer; then LIVE, whenLive fires."""
+        p = Proxy()
+        live = []
+        p.service.whenLive.addCallback(live.append)
+        self.assertEqual(p.service.state, "STARTING")
+        self.assertTrue(p.service.listeners["edge"].held)
+        p.plane.answer(CDS_PATH, 500)  # failing: still waiting
+        p.nextPoll(p.service.xds.cds)
+        self.assertEqual((p.service.state, live), ("STARTING", []))
+        p.cds(_static("api", 8080))
+        self.assertEqual(p.service.state, "LIVE")
+        self.assertFalse(p.service.listeners["edge"].held)
+        self.assertEqual(live, [None])
+        self.assertIsNone(p.service._initialFetchTimer)
+        self.assertNotIn(15.0, [c.getTime() for c in p.reactor.getDelayedCalls()])  # the timeout is cancelled
+
+    def test_timeout(self) -> None:
+        """Without an answer, the service serves after initial_fetch_timeout (15 s by default) with the
+        file's clusters, and says so in the log."""
+        events: List[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        p = Proxy()
+        p.reactor.advance(14.9)
+        self.assertEqual(p.service.state, "STARTING")
+        p.reactor.advance(0.1)
+        self.assertEqual(p.service.state, "LIVE")
+        self.assertFalse(p.service.listeners["edge"].held)
+        self.assertTrue([e for e in events if "initial_fetch_timeout" in e.get("log_format", "")])
+        if not [d for _, d in p.plane.pending if not d.called]:
+            p.nextPoll(p.service.xds.cds)
+        p.cds(_static("api", 8080))  # a late answer is applied as any other
+        self.assertIn("api", p.service.clusters)
+
+    def test_rejectedFirstAnswer(self) -> None:
+        """A first answer rejected (NACK) ends the wait too, as in Envoy: the control plane answered."""
+        p = Proxy()
+        p.cds(_static("local", 9999))
+        self.assertEqual(p.service.state, "LIVE")
+
+    def test_configured(self) -> None:
+        """initial_fetch_timeout = 0 does not wait; another value is the wait."""
+        p = Proxy(CONFIG.replace("xds.cds = true", "xds.cds = true\nxds.initial_fetch_timeout = 0"))
+        self.assertEqual(p.service.state, "LIVE")
+        self.assertFalse(p.service.listeners["edge"].held)
+        p = Proxy(CONFIG.replace("xds.cds = true", "xds.cds = true\nxds.initial_fetch_timeout = 3s"))
+        p.reactor.advance(3)
+        self.assertEqual(p.service.state, "LIVE")
+
+    def test_keysNeedCDS(self) -> None:
+        """xds.max_clusters and xds.initial_fetch_timeout mean nothing without CDS: an error names them."""
+        text = CONFIG.replace("xds.cds = true", "xds.max_clusters = 5\nxds.initial_fetch_timeout = 1s")
+        with self.assertRaises(ConfigErrors) as caught:
+            loadString(text, "m.ini")
+        message = str(caught.exception)
+        self.assertIn("xds.max_clusters", message)
+        self.assertIn("xds.initial_fetch_timeout", message)
+        self.assertIn("m.ini", message)
+        with self.assertRaises(ConfigErrors):
+            loadString(CONFIG.replace("xds.cds = true", "xds.cds = true\nxds.max_clusters = 0"), "m.ini")
+
+    def test_stopWhileWaiting(self) -> None:
+        """Stopping the service while it waits cancels the timeout."""
+        p = Proxy()
+        p.service.stopService()
+        p.reactor.advance(60)
+        self.assertEqual(p.service.state, "DRAINING")
+        self.assertEqual(p.reactor.getDelayedCalls(), [])
+
+
+class InitialFetchLoopbackTests(TestCase):
+    """
+    The wait for the first CDS answer on real sockets: a client connecting meanwhile is not served until
+    the answer, then its request goes to the control plane's cluster.
+    """
+
+    timeout = 20
+
+    @defer.inlineCallbacks
+    def test_clientWaitsForFirstAnswer(self):
+        backend = serveWhoami(self, b"a").getHost().port
+        text = proxyConfig("api", "[cluster:cp]\nendpoints = tcp:127.0.0.1:1\n",
+                           mesh="admin = off\nxds.cluster = cp\nxds.cds = true\nxds.refresh_delay = 10s\n")
+        service = MeshService(loadString(text, "test.ini"), reactor, seed=1)
+        plane = Plane()
+        service.xds.post = plane.post
+        service.startService()
+        self.addCleanup(service.stopService)
+        yield waitFor(lambda: service.listeners["edge"].port is not None, 5, "the listener bound")
+        self.assertEqual(service.state, "STARTING")
+        received: List[bytes] = []
+
+        class Client(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                received.append(data)
+
+        client = yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port(service.listeners["edge"])),
+                                       Client())
+        self.addCleanup(client.transport.loseConnection)
+        client.transport.write(b"GET / HTTP/1.1\r\nhost: edge\r\n\r\n")
+        yield deferLater(reactor, 0.2, lambda: None)
+        self.assertEqual(received, [])  # in the backlog, not accepted
+        self.assertEqual(service.listeners["edge"].factory.connections, set())
+        api = {"name": "api", "type": "STATIC", "load_assignment": {"cluster_name": "api", "endpoints": [
+            {"lb_endpoints": [_lb("127.0.0.1", backend)]}]}}
+        plane.answer(CDS_PATH, 200, _cds("v1", "n1", api))
+        yield service.whenLive
+        yield waitFor(lambda: b"".join(received).count(b"\r\n\r\n") and b"a" in b"".join(received), 5,
+                      "the answer")
+        self.assertTrue(b"".join(received).startswith(b"HTTP/1.1 200"))
 
 
 class CDSIntegrationTests(TestCase):

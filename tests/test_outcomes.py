@@ -25,6 +25,7 @@ from .support import Exchange, freePort, port, startService, waitFor
 CONFIG = """
 [mesh]
 admin = tcp:0:interface=127.0.0.1
+admin.allowed_hosts = outcomes.test
 drain_timeout = 1s
 
 [listener:edge]

@@ -22,7 +22,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from twistedmesh.admin.resource import AdminResource
 from twistedmesh.config import loadFile, loadString
-from twistedmesh.reload import diffConfigs, listenerClusters
+from twistedmesh.reload import diffConfigs
 from twistedmesh.service import MeshService
 
 from .support import Exchange as _Once  # sends one request: answered at the first bytes, done at the close
@@ -85,13 +85,14 @@ class DiffTests(unittest.TestCase):
             self.assertFalse(changes.changed)
         self.assertFalse(d.admin)
 
-    def test_clusterModifiedRebuildsItsListenersOnly(self) -> None:
-        """A cluster whose hosts changed is modified, and so is the listener routing to it; others are kept."""
+    def test_clusterModifiedKeepsListeners(self) -> None:
+        """A cluster whose hosts changed is modified; the listener routing to it is kept (it finds the new
+        cluster in the live mapping)."""
         d = diff(BASE, BASE.replace("tcp:127.0.0.1:9001", "tcp:127.0.0.1:9002"))
         self.assertEqual(d.clusters.modified, ("api",))
         self.assertEqual(d.clusters.kept, ("pg", "spare"))
-        self.assertEqual(d.listeners.modified, ("web",))
-        self.assertEqual(d.listeners.kept, ("db",))
+        self.assertEqual(d.listeners.kept, ("web", "db"))
+        self.assertFalse(d.listeners.changed)
 
     def test_unusedClusterChangeKeepsListeners(self) -> None:
         """A cluster no listener uses changes: every listener is kept."""
@@ -99,12 +100,11 @@ class DiffTests(unittest.TestCase):
         self.assertEqual(d.clusters.modified, ("spare",))
         self.assertEqual(d.listeners.kept, ("web", "db"))
 
-    def test_tcpListenerFollowsItsCluster(self) -> None:
-        """A tcp listener's C{cluster =} is a dependency."""
+    def test_tcpListenerKeptWhenItsClusterChanges(self) -> None:
+        """A tcp listener's C{cluster =} is not a dependency either: the cluster changes, the listener stays."""
         d = diff(BASE, BASE.replace("protocol = tcp\n", "protocol = tcp\nconnect_timeout = 1s\n"))
         self.assertEqual(d.clusters.modified, ("pg",))
-        self.assertEqual(d.listeners.modified, ("db",))
-        self.assertEqual(d.listeners.kept, ("web",))
+        self.assertEqual(d.listeners.kept, ("web", "db"))
 
     def test_clusterAddedAndRemoved(self) -> None:
         """A new section is added, a missing one removed."""
@@ -162,12 +162,14 @@ class DiffTests(unittest.TestCase):
         self.assertEqual(unused.listeners.kept, ("web", "db"))
 
     def test_filterNamingCluster(self) -> None:
-        """A filter option naming a cluster makes that cluster a dependency of the listener."""
+        """A filter option naming a cluster does not make the listener depend on that cluster (filters look
+        clusters up in the live mapping); a change of the filter's own section does."""
         old = BASE.replace("routes = main\n", "routes = main\nfilters = authz, router\n") + (
             "\n[filter:authz]\ntype = ext_authz\ncluster = spare\n")
-        lconfig = loadString(old).listeners["web"]
-        self.assertEqual(listenerClusters(loadString(old), lconfig), frozenset({"api", "spare"}))
         d = diff(old, old.replace("tcp:127.0.0.1:9100", "tcp:127.0.0.1:9101"))
+        self.assertEqual(d.clusters.modified, ("spare",))
+        self.assertEqual(d.listeners.kept, ("web", "db"))
+        d = diff(old, old.replace("cluster = spare\n", "cluster = api\n"))
         self.assertEqual(d.listeners.modified, ("web",))
 
     def test_echoes(self) -> None:
@@ -367,6 +369,68 @@ class ReloadTests(unittest.TestCase):
         manager = self.service.stats.root.scope("cluster_manager")
         self.assertEqual(manager.counter("cluster_modified").value, 1)
         self.assertEqual(manager.counter("cluster_added").value, 2)  # at startup
+
+    def test_clusterChangeKeepsListeners(self) -> None:
+        """A reload that changes the clusters only keeps every listener (no drain, no connection: close): a
+        request in flight finishes on the old cluster, the next one on the same connection goes to the new
+        one; a TCP listener's new connections too."""
+        web, db = self.service._built["web"], self.service._built["db"]
+        down = _Downstream(self.service)
+        down.get("/one")
+        self.assertEqual(self.clock.tcpClients[-1][:2], ("127.0.0.1", 7001))
+        proto, _ = self.upstream()
+        self.write(up="connect_timeout = 2s")
+        with open(self.path) as f:
+            text = f.read().replace("tcp:127.0.0.1:7001", "tcp:127.0.0.1:7002").replace(
+                "tcp:127.0.0.1:5432", "tcp:127.0.0.1:5433")
+        with open(self.path, "w") as f:
+            f.write(text)
+        result = self.reload()
+        self.assertEqual(result.diff.clusters.modified, ("up", "pg"))
+        self.assertEqual(result.diff.listeners.kept, ("web", "db"))
+        self.assertIs(self.service._built["web"], web)
+        self.assertIs(self.service._built["db"], db)
+        self.assertEqual(self.service.stats.get("listener_manager.total_listeners_draining").value, 0)
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nold")
+        answer = down.take()
+        self.assertIn(b"old", answer)
+        self.assertNotIn(b"connection: close", answer.lower())
+        down.get("/two")
+        self.assertEqual(self.clock.tcpClients[-1][:2], ("127.0.0.1", 7002))
+        _Downstream(self.service, "db")
+        self.assertEqual(self.clock.tcpClients[-1][:2], ("127.0.0.1", 5433))
+
+    def test_removedClusterStatsDropped(self) -> None:
+        """A cluster the new file removes loses its stats once it has drained (here at once: idle); a
+        cluster kept keeps them."""
+        self.service.clusters["pg"].upstream_cx_total.value = 3
+        with open(self.path) as f:
+            text = f.read()
+        without = text.replace("[listener:db]\nendpoint = tcp:0:interface=127.0.0.1\ncluster = pg\n", "").replace(
+            "[cluster:pg]\nendpoints = tcp:127.0.0.1:5432\nprotocol = tcp\n", "")
+        self.assertNotIn("pg", without)
+        with open(self.path, "w") as f:
+            f.write(without)
+        result = self.reload()
+        self.assertTrue(result.ok, result.errors)
+        self.assertEqual(result.diff.clusters.removed, ("pg",))
+        names = [s.name for s in self.service.stats]
+        self.assertFalse([n for n in names if n.startswith("cluster.pg.")])
+        self.assertIn("cluster.up.upstream_rq_total", names)
+
+    def test_keptTCPProxyClusterMustStay(self) -> None:
+        """A kept listener is not configured again, yet a reload removing the cluster its tcp_proxy filter
+        names is refused, naming the filter section, as a rebuild would be."""
+        extra = ("\n[listener:raw]\nendpoint = tcp:0:interface=127.0.0.1\nprotocol = tcp\nfilters = proxy\n"
+                 "\n[filter:proxy]\ntype = tcp_proxy\ncluster = spare\n"
+                 "\n[cluster:spare]\nendpoints = tcp:127.0.0.1:6000\n")
+        self.write(extra=extra)
+        self.assertTrue(self.reload().ok)
+        self.write(extra=extra.replace("[cluster:spare]\nendpoints = tcp:127.0.0.1:6000\n", ""))
+        result = self.reload()
+        self.assertFalse(result.applied)
+        self.assertIn("[filter:proxy] cluster", " ".join(result.errors).replace("section ", ""))
+        self.assertIn("spare", self.service.clusters)
 
     def test_inFlightStreamFinishesOnOldConfig(self) -> None:
         """

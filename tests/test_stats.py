@@ -224,6 +224,26 @@ class StoreTests(TestCase):
         self.assertIs(stats.scope("cluster", "api").histogram("upstream_rq_time"), first)
         self.assertIs(stats.get("cluster.api.upstream_rq_time"), first)
 
+    def test_removeScope(self) -> None:
+        """Removing a cluster's scope forgets its stats and its sub-scopes' (and nothing else: not a cluster
+        whose name extends it with a dot); asking again makes new ones from zero."""
+        stats = StatsStore()
+        api = stats.scope("cluster", "api")
+        rq = api.counter("upstream_rq_total")
+        rq.value = 7
+        api.scope("health_check").counter("attempt")
+        api.histogram("upstream_rq_time")
+        other = stats.scope("cluster", "api.v2").counter("upstream_rq_total")
+        manager = stats.scope("cluster_manager", "x").counter("cluster_added")
+        server = stats.counter("cluster.api.not_a_scope_stat")
+        self.assertEqual(stats.removeScope(api), 3)
+        names = [s.name for s in stats]
+        self.assertEqual(names, sorted([other.name, manager.name, server.name]))
+        self.assertIsNone(stats.get("cluster.api.upstream_rq_total"))
+        fresh = stats.scope("cluster", "api").counter("upstream_rq_total")
+        self.assertIsNot(fresh, rq)
+        self.assertEqual(fresh.value, 0)
+
     def test_storeHistogram(self) -> None:
         """L{StatsStore.histogram} makes a histogram outside any scope, without labels."""
         stats = StatsStore()

@@ -29,6 +29,7 @@ from twistedmesh.config import ConfigErrors, loadFile, loadString
 from twistedmesh.observability.stats import StatsStore
 from twistedmesh.reload import ReloadResult
 from twistedmesh.workers import BackOff, Supervisor
+from twistedmesh.workers.supervisor import RELOAD_TIMEOUT
 from twistedmesh.workers.child import listenerEndpoints, reloadFromText, workerConfig
 from twistedmesh.workers.protocol import Drain, JSONValue, Reload, Stats, SupervisorControl, WorkerControl
 from twistedmesh.workers.sockets import (InheritedEndpoint, ReusePortEndpoint, SocketAddress, makeSocket,
@@ -266,6 +267,8 @@ def controlPair(mesh: FakeMesh, slot=None):
 
     def reloadConfig(text, file):
         mesh.reloads.append((text, file))
+        if callable(mesh.reloadWith):  # a function answering each reload in its own way
+            return mesh.reloadWith(text, file)
         return mesh.reloadWith
 
     worker = WorkerControl(mesh, exit=lambda: exits.append(True), reloadConfig=reloadConfig,
@@ -720,6 +723,134 @@ class FanOutTests(unittest.TestCase):
         self.assertEqual(mesh1.reloads, [(edited, path)])
         self.assertEqual([slot.configText for slot in self.supervisor.slots], [edited, edited])
 
+    def answerInOrder(self, pending: List, refuse) -> None:
+        """
+        Answer the reloads in C{pending} (C{(worker, text, Deferred)}, appended as each worker is asked)
+        oldest first, each as soon as the one before it has been answered, refusing those C{refuse(worker,
+        text)} says, until none is left.
+        """
+        while pending:
+            index, text, d = pending.pop(0)
+            applied = not refuse(index, text)
+            d.callback(ReloadResult(applied, applied, () if applied else ("no",), 0.0, ""))
+            self.spawner.flush()
+
+    def pendingReloads(self) -> List:
+        """
+        Make every worker's reload wait to be answered: the list of those asked, in order.
+        """
+        pending: List = []
+        for index, mesh in self.spawner.meshes.items():
+            def wait(text, file, index=index):
+                d = defer.Deferred()
+                pending.append((index, text, d))
+                return d
+            mesh.reloadWith = wait
+        return pending
+
+    def test_overlappingReloads(self):
+        """
+        A reload asked for while another is under way waits for it to end (its text sent back to the
+        workers that applied it when another refused it) before it reads the file and asks the workers:
+        at the end every worker runs what the parent shows. (Both used to run at once: the text in effect,
+        sent back to worker 1 after the first reload, reached it after the second, so that it ran the
+        old configuration while the parent showed the second's.)
+        """
+        path = self.mktemp()
+        old = CONFIG.format(workers=2)
+        first, second = old + "; first\n", old + "; second\n"
+        pending = self.pendingReloads()
+        with open(path, "w") as f:
+            f.write(first)
+        d1 = self.supervisor.reload(path)
+        self.spawner.flush()
+        with open(path, "w") as f:
+            f.write(second)
+        d2 = self.supervisor.reload(path)
+        self.spawner.flush()
+        self.assertEqual([text for _, text, _ in pending], [first, first])  # the second waits its turn
+        self.answerInOrder(pending, lambda index, text: index == 0 and text == first)
+        r1, r2 = self.successResultOf(d1), self.successResultOf(d2)
+        self.assertEqual((r1.applied, r2.applied), (False, True))
+        self.assertEqual(self.supervisor.configText, second)
+        self.assertEqual([slot.configText for slot in self.supervisor.slots], [second, second])
+        # What each worker last applied: worker 1 took the first, went back, then took the second.
+        self.assertEqual([m.reloads for m in self.spawner.meshes.values()],
+                         [[(first, path), (second, path)], [(first, path), (old, "mesh.ini"), (second, path)]])
+
+    def test_reloadsQueued(self):
+        """
+        Reloads asked for while one is under way run one after the other, in the order asked, each reading
+        the file when its turn comes; each gets its own result.
+        """
+        pending = self.pendingReloads()
+        paths = [self.mktemp() for _ in range(3)]
+        texts = [CONFIG.format(workers=2) + f"; {i}\n" for i in range(3)]
+        for path, text in zip(paths, texts):
+            with open(path, "w") as f:
+                f.write(text)
+        ds = [self.supervisor.reload(path) for path in paths]
+        self.spawner.flush()
+        with open(paths[2], "w") as f:
+            f.write(texts[2] + "; edited while waiting\n")
+        self.assertEqual([text for _, text, _ in pending], [texts[0]] * 2)
+        self.answerInOrder(pending, lambda index, text: False)
+        results = [self.successResultOf(d) for d in ds]
+        self.assertEqual([(r.ok, r.file) for r in results], [(True, path) for path in paths])
+        self.assertEqual([text for text, _ in self.spawner.meshes[0].reloads],
+                         texts[:2] + [texts[2] + "; edited while waiting\n"])
+
+    def test_reloadTimeout(self):
+        """
+        A worker that does not answer a reload within L{RELOAD_TIMEOUT} counts as refusing it, and what it
+        runs as unknown: it is sent the text in effect again; a reload waiting its turn then runs.
+        """
+        path = self.mktemp()
+        edited = CONFIG.format(workers=2) + "; edited\n"
+        with open(path, "w") as f:
+            f.write(edited)
+        stuck: List[defer.Deferred] = []  # worker 0's reloads, none answered until the end
+        self.spawner.meshes[0].reloadWith = lambda text, file: stuck.append(defer.Deferred()) or stuck[-1]
+        self.spawner.meshes[1].reloadWith = ReloadResult(True, True, (), 0.0, path)
+        first = self.supervisor.reload(path)
+        second = self.supervisor.reload(path)
+        self.spawner.flush()
+        self.clock.advance(RELOAD_TIMEOUT)
+        self.spawner.flush()
+        self.assertNoResult(first)  # worker 0 is sent the text in effect again, and does not answer either
+        self.assertIsNone(self.supervisor.slots[0].configText)
+        self.clock.advance(RELOAD_TIMEOUT)
+        self.spawner.flush()
+        result = self.successResultOf(first)
+        self.assertEqual((result.applied, result.errors), (False, ("worker 0: no answer to the reload in 60 seconds",)))
+        # Worker 1 applied the text and was sent back; then the second reload's turn came.
+        self.assertEqual([text for text, _ in self.spawner.meshes[1].reloads],
+                         [edited, CONFIG.format(workers=2), edited])
+        self.assertNoResult(second)
+        self.assertEqual(len(stuck), 3)
+        stuck[-1].callback(ReloadResult(True, True, (), 0.0, path))
+        self.spawner.flush()
+        self.assertTrue(self.successResultOf(second).applied)
+        self.assertEqual([slot.configText for slot in self.supervisor.slots], [edited, edited])
+
+    def test_staleAnswerIgnored(self):
+        """
+        Of two texts sent to a worker, the answer to the older one, arriving last, does not make it what
+        the worker is noted to run: the worker applies them in the order sent.
+        """
+        pending = self.pendingReloads()
+        slot = self.supervisor.slots[0]
+        self.supervisor._sendText(slot, "older", "mesh.ini")
+        self.supervisor._sendText(slot, "newer", "mesh.ini")
+        self.spawner.flush()
+        mine = [entry for entry in pending if entry[0] == 0]
+        self.assertEqual([text for _, text, _ in mine], ["older", "newer"])
+        mine[1][2].callback(ReloadResult(True, True, (), 0.0, ""))
+        self.spawner.flush()
+        mine[0][2].callback(ReloadResult(True, True, (), 0.0, ""))
+        self.spawner.flush()
+        self.assertEqual(slot.configText, "newer")
+
     def test_reloadChecksFirst(self):
         """A file with errors, or another worker count, reaches no worker."""
         path = self.mktemp()
@@ -778,6 +909,26 @@ class FanOutTests(unittest.TestCase):
         self.supervisor.healthCheckFailed = False
         self.spawner.flush()
         self.assertEqual([m.healthCheckFailed for m in self.spawner.meshes.values()], [False, False])
+
+    def test_adminHostChecked(self):
+        """
+        The parent's admin refuses a C{Host} that is no address, C{localhost} or name of C{[mesh]
+        admin.allowed_hosts} in the configuration in effect (a DNS-rebinding page), reads included.
+        """
+        self.supervisor.config = loadString(CONFIG.format(workers=2).replace(
+            "admin = off", "admin = off\nadmin.allowed_hosts = mesh-admin.internal"), "mesh.ini")
+        resource = AdminResource(self.supervisor, self.clock)
+
+        def get(host: str) -> int:
+            request = DummyRequest([b"ready"])
+            request.requestHeaders.setRawHeaders(b"host", [host.encode()])
+            resource.render(request)
+            return request.responseCode
+
+        slot = self.supervisor.slots[0]
+        slot.workerReady(slot.control, 1000)
+        self.assertEqual([get(h) for h in ("evil.example:9975", "mesh-admin.internal:9975", "127.0.0.1:9975")],
+                         [421, 200, 200])
 
     def test_drainListeners(self):
         """C{drain} (admin C{/drain_listeners}) drains every worker in place and starts none again."""

@@ -23,7 +23,9 @@ from twisted.web.server import Site
 from twistedmesh.config import loadString
 from twistedmesh.observability.stats import StatsStore
 from twistedmesh.upstream.cluster import buildClusters
-from twistedmesh.upstream.xds import EDS_TYPE_URL, InvalidResource, _BoundedBody, parseAssignment, parseDuration
+from twistedmesh.upstream.xds import (
+    EDS_TYPE_URL, MAX_UNKNOWN_FIELDS, InvalidResource, _BoundedBody, parseAssignment, parseDuration,
+)
 
 from .support import Traffic, port, proxyConfig, serveWhoami, startService, waitFor
 
@@ -227,6 +229,54 @@ class ClientTests(SynchronousTestCase):
         self.assertEqual((request["version_info"], request["response_nonce"]), ("v1", "n1"))
         self.assertIn("not JSON", request["error_detail"]["message"])
 
+    def test_unreadableInputIsNACKed(self) -> None:
+        """Inputs Python refuses to convert are rejected like any invalid one (NACK with the nonce echoed,
+        update_rejected counted), never dropped: a non-ASCII digit, thousands of digits, JSON nested too
+        deep to decode, a duration of thousands of digits."""
+        def deep(n: int) -> bytes:
+            return b'{"nonce": "d", "resources": ' + b"[" * n + b"]" * n + b"}"
+
+        bodies = [
+            _response("v2", "sup", _cla("api", _lb("10.0.0.9", "\u00b2"))),
+            _response("v2", "long", _cla("api", _lb("10.0.0.9", "9" * 5000))),
+            _response("v2", "num", _cla("api", _lb("10.0.0.9", 8))).replace(b"8}", b"9" * 5000 + b"}"),
+            _response("v2", "dur", _cla("api", _lb("10.0.0.9", 80),
+                                        policy={"endpoint_stale_after": "9" * 5000 + "s"})),
+            deep(100000),
+        ]
+        s = Setup()
+        s.plane.answer(200, _response("v1", "n1", _cla("api", _lb("10.0.0.1", 80))))
+        s.nextPoll()
+        for i, body in enumerate(bodies):
+            s.plane.answer(200, body)
+            self.assertEqual(s.stat("api", "update_rejected"), i + 1)
+            s.nextPoll()
+            request = s.plane.requests[-1]
+            self.assertEqual(request["version_info"], "v1")
+            self.assertEqual(request["error_detail"]["code"], 3)
+            self.assertEqual(request["response_nonce"], ["sup", "long", "num", "dur", "d"][i])
+        self.assertEqual(s.endpoints(), ["tcp:host=10.0.0.1:port=80"])
+
+    def test_unexpectedErrorIsNACKed(self) -> None:
+        """Any exception from parsing (a bug) is a NACK too: the reason in error_detail, nonce echoed,
+        update_rejected counted, the hosts kept."""
+        s = Setup()
+        s.plane.answer(200, _response("v1", "n1", _cla("api", _lb("10.0.0.1", 80))))
+        s.nextPoll()
+
+        def broken(value, path, unknown):
+            raise KeyError("surprise")
+
+        self.patch(s.client.eds.kind, "parseResource", broken)
+        s.plane.answer(200, _response("v2", "n2", _cla("api", _lb("10.0.0.2", 80))))
+        self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
+        self.assertEqual(s.stat("api", "update_rejected"), 1)
+        s.nextPoll()
+        request = s.plane.requests[-1]
+        self.assertEqual((request["version_info"], request["response_nonce"]), ("v1", "n2"))
+        self.assertIn("KeyError", request["error_detail"]["message"])
+        self.assertEqual(s.endpoints(), ["tcp:host=10.0.0.1:port=80"])
+
     def test_jitter(self) -> None:
         """Polls come every refresh_delay plus up to jitter of it, drawn from the seeded random."""
         delays = []
@@ -360,6 +410,17 @@ class AssignmentTests(SynchronousTestCase):
             self.assertRaises(InvalidResource, self.parse, _cla("api", lb))
         self.assertRaises(InvalidResource, self.parse, {"endpoints": []})  # no cluster_name
 
+    def test_asciiDigitsOnly(self) -> None:
+        """A numeric string takes ASCII digits only, and not thousands of them; so does a duration."""
+        for value in ("\u00b2", "\u0663", "8" * 21, " ", "-1", "1e3"):
+            with self.assertRaises(InvalidResource):
+                self.parse(_cla("api", _lb("10.0.0.1", value)))
+        self.assertEqual(self.parse(_cla("api", _lb("10.0.0.1", " 80 "))).hosts[0].endpoint,
+                         "tcp:host=10.0.0.1:port=80")
+        for duration in ("\u00b2s", "1.\u00b2s", "9" * 13 + "s", "9" * 5000 + "s"):
+            self.assertRaises(InvalidResource, parseDuration, duration)
+        self.assertEqual(parseDuration("315576000000s"), 315576000000)
+
     def test_ipv6(self) -> None:
         """An IPv6 address becomes an escaped endpoint string."""
         assignment = self.parse(_cla("api", _lb("::1", 80)))
@@ -451,6 +512,32 @@ class UnknownFieldLogTests(SynchronousTestCase):
         lines = [e for e in events if e.get("log_format", "").startswith("xDS: ignoring unknown field")]
         self.assertEqual([e["field"] for e in lines], ["response.resources[].endpoints[].lb_endpoints[].metadata"])
         self.assertEqual(s.endpoints(), ["tcp:host=10.0.0.2:port=80"])
+
+    def test_bounded(self) -> None:
+        """Distinct unknown field names are remembered and logged up to a bound, then one line says further
+        ones are suppressed; a name that is not a field name's is not logged as it is."""
+        events: List[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        s = Setup()
+        junk = {f"junk{i}": 1 for i in range(MAX_UNKNOWN_FIELDS + 50)}
+        junk["x" * 10000] = 1
+        s.plane.answer(200, _response("v1", "n1", _cla("api", _lb("10.0.0.1", 80), **junk)))
+        s.nextPoll()
+        s.plane.answer(200, _response("v2", "n2", _cla("api", _lb("10.0.0.2", 80), **{"more": 1})))
+        self.assertEqual(len(s.client._unknown), MAX_UNKNOWN_FIELDS)
+        logged = [e["field"] for e in events if e.get("log_format", "").startswith("xDS: ignoring unknown field")]
+        self.assertEqual(len(logged), MAX_UNKNOWN_FIELDS)
+        self.assertTrue(all(len(f) < 100 for f in logged))
+        suppressed = [e for e in events if "further unknown fields suppressed" in e.get("log_format", "")]
+        self.assertEqual(len(suppressed), 1)
+        self.assertEqual(s.endpoints(), ["tcp:host=10.0.0.2:port=80"])
+
+    def test_oddNameNotEmbedded(self) -> None:
+        """A field name that is not a plausible one is reported as <name>."""
+        unknown: List[str] = []
+        parseAssignment(_cla("api", _lb("10.0.0.1", 80), **{"a b\n" * 50: 1}), "r", unknown.append)
+        self.assertEqual(unknown, ["r.<name>"])
 
 
 # -- integration: the example control plane on loopback, the proxy, and traffic ---------------------------------

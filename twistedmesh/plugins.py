@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import random as _random
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Optional
+from typing import AbstractSet, Callable, Dict, List, Mapping, Optional
 
 from twisted.plugin import getPlugins
 from zope.interface import implementer
@@ -24,6 +24,14 @@ from .observability.stats import StatsStore
 class FilterContext:
     """
     The narrow handles a filter factory gets (see L{IFilterContext}).
+
+    @ivar clusters: the clusters in effect, by name: the service's one live mapping, which reloads and CDS
+        updates change in place (a cluster added, replaced or removed) without rebuilding the listener. A
+        filter looks its cluster up when a stream or connection starts and keeps that object for it, never
+        across streams: so a stream finishes on the cluster it started with and the next one gets the new.
+    @ivar clusterNames: the names of the clusters of the configuration being built (what a factory checks
+        its options against: C{clusters} still shows the configuration in effect while a reload builds);
+        C{None}: the names of C{clusters}.
     """
 
     reactor: object
@@ -33,6 +41,7 @@ class FilterContext:
     random: _random.Random = field(default_factory=_random.Random)
     routes: Optional[object] = None  # the listener's compiled route table (HTTP listeners)
     healthState: Optional[object] = None  # the proxy's health (failed, draining), for health_check
+    clusterNames: Optional[AbstractSet[str]] = None
 
 
 def findFactories(interface, errors: List[ConfigError], file: str) -> Dict[str, object]:

@@ -10,16 +10,16 @@ what this module adds is the knowledge of what each piece depends on:
     service keeps the very same L{twistedmesh.upstream.cluster.Cluster}: pools, health and outlier state,
     stats);
   - a listener is kept when its section, its C{[tls:NAME]}, its route table, the C{[filter:NAME]} sections
-    of its chain, the C{[mesh]} keys its streams read (tracing) and every cluster it refers to are all
-    unchanged (then it keeps its factory, its filter makers and its connections as they are). A listener
-    whose endpoint changed is removed and added (a new socket); any other change is a modification, served
-    by the same listening socket;
+    of its chain and the C{[mesh]} keys its streams read (tracing) are all unchanged (then it keeps its
+    factory, its filter makers and its connections as they are). A listener whose endpoint changed is
+    removed and added (a new socket); any other change is a modification, served by the same listening
+    socket;
   - the admin endpoint changes only with C{[mesh] admin}, C{admin_tls} or that TLS section.
 
-What a listener "refers to" is its C{cluster =} key, the clusters of its route table and any cluster named
-by a value of one of its filters' sections (C{cluster = authz}, say): a filter may look clusters up by
-name, so a listener whose filter names a rebuilt cluster is rebuilt too, rather than keep a handle on the
-old one.
+The clusters a listener uses are not among its dependencies: its filters look clusters up by name in the
+service's live mapping of the clusters in effect when a stream or connection starts (see
+L{twistedmesh.plugins.FilterContext}), so a cluster added, rebuilt or removed — by the file or by CDS —
+is followed without touching the listener (its connections, its rate-limit buckets), as Envoy does.
 
 The service (L{twistedmesh.service.MeshService.reload}) builds the new configuration, then swaps it in
 using this diff; L{ReloadResult} is what it reports (admin C{/config_dump} shows the last one).
@@ -27,17 +27,12 @@ using this diff; L{ReloadResult} is what it reports (admin C{/config_dump} shows
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, FrozenSet, Mapping, Optional, Set, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
-from .config import Config, ListenerConfig
+from .config import Config
 
-__all__ = ["Changes", "ConfigDiff", "ReloadResult", "diffConfigs", "listenerClusters", "drainCluster"]
-
-# Separators inside a filter option's value ("a, b", "authz:90", "x y"): a token equal to a cluster name
-# is a reference to that cluster.
-_TOKEN = re.compile(r"[^\s,:;=]+")
+__all__ = ["Changes", "ConfigDiff", "ReloadResult", "diffConfigs", "drainCluster"]
 
 
 @dataclass(frozen=True)
@@ -135,29 +130,6 @@ def _names(old: Mapping[str, Any], new: Mapping[str, Any], same) -> Changes:
                    tuple(n for n in old if n not in new))
 
 
-def listenerClusters(config: Config, listener: ListenerConfig) -> FrozenSet[str]:
-    """
-    The clusters C{listener} may use (see the module docstring): its C{cluster}, the clusters of its
-    route table, and every cluster named by a token of one of its filter sections' values.
-    """
-    found: Set[str] = set()
-    if listener.cluster is not None:
-        found.add(listener.cluster)
-    if listener.routes is not None:
-        for route in config.routes.get(listener.routes, ()):
-            if getattr(route, "cluster", None) is not None:
-                found.add(route.cluster)
-            found.update(w.name for w in getattr(route, "clusters", ()))
-    clusters = config.clusters
-    for name in listener.filters:
-        fconfig = config.filters.get(name)
-        if fconfig is None:
-            continue
-        for value in fconfig.items.values():
-            found.update(t for t in _TOKEN.findall(value) if t in clusters)
-    return frozenset(found)
-
-
 def diffConfigs(old: Config, new: Config) -> ConfigDiff:
     """
     What changed from C{old} to C{new} (see the module docstring for what each kind depends on).
@@ -174,7 +146,6 @@ def diffConfigs(old: Config, new: Config) -> ConfigDiff:
                                                                                  new.clusters[n].tls))
     filters = _names(old.filters, new.filters, lambda n: old.filters[n] == new.filters[n])
     routes = _names(old.routes, new.routes, lambda n: old.routes[n] == new.routes[n])
-    unchangedClusters = frozenset(clusters.kept)
     meshSame = getattr(old.mesh, "tracing", None) == getattr(new.mesh, "tracing", None)
 
     def listenerSame(name: str) -> bool:
@@ -183,11 +154,8 @@ def diffConfigs(old: Config, new: Config) -> ConfigDiff:
             return False
         if a.routes is not None and old.routes.get(a.routes) != new.routes.get(b.routes):
             return False
-        if any(old.filters.get(f) != new.filters.get(f) for f in a.filters):
-            return False
-        used = listenerClusters(old, a) | listenerClusters(new, b)
-        # A name neither configuration has (a route waiting for CDS to provide it) did not change either.
-        return all(n in unchangedClusters or (n not in old.clusters and n not in new.clusters) for n in used)
+        # Not the clusters it uses: the listener's filters find them in the live mapping (module docstring).
+        return not any(old.filters.get(f) != new.filters.get(f) for f in a.filters)
 
     listeners = _moved(old.listeners, new.listeners, listenerSame)
     echoes = _moved(old.echoes, new.echoes, lambda n: old.echoes[n] == new.echoes[n])

@@ -87,6 +87,7 @@ class Listening(service.Service):
         self.front = _Front(factory)
         self.port = None
         self.whenListening: Optional[defer.Deferred] = None
+        self.held = False  # listening but not accepting (see hold)
 
     @property
     def factory(self):
@@ -112,12 +113,40 @@ class Listening(service.Service):
 
         def listening(port):
             self.port = port
-            self.log.info("{label} listening on {address}", label=self.label, address=port.getHost())
+            if self.held:
+                self._pause(port)
+            self.log.info("{label} listening on {address}{held}", label=self.label, address=port.getHost(),
+                          held=" (not accepting yet)" if self.held else "")
             return port
 
         d.addCallback(listening)
         self.whenListening = d
         return d
+
+    def hold(self) -> None:
+        """
+        Listen but do not accept: the socket is bound (its address errors show now) and connecting
+        clients wait in its backlog until L{release}.
+        """
+        self.held = True
+        if self.port is not None:
+            self._pause(self.port)
+
+    def release(self) -> None:
+        """
+        Accept connections (after L{hold}).
+        """
+        if self.held:
+            self.held = False
+            resume = getattr(self.port, "startReading", None)
+            if resume is not None:
+                resume()
+
+    @staticmethod
+    def _pause(port) -> None:
+        pause = getattr(port, "stopReading", None)  # a FileDescriptor port: stop calling accept()
+        if pause is not None:
+            pause()
 
     def stopListening(self) -> defer.Deferred:
         """
@@ -256,6 +285,11 @@ class MeshService(service.MultiService):
         self._built: Dict[str, _BuiltListener] = {}
         self._retiring: List[_BuiltListener] = []  # replaced or removed by a reload, still draining
         self._drainTimer = None  # aborts what a drain left open after [mesh] drain_timeout
+        self._forgetting: Dict[Cluster, object] = {}  # removed clusters whose stats go once they drained
+        # At startup with CDS: fires when the first CDS answer is in, or xds.initial_fetch_timeout passed;
+        # until then the listeners listen without accepting (None: not waiting).
+        self._initialFetch: Optional[defer.Deferred] = None
+        self._initialFetchTimer = None
         root = self.stats.root
         self.reloadSuccess = root.counter("server.reload.success")
         self.reloadFailure = root.counter("server.reload.failure")
@@ -266,7 +300,7 @@ class MeshService(service.MultiService):
         self.clusterStats = {kind: manager.counter(f"cluster_{kind}") for kind in ("added", "modified", "removed")}
         self.accessLogSinks = AccessLogSinks(reactor, reactor, self.stats.counter("access_log.dropped"))
         build = self._build(config, None)
-        self.clusters = build.clusters
+        self.clusters.update(build.clusters)
         self.spanExporter = build.spanExporter
         self._adoptXDS(build, ())
         self._built = build.listeners
@@ -337,15 +371,25 @@ class MeshService(service.MultiService):
         for name, lconfig in config.listeners.items():
             if name in keptListeners:
                 build.listeners[name] = self._built[name]
+                # Kept, so its filters are not configured again: the cluster its tcp_proxy names (checked
+                # when it was built) must still be there, as a rebuild would require.
+                for fname in lconfig.filters:
+                    fconfig = config.filters.get(fname)
+                    if fconfig is not None and fconfig.type == "tcp_proxy":
+                        wanted = fconfig.items.get("cluster", lconfig.cluster)
+                        if wanted is not None and wanted.strip() not in config.clusters:
+                            errors.append(ConfigError(config.file, fconfig.section or f"filter:{fname}", "cluster",
+                                                      f"no cluster named `{wanted.strip()}`"))
                 continue
             factories = factoriesFor(lconfig.protocol, errors, config.file)
             routes = None
             if lconfig.routes is not None:
                 routes = RouteTable(config.routes[lconfig.routes])
-            # Each build's filters get the build's own cluster mapping: a stream that started before a
-            # reload keeps finding the clusters it started with.
-            context = FilterContext(reactor, self.stats, build.clusters, lconfig, self.random, routes,
-                                    healthState=ServerHealthState(self))
+            # Filters look clusters up in the live mapping (L{_swap} updates it in place): a change of
+            # clusters does not rebuild the listener, and a stream keeps the cluster it picked. Options are
+            # checked against the clusters of this build.
+            context = FilterContext(reactor, self.stats, self.clusters, lconfig, self.random, routes,
+                                    healthState=ServerHealthState(self), clusterNames=build.clusters.keys())
             makers = buildChain(config, lconfig, factories, context, errors)
             accessLog = None
             if lconfig.access_log is not None:
@@ -405,7 +449,10 @@ class MeshService(service.MultiService):
         serverEndpoint = None
         if listener is not None and self.listenerEndpoint is not None:
             serverEndpoint = self.listenerEndpoint(listener, endpoint)
-        return Listening(label, endpoint, factory, self.reactor, serverEndpoint)
+        listening = Listening(label, endpoint, factory, self.reactor, serverEndpoint)
+        if listener is not None and self._initialFetch is not None:
+            listening.hold()  # added by a reload while the first CDS answer is awaited: likewise
+        return listening
 
     def _listen(self, label: str, endpoint: str, factory, listener: Optional[str] = None) -> Listening:
         listening = self._listening(label, endpoint, factory, listener)
@@ -438,8 +485,10 @@ class MeshService(service.MultiService):
 
     def startService(self) -> None:
         """
-        Listen on every endpoint; the state turns C{LIVE} once all of them are listening. A listener that
-        cannot listen (address in use, say) stops the process: a proxy missing a listener is not healthy.
+        Listen on every endpoint; the state turns C{LIVE} once all of them are listening and, with CDS, once
+        the first CDS answer is in or C{xds.initial_fetch_timeout} passed (until then the listeners are
+        bound but do not accept; L{whenLive} fires then). A listener that cannot listen (address in use,
+        say) stops the process: a proxy missing a listener is not healthy.
         """
         service.Service.startService(self)
         for name, cluster in self.clusters.items():
@@ -449,6 +498,7 @@ class MeshService(service.MultiService):
                           policy=cluster.config.lb_policy)
         if self.xds is not None and self.xds.cds is not None:
             self.xds.cds.start()
+            self._awaitInitialFetch(self.xds.config.initial_fetch_timeout)
         self._noteAwaitingCDS(self.config)
         for tls in self.serverTLS.values():
             tls.startReloading()
@@ -456,8 +506,44 @@ class MeshService(service.MultiService):
             self.adminTLS.startReloading()
         ds = [defer.maybeDeferred(s.startService) for s in self]
         d = defer.gatherResults(ds, consumeErrors=True)
+        if self._initialFetch is not None:
+            # Every socket is bound (an address in use fails the start now), then the wait for CDS.
+            fetched = self._initialFetch
+            d.addCallback(lambda _: fetched)
         d.addCallbacks(self._live, self._cannotListen)
         self.whenLive = d
+
+    def _awaitInitialFetch(self, timeout: float) -> None:
+        """
+        Hold the listeners (bound, not accepting) until the first CDS answer or C{timeout} seconds, as
+        Envoy's C{initial_fetch_timeout}: routes then find the control plane's clusters from the first
+        request on, rather than answering 503 meanwhile. The state stays C{STARTING} (C{/ready} 503).
+        """
+        if timeout <= 0:
+            return
+        self._initialFetch = defer.Deferred()
+        for listening in self.listeners.values():
+            listening.hold()
+        self._initialFetchTimer = self.reactor.callLater(timeout, self._initialFetchDone, "timeout")
+
+    def _initialFetchDone(self, why: str) -> None:
+        """
+        The wait for the first CDS answer is over (C{why}: C{"answered"}, C{"timeout"}, or C{"off"}: CDS
+        turned off by a reload): the listeners accept.
+        """
+        fetched, self._initialFetch = self._initialFetch, None
+        if fetched is None:
+            return
+        timer, self._initialFetchTimer = self._initialFetchTimer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        if why == "timeout":
+            self.log.warn("CDS: no answer from the control plane in xds.initial_fetch_timeout: serving with the "
+                          "clusters of the file only")
+        if self.state != "DRAINING":
+            for listening in self.listeners.values():
+                listening.release()
+        fetched.callback(None)
 
     def _live(self, _) -> None:
         if self.state == "STARTING":
@@ -513,8 +599,10 @@ class MeshService(service.MultiService):
         if client is None or not client.config.cds:
             self.cds = None
             self.cdsClusters = {}
+            self._initialFetchDone("off")
         elif client.cds is None:
-            self.cds = CDSSubscription(self.stats.root.scope("cluster_manager").scope("cds"), self._applyCDS)
+            self.cds = CDSSubscription(self.stats.root.scope("cluster_manager").scope("cds"), self._applyCDS,
+                                       client.config.max_clusters, answered=lambda: self._initialFetchDone("answered"))
             client.watchClusters(self.cds)
             if self.running:
                 client.cds.start()
@@ -633,7 +721,10 @@ class MeshService(service.MultiService):
             return defer.succeed(self._reloaded(ReloadResult(False, False, (f"{type(e).__name__}: {e}",), now, path, diff)))
         self.fileConfig = fileConfig
         # A cluster the file now declares is the file's: the control plane's of that name is gone for good.
-        self.cdsClusters = {n: c for n, c in self.cdsClusters.items() if n not in fileConfig.clusters}
+        cdsClusters = {n: c for n, c in self.cdsClusters.items() if n not in fileConfig.clusters}
+        if len(cdsClusters) != len(self.cdsClusters) and self.xds is not None and self.xds.cds is not None:
+            self.xds.cds.accepted = None  # the set in effect is no longer the one accepted: judge it again
+        self.cdsClusters = cdsClusters
         listening = self._swap(build, diff)
         self._noteAwaitingCDS(config)
 
@@ -662,15 +753,19 @@ class MeshService(service.MultiService):
         """
         config = build.config
         running = self.running
-        oldClusters, oldExporter = self.clusters, self.spanExporter
+        oldClusters, oldExporter = dict(self.clusters), self.spanExporter
         oldConfig, self.config = self.config, config
-        self.clusters = build.clusters
+        # In place: every listener's filters look clusters up in this one mapping (see _buildInto).
+        self.clusters.clear()
+        self.clusters.update(build.clusters)
         self.spanExporter = build.spanExporter
         self._adoptXDS(build, diff.clusters.kept)
         for name in diff.clusters.modified + diff.clusters.removed:
             cluster = oldClusters[name]
             self._stopCluster(cluster)
             drainCluster(cluster)
+        for name in diff.clusters.removed:
+            self._forgetStatsWhenDrained(oldClusters[name], self.reactor.seconds() + self.config.mesh.drain_timeout)
         if running:
             for name in build.fresh:
                 self._startCluster(build.clusters[name])
@@ -754,6 +849,25 @@ class MeshService(service.MultiService):
             return defer.gatherResults(ds)
 
         return defer.gatherResults(stopping, consumeErrors=True).addBoth(listen)
+
+    def _forgetStatsWhenDrained(self, cluster: Cluster, deadline: float) -> None:
+        """
+        Drop the stats of a removed cluster (C{cluster.<name>.}) once it has no request or connection left,
+        or at C{deadline} (the drain timeout: its requests are the old configuration's), so that a control
+        plane rotating cluster names does not grow C{/stats} without end. Not if a cluster of that name is
+        in effect by then: the new cluster counts on in those stats (the same objects, by name).
+        """
+        self._forgetting.pop(cluster, None)
+        if self.clusters.get(cluster.name) is not None:
+            return
+        breaker = cluster.breaker
+        busy = breaker.requests.count > 0 or breaker.connections.count > 0 or cluster.upstream_cx_active.value > 0
+        now = self.reactor.seconds()
+        if busy and now < deadline and self.running:
+            self._forgetting[cluster] = self.reactor.callLater(
+                min(1.0, deadline - now), self._forgetStatsWhenDrained, cluster, deadline)
+            return
+        self.stats.removeScope(cluster.stats)
 
     def _retire(self, built: _BuiltListener) -> defer.Deferred:
         """
@@ -840,6 +954,12 @@ class MeshService(service.MultiService):
         done = self.drain(graceful=True)
 
         def finished(result):
+            timer, self._initialFetchTimer = self._initialFetchTimer, None
+            if timer is not None and timer.active():
+                timer.cancel()
+            for timer in self._forgetting.values():
+                timer.cancel()
+            self._forgetting.clear()
             if self.xds is not None:
                 self.xds.stop()
             for cluster in self.clusters.values():

@@ -5,19 +5,24 @@ C{/config_dump}, C{/healthcheck/fail}, C{/healthcheck/ok}, C{/quitquitquit}) on 
 Nothing here is on the proxy's hot path: every response is computed whole, per request, from the server's
 live objects. Endpoints that change the proxy accept only C{POST}, so that a page elsewhere cannot stop
 the proxy with an C{<img src=".../quitquitquit">}; and they refuse a C{POST} that a browser says another
-site's page sent (L{crossSiteRefusal}), so that such a page cannot stop it with a form either.
+site's page sent (L{crossSiteRefusal}), so that such a page cannot stop it with a form either. Every
+request must name the admin by an address or an allowed name in its C{Host} header (L{hostRefusal}), so
+that a page whose own name was made to resolve to the admin's address (DNS rebinding), and is therefore
+same-origin with it, can neither drive nor read it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import re
 from collections.abc import Mapping
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Protocol, Tuple
+from typing import Any, Callable, Collection, Dict, List, NamedTuple, Optional, Protocol, Tuple
 from urllib.parse import urlsplit
 
 from twisted.internet import defer
+from twisted.internet.address import UNIXAddress
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.resource import Resource
@@ -49,6 +54,10 @@ _NOT_CROSS_SITE = frozenset({b"same-origin", b"none"})
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _WHO_MAY_POST = ("the admin's POST endpoints take requests from its own pages, or from clients that send no "
                  "Origin (curl)")
+#: A C{Host} header: an IPv6 literal in brackets, or anything else without a colon; an optional port.
+_HOST_HEADER = re.compile(r"^(?:\[([0-9A-Fa-f:.]+)\]|([^:\[\]]+))(?::[0-9]*)?$")
+_WHO_MAY_ASK = ("the admin answers requests for an IP address, localhost, or a name listed in [mesh] "
+                "admin.allowed_hosts (a web page whose name was made to resolve to this address must not reach it)")
 
 
 class AdminServer(Protocol):
@@ -134,9 +143,15 @@ class AdminResource(Resource):
         """
         Dispatch on path and method. C{HEAD} is answered as C{GET} without the body; a method an endpoint
         does not take gets 405 with an C{Allow} header; an unknown path gets 404 with the list of paths; a
-        C{POST} another site's page sent gets 403 with the reason (L{crossSiteRefusal}).
+        C{POST} another site's page sent gets 403 with the reason (L{crossSiteRefusal}). Before all that,
+        a request whose C{Host} is not this admin's gets 421 with the reason (L{hostRefusal}).
         """
         path = b"/" + b"/".join(request.postpath)
+        refusal = hostRefusal(request, _allowedHosts(self.proxy))
+        if refusal is not None:
+            self.log.warn("admin: refused {method} {path}: {why}", method=_printable(request.method).decode(),
+                          path=_printable(path).decode(), why=refusal)
+            return _respond(request, 421, TEXT, f"{refusal}\n".encode(), b"Misdirected Request")
         endpoint = self.endpoints.get(path)
         if endpoint is None:
             return _respond(request, 404, TEXT, b"unknown path " + _printable(path) + b"\n" + self._help())
@@ -548,6 +563,59 @@ def _flag(request: Request, name: bytes) -> bool:
     return any(item.partition(b"=")[0] == name for item in query.replace(b";", b"&").split(b"&"))
 
 
+def _allowedHosts(server: AdminServer) -> Tuple[str, ...]:
+    # Read per request: a reload that changes [mesh] admin.allowed_hosts applies at once.
+    config = getattr(server, "config", None)
+    return config.mesh.admin_allowed_hosts if config is not None else ()
+
+
+def hostRefusal(request: Request, allowedNames: Collection[str] = ()) -> Optional[str]:
+    """
+    Why a request to the admin is refused for its C{Host} header, or C{None} if it is not.
+
+    A browser lets a page read, and post to, its own origin: a page at C{http://evil.example:9901} whose
+    name its owner then makes resolve to C{127.0.0.1} (DNS rebinding) reaches the admin as its own origin,
+    C{Origin} and C{Host} agreeing, and L{crossSiteRefusal} cannot tell. What gives it away is the name:
+    its C{Host} is C{evil.example:9901}. So the admin answers only requests whose C{Host} is an IP address
+    (IPv6 in brackets), C{localhost}, or one of C{allowedNames} (C{[mesh] admin.allowed_hosts}), any port;
+    names compare without letter case or a trailing dot. A request without C{Host} (HTTP/1.0) names nothing
+    and passes, as does any request over a UNIX socket, which no browser page can reach.
+
+    @param allowedNames: the host names allowed besides addresses and C{localhost}, lowercased, without a
+        trailing dot.
+    @return: a one-line reason naming the C{Host} and what it would have had to be.
+    """
+    values = request.requestHeaders.getRawHeaders(b"host")
+    if not values or isinstance(request.getHost(), UNIXAddress):
+        return None
+    for value in values:
+        if not _allowedHost(value, allowedNames):
+            return (f"misdirected request refused: Host {_printable(value).decode()} is not a name of this admin "
+                    f"endpoint: {_WHO_MAY_ASK}")
+    return None
+
+
+def _allowedHost(value: bytes, allowedNames: Collection[str]) -> bool:
+    text = value.decode("latin-1").strip()
+    if not text:  # names nothing, as no Host at all
+        return True
+    match = _HOST_HEADER.match(text)
+    if match is None:
+        return False
+    literal, name = match.groups()
+    try:
+        if literal is not None:
+            ipaddress.IPv6Address(literal)
+            return True
+        ipaddress.IPv4Address(name)
+        return True
+    except ValueError:
+        if literal is not None:
+            return False
+    name = name.lower().rstrip(".")
+    return name == "localhost" or name in allowedNames
+
+
 def crossSiteRefusal(request: Request) -> Optional[str]:
     """
     Why a C{POST} to the admin is refused as cross-site, or C{None} if it is not.
@@ -606,11 +674,12 @@ def _json(value: Any) -> bytes:
     return (json.dumps(value, indent=2, default=str) + "\n").encode()
 
 
-def _respond(request: Request, code: int, contentType: bytes, body: bytes) -> bytes:
+def _respond(request: Request, code: int, contentType: bytes, body: bytes, message: Optional[bytes] = None) -> bytes:
     """
-    Set the status and the headers every admin response carries, and return C{body}.
+    Set the status (with C{message} as its reason phrase, for one C{twisted.web} does not know) and the
+    headers every admin response carries, and return C{body}.
     """
-    request.setResponseCode(code)
+    request.setResponseCode(code, message)
     request.setHeader(b"Content-Type", contentType)
     request.setHeader(b"Cache-Control", b"no-cache, max-age=0")
     request.setHeader(b"X-Content-Type-Options", b"nosniff")

@@ -57,6 +57,9 @@ class XDSConfig:
         behind a path).
     @ivar host: the C{host} header (defaults to the cluster's name).
     @ivar cds: poll cluster discovery (CDS) too: the control plane adds, changes and removes clusters.
+    @ivar max_clusters: a CDS response with more clusters than this is rejected (NACK).
+    @ivar initial_fetch_timeout: with C{cds}, how long the service waits for the first CDS answer before
+        it serves (C{0}: it does not wait).
     """
 
     cluster: str
@@ -68,6 +71,8 @@ class XDSConfig:
     path_prefix: str = ""
     host: Optional[str] = None
     cds: bool = False
+    max_clusters: int = 10000
+    initial_fetch_timeout: float = 15.0
 
 
 def discoveryType(o: Options) -> str:
@@ -127,7 +132,7 @@ def parseXDS(o: Options, clusters) -> Optional[XDSConfig]:
     """
     name = o.string("xds.cluster", None)
     keys = ("xds.refresh_delay", "xds.jitter", "xds.timeout", "xds.node_id", "xds.node_cluster",
-            "xds.path_prefix", "xds.host", "xds.cds")
+            "xds.path_prefix", "xds.host", "xds.cds", "xds.max_clusters", "xds.initial_fetch_timeout")
     d = XDSConfig(cluster="")
     config = XDSConfig(
         cluster=name or "",
@@ -139,6 +144,8 @@ def parseXDS(o: Options, clusters) -> Optional[XDSConfig]:
         path_prefix=(o.string("xds.path_prefix", "") or "").rstrip("/"),
         host=o.string("xds.host", None),
         cds=bool(o.boolean("xds.cds", False)),
+        max_clusters=o.integer("xds.max_clusters", d.max_clusters, minimum=1) or d.max_clusters,
+        initial_fetch_timeout=o.duration("xds.initial_fetch_timeout", d.initial_fetch_timeout) or 0.0,
     )
     if name is None:
         for key in keys:
@@ -155,6 +162,10 @@ def parseXDS(o: Options, clusters) -> Optional[XDSConfig]:
                                f"itself")
     elif target.protocol != "http1":
         o.error("xds.cluster", f"[cluster:{name}] must speak HTTP/1.1 (protocol = http1): REST-JSON polling")
+    if not config.cds:
+        for key in ("xds.max_clusters", "xds.initial_fetch_timeout"):
+            if key in o._items:
+                o.error(key, "has no effect without xds.cds = true")
     if config.path_prefix and not config.path_prefix.startswith("/"):
         o.error("xds.path_prefix", "must start with /")
     return config

@@ -165,11 +165,29 @@ def _mesh(o: Options, tls: Dict[str, TLSConfig]) -> MeshConfig:
     return MeshConfig(
         admin=admin,
         admin_tls=adminTLS,
+        admin_allowed_hosts=_adminAllowedHosts(o),
         drain_timeout=o.duration("drain_timeout", 10.0),
         workers=_workers(o),
         workers_sharing=o.string("workers.sharing", WORKERS_SHARING[0], choices=WORKERS_SHARING),
         tracing=parseMeshTracing(o),
     )
+
+
+_HOST_NAME = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*$")
+
+
+def _adminAllowedHosts(o: Options) -> Tuple[str, ...]:
+    # The names a browser may reach the admin by, besides IP addresses and localhost (see the admin's
+    # hostRefusal: the defence against DNS rebinding). Names only: the port of Host is not checked.
+    names = []
+    for item in o.list("admin.allowed_hosts"):
+        name = item.lower().rstrip(".")
+        if len(name) > 253 or not _HOST_NAME.match(name):
+            o.error("admin.allowed_hosts", f"must be host names without a port (IP addresses and localhost "
+                                           f"are always allowed), not {item!r}")
+            continue
+        names.append(name)
+    return tuple(names)
 
 
 def _workers(o: Options) -> int:

@@ -29,6 +29,9 @@ class MeshConfig:
 
     admin: Optional[str] = DEFAULT_ADMIN
     admin_tls: Optional[str] = None  # a [tls:NAME] section the admin endpoint is served over
+    # admin.allowed_hosts: the names (lowercased, no trailing dot) the admin answers to in Host, besides IP
+    # addresses and localhost.
+    admin_allowed_hosts: Tuple[str, ...] = ()
     drain_timeout: float = 10.0
     workers: int = 1  # worker processes (`auto` in the file: one per core available to the process)
     workers_sharing: str = "reuseport"  # how workers share a listener's port: reuseport | inherit

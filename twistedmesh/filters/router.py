@@ -71,7 +71,9 @@ def _grpcStatus(headers: list) -> int:
 
 class _Shared:
     """
-    What every stream's router of one listener shares: resolved once at config load.
+    What every stream's router of one listener shares: resolved once at config load. C{clusters} is the
+    service's live mapping of the clusters in effect (reloads and CDS change it in place): each stream looks
+    its cluster up in it once and keeps that object to the end, retries included.
     """
 
     __slots__ = ("table", "clusters", "clock", "random", "log")

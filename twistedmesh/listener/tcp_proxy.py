@@ -70,24 +70,26 @@ class TCPProxyFactory:
         """
         listener = context.listener
         clusterName = options.string("cluster", listener.cluster)
-        cluster = None
+        # The live mapping of the clusters in effect: each connection takes the cluster of that name then,
+        # so a reload or CDS update that replaces the cluster does not have to rebuild the listener.
+        clusters = context.clusters
+        names = getattr(context, "clusterNames", None)
+        names = names if names is not None else clusters
         if clusterName is None:
             options.error("cluster", "is required: name the cluster to send the bytes to (here or on the listener)")
-        else:
-            cluster = context.clusters.get(clusterName)
-            if cluster is None:
-                options.error("cluster", f"no cluster named `{clusterName}`{suggest(clusterName, context.clusters)}")
+        elif clusterName not in names:
+            options.error("cluster", f"no cluster named `{clusterName}`{suggest(clusterName, names)}")
         idleTimeout = options.duration("idle_timeout", listener.idle_timeout)
-        connectTimeout = options.duration(
-            "connect_timeout",
-            listener.connect_timeout if listener.connect_timeout is not None
-            else (cluster.connectTimeout if cluster is not None else 5.0),
-        )
+        # None: the cluster's connect_timeout (of the cluster in effect when the connection starts).
+        connectTimeout = options.duration("connect_timeout", listener.connect_timeout)
         maxAttempts = options.integer("max_connect_attempts", listener.max_connect_attempts, minimum=1)
         reactor = context.reactor
 
         def makeFilter(conn: INetworkConnection) -> TCPProxyFilter:
-            return TCPProxyFilter(conn, cluster, reactor, connectTimeout, idleTimeout, maxAttempts)
+            cluster = clusters.get(clusterName)  # type: ignore[arg-type]
+            timeout = connectTimeout if connectTimeout is not None else (
+                cluster.connectTimeout if cluster is not None else 5.0)
+            return TCPProxyFilter(conn, cluster, reactor, timeout, idleTimeout, maxAttempts)
 
         return makeFilter
 

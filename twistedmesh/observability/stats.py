@@ -252,6 +252,25 @@ class StatsStore:
         """
         return self._stats.get(name)
 
+    def removeScope(self, scope: StatsScope) -> int:
+        """
+        Forget every stat of C{scope} and its sub-scopes (a removed cluster's C{cluster.<name>.}): they are
+        no longer listed, and asking the scope for one again makes a new one, from zero. Whoever still
+        holds one of the removed objects may go on counting in it, unseen.
+
+        A stat is the scope's when its name starts with the scope's prefix and its labels with the scope's
+        labels: the scope of a cluster C{api} does not take the stats of a cluster C{api.v2}.
+
+        @return: how many stats were removed.
+        """
+        prefix, labels = scope._prefix, scope._labels
+        width = len(labels)
+        gone = [name for name, stat in self._stats.items()
+                if name.startswith(prefix) and stat.labels[:width] == labels]
+        for name in gone:
+            del self._stats[name]
+        return len(gone)
+
     def __iter__(self) -> Iterator[Stat]:
         """
         Every stat, sorted by name.

@@ -27,7 +27,9 @@ from ..config.lb import MAX_RING_SIZE, LBConfig
 from ..config.model import BreakerConfig, ClusterConfig, HostConfig, HTTP2ClusterConfig
 from ..config.outlier import DEFAULT_MAX_EJECTION_TIME, OutlierConfig
 from ..observability.stats import StatsScope
-from .xds import InvalidResource, Response, XDSType, _Fields, _kind, _uint, parseAssignment, parseDuration
+from .xds import (
+    _FIELD_NAME, InvalidResource, Response, XDSType, _Fields, _kind, _uint, parseAssignment, parseDuration,
+)
 
 __all__ = ["CDS_TYPE_URL", "CDS_PATH", "CDSSubscription", "parseCluster", "CLUSTER_NAME"]
 
@@ -264,11 +266,13 @@ def _protocol(c: _Fields, path: str, unknown) -> Tuple[str, HTTP2ClusterConfig]:
         if not isinstance(typed, dict):
             raise InvalidResource(f"{path}.typed_extension_protocol_options: expected an object")
         for key, item in typed.items():
-            # Keys are extension names, not field names: kept as written.
-            ipath = f"{path}.typed_extension_protocol_options[{key}]"
+            # Keys are extension names, not field names: another extension is reported by its name only
+            # when it looks like one (the control plane's arbitrary text is not put in a path).
             if key != HTTP_OPTIONS:
-                unknown(ipath)
+                name = key if _FIELD_NAME.match(key) else "another extension"
+                unknown(f"{path}.typed_extension_protocol_options[{name}]")
                 continue
+            ipath = f"{path}.typed_extension_protocol_options[{HTTP_OPTIONS}]"
             fields = _Fields(item, ipath, unknown)
             for mode in ("auto_config", "use_downstream_protocol_config"):
                 if fields.get(mode) is not None:
@@ -483,14 +487,22 @@ class CDSSubscription(XDSType):
 
     typeURL = CDS_TYPE_URL
     path = CDS_PATH
+    #: A resend of the set in effect costs no parse and no build.
+    skipUnchanged = True
 
-    def __init__(self, stats: StatsScope, apply: Callable[[Dict[str, ClusterConfig], str], None]) -> None:
+    def __init__(self, stats: StatsScope, apply: Callable[[Dict[str, ClusterConfig], str], None],
+                 maxClusters: Optional[int] = None, answered: Optional[Callable[[], None]] = None) -> None:
         """
         @param stats: the C{cluster_manager.cds.} scope.
         @param apply: swaps a validated set in (C{apply(clusters, version)}), or raises L{InvalidResource}
             to refuse it whole.
+        @param maxClusters: a response with more clusters is rejected (C{[mesh] xds.max_clusters}).
+        @param answered: called after each response accepted or rejected (the control plane answered;
+            the service waits for the first before it serves).
         """
         self.apply = apply
+        self.maxResources = maxClusters
+        self.answered = answered
         self.version = ""
         self.clusters: Dict[str, ClusterConfig] = {}
         self.update_attempt = stats.counter("update_attempt")
@@ -512,9 +524,17 @@ class CDSSubscription(XDSType):
         self.version = response.version
         self.versionHash.value = int.from_bytes(blake2b(response.version.encode(), digest_size=6).digest(), "big")
         self.update_success.value += 1
+        if self.answered is not None:
+            self.answered()
+
+    def unchanged(self, version: str, token: Any) -> None:
+        # Accepted (ACKed), as Envoy counts a resend that changes nothing.
+        self.update_success.value += 1
 
     def rejected(self, why: str, token: Any) -> None:
         self.update_rejected.value += 1
+        if self.answered is not None:
+            self.answered()  # as Envoy: a rejected first answer does not hold the start up either
 
     def failed(self, why: str, token: Any) -> None:
         self.update_failure.value += 1

@@ -14,10 +14,12 @@ drawn from the injected random) with a v3 C{DiscoveryRequest}:
     stays the previous one and C{error_detail} (C{{code, message}}, code 3: INVALID_ARGUMENT) says why.
 
 A C{304} means nothing changed. A response is validated whole before anything is applied: one invalid
-resource rejects the update (NACK) and what is in effect stays. Unknown fields are ignored (logged once
-each); JSON field names may be snake_case or lowerCamelCase; resources may be C{@type}-tagged Any
-messages; wrapper values may be written bare (C{3}) or wrapped (C{{"value": 3}}); durations are proto3 JSON
-strings (C{"1.5s"}).
+resource rejects the update (NACK) and what is in effect stays; so does any input the proxy cannot read
+(too deep, too long a number) and, as a backstop, any error while reading or applying it. A type may skip
+a resend of what is in effect (CDS does: no parse, no build). Unknown fields are ignored (logged once
+each, up to L{MAX_UNKNOWN_FIELDS} names); JSON field names may be snake_case or lowerCamelCase; resources
+may be C{@type}-tagged Any messages; wrapper values may be written bare (C{3}) or wrapped (C{{"value": 3}});
+durations are proto3 JSON strings (C{"1.5s"}).
 
 EDS: every cluster with C{discovery = xds} subscribes (L{XDSClient.subscribe}) to the
 C{ClusterLoadAssignment} named after it (or its C{service_name}); one request asks for all of them, and the
@@ -32,6 +34,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from hashlib import blake2b
 from random import Random
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Tuple
 
@@ -54,7 +57,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "XDSClient", "XDSStream", "XDSType", "EDSSubscription", "InvalidResource", "Assignment", "parseAssignment",
-    "parseResponse", "parseDuration", "EDS_TYPE_URL", "EDS_PATH",
+    "parseResponse", "decodeResponse", "responseDigest", "parseDuration", "EDS_TYPE_URL", "EDS_PATH",
+    "MAX_UNKNOWN_FIELDS",
 ]
 
 #: The type URL of an EDS resource (and of an EDS request and response).
@@ -67,7 +71,17 @@ INVALID_ARGUMENT = 3
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 
 _CAMEL = re.compile(r"(?<=[a-z0-9])([A-Z])")
-_DURATION = re.compile(r"^(\d+)(?:\.(\d{1,9}))?s$")
+# ASCII digits only (str.isdigit and \d take "²" and other digits int() refuses), and few of them: the
+# longest duration proto3 allows is 315576000000s, and int() of thousands of digits is refused or slow.
+_DURATION = re.compile(r"^([0-9]{1,12})(?:\.([0-9]{1,9}))?s$")
+_DIGITS = re.compile(r"^[0-9]{1,20}$")
+#: How many distinct unknown field names are logged (and remembered); later ones are not.
+MAX_UNKNOWN_FIELDS = 1000
+# A field name worth logging as it is; another (a control plane's garbage) is logged as "<name>".
+_FIELD_NAME = re.compile(r"^[A-Za-z0-9_@.]{1,64}$")
+# Where a field is that differs between resources: a list index, a cluster's name ("resources[3](api)").
+_NONCE = re.compile(rb'"nonce"\s*:\s*"([\x20-\x21\x23-\x5b\x5d-\x7e]{0,256})"')
+_PLACE = re.compile(r"\[\d+\](?:\([^()]*\))?")
 _HEALTH = {"UNKNOWN": 0, "HEALTHY": 1, "UNHEALTHY": 2, "DRAINING": 3, "TIMEOUT": 4, "DEGRADED": 5}
 #: health_status values whose hosts are not used (Envoy's: failed, going away, or timed out).
 _UNUSABLE = frozenset((2, 3, 4))
@@ -114,7 +128,7 @@ class _Fields:
     def done(self) -> None:
         for name in self.items:
             if name not in self.read and name != "@type":
-                self.unknown(f"{self.path}.{name}")
+                self.unknown(f"{self.path}.{name if _FIELD_NAME.match(name) else '<name>'}")
 
 
 def _kind(value: Any) -> str:
@@ -133,8 +147,8 @@ def _uint(value: Any, path: str, minimum: int = 0, maximum: int = _UINT32) -> in
     if isinstance(value, bool):
         raise InvalidResource(f"{path}: expected a number, not a boolean")
     if isinstance(value, str):
-        if not value.strip().isdigit():
-            raise InvalidResource(f"{path}: {value!r} is not a whole number")
+        if _DIGITS.match(value.strip()) is None:
+            raise InvalidResource(f"{path}: {value[:40]!r} is not a whole number")
         value = int(value)
     elif isinstance(value, float):
         if not value.is_integer():
@@ -143,7 +157,8 @@ def _uint(value: Any, path: str, minimum: int = 0, maximum: int = _UINT32) -> in
     elif not isinstance(value, int):
         raise InvalidResource(f"{path}: expected a number, not {_kind(value)}")
     if not minimum <= value <= maximum:
-        raise InvalidResource(f"{path}: {value} is not from {minimum} to {maximum}")
+        raise InvalidResource(f"{path}: {value if value.bit_length() < 64 else 'a large number'} is not from "
+                              f"{minimum} to {maximum}")
     return value
 
 
@@ -157,7 +172,7 @@ def parseDuration(value: Any, path: str = "duration") -> float:
         raise InvalidResource(f"{path}: a duration is a string like \"1.5s\", not {_kind(value)}")
     match = _DURATION.match(value.strip())
     if match is None:
-        raise InvalidResource(f"{path}: {value!r} is not a duration like \"1.5s\"")
+        raise InvalidResource(f"{path}: {value[:40]!r} is not a duration like \"1.5s\"")
     seconds, fraction = match.groups()
     return int(seconds) + (int(fraction.ljust(9, "0")) / 1e9 if fraction else 0.0)
 
@@ -289,19 +304,42 @@ class Response:
     resources: Dict[str, Any]
 
 
-def parseResponse(body: bytes, unknown: Callable[[str], None], typeURL: str = EDS_TYPE_URL,
-                  parseResource: Callable[[Any, str, Callable[[str], None]], Any] = parseAssignment) -> Response:
+def decodeResponse(body: bytes) -> Any:
     """
-    Validate a C{DiscoveryResponse} body whole.
+    The JSON value of a response body.
 
-    @param typeURL: the type of the resources asked for: a response of another type is refused.
-    @param parseResource: validates one resource (C{(value, path, unknown)}); what it returns has a C{name}.
-    @raise InvalidResource: not JSON, not a response, or one of its resources is invalid.
+    @raise InvalidResource: not JSON, nested too deep to decode, or a number too long to convert.
     """
     try:
-        value = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise InvalidResource(f"the response is not JSON: {e}") from None
+        return json.loads(body)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise InvalidResource(f"the response is not JSON this proxy can read: {str(e)[:200]}") from None
+
+
+def responseDigest(value: Any) -> bytes:
+    """
+    A digest of a decoded response without its C{nonce} (every response has a new one): two responses
+    with the same digest carry the same version and resources.
+    """
+    if isinstance(value, dict) and "nonce" in value:
+        value = {k: v for k, v in value.items() if k != "nonce"}
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return blake2b(text.encode("ascii"), digest_size=16).digest()
+
+
+def parseResponse(body: Any, unknown: Callable[[str], None], typeURL: str = EDS_TYPE_URL,
+                  parseResource: Callable[[Any, str, Callable[[str], None]], Any] = parseAssignment,
+                  maxResources: Optional[int] = None) -> Response:
+    """
+    Validate a C{DiscoveryResponse} whole.
+
+    @param body: the response body, or its value already decoded (L{decodeResponse}).
+    @param typeURL: the type of the resources asked for: a response of another type is refused.
+    @param parseResource: validates one resource (C{(value, path, unknown)}); what it returns has a C{name}.
+    @param maxResources: a response with more resources is refused (before any is parsed).
+    @raise InvalidResource: not JSON, not a response, too many resources, or one of them is invalid.
+    """
+    value = decodeResponse(body) if isinstance(body, (bytes, str)) else body
     response = _Fields(value, "response", unknown)
     version = response.get("version_info", "")
     nonce = response.get("nonce", "")
@@ -309,16 +347,24 @@ def parseResponse(body: bytes, unknown: Callable[[str], None], typeURL: str = ED
         raise InvalidResource("response: version_info and nonce are strings")
     given = response.get("type_url", typeURL)
     if given != typeURL:
-        raise InvalidResource(f"response: type_url {given!r}, expected {typeURL}")
+        raise InvalidResource(f"response: type_url {str(given)[:200]!r}, expected {typeURL}")
     resources = response.get("resources", [])
     if not isinstance(resources, list):
         raise InvalidResource("response.resources: expected a list")
+    if maxResources is not None and len(resources) > maxResources:
+        raise InvalidResource(f"response.resources: {len(resources)} resources, more than the {maxResources} "
+                              f"this proxy takes")
     # Read (and so not reported as unknown) but not used.
     response.get("control_plane")
     response.get("canary")
     parsed: Dict[str, Any] = {}
     for i, resource in enumerate(resources):
-        item = parseResource(resource, f"response.resources[{i}]", unknown)
+        try:
+            item = parseResource(resource, f"response.resources[{i}]", unknown)
+        except InvalidResource:
+            raise
+        except (ValueError, RecursionError) as e:  # a value Python refuses (a conversion's limit)
+            raise InvalidResource(f"response.resources[{i}]: {str(e)[:200]}") from None
         if item.name in parsed:
             raise InvalidResource(f"response.resources[{i}]: {item.name!r} is given twice")
         parsed[item.name] = item
@@ -375,10 +421,15 @@ class XDSType:
 
     @ivar typeURL: the C{type_url} of requests and responses.
     @ivar path: the REST path, after C{xds.path_prefix}.
+    @ivar maxResources: a response with more resources is rejected (C{None}: no limit).
+    @ivar skipUnchanged: a response with the version and resources of the last one accepted is ACKed
+        without being parsed or applied again (L{unchanged} is called instead of L{accept}).
     """
 
     typeURL = ""
     path = ""
+    maxResources: Optional[int] = None
+    skipUnchanged = False
 
     def resourceNames(self) -> List[str]:
         """
@@ -406,6 +457,11 @@ class XDSType:
 
         @raise InvalidResource: it cannot be applied after all; nothing of it may have been applied then
             (the update is rejected like an invalid one).
+        """
+
+    def unchanged(self, version: str, token: Any) -> None:
+        """
+        A response the same as the last one accepted was ACKed without work (with L{skipUnchanged}).
         """
 
     def rejected(self, why: str, token: Any) -> None:
@@ -560,6 +616,8 @@ class XDSStream:
     @ivar nonce: the nonce of the last response read, C{""} before one.
     @ivar errorDetail: the C{error_detail} of the next request (after a NACK), or C{None}.
     @ivar polling: a poll is scheduled or in flight.
+    @ivar accepted: the L{responseDigest} of the last response accepted, when the kind skips unchanged
+        resends; set it to C{None} to have the next response applied whatever it is.
     @ivar requests: the requests sent, as dicts (the last few, for tests and debugging).
     """
 
@@ -575,6 +633,7 @@ class XDSStream:
         self._timer = None
         self._inflight: Optional[defer.Deferred] = None
         self._again = False  # poll again at once when the request in flight is answered
+        self.accepted: Optional[bytes] = None
 
     def start(self) -> None:
         """
@@ -659,25 +718,48 @@ class XDSStream:
             self._failed(Failure(ConnectionError(f"HTTP status {status}: {text!r}")), token)
             return
         kind = self.kind
+        value = None
         try:
-            response = parseResponse(body, self.client._unknownField, kind.typeURL, kind.parseResource)
+            value = decodeResponse(body)
+            digest = None
+            if kind.skipUnchanged:
+                digest = responseDigest(value)
+                if digest == self.accepted and isinstance(value, dict):
+                    # What is in effect already (Envoy ACKs such a resend without applying it again).
+                    nonce = value.get("nonce", "")
+                    self.nonce = nonce if isinstance(nonce, str) else ""
+                    self.errorDetail = None
+                    kind.unchanged(self.version, token)
+                    return
+            response = parseResponse(value, self.client._unknownField, kind.typeURL, kind.parseResource,
+                                     kind.maxResources)
             kind.accept(response, token)
         except InvalidResource as e:
-            self._reject(str(e), body, token)
+            self._reject(str(e), body, token, value)
             return
+        except Exception as e:  # a bug, or an input nobody foresaw: rejected all the same, never dropped
+            self.client.log.failure("xDS: an update of {path} could not be parsed or applied", path=kind.path)
+            self._reject(f"{type(e).__name__}: {str(e)[:200]}", body, token, value)
+            return
+        self.accepted = digest
         self.nonce = response.nonce
         self.version = response.version
         self.errorDetail = None
         self.client.log.debug("xDS: applied {path} version {version}", path=kind.path, version=response.version)
 
-    def _reject(self, why: str, body: bytes, token: Any) -> None:
+    def _reject(self, why: str, body: bytes, token: Any, value: Any = None) -> None:
         """
         NACK: keep what was applied and the last version; say why in the next request.
+
+        @param value: the decoded body, or C{None} if it did not decode.
         """
-        try:
-            nonce = json.loads(body).get("nonce")
-        except Exception:  # not JSON, or not an object: no nonce to echo
-            nonce = None
+        if isinstance(value, dict):
+            nonce = value.get("nonce")
+        else:
+            # Not JSON this proxy can decode (too deep, a number too long): the nonce is still echoed if it
+            # can be found, so that the control plane sees which response was refused.
+            match = _NONCE.search(body)
+            nonce = match.group(1).decode("ascii") if match is not None else None
         if isinstance(nonce, str):
             self.nonce = nonce
         self.errorDetail = {"code": INVALID_ARGUMENT, "message": why}
@@ -731,6 +813,7 @@ class XDSClient:
         self.eds = XDSStream(self, _EDS(self))
         self.cds: Optional[XDSStream] = None
         self._unknown: Set[str] = set()
+        self._unknownSuppressed = False
         self._agent = None
 
     def subscribe(self, cluster: "Cluster") -> EDSSubscription:
@@ -770,11 +853,21 @@ class XDSClient:
             eds.soon()  # a resource not asked for yet: ask now rather than after refresh_delay
 
     def _unknownField(self, path: str) -> None:
-        # List indices differ from one resource to the next: one log line per field, whatever its place.
-        key = re.sub(r"\[\d+\]", "[]", path)
-        if key not in self._unknown:
-            self._unknown.add(key)
-            self.log.info("xDS: ignoring unknown field {field}", field=key)
+        # List indices and cluster names differ from one resource to the next: one log line per field,
+        # whatever its place. The names are bounded: a control plane sending ever new ones must not grow
+        # this set, or the log, without end.
+        key = _PLACE.sub("[]", path)
+        unknown = self._unknown
+        if key in unknown:
+            return
+        if len(unknown) >= MAX_UNKNOWN_FIELDS:
+            if not self._unknownSuppressed:
+                self._unknownSuppressed = True
+                self.log.warn("xDS: {count} unknown fields logged; further unknown fields suppressed",
+                              count=len(unknown))
+            return
+        unknown.add(key)
+        self.log.info("xDS: ignoring unknown field {field}", field=key)
 
     def _post(self, path: str, body: bytes) -> defer.Deferred:
         """

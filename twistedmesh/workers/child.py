@@ -146,6 +146,8 @@ def run(reactor, spec: Dict[str, Any]) -> int:
     reactor.addSystemEventTrigger("before", "shutdown", mesh.stopService)
 
     def live(_) -> None:
+        # whenLive fires once the listeners accept: with CDS, after its first answer or
+        # xds.initial_fetch_timeout (the worker is not Ready while its routes would answer 503).
         control.callRemote(Ready, pid=os.getpid()).addErrback(lambda f: None)  # the parent may be gone
 
     def cannotListen(failure) -> None:

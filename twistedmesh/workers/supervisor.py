@@ -34,6 +34,9 @@ from .stats import ClusterView, MergedStats, Snapshot, merge, mergeClusters, sna
 
 #: How long the parent waits for a worker's stats before it shows the last ones it had.
 STATS_TIMEOUT = 5.0
+#: How long the parent waits for a worker's answer to a L{Reload}: reloads run one at a time, so a worker
+#: that never answers must not hold up every later one.
+RELOAD_TIMEOUT = 60.0
 #: How often the parent gathers the workers' stats unasked (for the dashboard, and so that little of what
 #: a worker counted is lost if it dies).
 STATS_REFRESH = 5.0
@@ -84,6 +87,8 @@ class WorkerSlot(protocol.ProcessProtocol):
     @ivar exited: while a process runs, a Deferred that fires when it ends.
     @ivar configText: the configuration text the running worker runs: the one the parent had applied when
         the worker started, or the last one it applied in a L{Reload} since.
+    @ivar sent: how many texts were sent to the slot's workers in a L{Reload}: each one's sequence number.
+    @ivar appliedSeq: the sequence number of the text L{configText} was set from by a worker's answer.
     """
 
     log = Logger()
@@ -103,6 +108,8 @@ class WorkerSlot(protocol.ProcessProtocol):
         self.retired: Snapshot = []
         self.exited: Optional[defer.Deferred] = None
         self.configText: Optional[str] = None
+        self.sent = 0
+        self.appliedSeq = 0
         self._restart = None
         self._stable = None
         self._output: Dict[int, bytes] = {}
@@ -121,8 +128,10 @@ class WorkerSlot(protocol.ProcessProtocol):
         self._restart = None
         self.exited = defer.Deferred()
         self.starts += 1
-        # What the parent applied last, not the file as it is now (see Supervisor.spec).
+        # What the parent applied last, not the file as it is now (see Supervisor.spec); an answer to a
+        # text sent to an earlier process changes nothing from now on.
         self.configText = self.supervisor.configText
+        self.appliedSeq = self.sent
         try:
             self.supervisor.spawner(self)
         except Exception:
@@ -347,6 +356,8 @@ class Supervisor(service.MultiService):
         self.adminTLS: Optional[ServerTLS] = None
         self.admin: Optional[Listening] = None
         self.whenLive = defer.Deferred()
+        # One reload at a time, each to its end (the workers converged): see reload.
+        self._reloading = defer.DeferredLock()
         for name, econfig in config.echoes.items():
             self.echoes[name] = self._listen(f"echo {name}", econfig.endpoint, makeEchoFactory(econfig))
         if config.mesh.admin is not None:
@@ -555,9 +566,19 @@ class Supervisor(service.MultiService):
         A new configuration is applied only if every worker applied it; otherwise the workers that did are
         sent the previous text again (L{_converge}), so that they all run what the parent shows.
 
-        @return: a Deferred firing with a L{ReloadResult}: C{applied} if every worker swapped the new
-            configuration in, C{ok} if moreover everything listens; each error names its worker.
+        Reloads run one at a time: one asked for while another is under way waits for it to end (its
+        workers answered, and those sent the text in effect again answered too), then reads the file and
+        runs; each gets its own result. (Run together, the text in effect that the first sends back to a
+        worker could reach it after the second's, leaving it on the old configuration.) A worker that does
+        not answer within L{RELOAD_TIMEOUT} counts as refusing, so that it cannot hold up the reloads after.
+
+        @return: a Deferred firing with a L{ReloadResult} once the workers run the configuration in effect:
+            C{applied} if every worker swapped the new configuration in, C{ok} if moreover everything
+            listens; each error names its worker.
         """
+        return self._reloading.run(self._reload, path)
+
+    def _reload(self, path: Optional[str]) -> defer.Deferred:
         path = path if path is not None else self.config.file
         now = self.reactor.seconds()
         if self.state == "DRAINING":
@@ -584,7 +605,7 @@ class Supervisor(service.MultiService):
             d.addCallback(lambda r: (r[0], r[1], [f"worker {slot.index}: {e}" for e in r[2]]))
             return d
 
-        def answered(results: List[Tuple[bool, bool, List[str]]]) -> ReloadResult:
+        def answered(results: List[Tuple[bool, bool, List[str]]]) -> defer.Deferred:
             applied = all(r[1] for r in results)
             errors = tuple(e for r in results for e in r[2])
             if applied:
@@ -600,34 +621,48 @@ class Supervisor(service.MultiService):
                     if sock is not None:
                         sock.close()
                     self.addresses.pop(name, None)
-            self._converge()
-            return self._reloaded(ReloadResult(applied and not errors, applied, errors, now, path, diff))
+            result = ReloadResult(applied and not errors, applied, errors, now, path, diff)
+            return self._converge().addCallback(lambda _: self._reloaded(result))
 
         return defer.gatherResults([asked(slot) for slot in slots]).addCallback(answered)
 
     def _sendText(self, slot: WorkerSlot, text: str, file: str) -> defer.Deferred:
         """
         Have C{slot}'s worker reload with configuration C{text}, and note it as what the worker runs if it
-        applied it.
+        applied it, unless it since applied a text sent after this one (the worker applies them in the
+        order sent, so an answer that arrives after a newer one's is stale) or the slot's process changed.
 
         @return: a Deferred firing with C{(ok, applied, errors)}; never failing.
         """
-        d = slot.control.callRemote(Reload, text=text, file=file)
+        control = slot.control
+        slot.sent += 1
+        seq = slot.sent
+        d = control.callRemote(Reload, text=text, file=file)
+        d.addTimeout(RELOAD_TIMEOUT, self.reactor)
 
         def answer(response) -> Tuple[bool, bool, List[str]]:
-            if response["applied"] and slot.control is not None:
-                slot.configText = text
+            if response["applied"] and slot.control is control and seq > slot.appliedSeq:
+                slot.configText, slot.appliedSeq = text, seq
             return response["ok"], response["applied"], list(response["errors"])
 
-        d.addCallback(answer)
-        d.addErrback(lambda f: (False, False, [f.getErrorMessage()]))
-        return d
+        def failed(failure) -> Tuple[bool, bool, List[str]]:
+            if failure.check(defer.TimeoutError) is None:
+                return False, False, [failure.getErrorMessage()]
+            # It may still apply the text, unheard: what it runs is unknown until it answers another.
+            if slot.control is control:
+                slot.configText, slot.appliedSeq = None, seq
+            return False, False, [f"no answer to the reload in {RELOAD_TIMEOUT:g} seconds"]
 
-    def _converge(self) -> None:
+        return d.addCallback(answer).addErrback(failed)
+
+    def _converge(self) -> defer.Deferred:
         """
         Send the applied text to every running worker that runs another: one that applied a reload the
         others refused (it goes back), or one started while a reload was under way (it goes forward).
+
+        @return: a Deferred firing when every worker sent the text answered; never failing.
         """
+        sent = []
         for slot in self.slots:
             if slot.control is None or slot.configText == self.configText:
                 continue
@@ -639,7 +674,8 @@ class Supervisor(service.MultiService):
                     self.log.error("worker {index} cannot run the configuration in effect:\n{errors}",
                                    index=slot.index, errors="\n".join(result[2]))
 
-            self._sendText(slot, self.configText, self.config.file).addCallback(done)
+            sent.append(self._sendText(slot, self.configText, self.config.file).addCallback(done))
+        return defer.gatherResults(sent)
 
     def _reloaded(self, result: ReloadResult) -> ReloadResult:
         self.lastReload = result
