@@ -87,7 +87,9 @@ class IFilterContext(Interface):
     reactor = Attribute("The reactor: L{IReactorTime} and friends. Tests pass a L{Clock}-based one.")
     stats = Attribute("The L{twistedmesh.observability.stats.StatsStore}.")
     random = Attribute("A L{random.Random}, seeded in tests.")
-    clusters = Attribute("A mapping from cluster name to L{twistedmesh.upstream.cluster.Cluster}.")
+    clusters = Attribute("A mapping from cluster name to L{twistedmesh.upstream.cluster.Cluster}. It is live: "
+                         "a reload or a CDS update changes it in place, so look a cluster up when a stream "
+                         "or connection starts rather than keeping one from configure().")
     listener = Attribute("The listener config the filter is built for.")
     routes = Attribute(
         "The listener's compiled route table (L{twistedmesh.http.routes.RouteTable}; C{match(stream)} "
