@@ -13,6 +13,7 @@ from typing import List
 import treq
 from twisted.internet import defer, error, reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import Logger
@@ -28,6 +29,7 @@ from twistedmesh.observability.export import (
     buildExporter,
     encodeOTLP,
     encodeZipkin,
+    treqPost,
 )
 from twistedmesh.observability.stats import StatsStore
 from twistedmesh.observability.tracing import Span, SpanRecorder
@@ -776,3 +778,86 @@ tracing.service_name = {name}
         yield waitFor(lambda: failed.value == 3, 5, "three failed reports")
         self.assertEqual(a.stats.get("tracing.zipkin.spans_sent").value, 0)
         self.assertEqual(collector.reports, [])
+
+
+class _BadCollector(Protocol):
+    """
+    Answers a report with a 200 head and then either stalls mid-body or sends a body without end.
+    """
+
+    def __init__(self, endless: bool) -> None:
+        self.endless = endless
+        self.head = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.head is None:
+            return
+        self.head += data
+        if b"\r\n\r\n" not in self.head:
+            return
+        self.head = None
+        if self.endless:
+            self.transport.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            self.transport.registerProducer(_Endless(self.transport), True)
+        else:
+            self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nab")
+
+
+class _Endless:
+    def __init__(self, transport) -> None:
+        self.transport = transport
+        self.paused = False
+        reactor.callLater(0, self.resumeProducing)
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        while not self.paused and self.transport.connected:
+            self.transport.write(b"4000\r\n" + b"x" * 0x4000 + b"\r\n")
+            if not self.paused:
+                reactor.callLater(0, self.resumeProducing)
+                return
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def stopProducing(self) -> None:
+        self.paused = True
+
+
+class CollectorAnswerTests(unittest.TestCase):
+    """
+    The whole report exchange is bounded: a collector that stalls in its answer's body, or sends one that
+    never ends, cannot hold a report slot (and the exporter's close()) for ever, nor make the proxy read
+    without end.
+    """
+
+    @defer.inlineCallbacks
+    def post(self, endless: bool):
+        factory = Factory.forProtocol(lambda: _BadCollector(endless))
+        listening = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        self.addCleanup(listening.stopListening)
+        post, closePool = treqPost(reactor, 0.5)
+        self.addCleanup(closePool)
+        url = f"http://127.0.0.1:{listening.getHost().port}/api/v2/spans"
+        # A failure comes back as its exception, a success as the status code.
+        result = yield post(url, b"[]").addErrback(lambda f: f.value)
+        return result
+
+    @defer.inlineCallbacks
+    def test_stalledBody(self):
+        """
+        A 200 head, then nothing: the post fails with a timeout instead of waiting for the rest.
+        """
+        result = yield self.post(endless=False)
+        self.assertIsInstance(result, defer.TimeoutError)
+
+    @defer.inlineCallbacks
+    def test_endlessBody(self):
+        """
+        A body without end: the connection is closed once more than MAX_ANSWER_BODY came, and the status
+        counts.
+        """
+        result = yield self.post(endless=True)
+        self.assertEqual(result, 200)
+
+    test_stalledBody.timeout = test_endlessBody.timeout = 10  # type: ignore[attr-defined]

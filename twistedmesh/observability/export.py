@@ -20,8 +20,8 @@ import json
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
 
-import treq
 from treq.client import HTTPClient
+from twisted.internet.protocol import Protocol
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -31,6 +31,9 @@ from .tracing import Span
 
 #: Reports outstanding at once; while that many are, spans wait in the queue (bounded) for their turn.
 MAX_IN_FLIGHT = 2
+#: A collector's answer body is read (so the connection can be reused) and dropped; past this much, the
+#: connection is closed instead: a collector must not be able to make the proxy read forever.
+MAX_ANSWER_BODY = 64 * 1024
 #: OTLP's C{SPAN_KIND_SERVER} and C{STATUS_CODE_ERROR}.
 OTLP_KIND_SERVER = 2
 OTLP_STATUS_ERROR = 2
@@ -129,7 +132,9 @@ class _QuietClientFactory(_HTTP11ClientFactory):
 def treqPost(reactor: Any, timeout: float) -> "tuple[PostFunction, Callable[[], Deferred]]":
     """
     A function posting a JSON body with treq on its own connection pool (its Deferred fires with the
-    answer's status code once the answer's body is read, or fails), and one closing the pool's connections.
+    answer's status code once the answer's body is read and dropped, or fails), and one closing the pool's
+    connections. C{timeout} bounds the whole exchange, the answer's body included (treq's own timeout
+    stops at the answer's head): a collector that stalls mid-answer cannot hold a report slot for ever.
     """
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool._factory = _QuietClientFactory
@@ -139,11 +144,42 @@ def treqPost(reactor: Any, timeout: float) -> "tuple[PostFunction, Callable[[], 
 
     def post(url: str, body: bytes) -> "Deferred[int]":
         d = client.post(url, data=body, headers=headers, timeout=timeout, reactor=reactor)
-        # Reading the body lets the connection go back to the pool.
-        d.addCallback(lambda response: treq.content(response).addCallback(lambda _: response.code))
+        d.addCallback(_dropBody)
+        d.addTimeout(timeout, reactor)
         return d
 
     return post, pool.closeCachedConnections
+
+
+class _DropBody(Protocol):
+    """
+    Reads an answer's body and drops it (reading it lets the connection go back to the pool); closes the
+    connection past L{MAX_ANSWER_BODY} or when cancelled (a timeout). C{done} fires with the status code.
+    """
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+        self.seen = 0
+        self.done: Deferred = Deferred(lambda d: self._abort())
+
+    def dataReceived(self, data: bytes) -> None:
+        self.seen += len(data)
+        if self.seen > MAX_ANSWER_BODY:
+            self._abort()
+
+    def _abort(self) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()  # closes the connection
+
+    def connectionLost(self, reason) -> None:
+        if not self.done.called:
+            self.done.callback(self.code)
+
+
+def _dropBody(response) -> Deferred:
+    drop = _DropBody(response.code)
+    response.deliverBody(drop)
+    return drop.done
 
 
 class ExporterStats:
@@ -298,7 +334,7 @@ class SpanExporter:
     def close(self) -> Deferred:
         """
         Stop the timer and send everything queued; the Deferred fires (never fails) once every report is
-        answered (each is bounded by the post's own timeout) and the pool's idle connections are closed.
+        answered (each is bounded by C{tracing.timeout}, body included) and the pool's idle connections are closed.
         """
         if self._timer is not None:
             self._timer.cancel()
