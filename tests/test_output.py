@@ -101,6 +101,27 @@ class OutputTests(SynchronousTestCase):
         self.assertEqual((downT.calls, upT.calls), ([[b"response"]], [[b"request"]]))
         self.assertEqual((down.corks, up.corks, down.held), (0, 0, []))
 
+    def test_heldReleasedWhenSendRaises(self) -> None:
+        """
+        If sending what the holder collected raises, the outputs it held are uncorked all the same (and
+        send what they collected): one broken write must not silence another connection.
+        """
+
+        class Broken(CountingTransport):
+            def writeSequence(self, seq) -> None:
+                raise TypeError("data must not be str")
+
+            write = writeSequence
+
+        upT = CountingTransport()
+        down, up = Output(Broken()), Output(upT)
+        down.cork()
+        down.hold(up)
+        up.write(b"request")
+        down.write(b"response")
+        self.assertRaises(TypeError, down.uncork)
+        self.assertEqual((up.corks, upT.calls), (0, [[b"request"]]))
+
     def test_holdUncorked(self) -> None:
         """
         Holding does nothing when the holder is not corked: the other output keeps writing at once.

@@ -142,13 +142,17 @@ class Output:
         corks = self.corks = self.corks - 1
         if not corks:
             pending = self.pending
-            if pending:
-                self.pending = []
-                sendNow(self.transport, pending)
-            if self.held:
-                held, self.held = self.held, []
-                for output in held:
-                    output.uncork()
+            try:
+                if pending:
+                    self.pending = []
+                    sendNow(self.transport, pending)
+            finally:
+                # Whatever the send did (a transport raising on a str, say), the outputs this one held
+                # must not stay corked: their connections would never write again.
+                if self.held:
+                    held, self.held = self.held, []
+                    for output in held:
+                        output.uncork()
 
     def hold(self, other: "Output") -> None:
         """
