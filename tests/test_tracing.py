@@ -174,6 +174,22 @@ class PropagateTests(unittest.TestCase):
         self.assertEqual(context, TraceContext(SEED1_TRACE, SEED1_SPAN, None, False, FORMAT_W3C))
         self.assertEqual(headers[1], (b"traceparent", b"00-" + SEED1_TRACE + b"-" + SEED1_SPAN + b"-00"))
 
+    def test_notTracedSkipsTheScan(self):
+        """
+        C{traced=False} (the caller saw no trace field) gives the same context and fields as a scan that
+        finds none; it is taken at its word, so a trace field it missed is not read (the scan is skipped).
+        """
+        for rate in (0.0, 1.0):
+            scanned = [(b"accept", b"*/*")]
+            told = [(b"accept", b"*/*")]
+            self.assertEqual(propagate(told, random.Random(1), rate, False),
+                             propagate(scanned, random.Random(1), rate))
+            self.assertEqual(told, scanned)
+        headers = [(b"traceparent", TP)]
+        context = propagate(headers, random.Random(1), 1.0, False)
+        self.assertEqual((context.traceId, context.parentId), (SEED1_TRACE, None))
+        self.assertEqual(headers[0], (b"traceparent", TP))
+
     def test_zeroIdsDrawnAgain(self):
         """
         An all-zero trace or span id is invalid: that id is drawn again, and the other kept.

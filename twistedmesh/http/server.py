@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from . import h1
-from ..observability.tracing import propagate
+from ..observability.tracing import TRACE_FIELDS, propagate
 from .output import Output
 from .stream import Stream
 from .xfcc import XFCC_ADDS, forwardedClientCert
@@ -37,9 +37,10 @@ def newRequestId(random) -> bytes:
     return b"%s-%s-4%s-%c%s-%s" % (h[:8], h[8:12], h[13:16], b"89ab"[h[16] & 3], h[17:20], h[20:])
 
 _NO_BODY_STATUSES = frozenset((204, 304))
-# The request fields the connection manager itself looks at (requestHead); all others pass untouched.
+# The request fields the connection manager itself looks at (requestHead); all others pass untouched. The
+# trace context fields are only noted, so that propagate() need not look for them again.
 _MANAGED = frozenset([b"host", b"x-forwarded-client-cert", b"x-forwarded-for", b"x-forwarded-proto", b"expect",
-                      b"x-request-id"])
+                      b"x-request-id"]) | TRACE_FIELDS
 
 
 class HTTPSettings:
@@ -320,6 +321,7 @@ class HTTPConnection(protocol.Protocol):
         peerHost = self.peerHost
         xff = False
         requestId = False
+        traced = False  # whether any trace context field came in
         xfcc = None  # incoming x-forwarded-client-cert values, when there are any
         for field in h1.stripHopByHop(headers):
             name = field[0]
@@ -345,6 +347,8 @@ class HTTPConnection(protocol.Protocol):
             else:
                 if name == b"x-request-id":
                     requestId = True
+                elif name in TRACE_FIELDS:
+                    traced = True
                 kept.append(field)
         if not xff and peerHost:
             kept.append((b"x-forwarded-for", peerHost))
@@ -355,7 +359,7 @@ class HTTPConnection(protocol.Protocol):
         if not requestId:
             kept.append((b"x-request-id", newRequestId(settings.random)))
         if settings.traceSampleRate is not None:
-            stream.state["trace"] = propagate(kept, settings.random, settings.traceSampleRate)
+            stream.state["trace"] = propagate(kept, settings.random, settings.traceSampleRate, traced)
         connect = False
         if upgrade:
             if method == b"CONNECT":

@@ -54,10 +54,13 @@ FORMAT_B3_MULTI = "b3multi"
 
 TRACESTATE_MAX = 512
 
-_NAMES = frozenset((TRACEPARENT, TRACESTATE, B3, X_B3_TRACEID, X_B3_SPANID, X_B3_PARENTSPANID, X_B3_SAMPLED,
-                    X_B3_FLAGS))
+# Every field that carries a trace context; a caller that looks at each name anyway can tell propagate()
+# that none came in.
+TRACE_FIELDS = frozenset((TRACEPARENT, TRACESTATE, B3, X_B3_TRACEID, X_B3_SPANID, X_B3_PARENTSPANID, X_B3_SAMPLED,
+                          X_B3_FLAGS))
+_NAMES = TRACE_FIELDS
 _MULTI = (X_B3_TRACEID, X_B3_SPANID, X_B3_PARENTSPANID, X_B3_SAMPLED, X_B3_FLAGS)
-_LOW128 = (1 << 128) - 1
+_newContext = object.__new__
 _HEX = b"0123456789abcdef"
 _HEX_DASH = b"0123456789abcdef-"
 _ODD = b"13579bdf"  # last hex digit of a flags byte with bit 0 (sampled) set
@@ -243,7 +246,7 @@ def _newTraceId(random) -> bytes:
     return b"%032x" % bits
 
 
-def propagate(headers: Headers, random, sampleRate: float) -> TraceContext:
+def propagate(headers: Headers, random, sampleRate: float, traced: bool = True) -> TraceContext:
     """
     Read the incoming trace context from C{headers}, make the proxy's span its child, decide sampling
     (an incoming decision wins; else C{random.random() < sampleRate}), and rewrite C{headers} in place for
@@ -253,29 +256,38 @@ def propagate(headers: Headers, random, sampleRate: float) -> TraceContext:
         replaced, removed or appended; the other tuples stay where and what they are).
     @param random: a L{random.Random}-like source (C{getrandbits}, C{random}).
     @param sampleRate: the probability, from 0 to 1, of sampling a request with no incoming decision.
+    @param traced: False when the caller already knows that no field named in L{TRACE_FIELDS} is among
+        C{headers} (a connection manager that looked at every name anyway): the scan for them is skipped.
     @return: the proxy's trace context.
     """
     # The common case first: no trace field came in. One pass that allocates nothing, then a new trace
     # whose ids go upstream whether or not it is sampled (as Envoy does): an unsampled request still
     # carries the decision, and the ids to hang it on, so that services behind the proxy do not sample it.
-    for field in headers:
-        if field[0] in _NAMES:
-            break
-    else:
-        # One draw of 192 bits is the trace id's 128 (low bits) then the span id's 64: the same numbers
-        # as two draws, for the price of one call, and one hex conversion for both.
-        bits = random.getrandbits(192)
-        if bits & _LOW128 and bits >> 128:
-            ids = _hexlify(bits.to_bytes(24, "big"))  # span id's 16 digits, then the trace id's 32
-            traceId = ids[16:]
-            spanId = ids[:16]
-        else:  # an all-zero id (one chance in 2**64) is invalid: draw that one again
-            traceId = b"%032x" % (bits & _LOW128) if bits & _LOW128 else _newTraceId(random)
-            spanId = b"%016x" % (bits >> 128) if bits >> 128 else _newSpanId(random)
-        sampled = sampleRate >= 1.0 or (sampleRate > 0.0 and random.random() < sampleRate)
-        headers.append((TRACEPARENT, b"00-%s-%s-%s" % (traceId, spanId, b"01" if sampled else b"00")))
-        return TraceContext(traceId, spanId, None, sampled, FORMAT_W3C)
-    return _propagateFound(headers, [i for i, f in enumerate(headers) if f[0] in _NAMES], random, sampleRate)
+    if traced:
+        for field in headers:
+            if field[0] in _NAMES:
+                return _propagateFound(headers, [i for i, f in enumerate(headers) if f[0] in _NAMES], random,
+                                       sampleRate)
+    # One draw of 192 bits is the trace id's 128 (low bits) then the span id's 64: the same numbers as two
+    # draws, for the price of one call, and one hex conversion for both.
+    ids = _hexlify(random.getrandbits(192).to_bytes(24, "big"))  # span id's 16 digits, then the trace id's 32
+    traceId = ids[16:]
+    spanId = ids[:16]
+    if traceId == _ZERO32:  # an all-zero id (one chance in 2**64) is invalid: draw that one again
+        traceId = _newTraceId(random)
+    if spanId == _ZERO16:
+        spanId = _newSpanId(random)
+    sampled = sampleRate >= 1.0 or (sampleRate > 0.0 and random.random() < sampleRate)
+    headers.append((TRACEPARENT, b"".join((b"00-", traceId, b"-", spanId, b"-01" if sampled else b"-00"))))
+    # Filled in place rather than through __init__: a third cheaper on this path, taken by most requests.
+    context = _newContext(TraceContext)
+    context.traceId = traceId
+    context.spanId = spanId
+    context.parentId = None
+    context.sampled = sampled
+    context.format = FORMAT_W3C
+    context.debug = False
+    return context
 
 
 def _propagateFound(headers: Headers, found: List[int], random, sampleRate: float) -> TraceContext:
