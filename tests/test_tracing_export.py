@@ -113,6 +113,21 @@ class RecorderTests(unittest.TestCase):
         self.assertEqual(span.remote, ("10.1.2.3", 5555))
         self.assertEqual(span.name, "ingress")
 
+    def test_longTagsCut(self):
+        """
+        C{http.url} and C{user_agent}, which a client chooses, are cut at MAX_TAG_LENGTH characters.
+        """
+        from twistedmesh.observability.tracing import MAX_TAG_LENGTH
+        Held.streams = []
+        proto, t, clock, spans = self.h1(Held)
+        proto.dataReceived(b"GET /" + b"p" * 5000 + b" HTTP/1.1\r\nHost: api.example\r\nUser-Agent: " + b"u" * 5000
+                           + b"\r\n\r\n")
+        Held.streams[0].respond(200)
+        [span] = spans
+        found = tags(span)
+        self.assertEqual(found["http.url"], ("http://api.example/" + "p" * 5000)[:MAX_TAG_LENGTH])
+        self.assertEqual(found["user_agent"], "u" * MAX_TAG_LENGTH)
+
     def test_parentIdIsWhatWentUpstream(self):
         """
         The span's id is the one the upstream sees as its parent in C{traceparent}.

@@ -478,6 +478,11 @@ def _text(value: bytes) -> str:
     return value.decode("utf-8", "backslashreplace")
 
 
+#: The longest C{http.url} and C{user_agent} tag kept (Envoy cuts the path tag at 256 characters too): a client
+#: controls both, and may force sampling with an incoming trace flag.
+MAX_TAG_LENGTH = 256
+
+
 class SpanRecorder:
     """
     What a listener's connection manager tells of each finished stream (C{log(stream, endTime)}, the
@@ -525,6 +530,8 @@ class SpanRecorder:
         method = _text(stream.method)
         authority = stream.authority
         url = "%s://%s%s" % (_text(stream.scheme or b"http"), _text(authority), _text(stream.path))
+        if len(url) > MAX_TAG_LENGTH:
+            url = url[:MAX_TAG_LENGTH]  # clients choose these (and can ask for sampling): keep spans small
         version = stream.version
         requestId = userAgent = None
         for name, value in stream.requestHeaders:
@@ -558,7 +565,7 @@ class SpanRecorder:
         if peerText is not None:
             tags.append(("peer.address", peerText))
         tags.append(("guid:x-request-id", requestId or "-"))
-        tags.append(("user_agent", userAgent or "-"))
+        tags.append(("user_agent", userAgent[:MAX_TAG_LENGTH] if userAgent else "-"))
         tags.append(("request_size", str(stream.bytesReceived)))
         tags.append(("response_size", str(stream.bytesSent)))
         if error:
