@@ -35,20 +35,10 @@ from twistedmesh.service import MeshService
 from twistedmesh.upstream.http1 import UpstreamConnection
 from twistedmesh.upstream.http2 import H2UpstreamConnection
 
-CONFIG = """
-[mesh]
-admin = off
-[listener:web]
-endpoint = tcp:0
-protocol = http
-routes = main
-[route:main/all]
-prefix = /
-cluster = origin
-[cluster:origin]
-endpoints = tcp:127.0.0.1:1
-protocol = {protocol}
-"""
+import hotpath
+
+# hotpath.py's configuration (this script's directory is on sys.path), its cluster speaking {protocol}.
+CONFIG = hotpath.CONFIG + "protocol = {protocol}\n"
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 REQUEST = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"bench.local"), (b":path", b"/index.html"),

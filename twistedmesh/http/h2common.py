@@ -43,6 +43,16 @@ FIELD_VALUE_BYTES = bytes(b for b in range(256) if b not in (0, 10, 13))
 _OWS = (32, 9)
 
 
+def finalStatus(value: bytes) -> int:
+    """
+    The final status an HTTP/2 C{:status} field carries, or 0 when it is not exactly three ASCII digits from
+    200 to 599 (h2 does not check the value; 1xx heads it hands over apart, as informational responses).
+    """
+    if len(value) == 3 and value.isdigit() and 50 <= value[0] <= 53:
+        return int(value)
+    return 0
+
+
 def badField(name: bytes, value: bytes) -> bool:
     """
     Whether a regular (not pseudo) field received in HTTP/2 makes its message malformed: an invalid or

@@ -76,6 +76,7 @@ from zope.interface import implementer
 
 from ..config.health import HealthConfig
 from ..http import h1
+from ..http.h2common import finalStatus
 
 if TYPE_CHECKING:
     from .cluster import Cluster, Host
@@ -104,16 +105,6 @@ _CONTROL_LIMIT = 1000
 # The last client stream id HTTP/2 allows (2**31 - 1): a reused connection that got there is replaced.
 _LAST_STREAM_ID = 0x7FFFFFFF
 _NO_ERROR = ErrorCodes.NO_ERROR
-
-
-def finalStatus(value: bytes) -> int:
-    """
-    The final status an HTTP/2 C{:status} field carries, or 0 when it is not exactly three ASCII digits from
-    200 to 599 (h2 does not check the value; 1xx heads it hands over apart, as informational responses).
-    """
-    if len(value) == 3 and value.isdigit() and 50 <= value[0] <= 53:
-        return int(value)
-    return 0
 
 
 class _ControlFlood(Exception):

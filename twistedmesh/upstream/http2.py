@@ -88,7 +88,7 @@ from zope.interface import implementer
 
 from ..config.model import HTTP2ClusterConfig
 from ..http import h2common
-from ..http.h2common import badField, withoutConnectionFields
+from ..http.h2common import badField, finalStatus, withoutConnectionFields
 from .accounting import PoolAccounting
 
 _CANCEL = ErrorCodes.CANCEL
@@ -605,9 +605,8 @@ class H2UpstreamConnection(protocol.Protocol):
                 if name != b":status" or status or headers:
                     self._malformedResponse(s, "invalid pseudo-header")
                     return
-                if len(value) == 3 and value.isdigit() and 50 <= value[0] <= 53:
-                    status = int(value)
-                else:
+                status = finalStatus(value)
+                if not status:
                     break
             elif badField(name, value):
                 self._malformedResponse(s, "invalid header field")
