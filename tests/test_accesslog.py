@@ -76,9 +76,13 @@ def render(fmt: str, stream=None, end: float = END, protocol: str = "http") -> s
     """
     C{fmt} compiled and rendered for C{stream} (the example stream by default), without the newline.
     """
-    line = compileFormat(fmt, protocol).render(stream if stream is not None else makeStream(), end)
-    assert line.endswith("\n")
-    return line[:-1]
+    compiled = compileFormat(fmt, protocol)
+    record = stream if stream is not None else makeStream()
+    line = compiled.render(record, end)
+    assert line.endswith(b"\n")
+    text = compiled.text(record, end)
+    assert line == text.encode(), (line, text)  # the bytes written are the text line
+    return text[:-1]
 
 
 def config(**items) -> AccessLogConfig:
@@ -100,8 +104,8 @@ class DefaultFormatTests(unittest.TestCase):
         """
         self.assertEqual(
             compileFormat(DEFAULT_FORMAT).render(makeStream(), END),
-            '[2016-04-15T20:17:00.310Z] "POST /api/v1/locations HTTP/1.1" 204 - 154 0 226 100 "10.0.35.28" '
-            '"nsq2http" "cc21d9b0-cf5c-432b-8c7e-98aeb7988cd2" "locations" "10.0.2.1:80"\n',
+            b'[2016-04-15T20:17:00.310Z] "POST /api/v1/locations HTTP/1.1" 204 - 154 0 226 100 "10.0.35.28" '
+            b'"nsq2http" "cc21d9b0-cf5c-432b-8c7e-98aeb7988cd2" "locations" "10.0.2.1:80"\n',
         )
 
     def test_unsetFields(self):
@@ -113,7 +117,7 @@ class DefaultFormatTests(unittest.TestCase):
         s.responseFlags.append("DPE")
         self.assertEqual(
             compileFormat(DEFAULT_FORMAT).render(s, START),
-            '[2016-04-15T20:17:00.310Z] "- - HTTP/1.1" 400 DPE 0 0 0 - "-" "-" "-" "-" "-"\n',
+            b'[2016-04-15T20:17:00.310Z] "- - HTTP/1.1" 400 DPE 0 0 0 - "-" "-" "-" "-" "-"\n',
         )
 
     def test_tcp(self):
@@ -124,7 +128,7 @@ class DefaultFormatTests(unittest.TestCase):
                                  bytesSent=34, upstreamHost=Host("tcp:10.0.2.1:5432", None, 1))
         self.assertEqual(
             compileFormat(DEFAULT_FORMAT, "tcp").render(record, 2.5),
-            '[1970-01-01T00:00:01.000Z] "- - -" 0 - 12 34 1500 - "-" "-" "-" "-" "10.0.2.1:5432"\n',
+            b'[1970-01-01T00:00:01.000Z] "- - -" 0 - 12 34 1500 - "-" "-" "-" "-" "10.0.2.1:5432"\n',
         )
 
 
@@ -170,9 +174,9 @@ class StartTimeTests(unittest.TestCase):
         The per-second cache is refreshed when the second changes.
         """
         fmt = compileFormat("%START_TIME%")
-        self.assertEqual(fmt.render(makeStream(startTime=10.5), 11), "1970-01-01T00:00:10.500Z\n")
-        self.assertEqual(fmt.render(makeStream(startTime=11.25), 12), "1970-01-01T00:00:11.250Z\n")
-        self.assertEqual(fmt.render(makeStream(startTime=10.75), 12), "1970-01-01T00:00:10.750Z\n")
+        self.assertEqual(fmt.render(makeStream(startTime=10.5), 11), b"1970-01-01T00:00:10.500Z\n")
+        self.assertEqual(fmt.render(makeStream(startTime=11.25), 12), b"1970-01-01T00:00:11.250Z\n")
+        self.assertEqual(fmt.render(makeStream(startTime=10.75), 12), b"1970-01-01T00:00:10.750Z\n")
 
 
 class HeaderOperatorTests(unittest.TestCase):
@@ -411,7 +415,7 @@ class FieldOperatorTests(unittest.TestCase):
         Text between operators is kept, and C{%%} is a literal C{%}.
         """
         self.assertEqual(render("100%% [%RESPONSE_CODE%]%%"), "100% [204]%")
-        self.assertEqual(compileFormat("no operators").render(None, 0), "no operators\n")
+        self.assertEqual(compileFormat("no operators").render(None, 0), b"no operators\n")
 
 
 class CompileErrorTests(unittest.TestCase):
@@ -494,8 +498,8 @@ class JSONTests(unittest.TestCase):
         The JSON object rendered for C{fields}, checking it is one line.
         """
         text = compileJSONFormat(fields, protocol).render(stream if stream is not None else makeStream(), END)
-        self.assertTrue(text.endswith("}\n"))
-        self.assertNotIn("\n", text[:-1])
+        self.assertTrue(text.endswith(b"}\n"))
+        self.assertNotIn(b"\n", text[:-1])
         return json.loads(text)
 
     def test_types(self):
@@ -523,7 +527,7 @@ class JSONTests(unittest.TestCase):
         Keys come out in the configured order.
         """
         text = compileJSONFormat([("z", "%DURATION%"), ("a", "%RESPONSE_CODE%")]).render(makeStream(), END)
-        self.assertEqual(text, '{"z":226,"a":204}\n')
+        self.assertEqual(text, b'{"z":226,"a":204}\n')
 
     def test_escaping(self):
         """
@@ -623,7 +627,7 @@ class FilterTests(unittest.TestCase):
         """
         logger = AccessLogger(config(status=("5xx",), flags=("UF",)), Clock(), reactor, sink=MemorySink())
         rendered = []
-        logger._renderHTTP = lambda s, e: rendered.append(s) or "x\n"
+        logger._renderHTTP = lambda s, e: rendered.append(s) or b"x\n"
         logger.log(makeStream(status=200), END)
         logger.log(makeStream(status=503), END)
         self.assertEqual(rendered, [])
@@ -637,7 +641,7 @@ class FilterTests(unittest.TestCase):
         logger.logTCP(TCPAccessRecord("db", None, 1.0), 2.0)
         logger.logTCP(TCPAccessRecord("db", None, 1.0, responseFlags=["UF"]), 2.0)
         self.assertEqual(len(sink.lines), 1)
-        self.assertIn(" UF ", sink.lines[0])
+        self.assertIn(b" UF ", sink.lines[0])
 
 
 class LoggerTests(unittest.TestCase):
@@ -654,7 +658,7 @@ class LoggerTests(unittest.TestCase):
                               sink=sink)
         logger.log(makeStream(bytesSent=5), END)
         logger.logTCP(TCPAccessRecord("db", None, 1.0, bytesSent=9), 2.0)
-        self.assertEqual(sink.lines, ["POST 204 5\n", "- 0 9\n"])
+        self.assertEqual(sink.lines, [b"POST 204 5\n", b"- 0 9\n"])
 
     def test_brokenGetterCostsOneLine(self):
         """
@@ -709,8 +713,8 @@ class FileSinkTests(unittest.TestCase):
         Lines wait in memory until the flush timer fires, then the thread writes them.
         """
         sink = self.sink(flushInterval=1.0)
-        sink.write("a\n")
-        sink.write("b\n")
+        sink.write(b"a\n")
+        sink.write(b"b\n")
         self.clock.advance(0.9)
         self.assertEqual((sink.pending, self.contents()), (2, ""))
         self.clock.advance(0.1)
@@ -722,7 +726,7 @@ class FileSinkTests(unittest.TestCase):
         A full batch is handed off at once, whatever the timer.
         """
         sink = self.sink(batchLines=3)
-        for line in ("1\n", "2\n", "3\n"):
+        for line in (b"1\n", b"2\n", b"3\n"):
             sink.write(line)
         self.assertEqual((sink.pending, sink.queued), (0, 3))
         return sink.flush().addCallback(lambda _: self.assertEqual(self.contents(), "1\n2\n3\n"))
@@ -732,7 +736,7 @@ class FileSinkTests(unittest.TestCase):
         L{FileSink.flush} fires once what was written before it is in the file.
         """
         sink = self.sink()
-        sink.write("caf\u00e9\n")
+        sink.write("caf\u00e9\n".encode())
         return sink.flush().addCallback(lambda _: self.assertEqual(self.contents(), "caf\u00e9\n"))
 
     def test_close(self):
@@ -741,9 +745,9 @@ class FileSinkTests(unittest.TestCase):
         """
         dropped = Counter("access_log.dropped", "access_log_dropped", ())
         sink = self.sink(dropped=dropped)
-        sink.write("last\n")
+        sink.write(b"last\n")
         first, second = sink.close(), sink.close()
-        sink.write("too late\n")
+        sink.write(b"too late\n")
         self.assertEqual(dropped.value, 1)
 
         def closed(_):
@@ -760,16 +764,16 @@ class FileSinkTests(unittest.TestCase):
         reopen still go to the old file.
         """
         sink = self.sink()
-        sink.write("before rename\n")
+        sink.write(b"before rename\n")
         d = sink.flush()
 
         def rotate(_):
             os.rename(self.path, self.path + ".1")
-            sink.write("before reopen\n")
+            sink.write(b"before reopen\n")
             return sink.reopen()
 
         def reopened(_):
-            sink.write("after reopen\n")
+            sink.write(b"after reopen\n")
             return sink.flush()
 
         def check(_):
@@ -792,7 +796,7 @@ class FileSinkTests(unittest.TestCase):
             pass  # a file where the directory was: opening base/access.log fails
 
         def reopened(_):
-            sink.write("still here\n")
+            sink.write(b"still here\n")
             return sink.flush()
 
         def check(_):
@@ -807,7 +811,7 @@ class FileSinkTests(unittest.TestCase):
         """
         dropped = Counter("access_log.dropped", "access_log_dropped", ())
         sink = self.sink(batchLines=2, maxQueuedLines=3, dropped=dropped)
-        for line in ("1\n", "2\n", "3\n", "4\n"):
+        for line in (b"1\n", b"2\n", b"3\n", b"4\n"):
             sink.write(line)
         # The writer reports back through the reactor, which has not run: lines 1-2 still count as queued.
         self.assertEqual((sink.queued, dropped.value), (2, 2))
@@ -815,7 +819,7 @@ class FileSinkTests(unittest.TestCase):
         def check(_):
             self.assertEqual(self.contents(), "1\n2\n")
             self.assertEqual(sink.queued, 0)
-            sink.write("5\n")
+            sink.write(b"5\n")
             return sink.flush().addCallback(lambda _: self.assertEqual(self.contents(), "1\n2\n5\n"))
 
         return sink.flush().addCallback(check)
@@ -846,7 +850,7 @@ class FileSinkTests(unittest.TestCase):
         a, b = sinks.get(path, 2.0), sinks.get(path, 0.5)
         self.assertIs(a, b)
         self.assertEqual(a.flushInterval, 0.5)
-        a.write("x\n")
+        a.write(b"x\n")
         return sinks.close().addCallback(lambda _: self.assertEqual(self.contents(path), "x\n"))
 
 
@@ -1025,12 +1029,16 @@ class CompiledFunctionTests(unittest.TestCase):
         """
         fmt = compileFormat(self.TEXT)
         for record in self.records():
-            self.assertEqual(fmt.render(record, END), byGetters(fmt, record, END))
+            expected = byGetters(fmt, record, END)
+            self.assertEqual(fmt.text(record, END), expected)
+            self.assertEqual(fmt.render(record, END), expected.encode())
         tcp = compileFormat(self.TEXT, "tcp")
         for record in (TCPAccessRecord("db", IPv4Address("TCP", "10.0.0.9", 4000), START, 10, 20,
                                        Host("tcp:10.1.1.1:5432", None, 1), None, ["UF"], "idle timeout"),
                        TCPAccessRecord("db", None, START)):
-            self.assertEqual(tcp.render(record, END), byGetters(tcp, record, END))
+            expected = byGetters(tcp, record, END)
+            self.assertEqual(tcp.text(record, END), expected)
+            self.assertEqual(tcp.render(record, END), expected.encode())
 
     def test_jsonMatchesGetters(self):
         """
@@ -1044,7 +1052,8 @@ class CompiledFunctionTests(unittest.TestCase):
         fmt = compileJSONFormat(fields)
         for record in self.records():
             line = fmt.render(record, END)
-            self.assertEqual(line, byGetters(fmt, record, END))
+            self.assertEqual(line, byGetters(fmt, record, END).encode())
+            self.assertEqual(fmt.text(record, END), byGetters(fmt, record, END))
             json.loads(line)
 
     def test_defaultFormatInlined(self):
@@ -1053,8 +1062,9 @@ class CompiledFunctionTests(unittest.TestCase):
         scans the request headers once for its four header operators.
         """
         source = compileFormat(DEFAULT_FORMAT).source
-        # Two functions: the strict-UTF-8 one, and the one it falls back on for other bytes.
+        # Two functions: the bytes one, and the text one it falls back on for a line that is not ASCII.
         self.assertEqual(source.count("def "), 2)
+        self.assertNotIn("decode()", source)  # the bytes one decodes nothing
         self.assertEqual(len(set(re.findall(r"(c[0-9]+)\(r, e\)", source))), 1)
         self.assertEqual(source.count("in r.requestHeaders"), 2)
         self.assertEqual(source.count("in r.responseHeaders"), 2)
@@ -1065,8 +1075,34 @@ class CompiledFunctionTests(unittest.TestCase):
         """
         fmt = compileFormat('%REQ(USER-AGENT)% %REQ(X-NOPE)% "%REQ(:PATH)%" %RESPONSE_CODE%')
         s = makeStream(requestHeaders=[(b"user-agent", b"caf\xc3\xa9 \xff")], path=b"/\xfe")
-        self.assertEqual(fmt.render(s, END), 'caf\u00e9 \\xff - "/\\xfe" 204\n')
-        self.assertEqual(fmt.render(makeStream(), END), 'nsq2http - "/api/v1/locations" 204\n')
+        self.assertEqual(fmt.render(s, END), 'caf\u00e9 \\xff - "/\\xfe" 204\n'.encode())
+        self.assertEqual(fmt.render(makeStream(), END), b'nsq2http - "/api/v1/locations" 204\n')
+        # UTF-8 that is not ASCII is written as it came.
+        s = makeStream(requestHeaders=[(b"user-agent", b"caf\xc3\xa9")])
+        self.assertEqual(fmt.render(s, END), b'caf\xc3\xa9 - "/api/v1/locations" 204\n')
+
+    def test_truncationNotASCII(self):
+        """
+        A cut counts characters, not bytes, even through the cut in the middle of a UTF-8 sequence.
+        """
+        fmt = compileFormat("%REQ(USER-AGENT):4%|%REQ(X-A):2%")
+        s = makeStream(requestHeaders=[(b"user-agent", "caf\u00e9s".encode()), (b"x-a", b"ab\xc3\xa9")])
+        self.assertEqual(fmt.render(s, END), "caf\u00e9|ab\n".encode())
+
+    def test_unexpectedValueFallsBack(self):
+        """
+        A value the bytes template cannot take (a status that is not a number) renders the text way.
+        """
+        fmt = compileFormat("%RESPONSE_CODE% %REQ(:METHOD)%")
+        self.assertEqual(fmt.render(makeStream(status=None), END), b"None POST\n")
+        self.assertEqual(fmt.render(makeStream(), END), b"204 POST\n")
+
+    def test_nonASCIILiteral(self):
+        """
+        A format whose own text is not ASCII renders through text (and is still UTF-8 on disk).
+        """
+        fmt = compileFormat("\u00e9t\u00e9 %REQ(:METHOD)% %START_TIME(%Y\u5e74)%")
+        self.assertEqual(fmt.render(makeStream(), END), "\u00e9t\u00e9 POST 2016\u5e74\n".encode())
 
     def test_repeatedHeaderAmongSeveral(self):
         """
@@ -1085,7 +1121,7 @@ class CompiledFunctionTests(unittest.TestCase):
         for start, expected in [(10.5, "1970-01-01T00:00:10.500Z"), (11.0, "1970-01-01T00:00:11.000Z"),
                                 (10.9995, "1970-01-01T00:00:10.999Z"), (START, "2016-04-15T20:17:00.310Z"),
                                 (1e9 - 0.0000001, "2001-09-09T01:46:40.000Z")]:
-            self.assertEqual(fmt.render(makeStream(startTime=start), start + 1), f"{expected}|1000\n")
+            self.assertEqual(fmt.render(makeStream(startTime=start), start + 1), f"{expected}|1000\n".encode())
 
     def test_upstreamHostCacheBounded(self):
         """
@@ -1096,7 +1132,7 @@ class CompiledFunctionTests(unittest.TestCase):
         for i in range(4100):
             self.assertEqual(fmt.render(makeStream(upstreamHost=Host(f"tcp:10.0.{i // 256}.{i % 256}:80",
                                                                      None, 1)), END),
-                             f"10.0.{i // 256}.{i % 256}:80\n")
+                             f"10.0.{i // 256}.{i % 256}:80\n".encode())
         self.assertEqual(len(cache), 4096)
         self.assertEqual(fmt.render(makeStream(upstreamHost=Host("tcp:10.0.16.3:80", None, 1)), END),
-                         "10.0.16.3:80\n")
+                         b"10.0.16.3:80\n")

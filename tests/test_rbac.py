@@ -369,9 +369,9 @@ class PeerIdentityAndXFCCTests(SynchronousTestCase):
         from twistedmesh.observability.accesslog import compileFormat
         h = FilterHarness()
         line = compileFormat("%DOWNSTREAM_PEER_URI_SAN%", "http")
-        self.assertEqual(line.render(h.stream, 0.0), "-\n")
+        self.assertEqual(line.render(h.stream, 0.0), b"-\n")
         h.codec.transport = self.transport
-        self.assertEqual(line.render(h.stream, 0.0), FRONTEND + "\n")
+        self.assertEqual(line.render(h.stream, 0.0), (FRONTEND + "\n").encode())
 
     def test_element(self) -> None:
         """

@@ -4,12 +4,15 @@ Clock: framing of responses, keep-alive rules, limits and timeouts. The upstream
 that answers locally, so nothing here touches the router or a socket.
 """
 
+import random
+import uuid
+
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
-from twistedmesh.http.server import HTTPSettings
+from twistedmesh.http.server import HTTPSettings, newRequestId
 from twistedmesh.listener.http import HTTPListenerFactory
 from twistedmesh.http.stream import HTTPFilter
 from twistedmesh.observability.stats import StatsStore
@@ -158,6 +161,25 @@ class FramingTests(unittest.TestCase):
         self.assertNotIn(b"x-drop", names)
         self.assertNotIn(b"keep-alive", names)
         self.assertEqual(names.count(b"x-request-id"), 1)
+
+    def test_requestIdIsUUID4(self):
+        """
+        A generated x-request-id is a version 4 UUID in its canonical form, drawn from the injected random
+        (the same seed gives the same ids), with every bit but the version and variant random.
+        """
+        seen = set()
+        ors, ands = 0, (1 << 128) - 1
+        for seed in range(2000):
+            value = newRequestId(random.Random(seed))
+            self.assertEqual(value, newRequestId(random.Random(seed)))
+            parsed = uuid.UUID(value.decode("ascii"))
+            self.assertEqual((parsed.version, parsed.variant), (4, uuid.RFC_4122))
+            self.assertEqual(str(parsed).encode("ascii"), value)
+            seen.add(value)
+            ors, ands = ors | parsed.int, ands & parsed.int
+        self.assertEqual(len(seen), 2000)
+        # Over 2000 draws each random bit has been both 0 and 1; the fixed bits are the version and variant.
+        self.assertEqual(ors ^ ands, ((1 << 128) - 1) ^ (0xF << 76) ^ (0x3 << 62))
 
     def test_maxRequestsPerConnection(self):
         """

@@ -8,12 +8,15 @@ Three parts, each resolved once at config load so that a request pays only for w
     closures C{(record, endTime) -> str}, and from them into one render function written for the format
     (Python source generated from our own pieces, never from user text: header names are checked tokens,
     literals are constants): it scans the request headers once for every C{%REQ(...)%}, computes the
-    common operators in place, calls the getters of the rare ones, and fills one %-template. Unknown
-    operators and bad arguments are L{FormatError}s at compile time, never at request time.
+    common operators in place, calls the getters of the rare ones, and fills one %-template. A text
+    format's template is bytes: header values go into the line as they came, without a decode per value
+    or an encode per line; a line that turns out not to be ASCII is rendered again as text (which escapes
+    bytes that are not UTF-8). Unknown operators and bad arguments are L{FormatError}s at compile time,
+    never at request time.
   - B{Filters.} L{AccessLogger.log} checks the configured status, duration and flag filters first, on plain
     fields, so a request that is not logged costs a few comparisons and no formatting.
   - B{Sinks.} L{FileSink} never blocks the reactor: lines are appended to a list, and a timer (or a full
-    batch) hands the list to one writer thread that joins, encodes and writes it. The writer's backlog is
+    batch) hands the list to one writer thread that joins and writes it. The writer's backlog is
     bounded; past the bound whole batches are dropped and counted (C{access_log.dropped}) rather than
     letting memory grow while a disk stalls. L{MemorySink} keeps lines for tests.
 
@@ -187,7 +190,7 @@ class _TimeFormat:
     Times are floats, good to about a microsecond at today's epoch: C{%7f}..C{%9f} are padded with zeros.
     """
 
-    __slots__ = ("_pieces", "_fracs", "second", "_template", "head", "tail")
+    __slots__ = ("_pieces", "_fracs", "second", "_template", "head", "tail", "headData", "tailData")
 
     def __init__(self, fmt: str) -> None:
         pieces: List[Union[str, int]] = []  # strftime chunks (str), fraction digits (int), epoch (-1)
@@ -225,8 +228,9 @@ class _TimeFormat:
         self.second: Optional[int] = None  # the cached second
         self._template = ""
         # With exactly one %3f (the default format), the current second's text around the milliseconds:
-        # a compiled format inlines head + millis + tail (see millisOnly).
+        # a compiled format inlines head + millis + tail (see millisOnly), as text or as bytes (*Data).
         self.head = self.tail = ""
+        self.headData = self.tailData = b""
         try:
             self(0.0)
         except (ValueError, OverflowError) as e:
@@ -260,6 +264,8 @@ class _TimeFormat:
             at = out.index(None)
             self.head = "".join(out[:at])  # type: ignore[arg-type]
             self.tail = "".join(out[at + 1:])  # type: ignore[arg-type]
+            self.headData = self.head.encode("utf-8")
+            self.tailData = self.tail.encode("utf-8")
         self.second = second
 
     def ofRecord(self, record: Any, endTime: float) -> str:
@@ -286,8 +292,9 @@ class _TimeFormat:
         return self._template % tuple(_fraction(frac, digits) for digits in fracs)
 
 
-#: C{"000"} .. C{"999"}: the default format's milliseconds, without a C{%} per line.
+#: C{"000"} .. C{"999"}: the default format's milliseconds, without a C{%} per line (as text and as bytes).
 _MILLIS: Tuple[str, ...] = tuple("%03d" % i for i in range(1000))
+_MILLIS_DATA: Tuple[bytes, ...] = tuple(m.encode("ascii") for m in _MILLIS)
 
 
 def _fraction(micros: int, digits: int) -> str:
@@ -787,70 +794,123 @@ class _Source:
             out.append(f"{indent}        {var} = v")
         return out
 
-    def function(self, template: str, values: List[str]) -> Tuple[Callable[[Any, float], str], str]:
+    def function(self, slots: List[_Slot], literals: List[str], json: bool) -> Tuple[Callable, Callable, str]:
         """
-        Compile C{def render(r, e)} returning C{template % (values...)}; the function and its source.
+        Compile the format whose template is C{literals[0] slot0 literals[1] slot1 ... literals[-1]}
+        (C{len(literals) == len(slots) + 1}): C{text(r, e)} gives the line as text, C{render(r, e)} as the
+        bytes written; both functions, and their source.
         """
         body = self._scan("requestHeaders", self.request) + self._scan("responseHeaders", self.response)
         body += self.lines
-        if values:
-            body.append(f"return {self.const(template)} % ({', '.join(values)},)")
+        template = "".join(lit.replace("%", "%%") + ("%s" if i < len(slots) else "")
+                           for i, lit in enumerate(literals))
+        textValues = ", ".join(text for text, _, _ in slots)
+
+        def returning(values: str, decode: str) -> List[str]:
+            if not slots:
+                return body + [f"return {self.const(''.join(literals))}"]
+            return body + [f"return {self.const(template)} % ({values.replace(_DECODE, decode)},)"]
+
+        # The reference: what every line is, whatever bytes came in (header bytes that are not UTF-8 as
+        # \xNN escapes, so that a line is always valid UTF-8).
+        source = "def text(r, e):\n" + _indent(returning(textValues, ".decode('utf-8', 'backslashreplace')"), 1)
+        literal = "".join(literals)
+        if json or not literal.isascii():
+            # JSON values are ASCII once escaped; header bytes are nearly always UTF-8, and a strict
+            # decode without arguments is the fastest: try that, and take the reference on failure.
+            fast = returning(textValues, ".decode()")
+            fast[-1] = f"return ({fast[-1][len('return '):]}).encode()"
+            source += ("def render(r, e):\n    try:\n" + _indent(fast, 2)
+                       + "    except UnicodeDecodeError:\n        return text(r, e).encode()\n")
         else:
-            body.append(f"return {self.const(template.replace('%%', '%'))}")
-        if any(_DECODE in line for line in body):
-            # Header bytes are nearly always valid UTF-8, and a strict decode without arguments is the
-            # fastest: the function tries that, and only a value that is not UTF-8 reruns it the safe
-            # way (as _decode: \xNN escapes, so that the line stays valid UTF-8).
-            safe = "".join(f"    {line}\n" for line in body)
-            safe = safe.replace(_DECODE, ".decode('utf-8', 'backslashreplace')")
-            fast = "".join(f"        {line}\n" for line in body).replace(_DECODE, ".decode()")
-            source = (f"def safe(r, e):\n{safe}\n"
-                      f"def render(r, e):\n    try:\n{fast}    except UnicodeDecodeError:\n        return safe(r, e)\n")
-        else:
-            source = "def render(r, e):\n" + "".join(f"    {line}\n" for line in body)
+            # Text lines as bytes from the start: header bytes go in as they are, with no decoding per value
+            # or encoding per line. A line that is all ASCII (nearly every one) is exactly the reference's
+            # bytes; any other renders the reference way, which escapes what is not UTF-8.
+            convs = [conv for _, _, conv in slots] + [""]
+            data = self.const("".join(lit.replace("%", "%%") + conv for lit, conv in zip(literals, convs))
+                              .encode("ascii"))
+            if slots:
+                line = f"line = {data} % ({', '.join(d for _, d, _ in slots)},)"
+            else:
+                line = f"line = {data}"
+            source += ("def render(r, e):\n    try:\n" + _indent(body + [line], 2)
+                       + "    except (TypeError, UnicodeError):  # a value of an unexpected type or text\n"
+                       + "        return text(r, e).encode('utf-8', 'backslashreplace')\n"
+                       + "    if line.isascii():\n        return line\n"
+                       + "    return text(r, e).encode('utf-8', 'backslashreplace')\n")
         namespace = self.env
         exec(compile(source, "<access log format>", "exec"), namespace)  # our own code, built from our pieces
-        return namespace.pop("render"), source
+        return namespace["text"], namespace.pop("render"), source  # render calls text: it stays
+
+
+def _indent(lines: List[str], depth: int) -> str:
+    """
+    C{lines} as a block of source, C{depth} levels deep.
+    """
+    pad = "    " * depth
+    return "".join(f"{pad}{line}\n" for line in lines)
 
 
 _DECODE = ".decode(@)"  # header bytes to text; L{_Source.function} writes the decoding it stands for
 _INT_FIELDS = {"RESPONSE_CODE": "status", "BYTES_RECEIVED": "bytesReceived", "BYTES_SENT": "bytesSent"}
 _PROTOCOLS_JSON = MappingProxyType({k: encode_basestring_ascii(v) for k, v in _PROTOCOLS.items()})
+_PROTOCOLS_DATA = MappingProxyType({k: v.encode("ascii") for k, v in _PROTOCOLS.items()})
 
 
-def _inlineCode(piece: _Piece, src: _Source) -> Union[str, Tuple[str, ...], None]:
+#: One %-slot of a render function: its text expression (header bytes marked with L{_DECODE}), the
+#: expression of the same value for the bytes template, and that slot's conversion there (C{%s} for bytes,
+#: C{%d} for an int).
+_Slot = Tuple[str, str, str]
+
+
+def _inlineCode(piece: _Piece, src: _Source) -> Optional[List[_Slot]]:
     """
-    An expression (after statements added to C{src.lines}) that renders C{piece} exactly as its getter
-    does, or a tuple of expressions whose texts in a row do, for the operators common enough to be worth
-    it; C{None} for the others, whose getter is called.
+    The slots (after statements added to C{src.lines}) that render C{piece} exactly as its getter does,
+    for the operators common enough to be worth it; C{None} for the others, whose getter is called. Most
+    take one slot; the default C{%START_TIME%} takes three (its text around the milliseconds).
     Every value here reads the same attributes, with the same rules, as the getter it replaces (the tests
-    render each operator both ways).
+    render each operator both ways). The bytes expressions are used by a text format's fast path only,
+    which falls back on the text ones for a line that is not ASCII (see L{_Source.function}).
     """
     op, maxLen, json = piece.op, piece.maxLen, piece.json
     name = op.name
     if name in ("REQ", "RESP", "REQUEST_ID"):
         kind = "response" if name == "RESP" else "request"
         sources = _headerNames(name, "X-REQUEST-ID" if name == "REQUEST_ID" else piece.arg or "", kind)
+        # Each source as an expression that is None when unset (an empty field is unset; an empty header
+        # is set, and logs as unset text).
         exprs = []
         for where, key in sources:
             if where == "field" and key != "status":
-                exprs.append(f"(r.{key} or None)")  # an empty field is unset
+                exprs.append(f"(r.{key} or None)")
             elif where in ("request", "response"):
                 exprs.append(src.header(where, key.encode("ascii")))
             else:
                 return None  # trailers, :status: the getter
-        if len(exprs) == 1 and exprs[0][0] in "qp":
-            var = exprs[0]
-        else:
-            var = src.temp()
-            src.lines.append(f"{var} = {exprs[0]}")
-            for fallback in exprs[1:]:
-                src.lines.append(f"if {var} is None:")
-                src.lines.append(f"    {var} = {fallback}")
         cut = "" if maxLen is None else f"[:{maxLen}]"
         if json:  # present but empty is "", unset is null
-            return f"('null' if {var} is None else _enc({var}{_DECODE}{cut}))"
-        return f"('-' if not {var} else {var}{_DECODE}{cut})"
+            if len(exprs) == 1 and exprs[0][0] in "qp":
+                var = exprs[0]
+            else:
+                var = src.temp()
+                src.lines.append(f"{var} = {exprs[0]}")
+                for fallback in exprs[1:]:
+                    src.lines.append(f"if {var} is None:")
+                    src.lines.append(f"    {var} = {fallback}")
+            return [(f"('null' if {var} is None else _enc({var}{_DECODE}{cut}))", "", "")]
+        # In text, unset and empty both log as "-": one expression, no temporaries. Bytes are cut as bytes:
+        # a cut that differs from the text's leaves a byte past 0x7f, so the line renders the text way.
+        value, mayBeEmpty = "b'-'", False
+        for expr in reversed(exprs):
+            if expr.endswith(" or None)"):  # a field: unset when empty, so `or` picks the next source
+                value, mayBeEmpty = f"{expr[:-len('None)')]}{value})", False
+            elif value == "b'-'":  # the last source, a header
+                value, mayBeEmpty = f"({expr} or b'-')", False
+            else:  # a header: the first value if there is one, even an empty one
+                value, mayBeEmpty = f"({expr} if {expr} is not None else {value})", True
+        if mayBeEmpty:
+            value = f"({value} or b'-')"
+        return [(f"{value}{_DECODE}{cut}", f"{value}{cut}", "%s")]
     if name == "START_TIME":
         fmt = _TimeFormat(piece.arg or _DEFAULT_TIME)
         time = src.const(fmt)
@@ -860,53 +920,68 @@ def _inlineCode(piece: _Piece, src: _Source) -> Union[str, Tuple[str, ...], None
             src.lines.append(f"if {second} != {time}.second:")
             src.lines.append(f"    {time}.advance({second})")
             if not json:  # three slots of the template: no intermediate strings
-                return (f"{time}.head", f"{src.const(_MILLIS)}[{micros} // 1000]", f"{time}.tail")
+                return [(f"{time}.head", f"{time}.headData", "%s"),
+                        (f"{src.const(_MILLIS)}[{micros} // 1000]", f"{src.const(_MILLIS_DATA)}[{micros} // 1000]",
+                         "%s"),
+                        (f"{time}.tail", f"{time}.tailData", "%s")]
             text = f"{time}.head + {src.const(_MILLIS)}[{micros} // 1000] + {time}.tail"
         else:
             text = f"{time}(r.startTime)"
-        return f"_enc({text})" if json else text
+        return [(f"_enc({text})", "", "")] if json else [(text, f"{text}.encode()", "%s")]
     if name == "DURATION":
-        return "(round((e - r.startTime) * 1000000) // 1000)"
+        expr = "(round((e - r.startTime) * 1000000) // 1000)"
+        return [(expr, expr, "%d")]
     if name in _INT_FIELDS:
         attr = _INT_FIELDS[name]
-        return f"('null' if r.{attr} is None else r.{attr})" if json else f"r.{attr}"  # %s is str()
+        if json:
+            return [(f"('null' if r.{attr} is None else r.{attr})", "", "")]
+        return [(f"r.{attr}", f"r.{attr}", "%d")]  # %s is str(); %d refuses a None, which falls back
     if name == "PROTOCOL":
-        known = src.const(_PROTOCOLS_JSON if json else _PROTOCOLS)
-        return f"({known}.get(r.version) or {src.const(piece.getter)}(r, e))"
+        # Copies as plain dicts: a read-only mapping's .get is looked up the slow way on every call.
+        getter = src.const(piece.getter)
+        if json:
+            return [(f"({src.const(dict(_PROTOCOLS_JSON))}.get(r.version) or {getter}(r, e))", "", "")]
+        return [(f"({src.const(dict(_PROTOCOLS))}.get(r.version) or {getter}(r, e))",
+                 f"({src.const(dict(_PROTOCOLS_DATA))}.get(r.version) or {getter}(r, e).encode())", "%s")]
     if name == "RESPONSE_FLAGS":
         join = src.const(",".join)
         if json:
             var = src.temp()
             src.lines.append(f"{var} = {join}(r.responseFlags)")
-            return f"(_enc({var}) if {var} else 'null')"
-        return f"({join}(r.responseFlags) or '-')"
+            return [(f"(_enc({var}) if {var} else 'null')", "", "")]
+        return [(f"({join}(r.responseFlags) or '-')",
+                 f"(b'-' if not r.responseFlags else {join}(r.responseFlags).encode())", "%s")]
     if name == "UPSTREAM_HOST":
-        cache: Dict[str, str] = {}
+        # endpoint string -> (text, bytes) of its address: hosts are few and their endpoints never change.
+        cache: Dict[str, Tuple[str, bytes]] = {}
 
-        def address(endpoint: str) -> str:
+        def address(endpoint: str) -> Tuple[str, bytes]:
             text = _endpointAddress(endpoint)
+            both = (text, text.encode("utf-8", "backslashreplace"))
             if len(cache) < 4096:  # dynamic hosts come and go: stay bounded
-                cache[endpoint] = text
-            return text
+                cache[endpoint] = both
+            return both
         host = src.temp()
         src.lines.append(f"{host} = r.upstreamHost")
-        text = f"{src.const(cache)}.get({host}.endpoint) or {src.const(address)}({host}.endpoint)"
+        both = f"({src.const(cache)}.get({host}.endpoint) or {src.const(address)}({host}.endpoint))"
         if json:
-            return f"('null' if {host} is None else _enc({text}))"
-        return f"('-' if {host} is None else ({text} or '-'))"
+            return [(f"('null' if {host} is None else _enc({both}[0]))", "", "")]
+        return [(f"('-' if {host} is None else ({both}[0] or '-'))",
+                 f"(b'-' if {host} is None else ({both}[1] or b'-'))", "%s")]
     return None
 
 
 class CompiledFormat:
     """
     A compiled format. C{segments} is a tuple of literal strings and getters (C{(record, endTime) -> str}).
-    C{render(record, endTime)} gives one line, newline included: a function written for this format when it
-    is compiled, which scans the request (and response) headers once for every header the format names,
-    computes the common operators in place and calls the getters of the others, and pours the results
-    into one %-template. C{source} is that function's text.
+    C{render(record, endTime)} gives one line as the bytes to write, newline included; C{text(record,
+    endTime)} the same line as text. Both are functions written for this format when it is compiled: they
+    scan the request (and response) headers once for every header the format names, compute the common
+    operators in place, call the getters of the others, and pour the results into one %-template.
+    C{source} is their text.
     """
 
-    __slots__ = ("segments", "render", "source")
+    __slots__ = ("segments", "render", "text", "source")
 
     def __init__(self, segments: Sequence[Union[str, Getter, _Piece]]) -> None:
         merged: List[Union[str, Getter, _Piece]] = []
@@ -917,19 +992,21 @@ class CompiledFormat:
                 merged.append(s)
         self.segments = tuple(s.getter if isinstance(s, _Piece) else s for s in merged)
         src = _Source()
-        template: List[str] = []
-        values: List[str] = []
+        json = any(isinstance(s, _Piece) and s.json for s in merged)
+        literals: List[str] = [""]
+        slots: List[_Slot] = []
         for s in merged:
             if isinstance(s, str):
-                template.append(s.replace("%", "%%"))
+                literals[-1] += s
                 continue
-            expr = _inlineCode(s, src) if isinstance(s, _Piece) else None
-            if expr is None:
-                expr = "%s(r, e)" % src.const(s.getter if isinstance(s, _Piece) else s)
-            exprs = (expr,) if isinstance(expr, str) else expr  # some fill several slots
-            template.append("%s" * len(exprs))
-            values.extend(exprs)
-        self.render, self.source = src.function("".join(template), values)
+            inline = _inlineCode(s, src) if isinstance(s, _Piece) else None
+            if inline is None:
+                call = "%s(r, e)" % src.const(s.getter if isinstance(s, _Piece) else s)
+                inline = [(call, f"{call}.encode()", "%s")]
+            for slot in inline:
+                slots.append(slot)
+                literals.append("")
+        self.text, self.render, self.source = src.function(slots, literals, json)
 
 
 def _suggestOperator(name: str) -> str:
@@ -1081,7 +1158,7 @@ def compileJSONFormat(fields: Sequence[Tuple[str, str]], protocol: str = "http")
             segments.append(encode_basestring_ascii("".join(items)))  # type: ignore[arg-type]
         else:
             inner = CompiledFormat([i if isinstance(i, str) else _textPiece(i, protocol) for i in items])
-            segments.append(lambda r, e, render=inner.render: encode_basestring_ascii(render(r, e)))
+            segments.append(lambda r, e, text=inner.text: encode_basestring_ascii(text(r, e)))
     segments.append("}\n")
     return CompiledFormat(segments)
 
@@ -1133,9 +1210,9 @@ class IAccessLogSink(Interface):
     L{Deferred}s that never fail (problems are logged and counted).
     """
 
-    def write(line: str) -> None:
+    def write(line: bytes) -> None:
         """
-        Queue one line (newline included).
+        Queue one line (UTF-8, newline included).
         """
 
     def flush() -> Deferred:
@@ -1163,18 +1240,18 @@ class IAccessLogSink(Interface):
 @implementer(IAccessLogSink)
 class MemorySink:
     """
-    Keeps lines in C{lines}, for tests.
+    Keeps the lines written (bytes, as a file would get them) in C{lines}, for tests.
 
     @ivar reopens: how many times L{reopen} was called.
     @ivar closed: whether L{close} was called.
     """
 
     def __init__(self) -> None:
-        self.lines: List[str] = []
+        self.lines: List[bytes] = []
         self.reopens = 0
         self.closed = False
 
-    def write(self, line: str) -> None:
+    def write(self, line: bytes) -> None:
         """
         Keep C{line}.
         """
@@ -1209,7 +1286,7 @@ class _Batch:
 
     __slots__ = ("lines", "action", "done")
 
-    def __init__(self, lines: Optional[List[str]], action: Optional[str], done: Optional[Deferred]) -> None:
+    def __init__(self, lines: Optional[List[bytes]], action: Optional[str], done: Optional[Deferred]) -> None:
         self.lines = lines
         self.action = action
         self.done = done
@@ -1277,7 +1354,7 @@ class FileSink:
         else:
             self._fd = self._open()
             self._owned = True
-        self._pending: List[str] = []
+        self._pending: List[bytes] = []
         self._queued = 0  # lines handed to the writer, not yet reported written (reactor thread only)
         # Unbounded as a structure; the bound is _queued, checked before every data hand-off, so that a
         # control action can always be queued without blocking or dropping it.
@@ -1309,7 +1386,7 @@ class FileSink:
 
     # -- reactor thread
 
-    def write(self, line: str) -> None:
+    def write(self, line: bytes) -> None:
         """
         Queue C{line}; it reaches the file within C{flushInterval}.
         """
@@ -1380,7 +1457,7 @@ class FileSink:
         """
         Give the pending lines (if the backlog allows) and C{action} to the writer thread.
         """
-        lines: Optional[List[str]] = self._pending
+        lines: Optional[List[bytes]] = self._pending
         if lines:
             self._pending = []
             count = len(lines)
@@ -1431,9 +1508,11 @@ class FileSink:
             error: Optional[BaseException] = None
             if batch.lines:
                 try:
-                    _writeAll(self._fd, "".join(batch.lines).encode("utf-8", "backslashreplace"))
+                    _writeAll(self._fd, b"".join(batch.lines))
                     written = len(batch.lines)
-                except OSError as e:
+                except Exception as e:
+                    # Not only OSError: whatever goes wrong, the thread must live on and report, or every
+                    # later flush and close would wait forever.
                     failed, error = len(batch.lines), e
             action = batch.action
             try:
