@@ -31,6 +31,7 @@ from twisted.logger import (FilteringLogObserver, Logger, LogLevel, LogLevelFilt
 from zope.interface import implementer
 
 from ..config import Config, ConfigErrors, loadString
+from ..tap import freezeStartupObjects
 from .protocol import Ready, WorkerControl
 from .sockets import InheritedEndpoint, ReusePortEndpoint, SocketAddress, parseAddress
 
@@ -159,6 +160,7 @@ def run(reactor, spec: Dict[str, Any]) -> int:
         signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(mesh.accessLogSinks.reopen))
         mesh.startService()
         mesh.whenLive.addCallbacks(live, cannotListen)
+        freezeStartupObjects()
 
     reactor.callWhenRunning(started)
     reactor.run()
