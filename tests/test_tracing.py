@@ -24,10 +24,11 @@ TRACE = b"0af7651916cd43dd8448eb211c80319c"
 SPAN = b"b7ad6b7169203331"
 PARENT = b"00f067aa0ba902b7"
 TP = b"00-" + TRACE + b"-" + SPAN + b"-01"
-# What random.Random(1) gives, in propagate's order.
-SEED1_TRACE = b"cd613e30d8f16adf91b7584a2265b1f5"
-SEED1_SPAN = b"1027c4d1c386bbc4"  # the span id after SEED1_TRACE
-SEED1_FIRST_SPAN = b"91b7584a2265b1f5"  # the span id when no trace id is drawn first
+# What random.Random(1) gives: its first 64 bits are the span id, with or without a new trace; a new
+# trace's id is the 128 bits after them (one 192-bit draw, span id in its low bits).
+SEED1_FIRST_SPAN = b"91b7584a2265b1f5"
+SEED1_SPAN = SEED1_FIRST_SPAN
+SEED1_TRACE = b"1027c4d1c386bbc4cd613e30d8f16adf"
 
 
 class TraceparentTests(unittest.TestCase):
@@ -163,6 +164,21 @@ class PropagateTests(unittest.TestCase):
         self.assertEqual(headers, [other, (b"traceparent", b"00-" + SEED1_TRACE + b"-" + SEED1_SPAN + b"-01")])
         self.assertIs(headers[0], other)
 
+    def test_newTraceContextReads(self):
+        """
+        A new trace's context (ids cut from the traceparent only when read) reads as a full TraceContext,
+        both ways round, and its C{sampled} can still be changed.
+        """
+        context = propagate([], random.Random(1), 0.0)
+        full = TraceContext(SEED1_TRACE, SEED1_SPAN, None, False, FORMAT_W3C)
+        self.assertIsInstance(context, TraceContext)
+        self.assertEqual((context.traceId, context.spanId, context.parentId, context.sampled, context.format,
+                          context.debug), (SEED1_TRACE, SEED1_SPAN, None, False, FORMAT_W3C, False))
+        self.assertTrue(full == context and context == full)
+        self.assertEqual(repr(context), repr(full))
+        context.sampled = True
+        self.assertNotEqual(context, full)
+
     def test_unsampledStillPropagated(self):
         """
         An unsampled request without a trace field still gets a new traceparent (flags 00), as Envoy still
@@ -192,7 +208,8 @@ class PropagateTests(unittest.TestCase):
 
     def test_zeroIdsDrawnAgain(self):
         """
-        An all-zero trace or span id is invalid: that id is drawn again, and the other kept.
+        An all-zero trace or span id is invalid: that id is drawn again (the trace id first), and the other
+        kept; on both paths that start a new trace.
         """
         class Zeros(random.Random):
             # Hands out `zeros` once (all 192 bits of the ids' draw), then behaves as Random(1).
@@ -206,15 +223,22 @@ class PropagateTests(unittest.TestCase):
                     return bits & ((1 << k) - 1)
                 return super().getrandbits(k)
 
-        span = 0xABC << 128
-        context = propagate([], Zeros(span), 1.0)
-        self.assertEqual((context.traceId, context.spanId), (SEED1_TRACE, b"0000000000000abc"))
-        context = propagate([], Zeros(0x123), 1.0)
-        self.assertEqual((context.traceId, context.spanId), (b"%032x" % 0x123, SEED1_FIRST_SPAN))
-        headers: list = []
-        context = propagate(headers, Zeros(0), 1.0)
-        self.assertEqual((context.traceId, context.spanId), (SEED1_TRACE, SEED1_SPAN))
-        self.assertEqual(parseTraceparent(headers[0][1]).traceId, SEED1_TRACE)
+        seed1 = random.Random(1)
+        redrawnTrace = b"%032x" % seed1.getrandbits(128)
+        redrawnSpan = b"%016x" % seed1.getrandbits(64)  # after a redrawn trace id
+        firstSpan = b"%016x" % random.Random(1).getrandbits(64)  # a span id redrawn alone
+        for malformed in (False, True):
+            def newTrace(zeros):
+                headers = [(b"traceparent", b"junk")] if malformed else []
+                context = propagate(headers, Zeros(zeros), 1.0)
+                [(_, value)] = headers
+                self.assertEqual(value, b"00-%s-%s-01" % (context.traceId, context.spanId))
+                return context.traceId, context.spanId
+
+            self.assertEqual(newTrace(0xABC), (redrawnTrace, b"0000000000000abc"))
+            self.assertEqual(newTrace(0x123 << 64), (b"%032x" % 0x123, firstSpan))
+            self.assertEqual(newTrace(0), (redrawnTrace, redrawnSpan))
+            self.assertEqual(newTrace((1 << 191) | 1), (b"8" + b"0" * 31, b"0" * 15 + b"1"))
 
     def test_traceparentRewritten(self):
         """

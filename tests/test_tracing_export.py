@@ -128,6 +128,44 @@ class RecorderTests(unittest.TestCase):
         self.assertEqual(found["http.url"], ("http://api.example/" + "p" * 5000)[:MAX_TAG_LENGTH])
         self.assertEqual(found["user_agent"], "u" * MAX_TAG_LENGTH)
 
+    def test_nonUTF8URL(self):
+        """
+        Bytes that are not UTF-8 in the URL's parts are written as C{\\xNN}, each part on its own: a
+        truncated character at the end of the authority does not join the path's bytes.
+        """
+        Held.streams = []
+        proto, t, clock, spans = self.h1(Held)
+        proto.dataReceived(b"GET /caf%C3%A9 HTTP/1.1\r\nHost: x\r\nUser-Agent: \xc3\xa9\xff\r\n\r\n")
+        [stream] = Held.streams
+        stream.authority = b"h\xc3"
+        stream.path = b"\xa9/\xc3\xa9"
+        stream.respond(200)
+        [span] = spans
+        self.assertEqual(tags(span)["http.url"], "http://h\\xc3\\xa9/\u00e9")
+        self.assertEqual(tags(span)["user_agent"], "\u00e9\\xff")
+
+    def test_peers(self):
+        """
+        The downstream peer, as C{peer.address} and the span's C{remote}: IPv6 in brackets, a UNIX socket
+        by its path (no remote), none at all without a tag.
+        """
+        from twisted.internet.address import IPv6Address, UNIXAddress
+        Held.streams = []
+        proto, t, clock, spans = self.h1(Held)
+        for peer in (IPv6Address("TCP", "::1", 8080), UNIXAddress(b"/run/mesh.sock"), None):
+            proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            stream = Held.streams[-1]
+            stream.downstreamAddress = peer
+            stream.respond(200)
+        ipv6, unix, none = spans
+        self.assertEqual((tags(ipv6)["peer.address"], ipv6.remote), ("[::1]:8080", ("::1", 8080)))
+        self.assertEqual((tags(unix)["peer.address"], unix.remote), ("/run/mesh.sock", None))
+        self.assertEqual(("peer.address" in tags(none), none.remote), (False, None))
+        self.assertEqual([k for k, v in none.tags], [
+            "component", "node_id", "http.method", "http.url", "http.protocol", "http.status_code",
+            "response_flags", "upstream_cluster", "guid:x-request-id", "user_agent", "request_size",
+            "response_size"])
+
     def test_parentIdIsWhatWentUpstream(self):
         """
         The span's id is the one the upstream sees as its parent in C{traceparent}.
@@ -519,6 +557,77 @@ class EncodingTests(unittest.TestCase):
         self.assertNotIn("parentSpanId", root)
         self.assertEqual(root["status"], {"code": 2})
         self.assertNotIn("status", child)
+
+    def test_sameBytesAsJSONDumps(self):
+        """
+        The encoders write their JSON as text: byte for byte what json.dumps() (compact, ASCII-only) gives
+        for the span model, for every kind of span, strings that need escaping included.
+        """
+        odd = 'q"uo\\te \x01\n caf\u00e9 \u2603 \U0001f600 100%s {key}%'
+        debug = span(3, parent=False, trace=b"463ac35c9f6413ad")
+        debug.debug = True
+        debug.remote = ("::1", 8080)
+        debug.duration = 0.0
+        bare = span(4, error=True)
+        bare.remote = None
+        bare.name = odd
+        bare.tags = [(odd, odd), ("user_agent", "")]
+        spans = [span(1), span(2, parent=False, error=True), debug, bare]
+        # More tag keys than the encoders keep escaped (256), and no tags at all.
+        for i in range(300):
+            extra = span(5 + i)
+            extra.tags = [("k%d" % i, "v%d" % i), ("http.method", "GET")]
+            spans.append(extra)
+        spans[-1].tags = []
+        for serviceName in ("edge", odd):
+            self.assertEqual(encodeZipkin(spans, serviceName), _dumps([_zipkinModel(s, serviceName) for s in spans]))
+            self.assertEqual(encodeOTLP(spans, serviceName), _dumps({"resourceSpans": [{
+                "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": serviceName}}]},
+                "scopeSpans": [{"scope": {"name": "twistedmesh"}, "spans": [_otlpModel(s) for s in spans]}],
+            }]}))
+        self.assertEqual(json.loads(encodeZipkin([bare], "edge"))[0]["tags"][odd], odd)
+        self.assertEqual(encodeZipkin([], "edge"), b"[]")
+
+
+def _dumps(value) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode("ascii")
+
+
+def _zipkinModel(span: Span, serviceName: str) -> dict:
+    """
+    A span in Zipkin's v2 model, as a dict (what the encoder's text must match).
+    """
+    out = {
+        "traceId": span.traceId.decode(), "id": span.spanId.decode(), "name": span.name, "kind": "SERVER",
+        "timestamp": int(round(span.start * 1_000_000)), "duration": max(1, int(round(span.duration * 1_000_000))),
+        "localEndpoint": {"serviceName": serviceName}, "tags": dict(span.tags),
+    }
+    if span.parentId is not None:
+        out["parentId"] = span.parentId.decode()
+    if span.remote is not None:
+        ip, port = span.remote
+        out["remoteEndpoint"] = {"ipv6" if ":" in ip else "ipv4": ip, "port": port}
+    if span.debug:
+        out["debug"] = True
+    return out
+
+
+def _otlpModel(span: Span) -> dict:
+    """
+    A span in OTLP's JSON model, as a dict (what the encoder's text must match).
+    """
+    start = int(round(span.start * 1_000_000_000))
+    out = {
+        "traceId": span.traceId.decode().rjust(32, "0"), "spanId": span.spanId.decode(), "name": span.name,
+        "kind": 2, "startTimeUnixNano": str(start),
+        "endTimeUnixNano": str(start + int(round(span.duration * 1_000_000_000))),
+        "attributes": [{"key": k, "value": {"stringValue": v}} for k, v in span.tags],
+    }
+    if span.parentId is not None:
+        out["parentSpanId"] = span.parentId.decode()
+    if span.error:
+        out["status"] = {"code": 2}
+    return out
 
 
 def mesh(extra: str = "", listener: str = "") -> str:

@@ -16,9 +16,11 @@ Rules:
     3.3.1.5); without a valid C{traceparent} it is dropped, as the W3C spec requires.
   - Sampling: an incoming decision is honoured (W3C flag bit 0; B3 C{1}/C{0}/C{d}, C{x-b3-sampled},
     C{x-b3-flags: 1}); otherwise the request is sampled with probability C{sampleRate}.
-  - Randomness comes from the injected C{random}, in this order: trace id (new traces only, 128 bits),
-    span id (64 bits), sampling (C{random.random()}, only when there is no incoming decision and
-    C{0 < sampleRate < 1}).
+  - Randomness comes from the injected C{random}, in this order: the ids, then sampling
+    (C{random.random()}, only when there is no incoming decision and C{0 < sampleRate < 1}). The ids are
+    the span id alone (64 bits) when a trace came in; for a new trace, one 192-bit draw whose low 64 bits
+    are the span id and high 128 the trace id (the same numbers as the span id's draw then the trace
+    id's, in one call).
 
 Ids are lowercase hex bytes, as on the wire; a 64-bit B3 trace id stays 16 characters.
 
@@ -60,12 +62,15 @@ TRACE_FIELDS = frozenset((TRACEPARENT, TRACESTATE, B3, X_B3_TRACEID, X_B3_SPANID
                           X_B3_FLAGS))
 _NAMES = TRACE_FIELDS
 _MULTI = (X_B3_TRACEID, X_B3_SPANID, X_B3_PARENTSPANID, X_B3_SAMPLED, X_B3_FLAGS)
-_newContext = object.__new__
 _HEX = b"0123456789abcdef"
 _HEX_DASH = b"0123456789abcdef-"
 _ODD = b"13579bdf"  # last hex digit of a flags byte with bit 0 (sampled) set
 _ZERO16 = b"0" * 16
 _ZERO32 = b"0" * 32
+_SPAN_RANGE = 1 << 64  # a new trace's 192-bit draw below this has an all-zero trace id
+_SPAN_MASK = _SPAN_RANGE - 1  # its span id's bits
+_TRACEPARENT_SAMPLED = b"00-%s-01"  # % b"<trace id>-<span id>"
+_TRACEPARENT_UNSAMPLED = b"00-%s-00"
 _DASH = 45  # ord("-")
 _B3_SAMPLING = {b"1": True, b"0": False, b"d": True}
 _MULTI_SAMPLED = {b"1": True, b"0": False, b"true": True, b"false": False}
@@ -102,6 +107,30 @@ class TraceContext:
                 and self.sampled == other.sampled and self.format == other.format and self.debug == other.debug)
 
     __hash__ = None  # type: ignore[assignment]
+
+
+class _NewTraceContext(TraceContext):
+    """
+    The context L{propagate} gives a request that brought no trace field, most requests: a new W3C trace,
+    no parent, not debug. Only C{sampled} and C{ids} (b"<trace id>-<span id>", as in the traceparent sent)
+    are stored; C{traceId} and C{spanId} are cut out of C{ids} when read, as only a sampled request's are.
+    Its ids, parent, format and debug flag are read-only.
+    """
+
+    __slots__ = ("ids",)
+    # Built empty and filled by propagate(): TraceContext.__init__ would cost a fifth of that path.
+    __init__ = object.__init__  # type: ignore[assignment]
+    parentId = None  # type: ignore[assignment]
+    format = FORMAT_W3C  # type: ignore[assignment]
+    debug = False  # type: ignore[assignment]
+
+    @property  # type: ignore[override]
+    def traceId(self) -> bytes:
+        return self.ids[:32]
+
+    @property  # type: ignore[override]
+    def spanId(self) -> bytes:
+        return self.ids[33:]
 
 
 def _isId(value: bytes, size: int, zero: bytes) -> bool:
@@ -236,14 +265,26 @@ def _newSpanId(random) -> bytes:
     return b"%016x" % bits
 
 
-def _newTraceId(random) -> bytes:
+def _nonZeroIds(random, bits: int) -> int:
     """
-    A new, non-zero 128-bit trace id as 32 hex digits.
+    A new trace's 192-bit draw C{bits} (trace id high, span id low) with an all-zero id drawn again (an
+    all-zero id is invalid): the trace id first, then the span id; the other id is kept.
     """
-    bits = random.getrandbits(128)
-    while not bits:
-        bits = random.getrandbits(128)
-    return b"%032x" % bits
+    while bits < _SPAN_RANGE:
+        bits |= random.getrandbits(128) << 64
+    while not bits & _SPAN_MASK:
+        bits |= random.getrandbits(64)
+    return bits
+
+
+def _newIds(random) -> bytes:
+    """
+    A new trace's ids, b"<trace id>-<span id>" (32 and 16 hex digits), as a traceparent carries them.
+    """
+    bits = random.getrandbits(192)
+    if bits < _SPAN_RANGE or not bits & _SPAN_MASK:
+        bits = _nonZeroIds(random, bits)
+    return _hexlify(bits.to_bytes(24, "big"), b"-", -16)
 
 
 def propagate(headers: Headers, random, sampleRate: float, traced: bool = True) -> TraceContext:
@@ -268,25 +309,21 @@ def propagate(headers: Headers, random, sampleRate: float, traced: bool = True) 
             if field[0] in _NAMES:
                 return _propagateFound(headers, [i for i, f in enumerate(headers) if f[0] in _NAMES], random,
                                        sampleRate)
-    # One draw of 192 bits is the trace id's 128 (low bits) then the span id's 64: the same numbers as two
-    # draws, for the price of one call, and one hex conversion for both.
-    ids = _hexlify(random.getrandbits(192).to_bytes(24, "big"))  # span id's 16 digits, then the trace id's 32
-    traceId = ids[16:]
-    spanId = ids[:16]
-    if traceId == _ZERO32:  # an all-zero id (one chance in 2**64) is invalid: draw that one again
-        traceId = _newTraceId(random)
-    if spanId == _ZERO16:
-        spanId = _newSpanId(random)
-    sampled = sampleRate >= 1.0 or (sampleRate > 0.0 and random.random() < sampleRate)
-    headers.append((TRACEPARENT, b"".join((b"00-", traceId, b"-", spanId, b"-01" if sampled else b"-00"))))
-    # Filled in place rather than through __init__: a third cheaper on this path, taken by most requests.
-    context = _newContext(TraceContext)
-    context.traceId = traceId
-    context.spanId = spanId
-    context.parentId = None
+    # _newIds(), inlined (a call costs a tenth of this path): one draw for both ids, and one C call that
+    # writes them in hex with the dash between them that the traceparent wants.
+    bits = random.getrandbits(192)
+    if bits < _SPAN_RANGE or not bits & _SPAN_MASK:  # an all-zero id: one chance in 2**64
+        bits = _nonZeroIds(random, bits)
+    ids = _hexlify(bits.to_bytes(24, "big"), b"-", -16)
+    if sampleRate >= 1.0 or (sampleRate > 0.0 and random.random() < sampleRate):
+        sampled = True
+        headers.append((TRACEPARENT, _TRACEPARENT_SAMPLED % ids))
+    else:
+        sampled = False
+        headers.append((TRACEPARENT, _TRACEPARENT_UNSAMPLED % ids))
+    context = _NewTraceContext()
+    context.ids = ids
     context.sampled = sampled
-    context.format = FORMAT_W3C
-    context.debug = False
     return context
 
 
@@ -354,8 +391,8 @@ def _propagateFound(headers: Headers, found: List[int], random, sampleRate: floa
             fmt = FORMAT_B3_MULTI
         else:
             fmt = FORMAT_W3C  # only tracestate or a stray x-b3-parentspanid came in
-        traceId = _newTraceId(random)
-        context = TraceContext(traceId, _newSpanId(random), None,
+        ids = _newIds(random)
+        context = TraceContext(ids[:32], ids[33:], None,
                                decisionOnly.sampled if decisionOnly is not None else None, fmt,
                                decisionOnly.debug if decisionOnly is not None else False)
     if context.sampled is None:
@@ -444,7 +481,7 @@ class Span:
     @ivar name: the operation name.
     @ivar start: when it began, in seconds since the epoch (the injected clock's C{seconds()}).
     @ivar duration: how long it lasted, in seconds.
-    @ivar tags: C{(key, value)} text pairs, in the order they were set.
+    @ivar tags: C{(key, value)} text pairs, in the order they were set, each key once (Zipkin's are a map).
     @ivar error: whether the request failed (a 5xx or a reset).
     @ivar remote: the downstream peer as C{(ip, port)}, or None.
     @ivar debug: the B3 debug flag.
@@ -481,6 +518,9 @@ def _text(value: bytes) -> str:
 #: The longest C{http.url} and C{user_agent} tag kept (Envoy cuts the path tag at 256 characters too): a client
 #: controls both, and may force sampling with an incoming trace flag.
 MAX_TAG_LENGTH = 256
+_SPAN_FIELDS = frozenset((b"x-request-id", b"user-agent"))  # the request fields a span's tags tell of
+_COMPONENT_TAG = ("component", "proxy")
+_ERROR_TAG = ("error", "true")
 
 
 class SpanRecorder:
@@ -527,24 +567,26 @@ class SpanRecorder:
         status = stream.status
         # A reset (upstream or downstream) leaves the response unfinished: Envoy tags that as an error too.
         error = status >= 500 or status < 100 or not stream.responseEnded
-        method = _text(stream.method)
-        authority = stream.authority
-        url = "%s://%s%s" % (_text(stream.scheme or b"http"), _text(authority), _text(stream.path))
+        url = b"%s://%s%s" % (stream.scheme or b"http", stream.authority, stream.path)
+        # One decode for the usual all-ASCII URL; else each part on its own, as bytes that are not UTF-8
+        # must not run into the next part.
+        url = url.decode("ascii") if url.isascii() else "%s://%s%s" % (
+            _text(stream.scheme or b"http"), _text(stream.authority), _text(stream.path))
         if len(url) > MAX_TAG_LENGTH:
             url = url[:MAX_TAG_LENGTH]  # clients choose these (and can ask for sampling): keep spans small
         version = stream.version
         requestId = userAgent = None
         for name, value in stream.requestHeaders:
-            if name == b"x-request-id":
-                if requestId is None:
-                    requestId = _text(value)
-            elif name == b"user-agent":
-                if userAgent is None:
+            if name in _SPAN_FIELDS:  # one set lookup for most fields, rather than two comparisons
+                if name == b"x-request-id":
+                    if requestId is None:
+                        requestId = _text(value)
+                elif userAgent is None:
                     userAgent = _text(value)
         tags = [
-            ("component", "proxy"),
+            _COMPONENT_TAG,
             ("node_id", self.nodeId),
-            ("http.method", method),
+            ("http.method", _text(stream.method)),
             ("http.url", url),
             ("http.protocol", _PROTOCOLS.get(version) or ("HTTP/" + _text(version) if version else "-")),
             ("http.status_code", str(status)),
@@ -561,19 +603,25 @@ class SpanRecorder:
                     self._addresses[endpoint] = address
             tags.append(("upstream_address", address))
         peer = stream.downstreamAddress
-        peerText = _addressText(peer)
-        if peerText is not None:
-            tags.append(("peer.address", peerText))
-        tags.append(("guid:x-request-id", requestId or "-"))
-        tags.append(("user_agent", userAgent[:MAX_TAG_LENGTH] if userAgent else "-"))
-        tags.append(("request_size", str(stream.bytesReceived)))
-        tags.append(("response_size", str(stream.bytesSent)))
+        ip = getattr(peer, "host", None)
+        if ip is not None:
+            # An IP peer, the usual one: written here as _addressText() would, sparing it the call.
+            remote: Optional[Tuple[str, int]] = (ip, peer.port)
+            tags.append(("peer.address", f"[{ip}]:{peer.port}" if ":" in ip else f"{ip}:{peer.port}"))
+        else:
+            remote = None
+            peerText = _addressText(peer)  # a UNIX socket's path, or None
+            if peerText is not None:
+                tags.append(("peer.address", peerText))
+        tags += (
+            ("guid:x-request-id", requestId or "-"),
+            ("user_agent", userAgent[:MAX_TAG_LENGTH] if userAgent else "-"),
+            ("request_size", str(stream.bytesReceived)),
+            ("response_size", str(stream.bytesSent)),
+        )
         if error:
-            tags.append(("error", "true"))
+            tags.append(_ERROR_TAG)
         route = stream.route
-        remote = None
-        if peer is not None and getattr(peer, "host", None) is not None:
-            remote = (peer.host, peer.port)
         return Span(trace.traceId, trace.spanId, trace.parentId,
                     "%s/%s" % (route.table, route.name) if route is not None else "ingress",
                     stream.startTime, endTime - stream.startTime, tags, error, remote, trace.debug)
