@@ -5,6 +5,7 @@ Tests for trace-context propagation (L{twistedmesh.observability.tracing}).
 from __future__ import annotations
 
 import random
+import uuid
 
 from twisted.trial import unittest
 
@@ -14,10 +15,12 @@ from twistedmesh.observability.tracing import (
     FORMAT_W3C,
     TraceContext,
     capTracestate,
+    newRequestId,
     parseB3,
     parseB3Multi,
     parseTraceparent,
     propagate,
+    sampledByTraceId,
 )
 
 TRACE = b"0af7651916cd43dd8448eb211c80319c"
@@ -319,7 +322,7 @@ class PropagateTests(unittest.TestCase):
         """
         traceField = (b"x-b3-traceid", TRACE)
         headers = [traceField, (b"x-b3-spanid", SPAN), (b"x-b3-parentspanid", PARENT)]
-        context = propagate(headers, random.Random(3), 0.5)
+        context = propagate(headers, random.Random(3), 0.0)
         self.assertEqual(context.parentId, SPAN)
         self.assertIs(context.format, FORMAT_B3_MULTI)
         self.assertEqual(headers, [traceField, (b"x-b3-spanid", context.spanId), (b"x-b3-parentspanid", SPAN),
@@ -366,13 +369,69 @@ class PropagateTests(unittest.TestCase):
 
     def test_samplingDecided(self):
         """
-        Without an incoming decision, sampling is random() < sampleRate, after the ids are drawn.
+        Without an incoming decision, the trace id decides: sampled when its last 14 hex digits are below
+        C{sampleRate * 2**56} (OpenTelemetry's ratio rule), so every proxy decides the same for a trace, and
+        no number is drawn for it.
         """
-        # After the ids, Random(3) draws 0.6039... and Random(1) 0.2550...; after a span id alone, Random(3) 0.5442...
-        self.assertIs(propagate([], random.Random(3), 0.5).sampled, False)
-        self.assertIs(propagate([], random.Random(1), 0.5).sampled, True)
-        self.assertIs(propagate([(b"b3", TRACE + b"-" + SPAN)], random.Random(3), 0.75).sampled, True)
+        outcomes = set()
+        for seed in range(200):
+            rng = random.Random(seed)
+            context = propagate([], rng, 0.5)
+            self.assertIs(context.sampled, int(context.traceId[-14:], 16) < 2 ** 55)
+            outcomes.add(context.sampled)
+            reference = random.Random(seed)
+            reference.getrandbits(192)
+            self.assertEqual(rng.getrandbits(32), reference.getrandbits(32))  # the ids' draw only
+        self.assertEqual(outcomes, {True, False})
+        # An incoming trace without a decision: its own id decides, whatever the random.
+        value = int(TRACE[-14:], 16)
+        below, above = (value - 64) / 2 ** 56, (value + 64) / 2 ** 56  # a float holds 53 bits of a 56-bit number
+        for seed in (1, 2, 3):
+            self.assertIs(propagate([(b"b3", TRACE + b"-" + SPAN)], random.Random(seed), below).sampled, False)
+            self.assertIs(propagate([(b"b3", TRACE + b"-" + SPAN)], random.Random(seed), above).sampled, True)
+        # A 64-bit B3 trace id has 56 bits to decide too.
+        short = b"00000000000000ff"
+        self.assertIs(propagate([(b"b3", short + b"-" + SPAN)], random.Random(1), 256 / 2 ** 56).sampled, True)
+        self.assertIs(propagate([(b"b3", short + b"-" + SPAN)], random.Random(1), 255 / 2 ** 56).sampled, False)
         self.assertIs(propagate([], random.Random(1), 0.0).sampled, False)
+        self.assertIs(propagate([], random.Random(1), 1.0).sampled, True)
+        self.assertTrue(sampledByTraceId(b"f" * 32, 1.0))
+        self.assertFalse(sampledByTraceId(b"0" * 31 + b"1", 0.0))
+
+    def test_requestIdFromTheTrace(self):
+        """
+        With C{requestId=False} and no trace coming in, one 192-bit draw makes the span id, the trace id and
+        an x-request-id: a canonical version 4 UUID whose 32 hex digits are the trace id.
+        """
+        for seed in range(300):
+            rng = random.Random(seed)
+            headers = [(b"user-agent", b"x")]
+            context = propagate(headers, rng, 0.25, requestId=False)
+            names = [name for name, _ in headers]
+            self.assertEqual(names, [b"user-agent", b"x-request-id", b"traceparent"])
+            requestId = headers[1][1]
+            parsed = uuid.UUID(requestId.decode("ascii"))
+            self.assertEqual((parsed.version, parsed.variant), (4, uuid.RFC_4122))
+            self.assertEqual(str(parsed).encode("ascii"), requestId)
+            self.assertEqual(requestId.replace(b"-", b""), context.traceId)
+            self.assertEqual(parseTraceparent(headers[2][1]).traceId, context.traceId)
+            self.assertEqual(len(context.spanId), 16)
+            reference = random.Random(seed)
+            reference.getrandbits(192)
+            self.assertEqual(rng.getrandbits(32), reference.getrandbits(32))  # one draw for everything
+
+    def test_requestIdBesideIncomingTrace(self):
+        """
+        With C{requestId=False} and a trace coming in, the x-request-id is a UUID of its own, drawn after
+        the span id; the trace id stays the incoming one.
+        """
+        headers = [(b"traceparent", TP)]
+        context = propagate(headers, random.Random(1), 0.0, requestId=False)
+        self.assertEqual(context.traceId, TRACE)
+        reference = random.Random(1)
+        reference.getrandbits(64)
+        self.assertEqual(headers[-1], (b"x-request-id", newRequestId(reference)))
+        self.assertEqual(len([n for n, _ in headers if n == b"x-request-id"]), 1)
 
     def test_neverRaises(self):
         """

@@ -315,6 +315,27 @@ class RecorderTests(unittest.TestCase):
         self.assertEqual((span.traceId, span.parentId, span.error), (TRACE, SPAN, True))
         self.assertEqual((tags(span)["http.protocol"], tags(span)["http.url"]), ("HTTP/2", "https://x/502"))
 
+    def test_requestIdIsTraceId(self):
+        """
+        A request that brings neither an x-request-id nor a trace gets both from one draw, in HTTP/1.1 and
+        HTTP/2: the request id's digits are the trace id, so the access log's request id finds the trace.
+        A request id the client sent is kept, and the trace is then drawn apart.
+        """
+        proto, t, clock, spans = self.h1()
+        proto.dataReceived(b"GET /200 HTTP/1.1\r\nHost: x\r\n\r\n"
+                           b"GET /200 HTTP/1.1\r\nHost: x\r\nx-request-id: from-client\r\n\r\n")
+        first, second = spans
+        self.assertEqual(tags(first)["guid:x-request-id"].replace("-", "").encode("ascii"), first.traceId)
+        self.assertEqual(tags(second)["guid:x-request-id"], "from-client")
+        self.assertEqual(len(second.traceId), 32)
+
+        h2spans = Spans()
+        peer, proto, clock, stats = h2(lambda s: Answering(), traceSampleRate=1.0,
+                                       accessLog=SpanRecorder(h2spans))
+        peer.request([(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"x"), (b":path", b"/200")])
+        [only] = h2spans
+        self.assertEqual(tags(only)["guid:x-request-id"].replace("-", "").encode("ascii"), only.traceId)
+
 
 def span(n: int = 1, parent: bool = True, trace: bytes = TRACE, error: bool = False) -> Span:
     return Span(trace, b"%016x" % n, SPAN if parent else None, "main/api", 1700000000.5, 0.0125,

@@ -985,11 +985,12 @@ class HTTP2Connection(protocol.Protocol):
             kept.append((b"x-forwarded-proto", self.forwardedProto))
             if xfcc is not None or settings.forwardClientCert in XFCC_ADDS:
                 kept.extend(forwardedClientCert(self, settings.forwardClientCert, xfcc))
-            if not requestId:
+            if not requestId and settings.traceSampleRate is None:
                 kept.append((b"x-request-id", newRequestId(settings.random)))
         trace = None
         if settings.traceSampleRate is not None and malformed is None:
-            trace = propagate(kept, settings.random, settings.traceSampleRate)
+            # A missing x-request-id is made by propagate: from the new trace's own draw when no trace came in.
+            trace = propagate(kept, settings.random, settings.traceSampleRate, requestId=requestId)
         refusal = None
         if malformed is not None:
             pass

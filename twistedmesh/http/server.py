@@ -14,7 +14,6 @@ producer the router registers for the response (the upstream connection).
 from __future__ import annotations
 
 import random as _random
-from binascii import hexlify as _hexlify
 from collections import deque
 from typing import Callable, Deque, List, Optional, Sequence
 
@@ -24,24 +23,11 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from . import h1
-from ..observability.tracing import TRACE_FIELDS, propagate
+from ..observability.tracing import TRACE_FIELDS, newRequestId, propagate
 from .output import Output
 from .stream import Stream
 from .xfcc import XFCC_ADDS, forwardedClientCert
 
-
-# The bits of a version 4 UUID (RFC 9562) that are not random: the version nibble (4) and the variant (0b10).
-_UUID_RANDOM = ((1 << 128) - 1) ^ (0xF << 76) ^ (0x3 << 62)
-_UUID_V4 = (0x4 << 76) | (0x2 << 62)
-
-
-def newRequestId(random) -> bytes:
-    """
-    A random (version 4) UUID as bytes, from the injected random; cheaper than building a C{uuid.UUID}.
-    """
-    # One C call for all 32 hex digits; a %x of a 128-bit int, or a format per group, costs more.
-    h = _hexlify(((random.getrandbits(128) & _UUID_RANDOM) | _UUID_V4).to_bytes(16, "big"))
-    return b"-".join((h[:8], h[8:12], h[12:16], h[16:20], h[20:]))
 
 _NO_BODY_STATUSES = frozenset((204, 304))
 # The request fields the connection manager itself looks at (requestHead); all others pass untouched. The
@@ -363,10 +349,12 @@ class HTTPConnection(protocol.Protocol):
         if xfcc is not None or settings.forwardClientCert in XFCC_ADDS:
             kept.extend(forwardedClientCert(self, settings.forwardClientCert, xfcc))
         stream.scheme = self.scheme
-        if not requestId:
-            kept.append((b"x-request-id", newRequestId(settings.random)))
-        if settings.traceSampleRate is not None:
-            stream.state["trace"] = propagate(kept, settings.random, settings.traceSampleRate, traced)
+        if settings.traceSampleRate is None:
+            if not requestId:
+                kept.append((b"x-request-id", newRequestId(settings.random)))
+        else:
+            # A missing x-request-id is made by propagate: from the new trace's own draw when no trace came in.
+            stream.state["trace"] = propagate(kept, settings.random, settings.traceSampleRate, traced, requestId)
         connect = False
         if upgrade:
             if method == b"CONNECT":

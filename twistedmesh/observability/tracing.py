@@ -15,12 +15,16 @@ Rules:
     C{traceparent} only, and at most 512 bytes of it are kept, whole list members only (W3C section
     3.3.1.5); without a valid C{traceparent} it is dropped, as the W3C spec requires.
   - Sampling: an incoming decision is honoured (W3C flag bit 0; B3 C{1}/C{0}/C{d}, C{x-b3-sampled},
-    C{x-b3-flags: 1}); otherwise the request is sampled with probability C{sampleRate}.
-  - Randomness comes from the injected C{random}, in this order: the ids, then sampling
-    (C{random.random()}, only when there is no incoming decision and C{0 < sampleRate < 1}). The ids are
-    the span id alone (64 bits) when a trace came in; for a new trace, one 192-bit draw whose low 64 bits
-    are the span id and high 128 the trace id (the same numbers as the span id's draw then the trace
-    id's, in one call).
+    C{x-b3-flags: 1}); otherwise the trace id decides, as OpenTelemetry's TraceIdRatioBased sampler does:
+    the trace is sampled when the number in its last 14 hex digits (56 bits, random in W3C's level 2 ids
+    and in ours) is below C{sampleRate * 2**56}. Every proxy with the same rate decides the same for a
+    trace, and the decision costs no draw.
+  - Randomness comes from the injected C{random}: the span id alone (64 bits) when a trace came in; for a
+    new trace, one 192-bit draw whose low 64 bits are the span id and high 128 the trace id (the same
+    numbers as the span id's draw then the trace id's, in one call). When the caller also needs an
+    C{x-request-id} (L{propagate}'s C{requestId=False}) and no trace came in, the same draw makes it: the
+    trace id's bits become a version 4 UUID, whose 32 hex digits are the trace id, so that the access
+    log's request id finds the trace.
 
 Ids are lowercase hex bytes, as on the wire; a 64-bit B3 trace id stays 16 characters.
 
@@ -69,6 +73,15 @@ _ZERO16 = b"0" * 16
 _ZERO32 = b"0" * 32
 _SPAN_RANGE = 1 << 64  # a new trace's 192-bit draw below this has an all-zero trace id
 _SPAN_MASK = _SPAN_RANGE - 1  # its span id's bits
+# A version 4 UUID's fixed bits (the version nibble 4, the variant 0b10), placed in the trace-id part of a
+# 192-bit draw: the trace id that is also an x-request-id. Its version bits make it never all zero.
+_UUID_RANDOM = ((1 << 128) - 1) ^ (0xF << 76) ^ (0x3 << 62)
+_UUID_V4 = (0x4 << 76) | (0x2 << 62)
+_DRAW_AS_UUID = (_UUID_RANDOM << 64) | _SPAN_MASK
+_DRAW_UUID_BITS = _UUID_V4 << 64
+_RATIO_BITS = (1 << 56) - 1  # the trace id's bits that decide sampling (its last 14 hex digits)
+_RATIO_SCALE = float(1 << 56)
+X_REQUEST_ID = b"x-request-id"
 _TRACEPARENT_SAMPLED = b"00-%s-01"  # % b"<trace id>-<span id>"
 _TRACEPARENT_UNSAMPLED = b"00-%s-00"
 _DASH = 45  # ord("-")
@@ -287,18 +300,39 @@ def _newIds(random) -> bytes:
     return _hexlify(bits.to_bytes(24, "big"), b"-", -16)
 
 
-def propagate(headers: Headers, random, sampleRate: float, traced: bool = True) -> TraceContext:
+def newRequestId(random) -> bytes:
+    """
+    A random (version 4) UUID as bytes, from the injected random; cheaper than building a C{uuid.UUID}.
+    """
+    # One C call for all 32 hex digits; a %x of a 128-bit int, or a format per group, costs more.
+    h = _hexlify(((random.getrandbits(128) & _UUID_RANDOM) | _UUID_V4).to_bytes(16, "big"))
+    return b"-".join((h[:8], h[8:12], h[12:16], h[16:20], h[20:]))
+
+
+def sampledByTraceId(traceId: bytes, sampleRate: float) -> bool:
+    """
+    The decision for a trace that came without one: whether the number in C{traceId}'s last 14 hex digits
+    is below C{sampleRate * 2**56} (OpenTelemetry's TraceIdRatioBased rule, on W3C's random low 56 bits).
+    """
+    return sampleRate >= 1.0 or (sampleRate > 0.0 and int(traceId[-14:], 16) < sampleRate * _RATIO_SCALE)
+
+
+def propagate(headers: Headers, random, sampleRate: float, traced: bool = True,
+              requestId: bool = True) -> TraceContext:
     """
     Read the incoming trace context from C{headers}, make the proxy's span its child, decide sampling
-    (an incoming decision wins; else C{random.random() < sampleRate}), and rewrite C{headers} in place for
-    the upstream (see the module docstring for the rules). Never raises on header values.
+    (an incoming decision wins; else the trace id decides, see L{sampledByTraceId}), and rewrite
+    C{headers} in place for the upstream (see the module docstring for the rules). Never raises on header
+    values.
 
     @param headers: the request's fields, lowercased names; changed in place (only trace fields are
         replaced, removed or appended; the other tuples stay where and what they are).
-    @param random: a L{random.Random}-like source (C{getrandbits}, C{random}).
+    @param random: a L{random.Random}-like source (C{getrandbits}).
     @param sampleRate: the probability, from 0 to 1, of sampling a request with no incoming decision.
     @param traced: False when the caller already knows that no field named in L{TRACE_FIELDS} is among
         C{headers} (a connection manager that looked at every name anyway): the scan for them is skipped.
+    @param requestId: False when C{headers} has no C{x-request-id} and the caller wants one appended: for
+        a new trace it comes from the trace's own draw (its digits are the trace id's).
     @return: the proxy's trace context.
     """
     # The common case first: no trace field came in. One pass that allocates nothing, then a new trace
@@ -307,15 +341,25 @@ def propagate(headers: Headers, random, sampleRate: float, traced: bool = True) 
     if traced:
         for field in headers:
             if field[0] in _NAMES:
-                return _propagateFound(headers, [i for i, f in enumerate(headers) if f[0] in _NAMES], random,
-                                       sampleRate)
-    # _newIds(), inlined (a call costs a tenth of this path): one draw for both ids, and one C call that
-    # writes them in hex with the dash between them that the traceparent wants.
+                context = _propagateFound(headers, [i for i, f in enumerate(headers) if f[0] in _NAMES],
+                                          random, sampleRate)
+                if not requestId:
+                    headers.append((X_REQUEST_ID, newRequestId(random)))
+                return context
+    # _newIds(), inlined (a call costs a tenth of this path): one draw for both ids (and the request id),
+    # and one C call that writes them in hex with the dash between them that the traceparent wants.
     bits = random.getrandbits(192)
-    if bits < _SPAN_RANGE or not bits & _SPAN_MASK:  # an all-zero id: one chance in 2**64
-        bits = _nonZeroIds(random, bits)
-    ids = _hexlify(bits.to_bytes(24, "big"), b"-", -16)
-    if sampleRate >= 1.0 or (sampleRate > 0.0 and random.random() < sampleRate):
+    if requestId:
+        if bits < _SPAN_RANGE or not bits & _SPAN_MASK:  # an all-zero id: one chance in 2**64
+            bits = _nonZeroIds(random, bits)
+        ids = _hexlify(bits.to_bytes(24, "big"), b"-", -16)
+    else:
+        bits = (bits & _DRAW_AS_UUID) | _DRAW_UUID_BITS
+        if not bits & _SPAN_MASK:
+            bits = _nonZeroIds(random, bits)
+        ids = _hexlify(bits.to_bytes(24, "big"), b"-", -16)
+        headers.append((X_REQUEST_ID, b"-".join((ids[:8], ids[8:12], ids[12:16], ids[16:20], ids[20:32]))))
+    if sampleRate >= 1.0 or (sampleRate > 0.0 and (bits >> 64) & _RATIO_BITS < sampleRate * _RATIO_SCALE):
         sampled = True
         headers.append((TRACEPARENT, _TRACEPARENT_SAMPLED % ids))
     else:
@@ -396,7 +440,7 @@ def _propagateFound(headers: Headers, found: List[int], random, sampleRate: floa
                                decisionOnly.sampled if decisionOnly is not None else None, fmt,
                                decisionOnly.debug if decisionOnly is not None else False)
     if context.sampled is None:
-        context.sampled = sampleRate >= 1.0 or (sampleRate > 0.0 and random.random() < sampleRate)
+        context.sampled = sampledByTraceId(context.traceId, sampleRate)
     sampled = context.sampled
 
     append: Headers = []
