@@ -1081,6 +1081,36 @@ class CompiledFunctionTests(unittest.TestCase):
         s = makeStream(requestHeaders=[(b"user-agent", b"caf\xc3\xa9")])
         self.assertEqual(fmt.render(s, END), b'caf\xc3\xa9 - "/api/v1/locations" 204\n')
 
+    def test_literalPercentWithoutOperators(self):
+        """
+        A line with no operator left (a TCP line of HTTP-only ones, a JSON key with a %) has single %s.
+        """
+        s = makeStream()
+        self.assertEqual(compileFormat("100%% done").render(s, END), b"100% done\n")
+        self.assertEqual(compileFormat("%RESPONSE_CODE% %REQ(:PATH)% 50%%", "tcp").render(s, END), b"0 - 50%\n")
+        self.assertEqual(compileJSONFormat([("p%", "%REQ(:PATH)%")], "tcp").render(s, END), b'{"p%":null}\n')
+
+    def test_unencodableText(self):
+        """
+        Text that cannot be UTF-8 (a lone surrogate from some error message) is escaped, not a lost line,
+        in a format of non-ASCII text and in JSON as in the bytes path.
+        """
+        s = makeStream()
+        s.state["upstreamTransportFailureReason"] = "bad \udcff"
+        for fmt in ("\u00e9 %UPSTREAM_TRANSPORT_FAILURE_REASON%", "a %UPSTREAM_TRANSPORT_FAILURE_REASON%"):
+            line = compileFormat(fmt).render(s, END)
+            self.assertTrue(line.endswith(b"bad \\udcff\n"), line)
+        line = compileJSONFormat([("r", "x %UPSTREAM_TRANSPORT_FAILURE_REASON%")]).render(s, END)
+        self.assertEqual(json.loads(line), {"r": "x bad \udcff"})
+
+    def test_emptyFlag(self):
+        """
+        Flags that join to nothing log as C{-} in both paths.
+        """
+        fmt = compileFormat("%RESPONSE_FLAGS%")
+        self.assertEqual(fmt.render(makeStream(responseFlags=[""]), END), b"-\n")
+        self.assertEqual(fmt.text(makeStream(responseFlags=[""]), END), "-\n")
+
     def test_truncationNotASCII(self):
         """
         A cut counts characters, not bytes, even through the cut in the middle of a UTF-8 sequence.

@@ -398,6 +398,18 @@ class PropagateTests(unittest.TestCase):
         self.assertTrue(sampledByTraceId(b"f" * 32, 1.0))
         self.assertFalse(sampledByTraceId(b"0" * 31 + b"1", 0.0))
 
+    def test_newContextCopies(self):
+        """
+        A new trace's context copies and pickles as the plain context it stands for.
+        """
+        import copy
+        import pickle
+
+        context = propagate([], random.Random(1), 1.0)
+        for twin in (copy.copy(context), copy.deepcopy(context), pickle.loads(pickle.dumps(context))):
+            self.assertEqual(twin, TraceContext(SEED1_TRACE, SEED1_SPAN, None, True, FORMAT_W3C))
+            twin.parentId = b"x"  # a plain context again: writable
+
     def test_requestIdFromTheTrace(self):
         """
         With C{requestId=False} and no trace coming in, one 192-bit draw makes the span id, the trace id and

@@ -821,18 +821,19 @@ class _Source:
             fast = returning(textValues, ".decode()")
             fast[-1] = f"return ({fast[-1][len('return '):]}).encode()"
             source += ("def render(r, e):\n    try:\n" + _indent(fast, 2)
-                       + "    except UnicodeDecodeError:\n        return text(r, e).encode()\n")
+                       + "    except UnicodeError:  # bytes that are not UTF-8, text that cannot be UTF-8\n"
+                       + "        return text(r, e).encode('utf-8', 'backslashreplace')\n")
         else:
             # Text lines as bytes from the start: header bytes go in as they are, with no decoding per value
             # or encoding per line. A line that is all ASCII (nearly every one) is exactly the reference's
             # bytes; any other renders the reference way, which escapes what is not UTF-8.
-            convs = [conv for _, _, conv in slots] + [""]
-            data = self.const("".join(lit.replace("%", "%%") + conv for lit, conv in zip(literals, convs))
-                              .encode("ascii"))
             if slots:
+                convs = [conv for _, _, conv in slots] + [""]
+                data = self.const("".join(lit.replace("%", "%%") + conv for lit, conv in zip(literals, convs))
+                                  .encode("ascii"))
                 line = f"line = {data} % ({', '.join(d for _, d, _ in slots)},)"
             else:
-                line = f"line = {data}"
+                line = f"line = {self.const(literal.encode('ascii'))}"  # no template: no %% to undo
             source += ("def render(r, e):\n    try:\n" + _indent(body + [line], 2)
                        + "    except (TypeError, UnicodeError):  # a value of an unexpected type or text\n"
                        + "        return text(r, e).encode('utf-8', 'backslashreplace')\n"
@@ -950,7 +951,7 @@ def _inlineCode(piece: _Piece, src: _Source) -> Optional[List[_Slot]]:
             src.lines.append(f"{var} = {join}(r.responseFlags)")
             return [(f"(_enc({var}) if {var} else 'null')", "", "")]
         return [(f"({join}(r.responseFlags) or '-')",
-                 f"(b'-' if not r.responseFlags else {join}(r.responseFlags).encode())", "%s")]
+                 f"(b'-' if not r.responseFlags else ({join}(r.responseFlags).encode() or b'-'))", "%s")]
     if name == "UPSTREAM_HOST":
         # endpoint string -> (text, bytes) of its address: hosts are few and their endpoints never change.
         cache: Dict[str, Tuple[str, bytes]] = {}

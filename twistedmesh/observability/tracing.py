@@ -145,6 +145,10 @@ class _NewTraceContext(TraceContext):
     def spanId(self) -> bytes:
         return self.ids[33:]
 
+    def __reduce__(self):
+        # copy and pickle: as the plain context it stands for (the read-only names could not be set back).
+        return TraceContext, (self.traceId, self.spanId, None, self.sampled, FORMAT_W3C, False)
+
 
 def _isId(value: bytes, size: int, zero: bytes) -> bool:
     """
