@@ -5,6 +5,7 @@ exported to a Zipkin collector) against the same proxy with both off, in one run
 with wrk the way benchmarks/http1.py measures (its helpers are imported, not copied).
 
     python3 benchmarks/observability.py [--duration 5] [--rounds 3] [--connections 50]
+    python3 benchmarks/observability.py --apart [--rounds 5]        # also the log alone, tracing alone
     python3 benchmarks/observability.py --no-sockets [--rounds 5]   # the proxy's own work only
 
 Both proxies run at once, each pinned to CPU 1 (the origin, nginx, and wrk on CPU 0); wrk loads one at a
@@ -88,18 +89,19 @@ tracing.sample_rate = 1
 ACCESS_LOG = "access_log = {path}\n"
 
 
-def startMesh(bench: http1.Bench, procs: Procs, tmp: str, name: str, observed: bool) -> Tuple[Proc, int]:
+def startMesh(bench: http1.Bench, procs: Procs, tmp: str, name: str) -> Tuple[Proc, int]:
     """
-    Start a twistedmesh in front of the origin, with the access log and tracing (C{observed}) or without.
+    Start a twistedmesh in front of the origin, with what variant C{name} (of L{VARIANTS}) turns on.
     """
+    log, trace = name in ("log", "on"), name in ("trace", "on")
     port, admin = freePort(), freePort()
     conf = os.path.join(tmp, f"mesh-{name}.ini")
     accessLog = os.path.join(tmp, f"access-{name}.log")
     with open(conf, "w") as f:
         f.write(MESH_CONF.format(
             admin=admin, port=port, origin=bench.originPort,
-            tracing=TRACING.format(origin=bench.originPort) if observed else "",
-            accessLog=ACCESS_LOG.format(path=accessLog) if observed else "",
+            tracing=TRACING.format(origin=bench.originPort) if trace else "",
+            accessLog=ACCESS_LOG.format(path=accessLog) if log else "",
         ))
     argv = [sys.executable, twistdScript(), "-n", "--pidfile=", "twistedmesh", "--config", conf]
     p = procs.start(f"twistedmesh ({name})", pinned(bench.cpu(PROXY_CPU), argv),
@@ -315,6 +317,9 @@ def parseArgs(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=50000, help="requests for the stats measurement")
     p.add_argument("--wrk", default="/usr/bin/wrk", help="the wrk binary (default /usr/bin/wrk)")
     p.add_argument("--nginx", default="/usr/sbin/nginx", help="the nginx binary (default /usr/sbin/nginx)")
+    p.add_argument("--apart", action="store_true",
+                   help="under load, also a proxy with the access log alone and one with tracing alone "
+                        "(four proxies taking turns)")
     p.add_argument("--no-sockets", action="store_true",
                    help="only the measurements without sockets (no wrk, no nginx): stats, the access log and "
                         "tracing apart and together; --rounds runs of each")
@@ -337,22 +342,27 @@ def run(opts: argparse.Namespace, tmp: str, procs: Procs) -> int:
     print(f"  wrk -t1 -c{opts.connections} -d{opts.duration}s, {opts.rounds} alternating runs per proxy, "
           f"{http1.WARMUP_SECONDS}s warm-up each")
     print("  off: stats only (they cannot be turned off); on: stats + access log to a file + tracing "
-          "at 1% (Zipkin export)")
+          "at 1% (Zipkin export)" + ("; log, trace: each alone" if opts.apart else ""))
 
     origin = bench.startOrigin()
     print(f"\norigin: {bench.originName} on 127.0.0.1:{bench.originPort}")
+    names = VARIANTS if opts.apart else ("off", "on")
     proxies: Dict[str, Tuple[Proc, int]] = {}
-    for name, observed in (("off", False), ("on", True)):
-        proxies[name] = startMesh(bench, procs, tmp, name, observed)
+    for name in names:
+        proxies[name] = startMesh(bench, procs, tmp, name)
         if not bench.checkAnswer(proxies[name][0], proxies[name][1], f"twistedmesh ({name})"):
             raise BenchError(f"twistedmesh ({name}) does not proxy correctly")
 
-    runs: Dict[str, List[float]] = {"off": [], "on": []}
+    runs: Dict[str, List[float]] = {name: [] for name in names}
     print("\nmeasuring")
     for name, (proc, port) in proxies.items():
         bench.wrk(port, opts.connections, http1.WARMUP_SECONDS)
     for i in range(opts.rounds):
-        order = ("off", "on") if i % 2 == 0 else ("on", "off")
+        # Each round in a different order (and every other one reversed), so that no variant always runs
+        # right after the same other one.
+        order = list(names[i % len(names):]) + list(names[:i % len(names)])
+        if i % 2:
+            order.reverse()
         for name in order:
             proc, port = proxies[name]
             r = bench.wrk(port, opts.connections, opts.duration)
@@ -372,7 +382,7 @@ def run(opts: argparse.Namespace, tmp: str, procs: Procs) -> int:
     procs.stop(origin)
 
     off, on = statistics.median(runs["off"]), statistics.median(runs["on"])
-    # Each round's two runs are back to back, so their ratio is what a drift of the machine's speed (a
+    # Each round's runs are close in time, so their ratio is what a drift of the machine's speed (a
     # shared VM's neighbours) disturbs least: the headline is the median of the rounds' overheads.
     paired = sorted(100.0 * (a - b) / a for a, b in zip(runs["off"], runs["on"]) if a)
     overhead = statistics.median(paired) if paired else float("nan")
@@ -384,6 +394,10 @@ def run(opts: argparse.Namespace, tmp: str, procs: Procs) -> int:
           f"{100.0 * (off - on) / off:.1f}%")
     print(f"access log + tracing 1% overhead (median of the rounds): {overhead:.1f}% of req/s "
           f"({lines:,} access-log lines written by the 'on' proxy)")
+    for name, label in (("log", "access log alone"), ("trace", "tracing 1% alone")):
+        if name in runs:
+            alone = statistics.median([100.0 * (a - b) / a for a, b in zip(runs["off"], runs[name]) if a])
+            print(f"{label} (median of the rounds): {alone:.1f}% of req/s")
 
     print("\nstats, without sockets (benchmarks/hotpath.py's request)")
     s = statsCost(opts.requests)
