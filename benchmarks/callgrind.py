@@ -17,6 +17,7 @@ Two measurements:
   and the system calls per request are listed (a run with the warm-up alone is subtracted).
 
     python3 benchmarks/callgrind.py hotpath [--requests 2000]
+    python3 benchmarks/callgrind.py hotpath --observability log,trace,on   # what each adds (deterministic)
     python3 benchmarks/callgrind.py reactor [--requests 2000] [--connections 1]
     python3 benchmarks/callgrind.py reactor --strace
     python3 benchmarks/callgrind.py reactor --cprofile FILE   # where the time goes, with the same load
@@ -85,25 +86,63 @@ def totalInstructions(outfile: str) -> int:
 # -- hotpath ------------------------------------------------------------------------------------------------
 
 
-def hotpathChild(n: int) -> None:
+def hotpathChild(n: int, variant: str = "") -> None:
     sys.path.insert(0, HERE)
     import hotpath
 
-    down, downT, up, upT = hotpath.setup()
-    hotpath.run(n, down, downT, up, upT)
+    if not variant:
+        down, downT, up, upT = hotpath.setup()
+        hotpath.run(n, down, downT, up, upT)
+        return
+    # With the access log and/or tracing of benchmarks/observability.py's VARIANTS: its writer thread
+    # reports through the reactor, so the requests run in chunks with those reports run in between.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("twistedmesh_benchmarks_observability",
+                                                  os.path.join(HERE, "observability.py"))
+    observability = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(observability)
+    reactorClass, drain = observability.threadReportingReactor()
+    with tempfile.TemporaryDirectory() as tmp:
+        hotpath.CONFIG = observability.hotpathConfig(hotpath, tmp, variant)
+        hotpath.MemoryReactorClock = reactorClass
+        setup = hotpath.setup()
+        while n > 0:
+            chunk = min(n, 1024)
+            hotpath.run(chunk, *setup)
+            drain()
+            n -= chunk
 
 
-def hotpath(opts) -> None:
+def hotpathCount(opts, variant: str) -> float:
+    """
+    Instructions per request of hotpath.py's request with C{variant} (C{""}: as hotpath.py configures it).
+    """
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in (opts.warm, opts.warm + opts.requests):
             out = os.path.join(tmp, f"cg.{n}")
-            subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
-                            os.path.abspath(__file__), "hotpath-child", "--requests", str(n)],
+            argv = [sys.executable, os.path.abspath(__file__), "hotpath-child", "--requests", str(n)]
+            if variant:
+                argv += ["--observability", variant]
+            subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"] + argv,
                            check=True, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             results.append(totalInstructions(out))
-    per = (results[1] - results[0]) / opts.requests
-    print(f"hotpath: {per:,.0f} instructions per proxied request (in memory, {opts.requests} requests)")
+    return (results[1] - results[0]) / opts.requests
+
+
+def hotpath(opts) -> None:
+    if not opts.observability:
+        per = hotpathCount(opts, "")
+        print(f"hotpath: {per:,.0f} instructions per proxied request (in memory, {opts.requests} requests)")
+        return
+    counts = {}
+    for variant in ["off"] + [v for v in opts.observability.split(",") if v != "off"]:
+        counts[variant] = hotpathCount(opts, variant)
+        extra = counts[variant] - counts["off"]
+        print(f"hotpath, {variant:>5}: {counts[variant]:,.0f} instructions per proxied request"
+              + (f" ({extra:+,.0f}, {100.0 * extra / counts['off']:+.1f}%)" if variant != "off" else ""),
+              flush=True)
 
 
 # -- reactor ------------------------------------------------------------------------------------------------
@@ -331,9 +370,12 @@ def main() -> None:
     parser.add_argument("--keep", metavar="FILE", help="reactor: keep the callgrind output here")
     parser.add_argument("--cprofile", metavar="FILE", help="reactor: run the proxy under cProfile instead")
     parser.add_argument("--log", metavar="FILE", help="reactor: write the proxy output here")
+    parser.add_argument("--observability", metavar="VARIANTS", default="",
+                        help="hotpath: with the access log and/or 1%% tracing of benchmarks/observability.py, "
+                             "comma-separated among log, trace, on (each compared with off)")
     opts = parser.parse_args()
     if opts.mode == "hotpath-child":
-        hotpathChild(opts.requests)
+        hotpathChild(opts.requests, opts.observability)
     elif opts.mode == "hotpath":
         hotpath(opts)
     elif opts.strace:

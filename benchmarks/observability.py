@@ -35,7 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from twisted.internet.testing import MemoryReactorClock
 
@@ -220,6 +220,43 @@ def statsCost(requests: int) -> Dict[str, float]:
 VARIANTS = ("off", "log", "trace", "on")  # neither; access log only; tracing 1% only; both
 
 
+def hotpathConfig(hotpath, tmp: str, variant: str) -> str:
+    """
+    benchmarks/hotpath.py's configuration (C{hotpath}, the loaded module) with what C{variant} (of
+    L{VARIANTS}) turns on: the access log to a file in C{tmp}, tracing at 1%.
+    """
+    text = hotpath.CONFIG
+    if variant in ("trace", "on"):
+        text = text.replace("[mesh]\n", "[mesh]\n" + TRACING.format(origin=9), 1)
+    if variant in ("log", "on"):
+        text = text.replace("routes = main\n", "routes = main\n" + ACCESS_LOG.format(
+            path=os.path.join(tmp, f"hotpath-{variant}.log")), 1)
+    if (variant in ("trace", "on")) != (text.count("tracing.") == 3) or (
+            variant in ("log", "on")) != ("access_log" in text):
+        raise BenchError("benchmarks/hotpath.py's CONFIG changed: cannot add the access log and tracing to it")
+    return text
+
+
+def threadReportingReactor() -> Tuple[type, Callable[[], None]]:
+    """
+    A memory reactor class that takes the access log's writer-thread reports (C{callFromThread}), and the
+    function that runs them: a caller runs them between chunks of requests, as a reactor would between
+    events.
+    """
+    reports: "queue.SimpleQueue" = queue.SimpleQueue()
+
+    class Reactor(MemoryReactorClock):
+        def callFromThread(self, f, *args, **kwargs) -> None:
+            reports.put((f, args, kwargs))
+
+    def drain() -> None:
+        while not reports.empty():
+            f, args, kwargs = reports.get()
+            f(*args, **kwargs)
+
+    return Reactor, drain
+
+
 def hotPathCost(tmp: str, requests: int, rounds: int, variants: Sequence[str] = ("off", "on")) -> Dict[str, float]:
     """
     benchmarks/hotpath.py's request (memory transports, no reactor) on proxies with and without the access
@@ -229,31 +266,7 @@ def hotPathCost(tmp: str, requests: int, rounds: int, variants: Sequence[str] = 
     them costs.
     """
     hotpath = _sibling("hotpath")
-
-    def config(variant: str) -> str:
-        text = hotpath.CONFIG
-        if variant in ("trace", "on"):
-            text = text.replace("[mesh]\n", "[mesh]\n" + TRACING.format(origin=9), 1)
-        if variant in ("log", "on"):
-            text = text.replace("routes = main\n", "routes = main\n" + ACCESS_LOG.format(
-                path=os.path.join(tmp, f"hotpath-{variant}.log")), 1)
-        if (variant in ("trace", "on")) != (text.count("tracing.") == 3) or (
-                variant in ("log", "on")) != ("access_log" in text):
-            raise BenchError("benchmarks/hotpath.py's CONFIG changed: cannot add the access log and tracing to it")
-        return text
-
-    reports: "queue.SimpleQueue" = queue.SimpleQueue()
-
-    class Reactor(MemoryReactorClock):
-        # The access log's writer thread reports each written batch through callFromThread; they are run
-        # between chunks of requests, as a reactor would run them between events.
-        def callFromThread(self, f, *args, **kwargs) -> None:
-            reports.put((f, args, kwargs))
-
-    def drain() -> None:
-        while not reports.empty():
-            f, args, kwargs = reports.get()
-            f(*args, **kwargs)
+    reactorClass, drain = threadReportingReactor()
 
     def timed(setup, n: int) -> float:
         elapsed = 0.0
@@ -269,7 +282,7 @@ def hotPathCost(tmp: str, requests: int, rounds: int, variants: Sequence[str] = 
     setups = {}
     original = hotpath.CONFIG, hotpath.MemoryReactorClock
     for name in variants:
-        hotpath.CONFIG, hotpath.MemoryReactorClock = config(name), Reactor  # hotpath.setup() reads them
+        hotpath.CONFIG, hotpath.MemoryReactorClock = hotpathConfig(hotpath, tmp, name), reactorClass  # setup() reads them
         try:
             setups[name] = hotpath.setup()
         finally:
