@@ -402,6 +402,24 @@ class FieldOperatorTests(unittest.TestCase):
         self.assertEqual(render("%ROUTE_NAME%", makeStream(route=SimpleNamespace(table="main", name="api"))),
                          "main/api")
 
+    def test_traceId(self):
+        """
+        C{%TRACE_ID%} is the trace id of the request's trace context (a new trace's too), C{-} without one;
+        C{null} in JSON, C{-} in a TCP line.
+        """
+        import random
+
+        from twistedmesh.observability.tracing import TraceContext, propagate
+
+        s = makeStream()
+        self.assertEqual(render("%TRACE_ID%", s), "-")
+        s.state["trace"] = TraceContext(b"4bf92f3577b34da6a3ce929d0e0e4736", b"00f067aa0ba902b7", None, True, "w3c")
+        self.assertEqual(render("%TRACE_ID%", s), "4bf92f3577b34da6a3ce929d0e0e4736")
+        s.state["trace"] = new = propagate([], random.Random(1), 0.0)
+        self.assertEqual(render("%TRACE_ID%", s), new.traceId.decode("ascii"))
+        self.assertEqual(json.loads(compileJSONFormat([("t", "%TRACE_ID%")]).render(makeStream(), END)), {"t": None})
+        self.assertEqual(render("%TRACE_ID%", TCPAccessRecord("db", None, 1.0), protocol="tcp"), "-")
+
     def test_terminationDetails(self):
         """
         C{%CONNECTION_TERMINATION_DETAILS%} is a TCP record's C{terminationDetails} (a stream's state entry).
@@ -1000,7 +1018,8 @@ class CompiledFunctionTests(unittest.TestCase):
         '"%REQ(USER-AGENT):4%" "%REQ(X-REQUEST-ID)%" "%REQ(:AUTHORITY)%" %REQ(HOST)% %REQ(:SCHEME)% '
         '%REQ(X-EMPTY)% %REQ(X-EMPTY?USER-AGENT)% %REQ(X-NOPE?X-EMPTY)% %REQUEST_HEADER(X-A)% %REQUEST_ID% '
         '"%UPSTREAM_HOST%" %UPSTREAM_CLUSTER% %TRAILER(GRPC-STATUS)% %RESPONSE_DURATION% '
-        '%RESPONSE_CODE_DETAILS% %DOWNSTREAM_REMOTE_ADDRESS% %ROUTE_NAME% %CONNECTION_TERMINATION_DETAILS% 100%%'
+        '%RESPONSE_CODE_DETAILS% %DOWNSTREAM_REMOTE_ADDRESS% %ROUTE_NAME% %CONNECTION_TERMINATION_DETAILS% '
+        '%TRACE_ID% 100%%'
     )
 
     def records(self) -> List[Stream]:

@@ -329,6 +329,22 @@ class RecorderTests(unittest.TestCase):
         self.assertEqual(tags(second)["guid:x-request-id"], "from-client")
         self.assertEqual(len(second.traceId), 32)
 
+        # The access log says so too: %TRACE_ID% is the request id's digits, sampled or not.
+        from twisted.internet import reactor as globalReactor
+        from twisted.internet.task import Clock
+
+        from twistedmesh.config.accesslog import AccessLogConfig
+        from twistedmesh.observability.accesslog import AccessLogger, MemorySink
+
+        sink = MemorySink()
+        logger = AccessLogger(AccessLogConfig(path="stdout", format="%REQ(X-REQUEST-ID)% %TRACE_ID%"), Clock(),
+                              globalReactor, sink=sink)
+        proto, t, clock, stats = connect(Answering, traceSampleRate=0.0, accessLog=SpanRecorder(Spans(), logger))
+        proto.dataReceived(b"GET /200 HTTP/1.1\r\nHost: x\r\n\r\n")
+        [line] = sink.lines
+        requestId, traceId = line.split()
+        self.assertEqual(requestId.replace(b"-", b""), traceId)
+
         h2spans = Spans()
         peer, proto, clock, stats = h2(lambda s: Answering(), traceSampleRate=1.0,
                                        accessLog=SpanRecorder(h2spans))

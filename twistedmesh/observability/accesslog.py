@@ -647,6 +647,16 @@ def _routeName(arg: Optional[str], maxLen: Optional[int]) -> ValueGetter:
     return get
 
 
+def _traceId(arg: Optional[str], maxLen: Optional[int]) -> ValueGetter:
+    """
+    C{%TRACE_ID%}: the request's trace id (hex), when the listener propagates trace context.
+    """
+    def get(r: Any, e: float) -> Optional[str]:
+        trace = r.state.get("trace")
+        return None if trace is None or not trace.traceId else trace.traceId.decode("ascii")
+    return get
+
+
 def _remoteAddress(arg: Optional[str], maxLen: Optional[int]) -> ValueGetter:
     """
     C{%DOWNSTREAM_REMOTE_ADDRESS%}: the peer's ip:port.
@@ -699,6 +709,7 @@ def _operators() -> Mapping[str, _Operator]:
         _Operator("DOWNSTREAM_PEER_URI_SAN", "str", "none", False, False, _peerUriSan),
         _Operator("REQUEST_ID", "str", "none", False, True, requestId, requestIdText),
         _Operator("ROUTE_NAME", "str", "none", False, True, _routeName),
+        _Operator("TRACE_ID", "str", "none", False, True, _traceId),
         _Operator("CONNECTION_TERMINATION_DETAILS", "str", "none", False, False, _terminationDetails),
     ]
     table = {op.name: op for op in ops}
