@@ -96,12 +96,7 @@ def hotpathChild(n: int, variant: str = "") -> None:
         return
     # With the access log and/or tracing of benchmarks/observability.py's VARIANTS: its writer thread
     # reports through the reactor, so the requests run in chunks with those reports run in between.
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("twistedmesh_benchmarks_observability",
-                                                  os.path.join(HERE, "observability.py"))
-    observability = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(observability)
+    import observability
     reactorClass, drain = observability.threadReportingReactor()
     with tempfile.TemporaryDirectory() as tmp:
         hotpath.CONFIG = observability.hotpathConfig(hotpath, tmp, variant)

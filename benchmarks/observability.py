@@ -29,11 +29,8 @@ import argparse
 import importlib.util
 import os
 import queue
-import shutil
-import signal
 import statistics
 import sys
-import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -426,38 +423,13 @@ def run(opts: argparse.Namespace, tmp: str, procs: Procs) -> int:
     verdict = "within" if total < TARGET_OVERHEAD else "OVER"
     print(f"\nall three together, under load: about {total:.1f}% ({verdict} the {TARGET_OVERHEAD:.0f}% target); "
           "figures on a shared machine are noisy: compare runs of one invocation only")
-    if bench.failures:
-        print("\nFAILURES:")
-        for f in bench.failures:
-            print(f"  {f}")
-        return 1
-    return 0
+    return http1.reportFailures(bench.failures)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     opts = parseArgs(argv)
-
-    def onTerm(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, onTerm)
-    procs = Procs()
-    tmp = tempfile.mkdtemp(prefix="twistedmesh-obs-bench-")
-    try:
-        if opts.no_sockets:
-            return noSockets(opts, tmp)
-        return run(opts, tmp, procs)
-    except BenchError as e:
-        print(f"\nERROR: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: stopping everything", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        procs.stopAll()
-        shutil.rmtree(tmp, ignore_errors=True)
+    return http1.runScript("twistedmesh-obs-bench-", opts,
+                           lambda opts, tmp, procs: noSockets(opts, tmp) if opts.no_sockets else run(opts, tmp, procs))
 
 
 if __name__ == "__main__":

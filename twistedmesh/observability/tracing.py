@@ -353,15 +353,12 @@ def propagate(headers: Headers, random, sampleRate: float, traced: bool = True,
     # _newIds(), inlined (a call costs a tenth of this path): one draw for both ids (and the request id),
     # and one C call that writes them in hex with the dash between them that the traceparent wants.
     bits = random.getrandbits(192)
-    if requestId:
-        if bits < _SPAN_RANGE or not bits & _SPAN_MASK:  # an all-zero id: one chance in 2**64
-            bits = _nonZeroIds(random, bits)
-        ids = _hexlify(bits.to_bytes(24, "big"), b"-", -16)
-    else:
-        bits = (bits & _DRAW_AS_UUID) | _DRAW_UUID_BITS
-        if not bits & _SPAN_MASK:
-            bits = _nonZeroIds(random, bits)
-        ids = _hexlify(bits.to_bytes(24, "big"), b"-", -16)
+    if not requestId:
+        bits = (bits & _DRAW_AS_UUID) | _DRAW_UUID_BITS  # the trace id, a UUID's bits (never all zero)
+    if bits < _SPAN_RANGE or not bits & _SPAN_MASK:  # an all-zero id: one chance in 2**64
+        bits = _nonZeroIds(random, bits)
+    ids = _hexlify(bits.to_bytes(24, "big"), b"-", -16)
+    if not requestId:
         headers.append((X_REQUEST_ID, b"-".join((ids[:8], ids[8:12], ids[12:16], ids[16:20], ids[20:32]))))
     if sampleRate >= 1.0 or (sampleRate > 0.0 and (bits >> 64) & _RATIO_BITS < sampleRate * _RATIO_SCALE):
         sampled = True
