@@ -5,8 +5,11 @@ and the C{access_log.*} listener keys (L{twistedmesh.config.accesslog}).
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import random
+import sys
 import re
 from types import SimpleNamespace
 from typing import Dict, List, Tuple
@@ -20,6 +23,7 @@ from twistedmesh.config.accesslog import AccessLogConfig, parseAccessLog
 from twistedmesh.config.errors import ConfigError
 from twistedmesh.config.options import Options
 from twistedmesh.http.stream import Stream
+from twistedmesh.observability import accesslog
 from twistedmesh.observability.accesslog import (
     DEFAULT_FORMAT,
     OPERATORS,
@@ -1177,11 +1181,140 @@ class CompiledFunctionTests(unittest.TestCase):
         The inlined C{%UPSTREAM_HOST%} parses an endpoint once, and keeps at most 4096 of them.
         """
         fmt = compileFormat("%UPSTREAM_HOST%")
-        (cache,) = [v for k, v in fmt.render.__globals__.items() if k.startswith("c") and type(v) is dict]
-        for i in range(4100):
-            self.assertEqual(fmt.render(makeStream(upstreamHost=Host(f"tcp:10.0.{i // 256}.{i % 256}:80",
+        # The Python render's cache is one of its globals; the C renderer's, one of its references.
+        renders = [(fmt.pythonRender,
+                    lambda: [v for k, v in fmt.pythonRender.__globals__.items() if k.startswith("c")])]
+        if fmt.render is not fmt.pythonRender:
+            renders.append((fmt.render, lambda: gc.get_referents(fmt.render)))
+        for render, objects in renders:
+            (cache,) = [v for v in objects() if type(v) is dict]
+            for i in range(4100):
+                self.assertEqual(render(makeStream(upstreamHost=Host(f"tcp:10.0.{i // 256}.{i % 256}:80",
                                                                      None, 1)), END),
-                             f"10.0.{i // 256}.{i % 256}:80\n".encode())
-        self.assertEqual(len(cache), 4096)
-        self.assertEqual(fmt.render(makeStream(upstreamHost=Host("tcp:10.0.16.3:80", None, 1)), END),
-                         b"10.0.16.3:80\n")
+                                 f"10.0.{i // 256}.{i % 256}:80\n".encode())
+            self.assertEqual(len(cache), 4096)
+            self.assertEqual(render(makeStream(upstreamHost=Host("tcp:10.0.16.3:80", None, 1)), END),
+                             b"10.0.16.3:80\n")
+
+
+class NativeRenderTests(unittest.TestCase):
+    """
+    The C renderer of text lines (twistedmesh/observability/_linefmt.c), which the install builds where a
+    C compiler is: then it is every text format's C{render}. Its lines are the Python render's, byte for
+    byte, and whatever it does not expect (a value of another type, a line that is not ASCII, a number
+    too large) is rendered by the text reference.
+    """
+
+    def setUp(self):
+        if accesslog._linefmt is None:
+            raise unittest.SkipTest("the C renderer is not built here (no C compiler when installed, or "
+                                    "TWISTEDMESH_PURE_PYTHON is set)")
+
+    def assertSameLine(self, fmt, record, end=END):
+        """
+        C{fmt}'s C renderer gives the text reference's line for C{record}, as bytes, or raises what the
+        reference and the Python render raise.
+        """
+        def outcome(render):
+            try:
+                return render(record, end)
+            except Exception as e:
+                return type(e)
+        expected = outcome(lambda r, e: fmt.text(r, e).encode("utf-8", "backslashreplace"))
+        self.assertEqual(outcome(fmt.render), expected)
+        self.assertEqual(outcome(fmt.pythonRender), expected)
+
+    def test_used(self):
+        """
+        A text format renders in C; a JSON format, and a format without operators, in Python.
+        """
+        fmt = compileFormat(DEFAULT_FORMAT)
+        self.assertIsInstance(fmt.render, accesslog._linefmt.Format)
+        self.assertIsNot(fmt.render, fmt.pythonRender)
+        for python in (compileJSONFormat([("d", "%DURATION%")]), compileFormat("constant")):
+            self.assertIs(python.render, python.pythonRender)
+
+    def test_matchesPython(self):
+        """
+        Every operator, on records that take every branch, renders as the Python render does.
+        """
+        fmt = compileFormat(CompiledFunctionTests.TEXT)
+        self.assertIsInstance(fmt.render, accesslog._linefmt.Format)
+        for record in CompiledFunctionTests.records(None):
+            self.assertEqual(fmt.render(record, END), fmt.pythonRender(record, END))
+            self.assertSameLine(fmt, record)
+
+    def test_times(self):
+        """
+        Start times and durations at rounding edges (halves of a microsecond, the last millisecond of a
+        second, negative durations, whole-number times) render as Python's round() and floor division do.
+        """
+        fmt = compileFormat("%START_TIME% %DURATION% %START_TIME(%s)% %DURATION%")
+        rng = random.Random(7)
+        cases = [(10.0, 9.9995), (10.0, 10.0005), (59.9995, 60.0), (START, START + 0.0000005),
+                 (0.0000005, 1.5), (1, 3), (START, START - 2.5), (1e9 - 0.0000001, 1e9)]
+        for _ in range(2000):
+            start = rng.uniform(0, 2e9)
+            cases.append((start, start + rng.choice([rng.uniform(-1, 1), rng.randrange(-5000, 5000) / 1e6 + 0.0000005,
+                                                     round(rng.uniform(0, 100), 6)])))
+        for start, end in cases:
+            record = makeStream(startTime=start)
+            self.assertEqual(fmt.render(record, end), fmt.pythonRender(record, end), (start, end))
+
+    def test_unexpectedValues(self):
+        """
+        Values the proxy never sets, but a filter or a plugin might, render as the text reference says:
+        a bool or a huge status, a text method, a header value that is text, a header that is a list.
+        """
+        fmt = compileFormat(DEFAULT_FORMAT + "%REQ(X-A)% %RESP(X-B)% %REQ(:METHOD):2%")
+        for fields in [dict(status=True), dict(status=2 ** 70), dict(status=-3), dict(bytesSent=2 ** 63),
+                       dict(method="GET"), dict(requestHeaders=[(b"x-a", "text")]),
+                       dict(requestHeaders=[[b"x-a", b"list"]]), dict(requestHeaders=((b"x-a", b"tuple"),)),
+                       dict(responseHeaders=[("x-b", b"text name")]), dict(version="1.1"), dict(version=[]),
+                       dict(startTime=7), dict(responseFlags=("UF",)), dict(authority=None)]:
+            self.assertSameLine(fmt, makeStream(**fields))
+        self.assertIn(b' True - 154 ', fmt.render(makeStream(status=True), END))
+
+    def test_errors(self):
+        """
+        What makes the Python render raise makes the C renderer raise the same exception.
+        """
+        fmt = compileFormat(DEFAULT_FORMAT)
+        for record, error in [(SimpleNamespace(), AttributeError), (makeStream(requestHeaders=None), TypeError),
+                              (makeStream(startTime=float("nan")), ValueError)]:
+            self.assertRaises(error, fmt.pythonRender, record, END)
+            self.assertRaises(error, fmt.render, record, END)
+
+    def test_noReferencesKept(self):
+        """
+        Rendering holds no reference to what it read once the line is made.
+        """
+        agent, method, address = b"agent-" + os.urandom(4).hex().encode(), b"GE" + b"T", "tcp:10.9.8.7:" + "80"
+        record = makeStream(method=method, requestHeaders=[(b"user-agent", agent)], upstreamHost=Host(address, None, 1))
+        fmt = compileFormat(DEFAULT_FORMAT)
+        fmt.render(record, END)
+        before = [sys.getrefcount(x) for x in (agent, method, address, record)]
+        for _ in range(1000):
+            fmt.render(record, END)
+        self.assertEqual([sys.getrefcount(x) for x in (agent, method, address, record)], before)
+
+    def test_badOps(self):
+        """
+        The renderer refuses ops it cannot run, at compile time.
+        """
+        Format = accesslog._linefmt.Format
+        for ops in [(("nope",),), (("lit", "text"),), (("value", (("request", 0),), None),),
+                    (("value", (), None),), (("int",),), (("time", object(), ()),), (("lit", b"x"),) * 129]:
+            self.assertRaises(ValueError, Format, ops, (), (), lambda r, e: b"")
+        self.assertRaises(TypeError, Format, (), (), (), None)
+
+    def test_pythonOnly(self):
+        """
+        With C{TWISTEDMESH_PURE_PYTHON} set, formats render in Python.
+        """
+        import subprocess
+        code = ("from twistedmesh.observability.accesslog import compileFormat, DEFAULT_FORMAT\n"
+                "f = compileFormat(DEFAULT_FORMAT)\nprint(f.render is f.pythonRender)")
+        out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, TWISTEDMESH_PURE_PYTHON="1"),
+                             capture_output=True, text=True, check=True).stdout
+        self.assertEqual(out.strip(), "True")
