@@ -1202,7 +1202,8 @@ class NativeRenderTests(unittest.TestCase):
     The C renderer of text lines (twistedmesh/observability/_linefmt.c), which the install builds where a
     C compiler is: then it is every text format's C{render}. Its lines are the Python render's, byte for
     byte, and whatever it does not expect (a value of another type, a line that is not ASCII, a number
-    too large) is rendered by the text reference.
+    too large, a getter that raises) it hands to the Python render, so that it also raises what Python
+    raises.
     """
 
     def setUp(self):
@@ -1212,17 +1213,15 @@ class NativeRenderTests(unittest.TestCase):
 
     def assertSameLine(self, fmt, record, end=END):
         """
-        C{fmt}'s C renderer gives the text reference's line for C{record}, as bytes, or raises what the
-        reference and the Python render raise.
+        C{fmt}'s C renderer gives the Python render's line for C{record}, or raises what it raises.
         """
         def outcome(render):
             try:
                 return render(record, end)
             except Exception as e:
                 return type(e)
-        expected = outcome(lambda r, e: fmt.text(r, e).encode("utf-8", "backslashreplace"))
-        self.assertEqual(outcome(fmt.render), expected)
-        self.assertEqual(outcome(fmt.pythonRender), expected)
+        self.assertIsNot(fmt.render, fmt.pythonRender)
+        self.assertEqual(outcome(fmt.render), outcome(fmt.pythonRender), record)
 
     def test_used(self):
         """
@@ -1230,29 +1229,31 @@ class NativeRenderTests(unittest.TestCase):
         """
         fmt = compileFormat(DEFAULT_FORMAT)
         self.assertIsInstance(fmt.render, accesslog._linefmt.Format)
-        self.assertIsNot(fmt.render, fmt.pythonRender)
         for python in (compileJSONFormat([("d", "%DURATION%")]), compileFormat("constant")):
             self.assertIs(python.render, python.pythonRender)
 
     def test_matchesPython(self):
         """
-        Every operator, on records that take every branch, renders as the Python render does.
+        Every operator, on records that take every branch, renders as the Python render does (and as the
+        text reference, escaped, says).
         """
         fmt = compileFormat(CompiledFunctionTests.TEXT)
         self.assertIsInstance(fmt.render, accesslog._linefmt.Format)
         for record in CompiledFunctionTests.records(None):
-            self.assertEqual(fmt.render(record, END), fmt.pythonRender(record, END))
             self.assertSameLine(fmt, record)
+            self.assertEqual(fmt.render(record, END), fmt.text(record, END).encode("utf-8", "backslashreplace"))
 
     def test_times(self):
         """
         Start times and durations at rounding edges (halves of a microsecond, the last millisecond of a
-        second, negative durations, whole-number times) render as Python's round() and floor division do.
+        second, negative durations, whole-number times, ints too large for a double to scale exactly)
+        render as Python's round() and floor division do.
         """
         fmt = compileFormat("%START_TIME% %DURATION% %START_TIME(%s)% %DURATION%")
         rng = random.Random(7)
         cases = [(10.0, 9.9995), (10.0, 10.0005), (59.9995, 60.0), (START, START + 0.0000005),
-                 (0.0000005, 1.5), (1, 3), (START, START - 2.5), (1e9 - 0.0000001, 1e9)]
+                 (0.0000005, 1.5), (1, 3), (START, START - 2.5), (1e9 - 0.0000001, 1e9), (-0.0, 0.0),
+                 (10 ** 12 + 1, 10 ** 12 + 2), (0, 2 ** 40 + 1), (9007199254, 9007199255)]
         for _ in range(2000):
             start = rng.uniform(0, 2e9)
             cases.append((start, start + rng.choice([rng.uniform(-1, 1), rng.randrange(-5000, 5000) / 1e6 + 0.0000005,
@@ -1263,27 +1264,60 @@ class NativeRenderTests(unittest.TestCase):
 
     def test_unexpectedValues(self):
         """
-        Values the proxy never sets, but a filter or a plugin might, render as the text reference says:
-        a bool or a huge status, a text method, a header value that is text, a header that is a list.
+        Values the proxy never sets, but a filter or a plugin might, render as the Python render says: a
+        bool or a huge status, text where bytes go, header fields as lists, a bytearray, a memoryview.
         """
-        fmt = compileFormat(DEFAULT_FORMAT + "%REQ(X-A)% %RESP(X-B)% %REQ(:METHOD):2%")
-        for fields in [dict(status=True), dict(status=2 ** 70), dict(status=-3), dict(bytesSent=2 ** 63),
-                       dict(method="GET"), dict(requestHeaders=[(b"x-a", "text")]),
-                       dict(requestHeaders=[[b"x-a", b"list"]]), dict(requestHeaders=((b"x-a", b"tuple"),)),
+        fmt = compileFormat(DEFAULT_FORMAT + "%REQ(X-A)% %RESP(X-B)% %REQ(:METHOD):2% %REQ(X-B?:PATH)%")
+        host = type("H", (), {})
+        for fields in [dict(status=True), dict(status=2 ** 70), dict(status=-3), dict(status=3.0),
+                       dict(bytesSent=2 ** 63), dict(bytesSent=-(2 ** 63)), dict(method="GET"), dict(method=""),
+                       dict(method=bytearray(b"GET")), dict(method=memoryview(b"GET")),
+                       dict(requestHeaders=[(b"x-a", "text")]), dict(requestHeaders=[(b"x-a", None), (b"x-a", b"1")]),
+                       dict(requestHeaders=[[b"user-agent", b"list"]], responseFlags=None),
+                       dict(requestHeaders=((b"x-a", b"tuple"),)), dict(requestHeaders=[(b"x-b", None)]),
+                       dict(requestHeaders=[(b"x-a", b"1"), (b"a", b"b", b"c")]),
                        dict(responseHeaders=[("x-b", b"text name")]), dict(version="1.1"), dict(version=[]),
-                       dict(startTime=7), dict(responseFlags=("UF",)), dict(authority=None)]:
+                       dict(startTime=7), dict(responseFlags=("UF",)), dict(responseFlags=[1]),
+                       dict(responseFlags=[b"UF"]), dict(authority=None), dict(upstreamHost=host()),
+                       dict(upstreamHost=type("H", (), {"endpoint": 5})())]:
             self.assertSameLine(fmt, makeStream(**fields))
-        self.assertIn(b' True - 154 ', fmt.render(makeStream(status=True), END))
+        self.assertIn(b" True - 154 ", fmt.render(makeStream(status=True), END))
 
     def test_errors(self):
         """
-        What makes the Python render raise makes the C renderer raise the same exception.
+        What makes the Python render raise makes the C renderer raise the same exception, also when a
+        record has two faults that the two would meet in different orders.
         """
         fmt = compileFormat(DEFAULT_FORMAT)
-        for record, error in [(SimpleNamespace(), AttributeError), (makeStream(requestHeaders=None), TypeError),
-                              (makeStream(startTime=float("nan")), ValueError)]:
-            self.assertRaises(error, fmt.pythonRender, record, END)
-            self.assertRaises(error, fmt.render, record, END)
+        for record in [SimpleNamespace(), makeStream(requestHeaders=None), makeStream(startTime=float("nan"))]:
+            self.assertSameLine(fmt, record)
+        self.assertSameLine(compileFormat("%RESPONSE_FLAGS% %START_TIME%"),
+                            makeStream(startTime=float("nan"), responseFlags=[b"UF"]))
+        self.assertRaises(ValueError, fmt.render, makeStream(startTime=float("nan")), END)
+
+    def test_reentrant(self):
+        """
+        A line whose getter renders another line of the same format, in another second (a property, a
+        plugin's getter), keeps its own second's text.
+        """
+        fmt = compileFormat("%START_TIME% %REQ(:METHOD)%")
+
+        class Record:
+            requestHeaders = responseHeaders = ()
+
+            def __init__(self, startTime, inner=None):
+                self.startTime, self.inner = startTime, inner
+
+            @property
+            def method(self):
+                if self.inner is not None:
+                    fmt.render(self.inner, END)
+                    [bytes([65 + i % 26]) * 24 for i in range(2000)]  # reuse what a freed text would free
+                return b"GET"
+
+        for i in range(50):
+            self.assertEqual(fmt.render(Record(START + i * 7.0, Record(1e9 + i * 3.0)), END),
+                             fmt.pythonRender(Record(START + i * 7.0), END))
 
     def test_noReferencesKept(self):
         """
@@ -1300,13 +1334,17 @@ class NativeRenderTests(unittest.TestCase):
 
     def test_badOps(self):
         """
-        The renderer refuses ops it cannot run, at compile time.
+        The renderer refuses ops it cannot run, when it is built.
         """
         Format = accesslog._linefmt.Format
+        millis = tuple(b"%03d" % i for i in range(1000))
         for ops in [(("nope",),), (("lit", "text"),), (("value", (("request", 0),), None),),
-                    (("value", (), None),), (("int",),), (("time", object(), ()),), (("lit", b"x"),) * 129]:
+                    (("value", (), None),), (("int",),), (("time", object(), ()),), (("lit", b"x"),) * 129,
+                    ((chr(0xD800),),), (("value", ((chr(0xD800), "x"),), None),),
+                    (("time", object(), (10 ** 50,) + millis[1:]),)]:
             self.assertRaises(ValueError, Format, ops, (), (), lambda r, e: b"")
         self.assertRaises(TypeError, Format, (), (), (), None)
+        self.assertIsInstance(Format((("time", object(), millis),), (), (), lambda r, e: b""), Format)
 
     def test_pythonOnly(self):
         """

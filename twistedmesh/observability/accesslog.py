@@ -1041,10 +1041,12 @@ def _nativeOp(piece: _Piece, request: Dict[bytes, int], response: Dict[bytes, in
     return ("call", piece.getter)
 
 
-def _nativeRender(segments: Sequence[Union[str, Getter, _Piece]], text: Callable[[Any, float], str]) -> Optional[Callable]:
+def _nativeRender(segments: Sequence[Union[str, Getter, _Piece]],
+                  render: Callable[[Any, float], bytes]) -> Optional[Callable]:
     """
-    The C renderer of a text format (C{segments}: literals, pieces, getters; C{text} its reference
-    function), or C{None} where it is not built or the format is beyond it: then the Python render is used.
+    The C renderer of a text format (C{segments}: literals, pieces, getters; C{render} its Python render,
+    which renders what the C one does not expect), or C{None} where it is not built or the format is
+    beyond it: then the Python render is used.
     """
     if _linefmt is None:
         return None
@@ -1059,8 +1061,7 @@ def _nativeRender(segments: Sequence[Union[str, Getter, _Piece]], text: Callable
         else:
             ops.append(("call", s))
     try:
-        return _linefmt.Format(tuple(ops), tuple(request), tuple(response),
-                               lambda r, e: text(r, e).encode("utf-8", "backslashreplace"))
+        return _linefmt.Format(tuple(ops), tuple(request), tuple(response), render)
     except ValueError:  # more operators, or header names, than it takes
         return None
 
@@ -1103,7 +1104,7 @@ class CompiledFormat:
         self.text, self.render, self.source = src.function(slots, literals, json)
         self.pythonRender = self.render
         if not json and slots and "".join(literals).isascii():
-            native = _nativeRender(merged, self.text)
+            native = _nativeRender(merged, self.render)
             if native is not None:
                 self.render = native
 
