@@ -1,11 +1,13 @@
 """
-The build's one piece that setup.cfg cannot declare: the optional C accelerator of the access log
-(twistedmesh/observability/_linefmt.c). Optional: where it cannot be compiled (no C compiler, no Python
-headers) the install goes on and the access log renders its lines in Python, the same bytes, slower.
+The build's one piece that setup.cfg cannot declare: the optional C modules of the observability hot path,
+twistedmesh/observability/_linefmt.c (access-log lines) and _traceids.c (request and trace ids). Optional:
+where they cannot be compiled (no C compiler, no Python headers) the install goes on and the Python code
+they stand in for runs instead (twistedmesh/observability/native.py), the same bytes, slower.
 """
 
 from setuptools import Extension, setup
 
 setup(ext_modules=[
-    Extension("twistedmesh.observability._linefmt", ["twistedmesh/observability/_linefmt.c"], optional=True),
+    Extension(f"twistedmesh.observability.{name}", [f"twistedmesh/observability/{name}.c"], optional=True)
+    for name in ("_linefmt", "_traceids")
 ])

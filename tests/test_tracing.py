@@ -9,6 +9,8 @@ import uuid
 
 from twisted.trial import unittest
 
+from twistedmesh.observability import tracing
+
 from twistedmesh.observability.tracing import (
     FORMAT_B3,
     FORMAT_B3_MULTI,
@@ -457,3 +459,112 @@ class PropagateTests(unittest.TestCase):
                 context = propagate(headers, rng, 0.5)
                 self.assertEqual(len(context.spanId), 16)
                 self.assertIsNotNone(parseTraceparent(dict(headers).get(b"traceparent", TP)))
+
+
+class NativeIdsTests(unittest.TestCase):
+    """
+    The C writer of new ids (twistedmesh/observability/_traceids.c), which the install builds where a C
+    compiler is: from the same draws, the same request ids, trace ids, traceparents and sampling decisions
+    as the Python code it stands in for.
+    """
+
+    def setUp(self):
+        if tracing._traceids is None:
+            raise unittest.SkipTest("the C id writer is not built here (no C compiler when installed, or "
+                                    "TWISTEDMESH_PURE_PYTHON is set)")
+
+    def test_used(self):
+        """
+        newRequestId and a new trace's propagate() call the C code when it is built.
+        """
+        calls = []
+        self.patch(tracing, "_requestIdOf", lambda bits: calls.append("id") or tracing._traceids.requestId(bits))
+        self.patch(tracing, "_newTrace", lambda *a: calls.append("trace") or tracing._traceids.newTrace(*a))
+        newRequestId(random.Random(1))
+        propagate([], random.Random(1), 0.5, False, False)
+        self.assertEqual(calls, ["id", "trace"])
+
+    def test_requestIds(self):
+        """
+        Request ids from the same draws are the same, and canonical version 4 UUIDs.
+        """
+        native = [newRequestId(r) for r in [random.Random(9)] for _ in range(2000)]
+        self.patch(tracing, "_requestIdOf", None)
+        python = [newRequestId(r) for r in [random.Random(9)] for _ in range(2000)]
+        self.assertEqual(native, python)
+        for rid in native[:50]:
+            self.assertEqual(str(uuid.UUID(rid.decode())).encode(), rid)
+            self.assertEqual(uuid.UUID(rid.decode()).version, 4)
+
+    def newTraces(self, seed, sampleRate, requestId):
+        rng = random.Random(seed)
+        out = []
+        for _ in range(300):
+            headers = [(b"accept", b"*/*")] + ([(b"x-request-id", b"given")] if requestId else [])
+            context = propagate(headers, rng, sampleRate, False, requestId)
+            out.append((headers, context.traceId, context.spanId, context.sampled))
+        return out
+
+    def test_newTraces(self):
+        """
+        New traces from the same draws have the same ids, headers and sampling decisions, with and without
+        a request id to make, at every rate.
+        """
+        decisions = set()
+        for rate in (0.0, 0.01, 0.5, 1.0, 2.0, -1.0, float("nan")):
+            for requestId in (False, True):
+                native = self.newTraces(rate.__hash__() & 0xFFFF, rate, requestId)
+                self.patch(tracing, "_newTrace", None)
+                python = self.newTraces(rate.__hash__() & 0xFFFF, rate, requestId)
+                self.patch(tracing, "_newTrace", tracing._traceids.newTrace)
+                self.assertEqual(native, python, (rate, requestId))
+                decisions.update(t[3] for t in native)
+        self.assertEqual(decisions, {True, False})
+
+    def test_zeroIds(self):
+        """
+        A draw with an all-zero trace or span id is drawn again (by the Python code), as without C.
+        """
+        class Draws(random.Random):
+            def __init__(self, first):
+                super().__init__(3)
+                self.first = list(first)
+
+            def getrandbits(self, k):
+                return self.first.pop(0) if self.first else super().getrandbits(k)
+
+        for first in ([0], [1], [1 << 64], [0, 0, 0]):
+            self.assertIsNone(tracing._traceids.newTrace(first[0], False, 0.5))
+            for requestId in (False, True):
+                native = propagate([], Draws(first), 0.5, False, requestId)
+                self.patch(tracing, "_newTrace", None)
+                python = propagate([], Draws(first), 0.5, False, requestId)
+                self.patch(tracing, "_newTrace", tracing._traceids.newTrace)
+                self.assertEqual((native.traceId, native.spanId, native.sampled),
+                                 (python.traceId, python.spanId, python.sampled))
+                self.assertNotEqual(native.traceId, b"0" * 32)
+
+    def test_samplingEdge(self):
+        """
+        A trace id whose low 56 bits equal the rate's threshold is not sampled (below, strictly); one
+        below it is, as OpenTelemetry's rule and the Python comparison of an int with a float say.
+        """
+        k = 0x00123456789ABC
+        rate = k / float(1 << 56)
+        for low, sampled in [(k, False), (k - 1, True), (k + 1, False)]:
+            bits = (((0xAB << 56) | low) << 64) | 0x1234
+            made = tracing._traceids.newTrace(bits, False, rate)
+            self.assertEqual(made[3], sampled)
+            self.assertEqual(made[3], tracing.sampledByTraceId(made[0][:32], rate))
+            self.assertTrue(made[1].endswith(b"-01" if sampled else b"-00"))
+
+    def test_badInput(self):
+        """
+        Numbers that are not a draw's are refused, not written.
+        """
+        self.assertRaises(OverflowError, tracing._traceids.requestId, -1)
+        self.assertRaises(OverflowError, tracing._traceids.requestId, 1 << 128)
+        self.assertRaises(TypeError, tracing._traceids.requestId, "1")
+        self.assertRaises(OverflowError, tracing._traceids.newTrace, 1 << 192, False, 0.5)
+        self.assertRaises(TypeError, tracing._traceids.newTrace, 1, False)
+        self.assertRaises(TypeError, tracing._traceids.newTrace, 1, False, "0.5")

@@ -49,15 +49,10 @@ from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
+from .native import load as _loadNative
 from .stats import Counter
 
-if os.environ.get("TWISTEDMESH_PURE_PYTHON"):
-    _linefmt = None
-else:
-    try:
-        from . import _linefmt  # the C renderer of text lines, built by setup.py where a compiler is
-    except ImportError:
-        _linefmt = None
+_linefmt = _loadNative("_linefmt")  # the C renderer of text lines, where it is built
 
 __all__ = [
     "DEFAULT_FORMAT", "DEFAULT_JSON_FORMAT", "RESPONSE_FLAGS", "OPERATORS", "FormatError", "CompiledFormat",

@@ -42,6 +42,11 @@ from typing import Any, Dict, List, Optional, Tuple
 from twisted.logger import Logger
 
 from .accesslog import _PROTOCOLS, _addressText, _endpointAddress
+from .native import load as _loadNative
+
+_traceids = _loadNative("_traceids")  # ids written in C, where it is built: the same bytes as below
+_requestIdOf = _traceids.requestId if _traceids is not None else None
+_newTrace = _traceids.newTrace if _traceids is not None else None
 
 Headers = List[Tuple[bytes, bytes]]
 
@@ -308,6 +313,8 @@ def newRequestId(random) -> bytes:
     """
     A random (version 4) UUID as bytes, from the injected random; cheaper than building a C{uuid.UUID}.
     """
+    if _requestIdOf is not None:
+        return _requestIdOf(random.getrandbits(128))
     # One C call for all 32 hex digits; a %x of a 128-bit int, or a format per group, costs more.
     h = _hexlify(((random.getrandbits(128) & _UUID_RANDOM) | _UUID_V4).to_bytes(16, "big"))
     return b"-".join((h[:8], h[8:12], h[12:16], h[16:20], h[20:]))
@@ -353,6 +360,17 @@ def propagate(headers: Headers, random, sampleRate: float, traced: bool = True,
     # _newIds(), inlined (a call costs a tenth of this path): one draw for both ids (and the request id),
     # and one C call that writes them in hex with the dash between them that the traceparent wants.
     bits = random.getrandbits(192)
+    if _newTrace is not None:
+        made = _newTrace(bits, not requestId, sampleRate)
+        if made is not None:  # (None: an all-zero id, drawn again below)
+            ids, traceparent, madeId, sampled = made
+            if madeId is not None:
+                headers.append((X_REQUEST_ID, madeId))
+            headers.append((TRACEPARENT, traceparent))
+            context = _NewTraceContext()
+            context.ids = ids
+            context.sampled = sampled
+            return context
     if not requestId:
         bits = (bits & _DRAW_AS_UUID) | _DRAW_UUID_BITS  # the trace id, a UUID's bits (never all zero)
     if bits < _SPAN_RANGE or not bits & _SPAN_MASK:  # an all-zero id: one chance in 2**64
