@@ -85,9 +85,10 @@ class RecorderTests(unittest.TestCase):
     """
 
     def h1(self, maker=Answering, rate=1.0, accessLog=None):
+        # Wired as the service wires a listener: the access logger and the span recorder side by side.
         spans = Spans()
-        recorder = SpanRecorder(spans, accessLog, nodeId="edge-1")
-        proto, t, clock, stats = connect(maker, traceSampleRate=rate, accessLog=recorder)
+        recorder = SpanRecorder(spans, nodeId="edge-1")
+        proto, t, clock, stats = connect(maker, traceSampleRate=rate, accessLog=accessLog, spans=recorder)
         return proto, t, clock, spans
 
     def test_okSpan(self):
@@ -289,6 +290,41 @@ class RecorderTests(unittest.TestCase):
         self.assertEqual(logged, [b"/200", b"/204"])
         self.assertEqual(len(spans), 1)
 
+    def test_unsampledCostsNoCall(self):
+        """
+        The connection managers (HTTP/1.1 and HTTP/2) check the sampling decision themselves: the recorder
+        hears of sampled streams only. A recorder standing where the access logger stands (the older
+        wiring) still records sampled spans and passes every stream on.
+        """
+        recorded = []
+
+        class Recorder(SpanRecorder):
+            def record(self, stream, trace, endTime):
+                recorded.append(stream.path)
+                SpanRecorder.record(self, stream, trace, endTime)
+
+        spans = Spans()
+        proto, t, clock, stats = connect(Answering, traceSampleRate=0.0, spans=Recorder(spans))
+        proto.dataReceived(b"GET /200 HTTP/1.1\r\nHost: x\r\n\r\nGET /204 HTTP/1.1\r\nHost: x\r\n"
+                           b"traceparent: " + TP + b"\r\n\r\n")
+        peer, h2proto, clock, stats = h2(lambda s: Answering(), traceSampleRate=0.0, spans=Recorder(spans))
+        for path, extra in [(b"/200", []), (b"/502", [(b"traceparent", TP)])]:
+            peer.request([(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"x"), (b":path", path)]
+                         + extra)
+        self.assertEqual(recorded, [b"/204", b"/502"])
+        self.assertEqual(len(spans), 2)
+        logged = []
+
+        class AccessLog:
+            def log(self, stream, endTime):
+                logged.append(stream.path)
+
+        older = Spans()
+        proto, t, clock, stats = connect(Answering, traceSampleRate=0.0, accessLog=SpanRecorder(older, AccessLog()))
+        proto.dataReceived(b"GET /200 HTTP/1.1\r\nHost: x\r\n\r\nGET /204 HTTP/1.1\r\nHost: x\r\n"
+                           b"traceparent: " + TP + b"\r\n\r\n")
+        self.assertEqual((logged, len(older)), ([b"/200", b"/204"], 1))
+
     def test_brokenExporterDoesNotRaise(self):
         """
         An exporter that raises costs the span, not the connection.
@@ -308,7 +344,7 @@ class RecorderTests(unittest.TestCase):
         The HTTP/2 connection manager records the same span, with C{http.protocol: HTTP/2}.
         """
         spans = Spans()
-        peer, proto, clock, stats = h2(lambda s: Answering(), traceSampleRate=1.0, accessLog=SpanRecorder(spans))
+        peer, proto, clock, stats = h2(lambda s: Answering(), traceSampleRate=1.0, spans=SpanRecorder(spans))
         peer.request([(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"x"), (b":path", b"/502"),
                       (b"traceparent", TP)])
         [span] = spans
@@ -755,8 +791,10 @@ class ConfigTests(unittest.TestCase):
                          ("zipkin", "http://127.0.0.1:9411/api/v2/spans"))
         edge, inner = (service.listeners[n].factory.settings for n in ("edge", "inner"))
         self.assertEqual((edge.traceSampleRate, inner.traceSampleRate), (1.0, 0.1))
-        self.assertIs(edge.accessLog.exporter, service.spanExporter)
-        self.assertIs(inner.accessLog.exporter, service.spanExporter)
+        self.assertIs(edge.spans.exporter, service.spanExporter)
+        self.assertIs(inner.spans.exporter, service.spanExporter)
+        from twistedmesh.observability.accesslog import AccessLogger
+        self.assertIsInstance(edge.accessLog, AccessLogger)  # called directly, not through the recorder
 
     def test_tcpListener(self):
         """

@@ -411,8 +411,9 @@ class MeshService(service.MultiService):
                     requestHeadersTimeout=lconfig.request_headers_timeout,
                     maxRequestsPerConnection=lconfig.max_requests_per_connection,
                     random=self.random,
-                    accessLog=accessLog if spanExporter is None else SpanRecorder(
-                        spanExporter, accessLog, config.mesh.tracing.node_id or config.mesh.tracing.service_name),
+                    accessLog=accessLog,
+                    spans=None if spanExporter is None else SpanRecorder(
+                        spanExporter, None, config.mesh.tracing.node_id or config.mesh.tracing.service_name),
                     forwardClientCert=lconfig.forward_client_cert,
                     traceSampleRate=listenerSampleRate(config.mesh.tracing, lconfig.tracing_sample_rate),
                 )

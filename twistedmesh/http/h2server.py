@@ -1226,9 +1226,15 @@ class HTTP2Connection(protocol.Protocol):
         if 100 <= status < 600:
             stats.byClass[status // 100].value += 1
         stream.complete()
-        accessLog = self.settings.accessLog
-        if accessLog is not None:
-            accessLog.log(stream, self.settings.clock.seconds())
+        settings = self.settings
+        if settings.accessLog is not None or settings.spans is not None:
+            now = settings.clock.seconds()
+            if settings.accessLog is not None:
+                settings.accessLog.log(stream, now)
+            if settings.spans is not None:
+                trace = stream.state.get("trace")
+                if trace is not None and trace.sampled:
+                    settings.spans.record(stream, trace, now)
         # The stream points at its codec (a router may still call it); the codec lets go of the stream, so
         # no cycle is left for the garbage collector.
         codec.stream = None

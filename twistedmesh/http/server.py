@@ -43,18 +43,22 @@ class HTTPSettings:
 
     __slots__ = ("name", "makers", "maxHeaderBytes", "maxHeaders", "idleTimeout", "requestHeadersTimeout",
                  "maxRequestsPerConnection", "stats", "clock", "random", "accessLog", "forwardClientCert",
-                 "traceSampleRate")
+                 "traceSampleRate", "spans")
 
     def __init__(self, name: str, makers: Sequence[Callable], stats, clock, maxHeaderBytes: int = 60 * 1024,
                  maxHeaders: int = 100, idleTimeout: float = 3600.0, requestHeadersTimeout: float = 0.0,
                  maxRequestsPerConnection: int = 0, random=None, accessLog=None,
-                 forwardClientCert: str = "sanitize", traceSampleRate: Optional[float] = None) -> None:
+                 forwardClientCert: str = "sanitize", traceSampleRate: Optional[float] = None,
+                 spans=None) -> None:
         self.traceSampleRate = traceSampleRate  # 0 to 1; None: no trace-context propagation
         self.forwardClientCert = forwardClientCert  # x-forwarded-client-cert: see twistedmesh.http.xfcc
         self.random = random if random is not None else _random.Random()
-        # Told of each finished stream, log(stream, endTime): an AccessLogger, or a tracing SpanRecorder
-        # (which records the spans of sampled requests and passes every stream on to the access logger).
+        # Told of each finished stream, log(stream, endTime): an AccessLogger (or anything with that
+        # method, such as a SpanRecorder wrapping one).
         self.accessLog = accessLog
+        # Told of each finished sampled stream, record(stream, trace, endTime): a tracing SpanRecorder. The
+        # connection manager checks the sampling itself, so an unsampled request costs no call.
+        self.spans = spans
         self.name = name
         self.makers = makers
         self.stats = stats
@@ -635,11 +639,15 @@ class HTTPConnection(protocol.Protocol):
         if 100 <= status < 600:
             stats.byClass[status // 100].value += 1
         stream.complete()
-        now = self.settings.clock.seconds()
+        settings = self.settings
+        now = settings.clock.seconds()
         stats.downstream_rq_time.record((now - stream.startTime) * 1000.0)
-        accessLog = self.settings.accessLog
-        if accessLog is not None:
-            accessLog.log(stream, now)
+        if settings.accessLog is not None:
+            settings.accessLog.log(stream, now)
+        if settings.spans is not None:
+            trace = stream.state.get("trace")
+            if trace is not None and trace.sampled:
+                settings.spans.record(stream, trace, now)
 
     def _next(self) -> None:
         pending = self.pending.popleft()

@@ -13,9 +13,8 @@ Three parts, each resolved once at config load so that a request pays only for w
     or an encode per line; a line that turns out not to be ASCII is rendered again as text (which escapes
     bytes that are not UTF-8). Where the install compiled it (setup.py; it needs a C compiler), a text
     format renders in C instead (C{_linefmt.c}, about a third of the Python render's cost): the same
-    operators as ops, the same bytes, and the Python text function for any line it does not expect
-    (C{CompiledFormat.pythonRender} keeps the Python render; C{TWISTEDMESH_PURE_PYTHON=1} turns the C
-    one off). Unknown operators and bad arguments are L{FormatError}s at compile time, never at request
+    operators as ops, the same bytes, and the Python render for any line it does not expect
+    (C{CompiledFormat.pythonRender}; C{TWISTEDMESH_PURE_PYTHON=1} turns the C one off). Unknown operators and bad arguments are L{FormatError}s at compile time, never at request
     time.
   - B{Filters.} L{AccessLogger.log} checks the configured status, duration and flag filters first, on plain
     fields, so a request that is not logged costs a few comparisons and no formatting.
@@ -1068,7 +1067,8 @@ class CompiledFormat:
     endTime)} the same line as text. Both are functions written for this format when it is compiled: they
     scan the request (and response) headers once for every header the format names, compute the common
     operators in place, call the getters of the others, and pour the results into one %-template.
-    C{source} is their text.
+    C{source} is their text. Where the C renderer is built, a text format's C{render} is that instead, and
+    C{pythonRender} the Python function it stands in for (the same object otherwise).
     """
 
     __slots__ = ("segments", "render", "text", "source", "pythonRender")

@@ -617,11 +617,21 @@ class SpanRecorder:
             accessLog.log(stream, endTime)
         trace = stream.state.get("trace")
         if trace is not None and trace.sampled:
-            try:
-                self.exporter.add(self.span(stream, trace, endTime))
-            except Exception:
-                # A span is worth less than the connection this runs on: never let it raise there.
-                self.logger.failure("recording a span for listener {listener} failed", listener=stream.listener)
+            self.record(stream, trace, endTime)
+
+    def record(self, stream: Any, trace: TraceContext, endTime: float) -> None:
+        """
+        Record the span of a finished, sampled C{stream} (a connection manager that has checked
+        C{trace.sampled} itself calls this, and spares unsampled requests a call).
+
+        @param trace: the stream's trace context (C{stream.state["trace"]}).
+        @param endTime: when it ended (the clock's C{seconds()}).
+        """
+        try:
+            self.exporter.add(self.span(stream, trace, endTime))
+        except Exception:
+            # A span is worth less than the connection this runs on: never let it raise there.
+            self.logger.failure("recording a span for listener {listener} failed", listener=stream.listener)
 
     def span(self, stream: Any, trace: TraceContext, endTime: float) -> Span:
         """
