@@ -34,9 +34,16 @@ intBytes(PyObject *v, unsigned char *out, Py_ssize_t n)
     }
 #if PY_VERSION_HEX >= 0x030D0000
     {
-        Py_ssize_t size = PyLong_AsNativeBytes(v, out, n, Py_ASNATIVEBYTES_BIG_ENDIAN
-                                               | Py_ASNATIVEBYTES_UNSIGNED_BUFFER
-                                               | Py_ASNATIVEBYTES_REJECT_NEGATIVE);
+        Py_ssize_t size;
+        PyObject *zero = PyLong_FromLong(0);  /* a cached small int: no allocation */
+        int negative = zero ? PyObject_RichCompareBool(v, zero, Py_LT) : -1;
+        Py_XDECREF(zero);
+        if (negative != 0) {
+            if (negative > 0)  /* the message and type of the older versions' conversion */
+                PyErr_SetString(PyExc_OverflowError, "can't convert negative int to unsigned");
+            return -1;
+        }
+        size = PyLong_AsNativeBytes(v, out, n, Py_ASNATIVEBYTES_BIG_ENDIAN | Py_ASNATIVEBYTES_UNSIGNED_BUFFER);
         if (size < 0)
             return -1;
         if (size > n) {
