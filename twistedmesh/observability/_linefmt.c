@@ -218,6 +218,33 @@ strSegment(PyObject *value, const char **ptr, Py_ssize_t *len)
     return 1;
 }
 
+/* record.startTime as a double: 1, or 0 when it is not a float or a small int (the caller falls back), or
+ * -1 with the error set. */
+static int
+startTimeOf(PyObject *record, double *start)
+{
+    PyObject *v = PyObject_GetAttr(record, s_startTime);
+    int ok;
+    if (v == NULL)
+        return -1;
+    ok = asDouble(v, start);
+    Py_DECREF(v);
+    return ok;
+}
+
+/* A getter's text, getter(record, endTime), as a segment (the result kept in keep[]): 1, or 0 for a result
+ * that is not a str (the caller falls back), or -1 with the getter's exception set. */
+static int
+getterSegment(PyObject *getter, PyObject *record, PyObject *endTime, PyObject **keep, int *nkeep,
+              const char **ptr, Py_ssize_t *len)
+{
+    PyObject *v = PyObject_CallFunctionObjArgs(getter, record, endTime, NULL);
+    if (v == NULL)
+        return -1;
+    keep[(*nkeep)++] = v;
+    return strSegment(v, ptr, len);
+}
+
 static PyObject *
 Format_vectorcall(PyObject *selfObject, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
@@ -316,14 +343,10 @@ Format_vectorcall(PyObject *selfObject, PyObject *const *args, size_t nargsf, Py
         case OP_DURATION: {
             double start, end;
             long long us;
-            v = PyObject_GetAttr(record, s_startTime);
-            if (v == NULL) {
-                status = -1;
+            status = startTimeOf(record, &start);
+            if (status != 1)
                 break;
-            }
-            j = asDouble(v, &start);
-            Py_DECREF(v);
-            if (!j || !asDouble(endTime, &end) || !roundHalfEven((end - start) * 1000000.0, &us)) {
+            if (!asDouble(endTime, &end) || !roundHalfEven((end - start) * 1000000.0, &us)) {
                 status = 0;
                 break;
             }
@@ -336,14 +359,10 @@ Format_vectorcall(PyObject *selfObject, PyObject *const *args, size_t nargsf, Py
             double start;
             long long us, second, millis;
             PyObject *item;
-            v = PyObject_GetAttr(record, s_startTime);
-            if (v == NULL) {
-                status = -1;
+            status = startTimeOf(record, &start);
+            if (status != 1)
                 break;
-            }
-            j = asDouble(v, &start);
-            Py_DECREF(v);
-            if (!j || !roundHalfEven(start * 1000000.0, &us)) {
+            if (!roundHalfEven(start * 1000000.0, &us)) {
                 status = 0;
                 break;
             }
@@ -413,15 +432,8 @@ Format_vectorcall(PyObject *selfObject, PyObject *const *args, size_t nargsf, Py
                 len[nseg++] = PyBytes_GET_SIZE(known);
                 break;
             }
-            v = PyObject_CallFunctionObjArgs(op->b, record, endTime, NULL);
-            if (v == NULL) {
-                status = -1;
-                break;
-            }
-            keep[nkeep++] = v;
-            if (!strSegment(v, &ptr[nseg], &len[nseg]))
-                status = 0;
-            else
+            status = getterSegment(op->b, record, endTime, keep, &nkeep, &ptr[nseg], &len[nseg]);
+            if (status == 1)
                 nseg++;
             break;
         }
@@ -503,15 +515,8 @@ Format_vectorcall(PyObject *selfObject, PyObject *const *args, size_t nargsf, Py
             break;
         }
         case OP_CALL:
-            v = PyObject_CallFunctionObjArgs(op->a, record, endTime, NULL);
-            if (v == NULL) {
-                status = -1;
-                break;
-            }
-            keep[nkeep++] = v;
-            if (!strSegment(v, &ptr[nseg], &len[nseg]))
-                status = 0;
-            else
+            status = getterSegment(op->a, record, endTime, keep, &nkeep, &ptr[nseg], &len[nseg]);
+            if (status == 1)
                 nseg++;
             break;
         }
@@ -684,28 +689,20 @@ parseOp(PyObject *spec, Op *op, int nrequest, int nresponse)
         op->kind = OP_TIME;
         KEEP(a, 1);
         KEEP(b, 2);
-    } else if (strcmp(kind, "protocol") == 0) {
+    } else if (strcmp(kind, "protocol") == 0 || strcmp(kind, "host") == 0) {
+        /* A dict (the protocol table, the host cache) and the function for what it does not hold. */
         ARGS(2);
         if (!PyDict_CheckExact(PyTuple_GET_ITEM(spec, 1))) {
-            PyErr_SetString(PyExc_ValueError, "the protocol table is a dict");
+            PyErr_Format(PyExc_ValueError, "op %s takes a dict", kind);
             return -1;
         }
-        op->kind = OP_PROTOCOL;
+        op->kind = kind[0] == 'p' ? OP_PROTOCOL : OP_HOST;
         KEEP(a, 1);
         KEEP(b, 2);
     } else if (strcmp(kind, "flags") == 0) {
         ARGS(1);
         op->kind = OP_FLAGS;
         KEEP(a, 1);
-    } else if (strcmp(kind, "host") == 0) {
-        ARGS(2);
-        if (!PyDict_CheckExact(PyTuple_GET_ITEM(spec, 1))) {
-            PyErr_SetString(PyExc_ValueError, "the host cache is a dict");
-            return -1;
-        }
-        op->kind = OP_HOST;
-        KEEP(a, 1);
-        KEEP(b, 2);
     } else if (strcmp(kind, "call") == 0) {
         ARGS(1);
         op->kind = OP_CALL;
