@@ -596,6 +596,19 @@ class EncodingTests(unittest.TestCase):
         self.assertNotIn("parentId", root)
         self.assertEqual(root["tags"]["http.status_code"], "503")
 
+    def test_zipkinRepeatedTag(self):
+        """
+        Zipkin's tags are a map: a tag given twice is written once, with its last value (OTLP's attributes
+        are a list and keep both).
+        """
+        s = span(1)
+        s.tags = [("http.method", "GET"), ("http.status_code", "200"), ("http.method", "POST")]
+        text = encodeZipkin([s], "edge")
+        self.assertEqual(text.count(b'"http.method"'), 1)
+        [out] = json.loads(text)
+        self.assertEqual(out["tags"], {"http.method": "POST", "http.status_code": "200"})
+        self.assertEqual(encodeOTLP([s], "edge").count(b'"http.method"'), 2)
+
     def test_zipkinShortDuration(self):
         """
         A span shorter than a microsecond still reports a duration of 1, as Zipkin requires.

@@ -86,6 +86,16 @@ def _zipkinEndpoint(address: Tuple[str, int]) -> str:
     return ',"remoteEndpoint":{"%s":%s,"port":%d}' % ("ipv6" if ":" in ip else "ipv4", _quote(ip), port)
 
 
+def _uniqueTags(tags: Sequence[Tuple[str, str]]) -> Sequence[Tuple[str, str]]:
+    """
+    C{tags} as a JSON object may hold them: a key given twice keeps its last value, in its first place (as
+    a dict built from them does). The proxy's own spans never repeat a key, so this is one set, no copy.
+    """
+    if len({k for k, _ in tags}) == len(tags):
+        return tags
+    return list(dict(tags).items())
+
+
 def encodeZipkin(spans: Sequence[Span], serviceName: str) -> bytes:
     """
     A Zipkin v2 JSON report: a list of spans, each with hex ids, microsecond C{timestamp} and C{duration}
@@ -102,7 +112,7 @@ def encodeZipkin(spans: Sequence[Span], serviceName: str) -> bytes:
         out.append(_ZIPKIN_SPAN % (
             span.traceId.decode("ascii"), span.spanId.decode("ascii"), quote(span.name),
             int(round(span.start * 1_000_000)), max(1, int(round(span.duration * 1_000_000))), local,
-            ",".join([(keys.get(k) or _zipkinKey(k)) + quote(v) for k, v in span.tags]),
+            ",".join([(keys.get(k) or _zipkinKey(k)) + quote(v) for k, v in _uniqueTags(span.tags)]),
             "" if parentId is None else ',"parentId":"%s"' % parentId.decode("ascii"),
             "" if remote is None else _zipkinEndpoint(remote),
             ',"debug":true' if span.debug else ""))
