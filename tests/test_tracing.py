@@ -568,3 +568,21 @@ class NativeIdsTests(unittest.TestCase):
         self.assertRaises(OverflowError, tracing._traceids.newTrace, 1 << 192, False, 0.5)
         self.assertRaises(TypeError, tracing._traceids.newTrace, 1, False)
         self.assertRaises(TypeError, tracing._traceids.newTrace, 1, False, "0.5")
+
+
+class BrokenRandomTests(unittest.TestCase):
+    """
+    A random source that breaks its contract is an error, never a hang.
+    """
+
+    def test_negativeDraw(self):
+        """
+        A new trace's draw that is negative (no real C{getrandbits} gives one) raises instead of looping
+        forever looking for a non-zero id.
+        """
+        class Negative(random.Random):
+            def getrandbits(self, k):
+                return -1
+
+        self.patch(tracing, "_newTrace", None)
+        self.assertRaises(ValueError, propagate, [], Negative(), 0.5, False, True)

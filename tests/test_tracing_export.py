@@ -334,10 +334,11 @@ class RecorderTests(unittest.TestCase):
             def add(self, span):
                 raise RuntimeError("boom")
 
-        proto, t, clock, stats = connect(Answering, traceSampleRate=1.0, accessLog=SpanRecorder(Broken()))
-        proto.dataReceived(b"GET /200 HTTP/1.1\r\nHost: x\r\n\r\nGET /200 HTTP/1.1\r\nHost: x\r\n\r\n")
-        self.assertEqual(t.value().count(b"HTTP/1.1 200"), 2)
-        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+        for wiring in ("spans", "accessLog"):  # beside the access logger, or in its place
+            proto, t, clock, stats = connect(Answering, traceSampleRate=1.0, **{wiring: SpanRecorder(Broken())})
+            proto.dataReceived(b"GET /200 HTTP/1.1\r\nHost: x\r\n\r\nGET /200 HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.assertEqual(t.value().count(b"HTTP/1.1 200"), 2)
+            self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
 
     def test_h2(self):
         """
@@ -375,15 +376,14 @@ class RecorderTests(unittest.TestCase):
         sink = MemorySink()
         logger = AccessLogger(AccessLogConfig(path="stdout", format="%REQ(X-REQUEST-ID)% %TRACE_ID%"), Clock(),
                               globalReactor, sink=sink)
-        proto, t, clock, stats = connect(Answering, traceSampleRate=0.0, accessLog=SpanRecorder(Spans(), logger))
+        proto, t, clock, stats = connect(Answering, traceSampleRate=0.0, accessLog=logger, spans=SpanRecorder(Spans()))
         proto.dataReceived(b"GET /200 HTTP/1.1\r\nHost: x\r\n\r\n")
         [line] = sink.lines
         requestId, traceId = line.split()
         self.assertEqual(requestId.replace(b"-", b""), traceId)
 
         h2spans = Spans()
-        peer, proto, clock, stats = h2(lambda s: Answering(), traceSampleRate=1.0,
-                                       accessLog=SpanRecorder(h2spans))
+        peer, proto, clock, stats = h2(lambda s: Answering(), traceSampleRate=1.0, spans=SpanRecorder(h2spans))
         peer.request([(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"x"), (b":path", b"/200")])
         [only] = h2spans
         self.assertEqual(tags(only)["guid:x-request-id"].replace("-", "").encode("ascii"), only.traceId)

@@ -53,8 +53,7 @@ class HTTPSettings:
         self.traceSampleRate = traceSampleRate  # 0 to 1; None: no trace-context propagation
         self.forwardClientCert = forwardClientCert  # x-forwarded-client-cert: see twistedmesh.http.xfcc
         self.random = random if random is not None else _random.Random()
-        # Told of each finished stream, log(stream, endTime): an AccessLogger (or anything with that
-        # method, such as a SpanRecorder wrapping one).
+        # Told of each finished stream, log(stream, endTime): the listener's AccessLogger.
         self.accessLog = accessLog
         # Told of each finished sampled stream, record(stream, trace, endTime): a tracing SpanRecorder. The
         # connection manager checks the sampling itself, so an unsampled request costs no call.

@@ -224,5 +224,11 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__traceids(void)
 {
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+#ifdef Py_GIL_DISABLED
+    /* No state: a free-threaded interpreter need not take the GIL back for this module. */
+    if (m != NULL)
+        PyUnstable_Module_SetGIL(m, Py_MOD_GIL_NOT_USED);
+#endif
+    return m;
 }

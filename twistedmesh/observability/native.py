@@ -1,7 +1,8 @@
 """
 The observability hot path's optional C modules: C{_linefmt} (access-log lines) and C{_traceids} (request
 and trace ids). setup.py builds them where a C compiler is; elsewhere, or with the environment variable
-C{TWISTEDMESH_PURE_PYTHON} set, the Python code they stand in for runs instead, giving the same bytes.
+C{TWISTEDMESH_PURE_PYTHON} set (to anything but C{0} or nothing), the Python code they stand in for runs
+instead, giving the same bytes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ def load(name: str) -> Optional[ModuleType]:
     """
     The C module C{twistedmesh.observability.<name>}, or C{None} where it is not built or not wanted.
     """
-    if os.environ.get(PURE_PYTHON):
+    if os.environ.get(PURE_PYTHON, "") not in ("", "0"):
         return None
     try:
         return importlib.import_module(f"twistedmesh.observability.{name}")

@@ -28,10 +28,14 @@ Rules:
 
 Ids are lowercase hex bytes, as on the wire; a 64-bit B3 trace id stays 16 characters.
 
-Spans: a L{SpanRecorder} is told of every finished stream (it stands where the listener's access logger
-stands, and passes each stream on to it); for a sampled one it records one L{Span}, the proxy's ingress
-span (kind SERVER) whose id is the parent id sent upstream, tagged as Envoy tags its spans, and hands it
-to an exporter (L{twistedmesh.observability.export}).
+Spans: a listener's connection manager tells its L{SpanRecorder} of each finished stream whose trace is
+sampled (it checks the decision itself, beside its call to the access logger); the recorder makes one
+L{Span}, the proxy's ingress span (kind SERVER) whose id is the parent id sent upstream, tagged as Envoy
+tags its spans, and hands it to an exporter (L{twistedmesh.observability.export}).
+
+Where the install built it, C{_traceids.c} writes the ids' text (L{newRequestId}, a new trace in
+L{propagate}): the same bytes from the same draws. It refuses a draw wider than asked for (a C{random}
+whose C{getrandbits(k)} returns more than k bits), which no real generator gives.
 """
 
 from __future__ import annotations
@@ -45,8 +49,9 @@ from .accesslog import _PROTOCOLS, _addressText, _endpointAddress
 from .native import load as _loadNative
 
 _traceids = _loadNative("_traceids")  # ids written in C, where it is built: the same bytes as below
-_requestIdOf = _traceids.requestId if _traceids is not None else None
-_newTrace = _traceids.newTrace if _traceids is not None else None
+# (A stale build without one of them falls back to Python rather than failing the import.)
+_requestIdOf = getattr(_traceids, "requestId", None)
+_newTrace = getattr(_traceids, "newTrace", None)
 
 Headers = List[Tuple[bytes, bytes]]
 
@@ -292,6 +297,8 @@ def _nonZeroIds(random, bits: int) -> int:
     A new trace's 192-bit draw C{bits} (trace id high, span id low) with an all-zero id drawn again (an
     all-zero id is invalid): the trace id first, then the span id; the other id is kept.
     """
+    if bits < 0:
+        raise ValueError(f"a draw of random bits is never negative: {bits}")
     while bits < _SPAN_RANGE:
         bits |= random.getrandbits(128) << 64
     while not bits & _SPAN_MASK:
@@ -588,9 +595,9 @@ _ERROR_TAG = ("error", "true")
 
 class SpanRecorder:
     """
-    What a listener's connection manager tells of each finished stream (C{log(stream, endTime)}, the
-    access logger's method): the access logger first, when there is one, then, for a sampled request, a
-    span to C{exporter}. An unsampled request costs one dictionary lookup and one attribute check.
+    Records the spans of sampled streams: a connection manager calls L{record} for each finished stream
+    whose trace is sampled (C{HTTPSettings.spans}). It can also stand where an access logger stands,
+    C{log(stream, endTime)}: then it passes every stream on to C{accessLog} and records the sampled ones.
 
     @ivar exporter: where spans go: anything with an C{add(span)} method (an
         L{twistedmesh.observability.export.SpanExporter}).
