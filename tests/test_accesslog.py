@@ -16,6 +16,7 @@ from typing import Dict, List, Tuple
 
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.defer import DeferredList
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
@@ -742,6 +743,66 @@ class FileSinkTests(unittest.TestCase):
         self.clock.advance(0.1)
         self.assertEqual(sink.pending, 0)  # handed to the writer by the timer, not by the flush below
         return sink.flush().addCallback(lambda _: self.assertEqual(self.contents(), "a\nb\n"))
+
+    def test_logFunction(self):
+        """
+        A logger from L{FileSink.logFunction} renders and queues in one call, with what L{FileSink.write}
+        does after an append: the timer armed by the first line of a batch, a full batch handed off at
+        once, lines after the close dropped and counted, a render that raises costing its line only.
+        """
+        dropped = Counter("access_log.dropped", "access_log_dropped", ())
+        sink = self.sink(batchLines=3, flushInterval=1.0, dropped=dropped)
+        failed = []
+
+        def render(record, endTime):
+            if record == "bad":
+                raise ValueError(record)
+            return record.encode() + b"\n"
+
+        log = sink.logFunction(render, failed.append)
+        log("a", 0)
+        self.assertTrue(self.clock.getDelayedCalls())
+        log("bad", 0)
+        self.assertEqual((failed, sink.pending), (["bad"], 1))
+        log("b", 0)
+        log("c", 0)
+        self.assertEqual((sink.pending, sink.queued), (0, 3))  # a full batch, at once
+        log("d", 0)
+        self.clock.advance(1.0)
+        self.assertEqual((sink.pending, sink.queued), (0, 4))  # the timer's hand-off
+
+        def flushed(_):
+            self.assertEqual(self.contents(), "a\nb\nc\nd\n")
+            closing = sink.close()
+            log("late", 0)
+            log("later", 0)
+            self.assertEqual((dropped.value, sink.pending), (2, 0))
+            return closing
+        return sink.flush().addCallback(flushed)
+
+    def test_unfilteredLoggerOneCall(self):
+        """
+        An access logger without filters, on a file, logs through its sink's L{FileSink.logFunction}; with
+        a filter, through its own method. Both write the same lines.
+        """
+        from twistedmesh.config.accesslog import AccessLogConfig
+        self.clock = Clock()
+        sinks = []
+        for status in ([], ["5xx"]):
+            path = self.mktemp()
+            sink = FileSink(path, self.clock, reactor)
+            self.addCleanup(sink.close)
+            logger = AccessLogger(AccessLogConfig(path=path, format="%RESPONSE_CODE% %REQ(:PATH)%", status=status),
+                                  self.clock, reactor, sink=sink)
+            self.assertEqual(type(logger.log).__name__, "function" if not status else "method")
+            logger.log(makeStream(status=503), END)
+            logger.log(makeStream(status=200), END)
+            sinks.append((sink, path))
+
+        def check(_):
+            self.assertEqual([self.contents(path) for _, path in sinks],
+                             ["503 /api/v1/locations\n200 /api/v1/locations\n", "503 /api/v1/locations\n"])
+        return DeferredList([sink.flush() for sink, _ in sinks]).addCallback(check)
 
     def test_fullBatch(self):
         """

@@ -1495,6 +1495,43 @@ class FileSink:
         elif self._timer is None:
             self._timer = self.clock.callLater(self.flushInterval, self._tick)
 
+    def logFunction(self, render: Callable[[Any, float], bytes],
+                    failed: Callable[[Any], None]) -> Callable[[Any, float], None]:
+        """
+        A function C{log(record, endTime)} that renders a line with C{render} and queues it as L{write}
+        does, in one call: an access logger without filters uses it as its C{log}, which spares each request
+        the logger's call into L{write}. When C{render} raises, C{failed(record)} is called instead.
+        """
+        pending = self._pending
+        batchLines = self.batchLines
+        appended = self._appended
+
+        def log(record: Any, endTime: float) -> None:
+            try:
+                line = render(record, endTime)
+            except Exception:
+                failed(record)
+                return
+            pending.append(line)
+            n = len(pending)
+            if n == 1 or n >= batchLines:  # the first line of a batch (the timer), or a full batch
+                appended()
+        return log
+
+    def _appended(self) -> None:
+        """
+        What L{write} does after its append, for a line a L{logFunction} logger queued: drop it if the sink
+        is closed, hand off a full batch, arm the flush timer.
+        """
+        pending = self._pending
+        if self._closed:
+            self.dropped.value += len(pending)
+            pending.clear()
+        elif len(pending) >= self.batchLines:
+            self._handOff(None, None)
+        elif self._timer is None:
+            self._timer = self.clock.callLater(self.flushInterval, self._tick)
+
     def _tick(self) -> None:
         """
         The flush timer: hand off what is pending.
@@ -1552,9 +1589,12 @@ class FileSink:
         """
         Give the pending lines (if the backlog allows) and C{action} to the writer thread.
         """
-        lines: Optional[List[bytes]] = self._pending
-        if lines:
-            self._pending = []
+        pending = self._pending
+        lines: Optional[List[bytes]] = None
+        if pending:
+            # The list itself stays: a logger made by logFunction() appends to it.
+            lines = pending.copy()
+            pending.clear()
             count = len(lines)
             if self._queued + count > self.maxQueuedLines:
                 # The writer is behind (a stalled disk, a blocked pipe): losing log lines beats growing
@@ -1563,8 +1603,6 @@ class FileSink:
                 lines = None
             else:
                 self._queued += count
-        else:
-            lines = None
         if lines is None and action is None:
             return
         if self._thread is None:
@@ -1725,6 +1763,9 @@ class AccessLogger:
         self._ownsSink = sink is None
         self.sink = sink if sink is not None else openSink(config.path, clock, reactor, config.flush_interval, dropped)
         self._write = self.sink.write
+        if self._statuses is None and not self._filtered and isinstance(self.sink, FileSink):
+            # Nothing to filter: one call per request renders and queues (see FileSink.logFunction).
+            self.log = self.sink.logFunction(self._renderHTTP, self._failed)  # type: ignore[method-assign]
 
     def _passes(self, record: Any, endTime: float) -> bool:
         """
@@ -1754,10 +1795,16 @@ class AccessLogger:
         try:
             line = self._renderHTTP(stream, endTime)
         except Exception:
-            # A getter's bug must cost one line, not the connection it is called from.
-            self.logger.failure("access log line for listener {listener} failed", listener=stream.listener)
+            self._failed(stream)
             return
         self._write(line)
+
+    def _failed(self, record: Any) -> None:
+        """
+        Rendering C{record}'s line raised (called in the C{except} clause): log that, and lose the line only.
+        """
+        # A getter's bug must cost one line, not the connection it is called from.
+        self.logger.failure("access log line for listener {listener} failed", listener=record.listener)
 
     def logTCP(self, record: TCPAccessRecord, endTime: float) -> None:
         """
@@ -1771,7 +1818,7 @@ class AccessLogger:
         try:
             line = self._renderTCP(record, endTime)
         except Exception:
-            self.logger.failure("access log line for listener {listener} failed", listener=record.listener)
+            self._failed(record)
             return
         self._write(line)
 
