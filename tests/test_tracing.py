@@ -479,7 +479,7 @@ class NativeIdsTests(unittest.TestCase):
         """
         calls = []
         self.patch(tracing, "_requestIdOf", lambda bits: calls.append("id") or tracing._traceids.requestId(bits))
-        self.patch(tracing, "_newTrace", lambda *a: calls.append("trace") or tracing._traceids.newTrace(*a))
+        self.patch(tracing, "_newTrace", lambda *a: calls.append("trace") or tracing._traceids.startTrace(*a))
         newRequestId(random.Random(1))
         propagate([], random.Random(1), 0.5, False, False)
         self.assertEqual(calls, ["id", "trace"])
@@ -516,7 +516,7 @@ class NativeIdsTests(unittest.TestCase):
                 native = self.newTraces(rate.__hash__() & 0xFFFF, rate, requestId)
                 self.patch(tracing, "_newTrace", None)
                 python = self.newTraces(rate.__hash__() & 0xFFFF, rate, requestId)
-                self.patch(tracing, "_newTrace", tracing._traceids.newTrace)
+                self.patch(tracing, "_newTrace", tracing._traceids.startTrace)
                 self.assertEqual(native, python, (rate, requestId))
                 decisions.update(t[3] for t in native)
         self.assertEqual(decisions, {True, False})
@@ -539,7 +539,7 @@ class NativeIdsTests(unittest.TestCase):
                 native = propagate([], Draws(first), 0.5, False, requestId)
                 self.patch(tracing, "_newTrace", None)
                 python = propagate([], Draws(first), 0.5, False, requestId)
-                self.patch(tracing, "_newTrace", tracing._traceids.newTrace)
+                self.patch(tracing, "_newTrace", tracing._traceids.startTrace)
                 self.assertEqual((native.traceId, native.spanId, native.sampled),
                                  (python.traceId, python.spanId, python.sampled))
                 self.assertNotEqual(native.traceId, b"0" * 32)
@@ -568,6 +568,24 @@ class NativeIdsTests(unittest.TestCase):
         self.assertRaises(OverflowError, tracing._traceids.newTrace, 1 << 192, False, 0.5)
         self.assertRaises(TypeError, tracing._traceids.newTrace, 1, False)
         self.assertRaises(TypeError, tracing._traceids.newTrace, 1, False, "0.5")
+        self.assertRaises(TypeError, tracing._traceids.startTrace, (), 1, False, 0.5)
+        self.assertRaises(TypeError, tracing._traceids.setContext, object(), "x-request-id", b"traceparent")
+
+    def test_startTrace(self):
+        """
+        startTrace appends the fields newTrace writes (the request id only when asked to make one) and
+        returns the registered context class, built without calling it, with its ids and decision.
+        """
+        bits = (0x0123456789ABCDEF0123456789ABCDEF << 64) | 0xFEDCBA9876543210
+        for makeRequestId in (False, True):
+            ids, traceparent, rid, sampled = tracing._traceids.newTrace(bits, makeRequestId, 1.0)
+            headers = [(b"accept", b"*/*")]
+            context = tracing._traceids.startTrace(headers, bits, makeRequestId, 1.0)
+            self.assertIs(type(context), tracing._NewTraceContext)
+            self.assertEqual((context.ids, context.sampled, context.traceId), (ids, sampled, ids[:32]))
+            self.assertEqual(headers, [(b"accept", b"*/*")] + ([(b"x-request-id", rid)] if makeRequestId else [])
+                             + [(b"traceparent", traceparent)])
+        self.assertIsNone(tracing._traceids.startTrace([], 0, False, 1.0))
 
 
 class BrokenRandomTests(unittest.TestCase):

@@ -16,6 +16,11 @@
  *       id (made a UUID's bits when makeRequestId, which also returns that UUID's text), the low 64 the
  *       span id; ids is b"<trace id>-<span id>"; sampled is OpenTelemetry's TraceIdRatioBased decision on
  *       the trace id's low 56 bits. None when an id is all zeros: the caller draws again.
+ *   startTrace(headers, bits, makeRequestId, sampleRate) -> context or None
+ *       newTrace's work for propagate itself: appends (x-request-id, id) when makeRequestId and
+ *       (traceparent, value) to the list headers, and returns a new context of the class given to
+ *       setContext(cls, requestIdName, traceparentName) with its `ids` and `sampled` set (built without
+ *       calling the class: its __init__ is not the place for this). None when an id is all zeros.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -131,33 +136,31 @@ belowDouble(unsigned long long x, double t)
     return x < whole || (x == whole && t > floorT);
 }
 
-static PyObject *
-newTrace(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+/* The new trace of a draw: its ids, traceparent, request id (or None) and decision. Returns 1, or 0 for an
+ * all-zero id (nothing made), or -1 with an error set. */
+static int
+makeTrace(PyObject *const *args, PyObject **idsOut, PyObject **traceparentOut, PyObject **ridOut, int *sampledOut)
 {
     unsigned char raw[24];
     int makeRequestId, sampled;
     double rate;
     unsigned long long low56 = 0;
-    PyObject *ids, *traceparent, *rid = NULL, *result;
+    PyObject *ids, *traceparent, *rid = NULL;
     char *p;
     int i;
 
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "newTrace(bits, makeRequestId, sampleRate)");
-        return NULL;
-    }
     if (intBytes(args[0], raw, 24) < 0)
-        return NULL;
+        return -1;
     makeRequestId = PyObject_IsTrue(args[1]);
     if (makeRequestId < 0)
-        return NULL;
+        return -1;
     rate = PyFloat_AsDouble(args[2]);
     if (rate == -1.0 && PyErr_Occurred())
-        return NULL;
+        return -1;
     if (makeRequestId)
         makeUUID(raw);  /* the trace id's 16 bytes are the UUID's */
     if (allZero(raw, 16) || allZero(raw + 16, 8))
-        Py_RETURN_NONE;
+        return 0;
 
     for (i = 9; i < 16; i++)
         low56 = (low56 << 8) | raw[i];
@@ -165,7 +168,7 @@ newTrace(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 
     ids = PyBytes_FromStringAndSize(NULL, 49);
     if (ids == NULL)
-        return NULL;
+        return -1;
     p = PyBytes_AS_STRING(ids);
     hex(raw, 16, p);
     p[32] = '-';
@@ -174,7 +177,7 @@ newTrace(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     traceparent = PyBytes_FromStringAndSize(NULL, 55);
     if (traceparent == NULL) {
         Py_DECREF(ids);
-        return NULL;
+        return -1;
     }
     p = PyBytes_AS_STRING(traceparent);
     memcpy(p, "00-", 3);
@@ -186,9 +189,32 @@ newTrace(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         if (rid == NULL) {
             Py_DECREF(ids);
             Py_DECREF(traceparent);
-            return NULL;
+            return -1;
         }
-    } else {
+    }
+    *idsOut = ids;
+    *traceparentOut = traceparent;
+    *ridOut = rid;
+    *sampledOut = sampled;
+    return 1;
+}
+
+static PyObject *
+newTrace(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *ids, *traceparent, *rid, *result;
+    int sampled, made;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "newTrace(bits, makeRequestId, sampleRate)");
+        return NULL;
+    }
+    made = makeTrace(args, &ids, &traceparent, &rid, &sampled);
+    if (made <= 0) {
+        if (made == 0)
+            Py_RETURN_NONE;
+        return NULL;
+    }
+    if (rid == NULL) {
         rid = Py_None;
         Py_INCREF(rid);
     }
@@ -206,10 +232,90 @@ newTrace(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return result;
 }
 
+/* setContext's class and header names (set once, when tracing.py is imported). */
+static PyTypeObject *contextType;
+static PyObject *requestIdName, *traceparentName, *s_ids, *s_sampled;
+
+static PyObject *
+setContext(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyType_Check(args[0]) || !PyBytes_CheckExact(args[1]) || !PyBytes_CheckExact(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "setContext(cls, requestIdName, traceparentName)");
+        return NULL;
+    }
+    Py_INCREF(args[0]);
+    Py_XSETREF(contextType, (PyTypeObject *)args[0]);
+    Py_INCREF(args[1]);
+    Py_XSETREF(requestIdName, args[1]);
+    Py_INCREF(args[2]);
+    Py_XSETREF(traceparentName, args[2]);
+    Py_RETURN_NONE;
+}
+
+/* Append (name, value) to the list, taking the reference to value. */
+static int
+appendField(PyObject *headers, PyObject *name, PyObject *value)
+{
+    PyObject *field = PyTuple_Pack(2, name, value);
+    int result;
+    Py_DECREF(value);
+    if (field == NULL)
+        return -1;
+    result = PyList_Append(headers, field);
+    Py_DECREF(field);
+    return result;
+}
+
+static PyObject *
+startTrace(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *headers, *ids, *traceparent, *rid, *context;
+    int sampled, made;
+    if (nargs != 4 || !PyList_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "startTrace(headers, bits, makeRequestId, sampleRate)");
+        return NULL;
+    }
+    if (contextType == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "startTrace before setContext");
+        return NULL;
+    }
+    headers = args[0];
+    made = makeTrace(args + 1, &ids, &traceparent, &rid, &sampled);
+    if (made <= 0) {
+        if (made == 0)
+            Py_RETURN_NONE;
+        return NULL;
+    }
+    context = contextType->tp_alloc(contextType, 0);
+    if (context == NULL || PyObject_SetAttr(context, s_ids, ids) < 0
+        || PyObject_SetAttr(context, s_sampled, sampled ? Py_True : Py_False) < 0) {
+        Py_XDECREF(context);
+        Py_DECREF(ids);
+        Py_DECREF(traceparent);
+        Py_XDECREF(rid);
+        return NULL;
+    }
+    Py_DECREF(ids);
+    if (rid != NULL && appendField(headers, requestIdName, rid) < 0) {
+        Py_DECREF(traceparent);
+        Py_DECREF(context);
+        return NULL;
+    }
+    if (appendField(headers, traceparentName, traceparent) < 0) {
+        Py_DECREF(context);
+        return NULL;
+    }
+    return context;
+}
+
 static PyMethodDef methods[] = {
     {"requestId", (PyCFunction)requestId, METH_O, "requestId(bits) -> the version 4 UUID of 128 random bits"},
     {"newTrace", (PyCFunction)(void (*)(void))newTrace, METH_FASTCALL,
      "newTrace(bits, makeRequestId, sampleRate) -> (ids, traceparent, requestId or None, sampled) or None"},
+    {"startTrace", (PyCFunction)(void (*)(void))startTrace, METH_FASTCALL,
+     "startTrace(headers, bits, makeRequestId, sampleRate) -> a new context, its fields appended; or None"},
+    {"setContext", (PyCFunction)(void (*)(void))setContext, METH_FASTCALL,
+     "setContext(cls, requestIdName, traceparentName): what startTrace makes and appends"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -224,7 +330,11 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__traceids(void)
 {
-    PyObject *m = PyModule_Create(&module);
+    PyObject *m;
+    if ((s_ids = PyUnicode_InternFromString("ids")) == NULL
+        || (s_sampled = PyUnicode_InternFromString("sampled")) == NULL)
+        return NULL;
+    m = PyModule_Create(&module);
 #ifdef Py_GIL_DISABLED
     /* No state: a free-threaded interpreter need not take the GIL back for this module. */
     if (m != NULL)

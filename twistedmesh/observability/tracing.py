@@ -51,7 +51,7 @@ from .native import load as _loadNative
 _traceids = _loadNative("_traceids")  # ids written in C, where it is built: the same bytes as below
 # (A stale build without one of them falls back to Python rather than failing the import.)
 _requestIdOf = getattr(_traceids, "requestId", None)
-_newTrace = getattr(_traceids, "newTrace", None)
+_newTrace = getattr(_traceids, "startTrace", None)
 
 Headers = List[Tuple[bytes, bytes]]
 
@@ -158,6 +158,10 @@ class _NewTraceContext(TraceContext):
     def __reduce__(self):
         # copy and pickle: as the plain context it stands for (the read-only names could not be set back).
         return TraceContext, (self.traceId, self.spanId, None, self.sampled, FORMAT_W3C, False)
+
+
+if _newTrace is not None:
+    _traceids.setContext(_NewTraceContext, X_REQUEST_ID, TRACEPARENT)
 
 
 def _isId(value: bytes, size: int, zero: bytes) -> bool:
@@ -368,15 +372,10 @@ def propagate(headers: Headers, random, sampleRate: float, traced: bool = True,
     # and one C call that writes them in hex with the dash between them that the traceparent wants.
     bits = random.getrandbits(192)
     if _newTrace is not None:
-        made = _newTrace(bits, not requestId, sampleRate)
-        if made is not None:  # (None: an all-zero id, drawn again below)
-            ids, traceparent, madeId, sampled = made
-            if madeId is not None:
-                headers.append((X_REQUEST_ID, madeId))
-            headers.append((TRACEPARENT, traceparent))
-            context = _NewTraceContext()
-            context.ids = ids
-            context.sampled = sampled
+        # What the lines below do, in C: the fields appended, the context made (None: an all-zero id,
+        # drawn again below).
+        context = _newTrace(headers, bits, not requestId, sampleRate)
+        if context is not None:
             return context
     if not requestId:
         bits = (bits & _DRAW_AS_UUID) | _DRAW_UUID_BITS  # the trace id, a UUID's bits (never all zero)
