@@ -1356,6 +1356,48 @@ class NativeRenderTests(unittest.TestCase):
                             makeStream(startTime=float("nan"), responseFlags=[b"UF"]))
         self.assertRaises(ValueError, fmt.render, makeStream(startTime=float("nan")), END)
 
+    def test_fields(self):
+        """
+        The C renderer reads a stream's fields from their slots, yet renders what Python's attribute
+        lookup gives: a subclass's property, a class patched after lines were rendered, a record with its
+        own __getattribute__ or with plain instance attributes, an unset slot (an AttributeError).
+        """
+        fmt = compileFormat("%REQ(:METHOD)% %RESPONSE_CODE% %DURATION% %UPSTREAM_HOST%")
+
+        class Sub(Stream):
+            __slots__ = ()
+
+        class Loud(Stream):
+            __slots__ = ()
+
+            def __getattribute__(self, name):
+                value = super().__getattribute__(name)
+                return value.upper() if name == "method" else value
+
+        record = makeStream()
+        sub = Sub(_Codec(), [], "edge", IPv4Address("TCP", "10.0.35.28", 51234), START)
+        for name in ("method", "path", "authority", "requestHeaders", "status", "responseHeaders", "bytesReceived",
+                     "upstreamHost"):
+            setattr(sub, name, getattr(record, name))
+        self.assertSameLine(fmt, sub)
+        self.assertIn(b"POST 204", fmt.render(sub, END))
+        Sub.method = property(lambda self: b"PATCHED")
+        self.assertSameLine(fmt, sub)
+        self.assertIn(b"PATCHED 204", fmt.render(sub, END))
+        loud = Loud(_Codec(), [], "edge", None, START)
+        for name in ("method", "requestHeaders", "responseHeaders", "status", "upstreamHost"):
+            setattr(loud, name, getattr(record, name))
+        loud.method = b"get"
+        self.assertIn(b"GET 204", fmt.render(loud, END))
+        self.assertSameLine(fmt, loud)
+        plain = SimpleNamespace(method=b"PUT", requestHeaders=[], responseHeaders=[], status=201, startTime=START,
+                                upstreamHost=None)
+        self.assertSameLine(fmt, plain)
+        self.assertIn(b"PUT 201", fmt.render(plain, END))
+        unset = Stream.__new__(Stream)
+        self.assertSameLine(fmt, unset)
+        self.assertRaises(AttributeError, fmt.render, unset, END)
+
     def test_reentrant(self):
         """
         A line whose getter renders another line of the same format, in another second (a property, a
