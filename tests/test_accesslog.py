@@ -1398,6 +1398,16 @@ class NativeRenderTests(unittest.TestCase):
         self.assertSameLine(fmt, unset)
         self.assertRaises(AttributeError, fmt.render, unset, END)
 
+        class Borrowed:  # a slot's descriptor on a class without that slot: not read as if it had it
+            __slots__ = ()
+            requestHeaders = responseHeaders = ()
+            startTime, status, upstreamHost = START, 200, None
+
+        Borrowed.method = Stream.method
+        for _ in range(200):
+            self.assertSameLine(fmt, Borrowed())
+        self.assertRaises(TypeError, fmt.render, Borrowed(), END)
+
     def test_reentrant(self):
         """
         A line whose getter renders another line of the same format, in another second (a property, a

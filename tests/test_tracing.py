@@ -568,7 +568,7 @@ class NativeIdsTests(unittest.TestCase):
         self.assertRaises(OverflowError, tracing._traceids.newTrace, 1 << 192, False, 0.5)
         self.assertRaises(TypeError, tracing._traceids.newTrace, 1, False)
         self.assertRaises(TypeError, tracing._traceids.newTrace, 1, False, "0.5")
-        self.assertRaises(TypeError, tracing._traceids.startTrace, (), 1, False, 0.5)
+        self.assertRaises(TypeError, tracing._traceids.startTrace, [], 1, False)
         self.assertRaises(TypeError, tracing._traceids.setContext, object(), "x-request-id", b"traceparent")
 
     def test_startTrace(self):
@@ -586,6 +586,19 @@ class NativeIdsTests(unittest.TestCase):
             self.assertEqual(headers, [(b"accept", b"*/*")] + ([(b"x-request-id", rid)] if makeRequestId else [])
                              + [(b"traceparent", traceparent)])
         self.assertIsNone(tracing._traceids.startTrace([], 0, False, 1.0))
+
+        class Counting(list):
+            appended = 0
+
+            def append(self, item):
+                Counting.appended += 1
+                super().append(item)
+
+        # Not a plain list: propagate's Python code appends, through the list's own append.
+        self.assertIsNone(tracing._traceids.startTrace(Counting(), bits, True, 1.0))
+        headers = Counting()
+        context = propagate(headers, random.Random(2), 1.0, False, False)
+        self.assertEqual((Counting.appended, len(headers), context.sampled), (2, 2, True))
 
 
 class BrokenRandomTests(unittest.TestCase):

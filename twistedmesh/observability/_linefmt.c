@@ -168,7 +168,10 @@ fieldOf(PyObject *obj, PyObject *name)
     PyTypeObject *type = Py_TYPE(obj);
     if (type->tp_getattro == PyObject_GenericGetAttr) {
         PyObject *descr = _PyType_Lookup(type, name);  /* borrowed; the type's attribute cache */
-        if (descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type)) {
+        /* (A slot's descriptor can be put on an unrelated class: it applies only to its own class's
+         * instances, whose layout has the slot; for others the generic path raises TypeError.) */
+        if (descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type)
+            && PyObject_TypeCheck(obj, PyDescr_TYPE(descr))) {
             PyMemberDef *member = ((PyMemberDescrObject *)descr)->d_member;
             if (member->type == T_OBJECT_EX) {
                 PyObject *v = *(PyObject **)((char *)obj + member->offset);

@@ -20,7 +20,8 @@
  *       newTrace's work for propagate itself: appends (x-request-id, id) when makeRequestId and
  *       (traceparent, value) to the list headers, and returns a new context of the class given to
  *       setContext(cls, requestIdName, traceparentName) with its `ids` and `sampled` set (built without
- *       calling the class: its __init__ is not the place for this). None when an id is all zeros.
+ *       calling the class: its __init__ is not the place for this). None when an id is all zeros, or when
+ *       headers is not a plain list: the caller's Python code then does the same work.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -271,10 +272,12 @@ startTrace(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     PyObject *headers, *ids, *traceparent, *rid, *context;
     int sampled, made;
-    if (nargs != 4 || !PyList_Check(args[0])) {
+    if (nargs != 4) {
         PyErr_SetString(PyExc_TypeError, "startTrace(headers, bits, makeRequestId, sampleRate)");
         return NULL;
     }
+    if (!PyList_CheckExact(args[0]))
+        Py_RETURN_NONE;  /* not a plain list (its append may be its own): the caller's Python code */
     if (contextType == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "startTrace before setContext");
         return NULL;
@@ -330,15 +333,9 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__traceids(void)
 {
-    PyObject *m;
+    /* (setContext's globals are replaced without a lock: the module relies on the GIL.) */
     if ((s_ids = PyUnicode_InternFromString("ids")) == NULL
         || (s_sampled = PyUnicode_InternFromString("sampled")) == NULL)
         return NULL;
-    m = PyModule_Create(&module);
-#ifdef Py_GIL_DISABLED
-    /* No state: a free-threaded interpreter need not take the GIL back for this module. */
-    if (m != NULL)
-        PyUnstable_Module_SetGIL(m, Py_MOD_GIL_NOT_USED);
-#endif
-    return m;
+    return PyModule_Create(&module);
 }
