@@ -534,7 +534,7 @@ class NativeIdsTests(unittest.TestCase):
                 return self.first.pop(0) if self.first else super().getrandbits(k)
 
         for first in ([0], [1], [1 << 64], [0, 0, 0]):
-            self.assertIsNone(tracing._traceids.newTrace(first[0], False, 0.5))
+            self.assertIsNone(tracing._traceids.startTrace([], first[0], False, 0.5))
             for requestId in (False, True):
                 native = propagate([], Draws(first), 0.5, False, requestId)
                 self.patch(tracing, "_newTrace", None)
@@ -553,10 +553,11 @@ class NativeIdsTests(unittest.TestCase):
         rate = k / float(1 << 56)
         for low, sampled in [(k, False), (k - 1, True), (k + 1, False)]:
             bits = (((0xAB << 56) | low) << 64) | 0x1234
-            made = tracing._traceids.newTrace(bits, False, rate)
-            self.assertEqual(made[3], sampled)
-            self.assertEqual(made[3], tracing.sampledByTraceId(made[0][:32], rate))
-            self.assertTrue(made[1].endswith(b"-01" if sampled else b"-00"))
+            headers = []
+            context = tracing._traceids.startTrace(headers, bits, False, rate)
+            self.assertEqual(context.sampled, sampled)
+            self.assertEqual(context.sampled, tracing.sampledByTraceId(context.traceId, rate))
+            self.assertTrue(headers[-1][1].endswith(b"-01" if sampled else b"-00"))
 
     def test_badInput(self):
         """
@@ -565,26 +566,30 @@ class NativeIdsTests(unittest.TestCase):
         self.assertRaises(OverflowError, tracing._traceids.requestId, -1)
         self.assertRaises(OverflowError, tracing._traceids.requestId, 1 << 128)
         self.assertRaises(TypeError, tracing._traceids.requestId, "1")
-        self.assertRaises(OverflowError, tracing._traceids.newTrace, 1 << 192, False, 0.5)
-        self.assertRaises(TypeError, tracing._traceids.newTrace, 1, False)
-        self.assertRaises(TypeError, tracing._traceids.newTrace, 1, False, "0.5")
+        self.assertRaises(OverflowError, tracing._traceids.startTrace, [], 1 << 192, False, 0.5)
         self.assertRaises(TypeError, tracing._traceids.startTrace, [], 1, False)
+        self.assertRaises(TypeError, tracing._traceids.startTrace, [], 1, False, "0.5")
         self.assertRaises(TypeError, tracing._traceids.setContext, object(), "x-request-id", b"traceparent")
 
     def test_startTrace(self):
         """
-        startTrace appends the fields newTrace writes (the request id only when asked to make one) and
-        returns the registered context class, built without calling it, with its ids and decision.
+        startTrace appends the fields (the request id only when asked to make one) and returns the
+        registered context class, built without calling it, with its ids and decision.
         """
         bits = (0x0123456789ABCDEF0123456789ABCDEF << 64) | 0xFEDCBA9876543210
+        trace, span = b"%032x" % (bits >> 64), b"%016x" % (bits & ((1 << 64) - 1))
+        # The trace id with a version 4 UUID's bits: the version nibble 4, the variant 0b10.
+        uuidDigits = trace[:12] + b"4" + trace[13:16] + b"%x" % (8 | (int(trace[16:17], 16) & 3)) + trace[17:]
         for makeRequestId in (False, True):
-            ids, traceparent, rid, sampled = tracing._traceids.newTrace(bits, makeRequestId, 1.0)
             headers = [(b"accept", b"*/*")]
             context = tracing._traceids.startTrace(headers, bits, makeRequestId, 1.0)
             self.assertIs(type(context), tracing._NewTraceContext)
-            self.assertEqual((context.ids, context.sampled, context.traceId), (ids, sampled, ids[:32]))
+            traceId = uuidDigits if makeRequestId else trace
+            self.assertEqual((context.ids, context.sampled, context.traceId, context.spanId),
+                             (traceId + b"-" + span, True, traceId, span))
+            rid = str(uuid.UUID(uuidDigits.decode())).encode()
             self.assertEqual(headers, [(b"accept", b"*/*")] + ([(b"x-request-id", rid)] if makeRequestId else [])
-                             + [(b"traceparent", traceparent)])
+                             + [(b"traceparent", b"00-" + traceId + b"-" + span + b"-01")])
         self.assertIsNone(tracing._traceids.startTrace([], 0, False, 1.0))
 
         class Counting(list):

@@ -11,17 +11,15 @@
  *   requestId(bits) -> bytes
  *       The UUID whose 122 random bits are bits' (a 128-bit int): its version nibble set to 4 and its
  *       variant to 0b10, as tracing.newRequestId does.
- *   newTrace(bits, makeRequestId, sampleRate) -> (ids, traceparent, requestId or None, sampled) or None
- *       A new trace from a 192-bit draw, as tracing.propagate makes one: the high 128 bits are the trace
- *       id (made a UUID's bits when makeRequestId, which also returns that UUID's text), the low 64 the
- *       span id; ids is b"<trace id>-<span id>"; sampled is OpenTelemetry's TraceIdRatioBased decision on
- *       the trace id's low 56 bits. None when an id is all zeros: the caller draws again.
  *   startTrace(headers, bits, makeRequestId, sampleRate) -> context or None
- *       newTrace's work for propagate itself: appends (x-request-id, id) when makeRequestId and
- *       (traceparent, value) to the list headers, and returns a new context of the class given to
- *       setContext(cls, requestIdName, traceparentName) with its `ids` and `sampled` set (built without
- *       calling the class: its __init__ is not the place for this). None when an id is all zeros, or when
- *       headers is not a plain list: the caller's Python code then does the same work.
+ *       A new trace from a 192-bit draw, as tracing.propagate makes one: the high 128 bits are the trace
+ *       id (made a UUID's bits when makeRequestId, whose text is then the x-request-id), the low 64 the
+ *       span id; sampled is OpenTelemetry's TraceIdRatioBased decision on the trace id's low 56 bits.
+ *       Appends (x-request-id, id) when makeRequestId and (traceparent, value) to the list headers, and
+ *       returns a new context of the class given to setContext(cls, requestIdName, traceparentName) with
+ *       its `ids` (b"<trace id>-<span id>") and `sampled` set (built without calling the class: its
+ *       __init__ is not the place for this). None when an id is all zeros (the caller draws again), or
+ *       when headers is not a plain list: the caller's Python code then does the same work.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -200,39 +198,6 @@ makeTrace(PyObject *const *args, PyObject **idsOut, PyObject **traceparentOut, P
     return 1;
 }
 
-static PyObject *
-newTrace(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
-{
-    PyObject *ids, *traceparent, *rid, *result;
-    int sampled, made;
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "newTrace(bits, makeRequestId, sampleRate)");
-        return NULL;
-    }
-    made = makeTrace(args, &ids, &traceparent, &rid, &sampled);
-    if (made <= 0) {
-        if (made == 0)
-            Py_RETURN_NONE;
-        return NULL;
-    }
-    if (rid == NULL) {
-        rid = Py_None;
-        Py_INCREF(rid);
-    }
-    result = PyTuple_New(4);
-    if (result == NULL) {
-        Py_DECREF(ids);
-        Py_DECREF(traceparent);
-        Py_DECREF(rid);
-        return NULL;
-    }
-    PyTuple_SET_ITEM(result, 0, ids);
-    PyTuple_SET_ITEM(result, 1, traceparent);
-    PyTuple_SET_ITEM(result, 2, rid);
-    PyTuple_SET_ITEM(result, 3, PyBool_FromLong(sampled));
-    return result;
-}
-
 /* setContext's class and header names (set once, when tracing.py is imported). */
 static PyTypeObject *contextType;
 static PyObject *requestIdName, *traceparentName, *s_ids, *s_sampled;
@@ -313,8 +278,6 @@ startTrace(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 
 static PyMethodDef methods[] = {
     {"requestId", (PyCFunction)requestId, METH_O, "requestId(bits) -> the version 4 UUID of 128 random bits"},
-    {"newTrace", (PyCFunction)(void (*)(void))newTrace, METH_FASTCALL,
-     "newTrace(bits, makeRequestId, sampleRate) -> (ids, traceparent, requestId or None, sampled) or None"},
     {"startTrace", (PyCFunction)(void (*)(void))startTrace, METH_FASTCALL,
      "startTrace(headers, bits, makeRequestId, sampleRate) -> a new context, its fields appended; or None"},
     {"setContext", (PyCFunction)(void (*)(void))setContext, METH_FASTCALL,
