@@ -479,7 +479,7 @@ class NativeIdsTests(unittest.TestCase):
         """
         calls = []
         self.patch(tracing, "_requestIdOf", lambda bits: calls.append("id") or tracing._traceids.requestId(bits))
-        self.patch(tracing, "_newTrace", lambda *a: calls.append("trace") or tracing._traceids.startTrace(*a))
+        self.patch(tracing, "_startTrace", lambda *a: calls.append("trace") or tracing._traceids.startTrace(*a))
         newRequestId(random.Random(1))
         propagate([], random.Random(1), 0.5, False, False)
         self.assertEqual(calls, ["id", "trace"])
@@ -514,9 +514,9 @@ class NativeIdsTests(unittest.TestCase):
         for rate in (0.0, 0.01, 0.5, 1.0, 2.0, -1.0, float("nan")):
             for requestId in (False, True):
                 native = self.newTraces(rate.__hash__() & 0xFFFF, rate, requestId)
-                self.patch(tracing, "_newTrace", None)
+                self.patch(tracing, "_startTrace", None)
                 python = self.newTraces(rate.__hash__() & 0xFFFF, rate, requestId)
-                self.patch(tracing, "_newTrace", tracing._traceids.startTrace)
+                self.patch(tracing, "_startTrace", tracing._traceids.startTrace)
                 self.assertEqual(native, python, (rate, requestId))
                 decisions.update(t[3] for t in native)
         self.assertEqual(decisions, {True, False})
@@ -537,9 +537,9 @@ class NativeIdsTests(unittest.TestCase):
             self.assertIsNone(tracing._traceids.startTrace([], first[0], False, 0.5))
             for requestId in (False, True):
                 native = propagate([], Draws(first), 0.5, False, requestId)
-                self.patch(tracing, "_newTrace", None)
+                self.patch(tracing, "_startTrace", None)
                 python = propagate([], Draws(first), 0.5, False, requestId)
-                self.patch(tracing, "_newTrace", tracing._traceids.startTrace)
+                self.patch(tracing, "_startTrace", tracing._traceids.startTrace)
                 self.assertEqual((native.traceId, native.spanId, native.sampled),
                                  (python.traceId, python.spanId, python.sampled))
                 self.assertNotEqual(native.traceId, b"0" * 32)
@@ -620,5 +620,5 @@ class BrokenRandomTests(unittest.TestCase):
             def getrandbits(self, k):
                 return -1
 
-        self.patch(tracing, "_newTrace", None)
+        self.patch(tracing, "_startTrace", None)
         self.assertRaises(ValueError, propagate, [], Negative(), 0.5, False, True)

@@ -51,7 +51,7 @@ from .native import load as _loadNative
 _traceids = _loadNative("_traceids")  # ids written in C, where it is built: the same bytes as below
 # (A stale build without one of them falls back to Python rather than failing the import.)
 _requestIdOf = getattr(_traceids, "requestId", None)
-_newTrace = getattr(_traceids, "startTrace", None)
+_startTrace = getattr(_traceids, "startTrace", None)
 
 Headers = List[Tuple[bytes, bytes]]
 
@@ -160,7 +160,7 @@ class _NewTraceContext(TraceContext):
         return TraceContext, (self.traceId, self.spanId, None, self.sampled, FORMAT_W3C, False)
 
 
-if _newTrace is not None:
+if _startTrace is not None:
     _traceids.setContext(_NewTraceContext, X_REQUEST_ID, TRACEPARENT)
 
 
@@ -371,10 +371,10 @@ def propagate(headers: Headers, random, sampleRate: float, traced: bool = True,
     # _newIds(), inlined (a call costs a tenth of this path): one draw for both ids (and the request id),
     # and one C call that writes them in hex with the dash between them that the traceparent wants.
     bits = random.getrandbits(192)
-    if _newTrace is not None:
+    if _startTrace is not None:
         # What the lines below do, in C: the fields appended, the context made (None: an all-zero id,
         # drawn again below).
-        context = _newTrace(headers, bits, not requestId, sampleRate)
+        context = _startTrace(headers, bits, not requestId, sampleRate)
         if context is not None:
             return context
     if not requestId:
