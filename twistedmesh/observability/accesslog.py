@@ -881,6 +881,18 @@ _PROTOCOLS_DATA = MappingProxyType({k: v.encode("ascii") for k, v in _PROTOCOLS.
 _Slot = Tuple[str, str, str]
 
 
+_HEADER_OPERATORS = ("REQ", "RESP", "REQUEST_ID")  # the operators whose value is a header's (or a field's)
+
+
+def _pieceSources(piece: _Piece) -> List[Tuple[str, str]]:
+    """
+    Where a C{%REQ%}, C{%RESP%} or C{%REQUEST_ID%} piece reads its value: L{_headerNames}'s sources.
+    """
+    name = piece.op.name
+    return _headerNames(name, "X-REQUEST-ID" if name == "REQUEST_ID" else piece.arg or "",
+                        "response" if name == "RESP" else "request")
+
+
 def _inlineCode(piece: _Piece, src: _Source) -> Optional[List[_Slot]]:
     """
     The slots (after statements added to C{src.lines}) that render C{piece} exactly as its getter does,
@@ -892,9 +904,8 @@ def _inlineCode(piece: _Piece, src: _Source) -> Optional[List[_Slot]]:
     """
     op, maxLen, json = piece.op, piece.maxLen, piece.json
     name = op.name
-    if name in ("REQ", "RESP", "REQUEST_ID"):
-        kind = "response" if name == "RESP" else "request"
-        sources = _headerNames(name, "X-REQUEST-ID" if name == "REQUEST_ID" else piece.arg or "", kind)
+    if name in _HEADER_OPERATORS:
+        sources = _pieceSources(piece)
         # Each source as an expression that is None when unset (an empty field is unset; an empty header
         # is set, and logs as unset text).
         exprs = []
@@ -1007,10 +1018,9 @@ def _nativeOp(piece: _Piece, request: Dict[bytes, int], response: Dict[bytes, in
     """
     op, maxLen = piece.op, piece.maxLen
     name = op.name
-    if name in ("REQ", "RESP", "REQUEST_ID"):
-        kind = "response" if name == "RESP" else "request"
+    if name in _HEADER_OPERATORS:
         sources = []
-        for where, key in _headerNames(name, "X-REQUEST-ID" if name == "REQUEST_ID" else piece.arg or "", kind):
+        for where, key in _pieceSources(piece):
             if where == "field" and key != "status":
                 sources.append(("field", key))
             elif where in ("request", "response"):
@@ -1485,15 +1495,12 @@ class FileSink:
         """
         Queue C{line}; it reaches the file within C{flushInterval}.
         """
-        if self._closed:
-            self.dropped.value += 1
-            return
         pending = self._pending
         pending.append(line)
-        if len(pending) >= self.batchLines:
-            self._handOff(None, None)
-        elif self._timer is None:
-            self._timer = self.clock.callLater(self.flushInterval, self._tick)
+        n = len(pending)
+        # The first line of a batch arms the timer (it stays armed while lines wait), a full batch goes.
+        if n == 1 or n >= self.batchLines:
+            self._appended()
 
     def logFunction(self, render: Callable[[Any, float], bytes],
                     failed: Callable[[Any], None]) -> Callable[[Any, float], None]:
@@ -1520,8 +1527,8 @@ class FileSink:
 
     def _appended(self) -> None:
         """
-        What L{write} does after its append, for a line a L{logFunction} logger queued: drop it if the sink
-        is closed, hand off a full batch, arm the flush timer.
+        After L{write}, or a L{logFunction} logger, queued the first line of a batch or filled one: drop the
+        lines if the sink is closed, hand off a full batch, arm the flush timer.
         """
         pending = self._pending
         if self._closed:
